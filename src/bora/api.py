@@ -1,0 +1,164 @@
+"""High-level API: build a hierarchical LoRA model around a base LM, fit it, evaluate it.
+
+>>> from bora.api import Bora                               # doctest: +SKIP
+>>> from bora.config import BoraConfig, FitConfig           # doctest: +SKIP
+>>> bora, data = Bora.from_config(BoraConfig(fit=FitConfig(epochs=2)))     # doctest: +SKIP
+>>> result = bora.fit(data["train"], data["val"])           # doctest: +SKIP
+>>> bora.evaluate(data["test"])["overall"]["ppl_task_mean"] # doctest: +SKIP
+>>> bora.save("runs/shakespeare")                           # doctest: +SKIP
+>>> same = Bora.load("runs/shakespeare")                    # doctest: +SKIP
+
+:class:`Bora` ties the pieces together (base model + injected adapters + :class:`~bora.model.BoraModel`
++ guide + tau estimator) and knows how to save itself as a folder of JSON and safetensors.
+Feeds (:class:`~bora.feed.Feed`) carry the frozen-prefix cache; make them with :meth:`Bora.feed`
+and reuse them across fits that share the base model and the first adapted layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .config import BoraConfig, ConfigError
+from .data import TokenizedSplit, load_documents, split_documents, tokenize_splits
+from .evaluate import evaluate
+from .feed import Feed
+from .guides import make_guide, point_values
+from .infer import FitResult, fit
+from .inject import AdapterSet, inject_adapters_
+from .model import BoraModel
+from .prefix import FrozenPrefix
+from .tau import EmpiricalBayesTau
+
+__all__ = ["Bora", "resolve_device", "load_data"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return d
+
+
+def load_data(config: BoraConfig, tokenizer, tasks: Optional[Sequence[str]] = None) -> dict[str, TokenizedSplit]:
+    """Load, split and tokenize the configured documents: ``{"train", "val", "test"}``."""
+    docs = load_documents(config.data)
+    splits = split_documents(docs, config.data, tasks=tasks)
+    return tokenize_splits(splits, tokenizer, config.data)
+
+
+class Bora:
+    """A base LM with hierarchical LoRA adapters, its Pyro model, guide and (optionally) tau estimator."""
+
+    def __init__(self, config: BoraConfig, lm, tokenizer, tasks: Sequence[str], num_docs: int, *,
+                 device: str | torch.device | None = None, task_sizes: Optional[Sequence[int]] = None):
+        self.config = config
+        self.device = resolve_device(device)
+        self.lm = lm.to(self.device)
+        self.tokenizer = tokenizer
+        self.tasks = tuple(tasks)
+        self.num_docs = int(num_docs)
+        self.task_sizes = list(task_sizes) if task_sizes is not None else None
+        self.adapters: AdapterSet = inject_adapters_(self.lm, config.adapter)
+        first = self.adapters.first_layer
+        self.prefix = FrozenPrefix(self.lm, first) if (config.fit.cache_prefix and first) else None
+        autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.model = BoraModel(self.lm, self.adapters, self.tasks, self.num_docs, config.prior,
+                               prefix=self.prefix, init_seed=config.fit.seed, autocast_dtype=autocast)
+        self.tau = (EmpiricalBayesTau(self.model)
+                    if config.prior.tau_mode == "learned" and config.fit.guide == "map" else None)
+        target = self.tau.model if self.tau is not None else self.model
+        self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
+        self.result: Optional[FitResult] = None
+        self.metrics: dict = {}
+        self._setup_guide()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: BoraConfig, *, device=None, lm=None, tokenizer=None,
+                    progress: bool = False) -> tuple["Bora", dict[str, TokenizedSplit]]:
+        """Load the base model (unless given) and the data, and build an unfitted :class:`Bora`."""
+        if lm is None or tokenizer is None:
+            from .base import load_base_model
+
+            lm, tokenizer = load_base_model(config.model)
+        data = load_data(config, tokenizer)
+        train = data["train"]
+        bora = cls(config, lm, tokenizer, train.tasks, len(train), device=device,
+                   task_sizes=train.task_sizes().tolist())
+        return bora, data
+
+    def _setup_guide(self) -> None:
+        """Create the guide's parameters with one tiny model run (the init point)."""
+        pad = self.pad_id
+        dummy = {"input_ids": torch.full((1, 2), pad, dtype=torch.long, device=self.device),
+                 "attention_mask": torch.ones(1, 2, dtype=torch.long, device=self.device),
+                 "task_ids": torch.zeros(1, dtype=torch.long, device=self.device),
+                 "index": torch.zeros(1, dtype=torch.long, device=self.device)}
+        with torch.no_grad():
+            self.guide(dummy)
+
+    @property
+    def pad_id(self) -> int:
+        pid = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
+        return int(pid) if pid is not None else 0
+
+    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "caching frozen layers") -> Feed:
+        if split.tasks != self.tasks:
+            raise ConfigError("split's tasks differ from the model's tasks")
+        return Feed(split, pad_id=self.pad_id, device=self.device, prefix=self.prefix,
+                    cache_batch_size=self.config.fit.eval_batch_size, progress=progress, desc=desc)
+
+    def _as_feed(self, x) -> Feed:
+        return x if isinstance(x, Feed) else self.feed(x)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, train, val=None, *, progress: bool = True) -> FitResult:
+        train_feed = self._as_feed(train)
+        if len(train_feed) != self.num_docs:
+            raise ConfigError(f"model was built for {self.num_docs} training documents, got {len(train_feed)}")
+        val_feed = self._as_feed(val) if val is not None else None
+        self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
+                          progress=progress)
+        return self.result
+
+    # ------------------------------------------------------------------ estimates
+    def point(self) -> dict[str, torch.Tensor]:
+        """Point estimate of every latent site (MAP, or the posterior median for mean-field)."""
+        return point_values(self.guide)
+
+    def params(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-task adapter tensors ``key -> (A [T, r, in], B [T, out, r])`` (``[r, in]``/``[out, r]`` if shared)."""
+        return self.model.params_from_values(self.point())
+
+    def tau_estimate(self) -> Optional[dict[str, float]]:
+        mode = self.config.prior.tau_mode
+        if mode == "fixed":
+            return {"tau": self.config.prior.tau}
+        if mode == "independent":
+            return {"tau": 0.0}
+        if mode == "shared":
+            return {"tau": float("inf")}
+        if self.tau is not None:
+            return self.tau.as_dict()
+        return {k: float(v) for k, v in self.point().items() if k.startswith("tau")}
+
+    def evaluate(self, split, *, base: bool = False) -> dict:
+        """Per-task and overall NLL/perplexity of ``split`` under the fit (or the base model)."""
+        return evaluate(self.model, None if base else self.params(), self._as_feed(split),
+                        self.config.fit.eval_batch_size)
+
+    # ------------------------------------------------------------------ io
+    def save(self, path) -> None:
+        from .io import save_fit
+
+        save_fit(self, path)
+
+    @classmethod
+    def load(cls, path, *, device=None, lm=None, tokenizer=None) -> "Bora":
+        from .io import load_fit
+
+        return load_fit(path, device=device, lm=lm, tokenizer=tokenizer)

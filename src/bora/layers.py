@@ -1,0 +1,114 @@
+"""Multi-task LoRA layer: a frozen base linear layer plus ``scale * B_t A_t x`` per example.
+
+>>> import torch
+>>> from bora.config import AdapterConfig
+>>> from bora.layers import MultiTaskLoRA
+>>> base = torch.nn.Linear(8, 6)
+>>> layer = MultiTaskLoRA(base, AdapterConfig(rank=2, alpha=2.0))
+>>> A, B = torch.randn(3, 2, 8), torch.randn(3, 6, 2)     # 3 tasks
+>>> x, task_ids = torch.randn(4, 5, 8), torch.tensor([0, 2, 2, 1])
+>>> layer.set_adapter_(A, B, task_ids)
+>>> y = layer(x)                       # example i uses task task_ids[i]'s adapter
+>>> torch.allclose(y[1], base(x[1]) + x[1] @ A[2].T @ B[2].T)
+True
+>>> layer.clear_adapter_(); torch.equal(layer(x), base(x))
+True
+
+The layer never owns adapter weights: the Pyro model samples them (global and per-task sites)
+and hands them in with :meth:`MultiTaskLoRA.set_adapter_` before the language model runs. A
+minibatch that mixes tasks is computed in one batched operation: each example's factors are
+gathered (``A[task_ids]``) and applied with batched matmuls, never with a loop over tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+
+__all__ = ["MultiTaskLoRA", "base_shape", "is_adaptable"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for the layer types bora can wrap (``nn.Linear`` and transformers' ``Conv1D``)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear or Conv1D layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1])
+    raise TypeError(f"cannot adapt a {type(module).__name__}; only nn.Linear and Conv1D are supported")
+
+
+class MultiTaskLoRA(nn.Module):
+    """Wraps a frozen base layer; adds ``scale * (dropout(x) A_t^T) B_t^T`` for each example's task.
+
+    Adapters are set per forward pass with :meth:`set_adapter_`:
+    ``A`` is ``[T, r, in]`` (or ``[r, in]`` for one adapter shared by every example) and
+    ``B`` is ``[T, out, r]`` (or ``[out, r]``); ``task_ids`` (``[N]``) picks each example's row.
+    With no adapter set the layer is exactly the base layer.
+    """
+
+    def __init__(self, base: nn.Module, config: AdapterConfig):
+        super().__init__()
+        self.in_features, self.out_features = base_shape(base)
+        self.base = base  # registered, never copied
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._A: Optional[torch.Tensor] = None
+        self._B: Optional[torch.Tensor] = None
+        self._task_ids: Optional[torch.Tensor] = None
+
+    def set_adapter_(self, A: torch.Tensor, B: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> None:
+        r = self.config.rank
+        if A.shape[-2:] != (r, self.in_features) or B.shape[-2:] != (self.out_features, r):
+            raise ValueError(
+                f"adapter shapes {tuple(A.shape)} / {tuple(B.shape)} do not fit a rank-{r} adapter of a "
+                f"{self.in_features}->{self.out_features} layer"
+            )
+        if (A.dim() == 3 or B.dim() == 3) and task_ids is None:
+            raise ValueError("per-task adapters need task_ids")
+        self._A, self._B, self._task_ids = A, B, task_ids
+
+    def clear_adapter_(self) -> None:
+        self._A = self._B = self._task_ids = None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution for input ``x`` of shape ``[N, ..., in]``."""
+        A, B = self._A, self._B
+        x = self.dropout(x)
+        if A.dim() == 3 or B.dim() == 3:
+            ids = self._task_ids
+            if ids.shape[0] != x.shape[0]:
+                raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {x.shape[0]}")
+            shape = x.shape
+            x3 = x.reshape(shape[0], -1, shape[-1])  # [N, L, in]
+            At = (A[ids] if A.dim() == 3 else A.expand(ids.shape[0], *A.shape)).transpose(1, 2)  # [N, in, r]
+            Bt = (B[ids] if B.dim() == 3 else B.expand(ids.shape[0], *B.shape)).transpose(1, 2)  # [N, r, out]
+            out = torch.bmm(torch.bmm(x3, At.to(x3.dtype)), Bt.to(x3.dtype))
+            return out.reshape(*shape[:-1], self.out_features) * self.scale
+        return (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self._A is None:
+            return y
+        return y + self.delta(x).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.config.rank}, scale={self.scale:g}"

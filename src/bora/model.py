@@ -1,0 +1,223 @@
+"""The hierarchical LoRA model: priors over global and per-task adapters, and the LM likelihood.
+
+>>> import pyro, torch
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> from bora.config import AdapterConfig, PriorConfig
+>>> from bora.inject import inject_adapters_
+>>> from bora.model import BoraModel
+>>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+...                                   num_hidden_layers=2, num_attention_heads=4))
+>>> adapters = inject_adapters_(lm, AdapterConfig(rank=2))
+>>> model = BoraModel(lm, adapters, tasks=("a", "b", "c"), num_docs=30,
+...                   prior=PriorConfig(tau_mode="fixed", tau=100.0))
+>>> batch = {"input_ids": torch.randint(0, 64, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+...          "task_ids": torch.tensor([0, 1, 2, 2]), "index": torch.tensor([0, 5, 17, 29])}
+>>> trace = pyro.poutine.trace(model).get_trace(batch)
+>>> trace.nodes["theta_B:model_layers_0_self_attn_q_proj"]["value"].shape   # [tasks, out, r]
+torch.Size([3, 32, 2])
+
+Generative story (``tau_mode`` picks the coupling; every mode is the same code path):
+
+* global adapters ``Theta_A:<m> ~ Normal(0, s)``, ``Theta_B:<m> ~ Normal(0, s)`` for each adapted
+  module ``m`` (outside every plate);
+* precision ``tau``: a constant (``fixed``), or ``tau ~ Gamma(a, b)`` (``learned``; one site, or
+  ``tau:<m>`` per module);
+* in ``plate("tasks", T)``: ``theta_A:<m> ~ Normal(Theta_A:<m>, tau^-1/2)`` (and ``theta_B``);
+  ``independent`` draws them from ``Normal(0, s)`` with no global sites, ``shared`` has no task
+  sites and every task uses the global adapter;
+* in ``plate("data", N, subsample=batch["index"])``: ``factor("loglik", log p(doc | theta_task(doc)))``,
+  the sum of the document's next-token log-probabilities (padding masked), so a uniform minibatch
+  gives an unbiased estimate of the full-data log-likelihood (the plate scales by ``N / batch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Mapping, Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PriorConfig
+from .inject import AdapterSet
+from .prefix import FrozenPrefix
+
+__all__ = ["BoraModel", "Params", "site_names"]
+
+Params = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def site_names(key: str) -> dict[str, str]:
+    return {"GA": f"Theta_A:{key}", "GB": f"Theta_B:{key}", "TA": f"theta_A:{key}", "TB": f"theta_B:{key}"}
+
+
+class BoraModel:
+    """Callable Pyro model ``model(batch)``; the LM is plain torch code and never enters the param store."""
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        adapters: AdapterSet,
+        tasks: Sequence[str],
+        num_docs: int,
+        prior: PriorConfig,
+        *,
+        prefix: Optional[FrozenPrefix] = None,
+        init_seed: int = 0,
+        autocast_dtype: Optional[torch.dtype] = None,
+    ):
+        if len(tasks) < 1:
+            raise ValueError("need at least one task")
+        self.lm = lm
+        self.adapters = adapters
+        self.tasks = tuple(tasks)
+        self.num_docs = int(num_docs)
+        self.prior = prior
+        self.prefix = prefix
+        self.autocast_dtype = autocast_dtype
+        self.device = next(lm.parameters()).device
+        self.shapes = adapters.shapes()
+        # Shared random A (as in LoRA: kaiming-uniform with bound 1/sqrt(in)); B starts at 0 so that
+        # every adapter product B A is exactly zero at initialisation: step 0 is the base model.
+        g = torch.Generator().manual_seed(init_seed)
+        self.init_A = {
+            k: ((torch.rand(sa, generator=g) * 2 - 1) / math.sqrt(sa[1])).to(self.device)
+            for k, (sa, _) in self.shapes.items()
+        }
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def has_global(self) -> bool:
+        return self.prior.tau_mode != "independent"
+
+    @property
+    def has_tasks(self) -> bool:
+        return self.prior.tau_mode != "shared"
+
+    def tau_groups(self) -> dict[str, list[str]]:
+        """``tau site name -> adapter keys`` it governs (empty unless tau_mode is 'learned')."""
+        if self.prior.tau_mode != "learned":
+            return {}
+        if self.prior.tau_per_module:
+            return {f"tau:{k}": [k] for k in self.shapes}
+        return {"tau": list(self.shapes)}
+
+    def _zeros(self, shape) -> torch.Tensor:
+        return torch.zeros(shape, device=self.device)
+
+    # ----------------------------------------------------------------- priors
+    def _tau(self) -> dict[str, torch.Tensor]:
+        """Per-adapter-key precision (a tensor), sampling the tau sites when learned."""
+        P = self.prior
+        if P.tau_mode == "fixed":
+            t = torch.tensor(float(P.tau), device=self.device)
+            return {k: t for k in self.shapes}
+        out = {}
+        for name, keys in self.tau_groups().items():
+            conc = torch.tensor(float(P.tau_shape), device=self.device)
+            rate = torch.tensor(float(P.tau_rate), device=self.device)
+            t = pyro.sample(name, dist.Gamma(conc, rate))
+            for k in keys:
+                out[k] = t
+        return out
+
+    def sample_adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Sample every adapter site; returns ``key -> (A, B)`` with a leading task dim (or none when shared)."""
+        P = self.prior
+        s = P.global_scale
+        glob = {}
+        if self.has_global:
+            for k, (sa, sb) in self.shapes.items():
+                n = site_names(k)
+                GA = pyro.sample(n["GA"], dist.Normal(self._zeros(sa), s).to_event(2))
+                GB = pyro.sample(n["GB"], dist.Normal(self._zeros(sb), s).to_event(2))
+                glob[k] = (GA, GB)
+        if not self.has_tasks:
+            return glob
+        tau = self._tau() if P.tau_mode in ("fixed", "learned") else None
+        T = self.num_tasks
+        out = {}
+        with pyro.plate("tasks", T, dim=-1):
+            for k, (sa, sb) in self.shapes.items():
+                n = site_names(k)
+                if tau is None:  # independent: no coupling
+                    dA = dist.Normal(self._zeros((T, *sa)), s)
+                    dB = dist.Normal(self._zeros((T, *sb)), s)
+                else:
+                    scale = tau[k].rsqrt()
+                    GA, GB = glob[k]
+                    dA = dist.Normal(GA.expand(T, *sa), scale)
+                    dB = dist.Normal(GB.expand(T, *sb), scale)
+                out[k] = (pyro.sample(n["TA"], dA.to_event(2)), pyro.sample(n["TB"], dB.to_event(2)))
+        return out
+
+    # ----------------------------------------------------------------- likelihood
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]) -> torch.Tensor:
+        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = batch.get("hidden")
+        with self.adapters.use(params, batch["task_ids"] if params is not None else None):
+            with self._autocast():
+                if hidden is not None:
+                    if self.prefix is None:
+                        raise ValueError("batch carries cached hidden states but the model has no prefix")
+                    with self.prefix.resume(hidden):
+                        logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                else:
+                    logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        labels = ids[:, 1:]
+        m = mask[:, 1:].to(logits.dtype)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return -(nll.view_as(m) * m).sum(-1)
+
+    # ----------------------------------------------------------------- the model
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:
+        params = self.sample_adapters()
+        ll = self.loglik(batch, params)
+        with pyro.plate("data", self.num_docs, subsample=batch["index"], dim=-1):
+            pyro.factor("loglik", ll)
+
+    # ----------------------------------------------------------------- initialisation
+    def init_loc(self, site: dict) -> torch.Tensor:
+        """``init_loc_fn`` for autoguides: shared random A, zero B, tau at its configured value."""
+        name = site["name"]
+        kind, _, key = name.partition(":")
+        if kind == "Theta_A":
+            return self.init_A[key].clone()
+        if kind == "theta_A":
+            return self.init_A[key].expand(self.num_tasks, *self.init_A[key].shape).clone()
+        if kind in ("Theta_B", "theta_B"):
+            return torch.zeros(site["fn"].shape(), device=self.device)
+        if kind == "tau":
+            return torch.tensor(float(self.prior.tau), device=self.device)
+        raise KeyError(f"unknown site {name}")
+
+    def params_from_values(self, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter tensors from a dict of site values (e.g. a guide's median)."""
+        out = {}
+        for k in self.shapes:
+            n = site_names(k)
+            if self.has_tasks:
+                out[k] = (values[n["TA"]], values[n["TB"]])
+            else:
+                out[k] = (values[n["GA"]], values[n["GB"]])
+        return out
+
+    def global_from_values(self, values: Mapping[str, torch.Tensor]) -> Optional[dict]:
+        if not self.has_global:
+            return None
+        return {k: (values[site_names(k)["GA"]], values[site_names(k)["GB"]]) for k in self.shapes}

@@ -1,0 +1,72 @@
+"""Tiny random-init models and synthetic multi-task data for fast tests."""
+
+import copy
+
+import pytest
+import torch
+
+from bora.data import TokenizedSplit
+
+VOCAB = 48
+
+
+def tiny_llama(layers: int = 3, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(layers: int = 3, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_opt(layers: int = 3, seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)
+    return OPTForCausalLM(cfg).eval()
+
+
+class TinyTokenizer:
+    pad_token_id = 0
+
+
+def task_data(n_per_task=(24, 12, 6), seed: int = 0, tasks=None) -> TokenizedSplit:
+    """Documents whose even positions carry a task-specific token: adapters can learn it."""
+    g = torch.Generator().manual_seed(seed)
+    ids, tids = [], []
+    for t, n in enumerate(n_per_task):
+        for _ in range(n):
+            L = int(torch.randint(6, 14, (1,), generator=g))
+            x = torch.randint(5, VOCAB, (L,), generator=g)
+            x[::2] = 1 + t
+            ids.append(x)
+            tids.append(t)
+    names = tuple(tasks or [f"task{t}" for t in range(len(n_per_task))])
+    return TokenizedSplit(ids, torch.tensor(tids), names)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def fresh():
+    """Deep copies, so tests can inject adapters into independent models."""
+    return copy.deepcopy
