@@ -165,24 +165,35 @@ class BoraModel:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def _head_only_on_tokens(self) -> bool:
+        """Whether logits can be computed as ``lm_head(hidden)`` on scored positions only."""
+        cfg = getattr(self.lm, "config", None)
+        special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
+        return (not special and getattr(self.lm, "base_model", None) is not None
+                and self.lm.base_model is not self.lm and self.lm.get_output_embeddings() is not None)
+
     def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]) -> torch.Tensor:
-        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model."""
+        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model.
+
+        The LM head (the largest matmul of a small LM) runs only on the scored, non-padding
+        positions, so padding costs nothing there.
+        """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = batch.get("hidden")
-        with self.adapters.use(params, batch["task_ids"] if params is not None else None):
-            with self._autocast():
-                if hidden is not None:
-                    if self.prefix is None:
-                        raise ValueError("batch carries cached hidden states but the model has no prefix")
-                    with self.prefix.resume(hidden):
-                        logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                else:
-                    logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logits = logits[:, :-1].float()
-        labels = ids[:, 1:]
-        m = mask[:, 1:].to(logits.dtype)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        return -(nll.view_as(m) * m).sum(-1)
+        if hidden is not None and self.prefix is None:
+            raise ValueError("batch carries cached hidden states but the model has no prefix")
+        resume = self.prefix.resume(hidden) if hidden is not None else contextlib.nullcontext()
+        scored = mask[:, 1:].bool() & mask[:, :-1].bool()
+        labels = ids[:, 1:][scored]
+        with self.adapters.use(params, batch["task_ids"] if params is not None else None), resume, self._autocast():
+            if self._head_only_on_tokens():
+                h = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                logits = self.lm.get_output_embeddings()(h[:, :-1][scored])
+            else:
+                logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
+        nll = F.cross_entropy(logits.float(), labels, reduction="none")
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(scored)[scored]
+        return -torch.zeros(ids.shape[0], device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
 
     # ----------------------------------------------------------------- the model
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:
