@@ -70,3 +70,31 @@ def gpt2():
 def fresh():
     """Deep copies, so tests can inject adapters into independent models."""
     return copy.deepcopy
+
+
+def tiny_model_dir(path, layers: int = 3):
+    """Save a tiny Llama and a word-level tokenizer as a from_pretrained folder (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    tiny_llama(layers).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, sizes=(20, 10, 6), seed=0):
+    """A JSONL file with 'text' and 'speaker' columns; each speaker favours its own words."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for t, n in enumerate(sizes):
+            for _ in range(n):
+                words = [f"w{t}" if i % 2 == 0 else f"w{rng.randrange(5, VOCAB - 2)}" for i in range(rng.randrange(5, 12))]
+                f.write(json.dumps({"text": " ".join(words), "speaker": f"spk{t}"}) + "\n")
+    return path

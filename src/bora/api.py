@@ -43,10 +43,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-def load_data(config: BoraConfig, tokenizer, tasks: Optional[Sequence[str]] = None) -> dict[str, TokenizedSplit]:
+def load_data(config: BoraConfig, tokenizer, tasks: Optional[Sequence[str]] = None, *,
+              splits=None) -> dict[str, TokenizedSplit]:
     """Load, split and tokenize the configured documents: ``{"train", "val", "test"}``."""
-    docs = load_documents(config.data)
-    splits = split_documents(docs, config.data, tasks=tasks)
+    if splits is None:
+        splits = split_documents(load_documents(config.data), config.data, tasks=tasks)
     return tokenize_splits(splits, tokenizer, config.data)
 
 
@@ -81,11 +82,12 @@ class Bora:
     def from_config(cls, config: BoraConfig, *, device=None, lm=None, tokenizer=None,
                     progress: bool = False) -> tuple["Bora", dict[str, TokenizedSplit]]:
         """Load the base model (unless given) and the data, and build an unfitted :class:`Bora`."""
+        splits = split_documents(load_documents(config.data), config.data)  # data errors before the model loads
         if lm is None or tokenizer is None:
             from .base import load_base_model
 
             lm, tokenizer = load_base_model(config.model)
-        data = load_data(config, tokenizer)
+        data = load_data(config, tokenizer, splits=splits)
         train = data["train"]
         bora = cls(config, lm, tokenizer, train.tasks, len(train), device=device,
                    task_sizes=train.task_sizes().tolist())

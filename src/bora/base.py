@@ -86,7 +86,9 @@ def load_base_model(name: str, device: str | torch.device = "cpu"):
     if name not in EMBEDDED and not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ConfigError(f"base model not found: {name} (use 'smollm2', a local folder, or a hub name)")
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -94,6 +96,8 @@ def load_base_model(name: str, device: str | torch.device = "cpu"):
         raise ConfigError(f"could not load base model {name!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     lm.to(device).eval()
     for p in lm.parameters():
         p.requires_grad_(False)

@@ -7,8 +7,9 @@
 One loop serves every guide: the ELBO is a module (``Trace_ELBO()(model, guide)``) whose
 parameters are the guide's own (``pyro.settings.module_local_params``), optimised with a plain
 torch AdamW, warm-up + cosine schedule and gradient clipping. For AutoDelta the ELBO is the
-negative log joint (MAP). The loss is divided by the number of training tokens, so the printed
-loss is a per-token negative log joint and clipping acts on a size-independent gradient.
+negative log joint (MAP). The loss is divided by the number of training tokens, so clipping acts on a size-independent
+gradient; the history keeps this loss (``train_loss``, which includes the prior's density) and the
+minibatches' mean next-token NLL (``train_nll``, also shown on the progress bar).
 
 Every ``eval_every`` steps the guide's point estimate is validated (per-task perplexity; the
 criterion is the mean per-task NLL) and, for a learned tau in a MAP fit, tau is re-estimated by
@@ -106,12 +107,12 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     res = FitResult(tau=tau.as_dict() if tau is not None else None)
     best_state, bad = None, 0
     t_start = time.perf_counter()
-    step_times, tok_count, run_loss, run_n = [], 0, 0.0, 0
+    step_times, tok_count, run_loss, run_nll, run_n = [], 0, 0.0, 0.0, 0
 
-    def validate(step: int, train_loss: float) -> bool:
+    def validate(step: int, train_loss: float, train_nll: float) -> bool:
         nonlocal best_state, bad
         point = point_values(guide)
-        entry = {"step": step, "epoch": step / per_epoch, "train_loss": train_loss,
+        entry = {"step": step, "epoch": step / per_epoch, "train_loss": train_loss, "train_nll": train_nll,
                  "lr": opt.param_groups[0]["lr"], "time": time.perf_counter() - t_start}
         improved = True
         if val is not None:
@@ -137,7 +138,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         res.history.append(entry)
         return cfg.patience > 0 and bad >= cfg.patience
 
-    validate(0, math.nan)
+    validate(0, math.nan, math.nan)
     bar = tqdm(total=total, desc=f"fit ({type(guide).__name__})", disable=not progress, dynamic_ncols=True)
     batch = first
     step = 0
@@ -158,17 +159,18 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             step_times.append(time.perf_counter() - t0)
             tok_count += int(batch["attention_mask"][:, 1:].sum())
             run_loss += float(loss.detach())
+            run_nll += model.last_nll
             run_n += 1
             bar.update(1)
-            post = {"loss": f"{float(loss.detach()):.4f}", "tok/s": f"{tok_count / sum(step_times):.0f}"}
+            post = {"nll": f"{model.last_nll:.3f}", "tok/s": f"{tok_count / sum(step_times):.0f}"}
             if res.history and "val_ppl" in res.history[-1]:
                 post["val_ppl"] = f"{res.history[-1]['val_ppl']:.3f}"
             if tau is not None:
                 post["tau"] = ",".join(f"{v:.3g}" for v in tau.as_dict().values())
             bar.set_postfix(post, refresh=False)
             if step % eval_every == 0 or step == total:
-                stop = validate(step, run_loss / max(1, run_n))
-                run_loss, run_n = 0.0, 0
+                stop = validate(step, run_loss / max(1, run_n), run_nll / max(1, run_n))
+                run_loss, run_nll, run_n = 0.0, 0.0, 0
                 if stop:
                     res.stopped_early = True
                     break

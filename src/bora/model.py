@@ -79,6 +79,7 @@ class BoraModel:
         self.prior = prior
         self.prefix = prefix
         self.autocast_dtype = autocast_dtype
+        self.last_nll = float("nan")
         self.device = next(lm.parameters()).device
         self.shapes = adapters.shapes()
         # Shared random A (as in LoRA: kaiming-uniform with bound 1/sqrt(in)); B starts at 0 so that
@@ -199,6 +200,8 @@ class BoraModel:
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:
         params = self.sample_adapters()
         ll = self.loglik(batch, params)
+        # for progress display only: the minibatch's mean next-token NLL
+        self.last_nll = float(-ll.detach().sum() / batch["attention_mask"][:, 1:].sum().clamp_min(1))
         with pyro.plate("data", self.num_docs, subsample=batch["index"], dim=-1):
             pyro.factor("loglik", ll)
 
