@@ -1,4 +1,4 @@
-"""Command line: ``bora fit`` and ``bora evaluate``.
+"""Command line: ``bora fit``, ``bora evaluate`` and ``bora report``.
 
 >>> from bora.cli import build_parser
 >>> args = build_parser().parse_args(["fit", "--tau-mode", "fixed", "--tau", "100", "--output", "runs/x"])
@@ -7,7 +7,8 @@
 
 ``bora fit`` loads the base model and data, evaluates the base model on the held-out test split,
 fits, evaluates the fit, prints a per-task table and saves the fit folder. ``bora evaluate
-FIT_DIR`` recomputes the table from a saved fit. Every flag's help text comes from the config
+FIT_DIR`` recomputes the table from a saved fit; ``bora report FIT_DIR`` writes the diagnostics
+folder (shrinkage per task, tau, training curve, ArviZ summary; see :mod:`bora.report`). Every flag's help text comes from the config
 dataclasses, so ``--help`` documents exactly what the code does. A user error prints one line
 (``bora: error: ...``) and exits with status 2.
 """
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="Which split to evaluate.")
     e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     e.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+    r = sub.add_parser("report", help="diagnostics report of a saved fit: shrinkage, tau, plots, ArviZ summary")
+    r.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
+    r.add_argument("--output", "-o", type=Path, default=None, help="Report folder (default: FIT_DIR/report).")
+    r.add_argument("--fisher-docs", type=int, default=None,
+                   help="Training documents per task for the Fisher pass (default: the fit's fisher_docs).")
+    r.add_argument("--draws", type=int, default=200, help="Posterior draws for a mean-field fit (a MAP fit has one).")
+    r.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    r.add_argument("--quiet", action="store_true", help="No progress bars.")
     return p
 
 
@@ -222,6 +232,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "fit":
             return _cmd_fit(args, argv)
+        if args.command == "report":
+            from .report import main_report
+
+            out = main_report(args.fit_dir, args.output, device=args.device, fisher_docs=args.fisher_docs,
+                              draws=args.draws, progress=not args.quiet)
+            print(f"report written to {out}  (open {out / 'index.md'})")
+            return 0
         return _cmd_evaluate(args)
     except ConfigError as e:
         print(f"bora: error: {e}", file=sys.stderr)

@@ -1,20 +1,18 @@
-"""Per-task diagonal empirical Fisher (likelihood precision) and gradient of each task's adapter.
+"""Per-task diagonal empirical Fisher: the likelihood precision of each task's adapter coordinates.
 
 >>> import torch
 >>> from bora.fisher import TaskFisher
->>> tf = TaskFisher(fisher={"m": (torch.ones(2, 1, 3), torch.ones(2, 3, 1))},
-...                 grad={"m": (torch.zeros(2, 1, 3), torch.zeros(2, 3, 1))},
+>>> tf = TaskFisher(fisher={"m": (torch.ones(2, 1, 3), 3 * torch.ones(2, 3, 1))},
 ...                 used=torch.tensor([4, 2]), sizes=torch.tensor([8, 2]))
->>> tf.inflation.tolist()       # N_t / n_t: how much subsampling inflates gradient noise
-[2.0, 1.0]
+>>> tf.mean_fisher().tolist()   # per task, averaged over the 6 coordinates
+[2.0, 2.0]
 
-For task ``t`` with documents ``d``, ``F_t = sum_d g_d**2`` and ``G_t = sum_d g_d`` where ``g_d``
-is the gradient of document ``d``'s log-likelihood with respect to ``theta_t`` at the given point.
+For task ``t`` with documents ``d``, ``F_t = sum_d g_d**2`` where ``g_d`` is the gradient of document ``d``'s log-likelihood with respect to ``theta_t`` at the given point.
 Per-document gradients come from one batched backward pass per batch in which every task appears
 at most once (:func:`bora.data.distinct_task_batches`): the gradient of the batch's summed
 log-likelihood with respect to row ``t`` of the task tensors is then exactly that task's
 document gradient. With ``max_per_task`` only a random subset of ``n_t`` of a task's ``N_t``
-documents is used and both sums are scaled by ``N_t / n_t`` (unbiased).
+documents is used and the sum is scaled by ``N_t / n_t`` (unbiased).
 """
 
 from __future__ import annotations
@@ -34,13 +32,8 @@ __all__ = ["TaskFisher", "task_fisher"]
 @dataclass
 class TaskFisher:
     fisher: dict  # key -> (F_A [T, r, in], F_B [T, out, r])
-    grad: dict  # key -> (G_A, G_B)
     used: torch.Tensor  # documents used per task, [T]
     sizes: torch.Tensor  # documents per task, [T]
-
-    @property
-    def inflation(self) -> torch.Tensor:
-        return self.sizes.double() / self.used.clamp_min(1).double()
 
     def mean_fisher(self) -> torch.Tensor:
         """Per-task Fisher averaged over every adapter coordinate, ``[T]``."""
@@ -51,7 +44,7 @@ class TaskFisher:
 
 def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = False) -> TaskFisher:
-    """Diagonal empirical Fisher and gradient of each task's log-likelihood at ``params``."""
+    """Diagonal empirical Fisher of each task's log-likelihood with respect to its adapter at ``params``."""
     T = model.num_tasks
     leaves = {}
     for k, (A, B) in params.items():
@@ -59,7 +52,6 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
         B = B.detach().expand(T, *B.shape[-2:]).clone().requires_grad_(True)
         leaves[k] = (A, B)
     Fs = {k: (torch.zeros_like(A), torch.zeros_like(B)) for k, (A, B) in leaves.items()}
-    Gs = {k: (torch.zeros_like(A), torch.zeros_like(B)) for k, (A, B) in leaves.items()}
     used = torch.zeros(T, dtype=torch.long)
     flat = [t for pair in leaves.values() for t in pair]
     model.adapters.train(False)
@@ -71,14 +63,11 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
         for (k, (FA, FB)), gA, gB in zip(Fs.items(), grads[0::2], grads[1::2]):
             FA.add_(gA.square())
             FB.add_(gB.square())
-            Gs[k][0].add_(gA)
-            Gs[k][1].add_(gB)
         used += torch.bincount(b["task_ids"].cpu(), minlength=T)
     sizes = feed.split.task_sizes().long()
     c = (sizes.double() / used.clamp_min(1).double()).to(torch.float32)
-    for d in (Fs, Gs):
-        for k, (X, Y) in d.items():
-            cc = c.to(X.device).view(T, 1, 1)
-            X.mul_(cc)
-            Y.mul_(cc)
-    return TaskFisher(fisher=Fs, grad=Gs, used=used, sizes=sizes)
+    for X, Y in Fs.values():
+        cc = c.to(X.device).view(T, 1, 1)
+        X.mul_(cc)
+        Y.mul_(cc)
+    return TaskFisher(fisher=Fs, used=used, sizes=sizes)
