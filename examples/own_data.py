@@ -25,20 +25,6 @@ def write_demo_jsonl(path: Path) -> Path:
     return path
 
 
-def tiny_model_and_tokenizer():
-    """A random-init 2-layer Llama with a byte-level tokenizer built offline (for smoke runs)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=128))
-    return lm.eval(), tok
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=None, help="JSONL file (default: a demo file of Shakespeare speakers)")
@@ -60,7 +46,9 @@ def main(argv=None) -> dict:
         lm = tok = None
         layers = (-2, -1)
         if args.tiny:
-            lm, tok = tiny_model_and_tokenizer()
+            from bora.base import tiny_model
+
+            lm, tok = tiny_model(layers=2)
             layers = (-1,)
         config = BoraConfig(
             model=args.model,

@@ -21,3 +21,15 @@ def test_own_data_example_smoke(tmp_path, capsys):
     assert math.isfinite(out["fit"]["overall"]["ppl_task_mean"])
     assert (tmp_path / "fit" / "guide.safetensors").exists()
     assert "overall: exp(mean per-task NLL)" in capsys.readouterr().out
+
+
+def test_tau_sweep_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("tau_sweep", ROOT / "analysis" / "tau_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path)])
+    names = {r["setting"] for r in res["rows"]}
+    assert names == {"independent", "shared", "tau=100", "learned (MAP, evidence)", "base model"}
+    for f in ("per_task.csv", "table.md", "ppl_vs_tau.png", "gain_vs_size.png", "meta.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "| learned (MAP, evidence) |" in (tmp_path / "table.md").read_text()

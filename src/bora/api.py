@@ -153,6 +153,31 @@ class Bora:
         return evaluate(self.model, None if base else self.params(), self._as_feed(split),
                         self.config.fit.eval_batch_size)
 
+    # ------------------------------------------------------------------ posterior (bora.posterior)
+    def posterior(self, num_samples: int = 8, *, seed: int = 0):
+        """``num_samples`` adapter sets from the fit's posterior (:class:`bora.posterior.Posterior`)."""
+        from .posterior import Posterior
+
+        return Posterior(self, num_samples, seed=seed)
+
+    def init_from(self, path) -> dict:
+        """Warm start: set the guide to the estimates of the saved fit ``path`` (:func:`bora.posterior.warm_start_`)."""
+        from .posterior import warm_start_
+
+        return warm_start_(self, path)
+
+    def fit_new_task(self, docs, *, steps: int = 100, lr: float = 1e-2, **kw) -> dict:
+        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.posterior.fit_new_task`)."""
+        from .posterior import fit_new_task
+
+        return fit_new_task(self, docs, steps=steps, lr=lr, **kw)
+
+    def remove_adapters_(self):
+        """Take this object's adapters out of the base LM (so another :class:`Bora` can use it); returns the LM."""
+        from .inject import remove_adapters_
+
+        return remove_adapters_(self.adapters)
+
     # ------------------------------------------------------------------ io
     def save(self, path) -> None:
         from .io import save_fit

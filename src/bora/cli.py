@@ -1,4 +1,4 @@
-"""Command line: ``bora fit``, ``bora evaluate`` and ``bora report``.
+"""Command line: ``bora fit``, ``bora evaluate``, ``bora report``, ``bora sample`` and ``bora export``.
 
 >>> from bora.cli import build_parser
 >>> args = build_parser().parse_args(["fit", "--tau-mode", "fixed", "--tau", "100", "--output", "runs/x"])
@@ -8,7 +8,13 @@
 ``bora fit`` loads the base model and data, evaluates the base model on the held-out test split,
 fits, evaluates the fit, prints a per-task table and saves the fit folder. ``bora evaluate
 FIT_DIR`` recomputes the table from a saved fit; ``bora report FIT_DIR`` writes the diagnostics
-folder (shrinkage per task, tau, training curve, ArviZ summary; see :mod:`bora.report`). Every flag's help text comes from the config
+folder (shrinkage per task, tau, training curve, ArviZ summary; see :mod:`bora.report`). ``bora evaluate
+FIT_DIR --samples S`` adds accuracy, calibration (ECE), Brier score and uncertainty for the point
+estimate and the Bayesian model average over ``S`` posterior samples; ``bora sample FIT_DIR --task
+NAME --prompt TEXT`` prints continuations, each from its own posterior adapter sample; ``bora export
+FIT_DIR --task NAME --output DIR`` writes PEFT adapter folders (see :mod:`bora.posterior`,
+:mod:`bora.export`). ``bora fit --guide meanfield --init-from MAP_DIR`` starts a mean-field fit at a
+MAP fit's estimates. Every flag's help text comes from the config
 dataclasses, so ``--help`` documents exactly what the code does. A user error prints one line
 (``bora: error: ...``) and exits with status 2.
 """
@@ -24,7 +30,7 @@ from typing import Optional, Sequence
 
 from .config import AdapterConfig, BoraConfig, ConfigError, DataConfig, FitConfig, PriorConfig
 
-__all__ = ["main", "build_parser", "config_from_args", "format_table"]
+__all__ = ["main", "build_parser", "config_from_args", "format_table", "format_posterior_table"]
 
 # flag -> (config section, field, type)
 _FLAGS = {
@@ -47,6 +53,7 @@ _FLAGS = {
     "patience": (FitConfig, "patience", int),
     "fisher_docs": (FitConfig, "fisher_docs", int),
     "num_particles": (FitConfig, "num_particles", int),
+    "init_scale": (FitConfig, "init_scale", float),
     "seed": (FitConfig, "seed", int),
     "text_column": (DataConfig, "text_column", str),
     "task_column": (DataConfig, "task_column", str),
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", type=Path, default=None,
                    help="Start from this BoraConfig JSON (e.g. a fit folder's config.json); flags given "
                         "explicitly on the command line override it.")
+    f.add_argument("--init-from", type=Path, default=None, metavar="FIT_DIR",
+                   help="Warm start: initialise the guide at the estimates of this saved fit (e.g. a MAP fit "
+                        "for a mean-field fit: its point estimates become the AutoNormal locations).")
     f.add_argument("--output", "-o", type=Path, required=True, help="Folder to write the fit to.")
     f.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     f.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -100,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="per-task test perplexity of the base model and a saved fit")
     e.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="Which split to evaluate.")
+    e.add_argument("--samples", type=int, default=1,
+                   help="Posterior samples for the Bayesian-model-average column (mean-field fits; 1: point "
+                        "estimate only).")
+    e.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples.")
+    e.add_argument("--batch-size", type=int, default=8, help="Documents per batch for the token-level metrics.")
     e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     e.add_argument("--quiet", action="store_true", help="No progress bars.")
 
@@ -111,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draws", type=int, default=200, help="Posterior draws for a mean-field fit (a MAP fit has one).")
     r.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     r.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+    sm = sub.add_parser("sample", help="continuations of a prompt, each generated with its own posterior adapter sample",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sm.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
+    sm.add_argument("--task", required=True,
+                    help="Task whose adapter to use; a name not in the fit draws a new task's adapter from the "
+                         "global level (the prior predictive).")
+    sm.add_argument("--prompt", required=True, help="Text to continue.")
+    sm.add_argument("--samples", type=int, default=4, help="Posterior samples = continuations.")
+    sm.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate per continuation.")
+    sm.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples (and of token sampling).")
+    sm.add_argument("--do-sample", action="store_true", help="Sample tokens instead of greedy decoding.")
+    sm.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --do-sample).")
+    sm.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (with --do-sample).")
+    sm.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+
+    x = sub.add_parser("export", help="write fitted adapters as PEFT LoRA adapter folders",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
+    which = x.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", default=None, help="Export this task's adapter.")
+    which.add_argument("--global", dest="global_adapter", action="store_true",
+                       help="Export the global adapter Theta (the prior mean of a new task's adapter).")
+    which.add_argument("--all", dest="all_tasks", action="store_true",
+                       help="Export every task into OUTPUT/<task>/ (and the global adapter into OUTPUT/_global/).")
+    x.add_argument("--estimate", choices=["mean", "map", "sample"], default="mean",
+                   help="Posterior mean / MAP point estimate (both the guide's point estimate), or one posterior "
+                        "sample (the one 'bora sample' uses as number K+1 with the same seed).")
+    x.add_argument("--sample-index", type=int, default=0, help="K: which posterior sample (with --estimate sample).")
+    x.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples (with --estimate sample).")
+    x.add_argument("--output", "-o", type=Path, required=True, help="Folder to write.")
+    x.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     return p
 
 
@@ -188,6 +235,11 @@ def _cmd_fit(args, argv) -> int:
     print(f"bora fit: model={config.model} data={config.data.source} tau_mode={config.prior.tau_mode} "
           f"guide={config.fit.guide}", flush=True)
     bora, data = Bora.from_config(config, device=args.device)
+    if args.init_from is not None:
+        warm = bora.init_from(args.init_from)
+        print(f"warm start from {args.init_from}: {len(warm['copied'])} estimates copied"
+              + (f", {len(warm['derived'])} derived" if warm["derived"] else "")
+              + (f", {len(warm['kept'])} left at their initial value" if warm["kept"] else ""), flush=True)
     n_params = bora.adapters.num_parameters()
     print(f"tasks: {len(bora.tasks)}  documents train/val/test: {len(data['train'])}/{len(data['val'])}/"
           f"{len(data['test'])}  training tokens: {data['train'].num_tokens()}  adapted modules: "
@@ -223,6 +275,106 @@ def _cmd_evaluate(args) -> int:
     print(format_table(base, fitted, title=args.split))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
+    if args.samples < 1 or args.batch_size < 1:
+        raise ConfigError("--samples and --batch-size must be >= 1")
+    post = bora.posterior(args.samples, seed=args.seed)
+    res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet)
+    print()
+    print(format_posterior_table(res, title=args.split))
+    return 0
+
+
+def format_posterior_table(res: dict, *, title: str = "test") -> str:
+    """Point estimate vs Bayesian model average: likelihood, accuracy, calibration, uncertainty; per task."""
+    S = res["samples"]
+    bma = S > 1
+    p, b, bd = res["point"], res["bma"], res["bma_doc"]
+    head = f"BMA (S={S})"
+    w = 40
+    rows = [
+        ("NLL per token", p["tokens"]["nll"], b["tokens"]["nll"], ".4f"),
+        ("perplexity: exp(mean per-task NLL)", p["overall"]["ppl_task_mean"], b["overall"]["ppl_task_mean"], ".3f"),
+        ("perplexity: token-weighted", p["overall"]["ppl_token"], b["overall"]["ppl_token"], ".3f"),
+        ("NLL per token, document-level BMA", p["tokens"]["nll"], bd["overall"]["nll_token"], ".4f"),
+        ("next-token top-1 accuracy", p["tokens"]["accuracy"], b["tokens"]["accuracy"], ".4f"),
+        ("expected calibration error (15 bins)", p["tokens"]["ece"], b["tokens"]["ece"], ".4f"),
+        ("Brier score", p["tokens"]["brier"], b["tokens"]["brier"], ".4f"),
+        ("predictive entropy (nats)", p["tokens"]["entropy"], b["tokens"]["entropy"], ".4f"),
+        ("epistemic: mutual information (nats)", p["tokens"]["mutual_information"],
+         b["tokens"]["mutual_information"], ".5f"),
+    ]
+    lines = [f"{title + ' (' + str(p['tokens']['tokens']) + ' tokens)':<{w}}  {'point':>10}" + (f"  {head:>12}" if bma else "")]
+    for name, a, c, fmt in rows:
+        lines.append(f"{name:<{w}}  {a:>10{fmt}}" + (f"  {c:>12{fmt}}" if bma else ""))
+    if res.get("point_fit") and bma:
+        lines.append("(MAP fit: every posterior sample is the point estimate, so the BMA equals it)")
+    if bma:
+        iv = res["per_task_interval"]
+        names = list(iv)
+        tw = max([len("task")] + [len(n) for n in names])
+        lvl = int(round(100 * next(iter(iv.values()))["level"])) if iv else 90
+        lines.append("")
+        lines.append(f"{'task':<{tw}}  {'point ppl':>9}  {'BMA ppl':>9}  {str(lvl) + '% interval over samples':>26}")
+        for n in names:
+            lines.append(f"{n:<{tw}}  {p['per_task'][n]['ppl']:>9.3f}  {b['per_task'][n]['ppl']:>9.3f}  "
+                         f"{'[' + format(iv[n]['lo'], '.3f') + ', ' + format(iv[n]['hi'], '.3f') + ']':>26}")
+    return "\n".join(lines)
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .api import Bora
+
+    if args.samples < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--samples and --max-new-tokens must be >= 1")
+    bora = Bora.load(args.fit_dir, device=args.device)
+    post = bora.posterior(args.samples, seed=args.seed)
+    seen = args.task in bora.tasks
+    kind = ("the point estimate (MAP fit: all samples identical)" if post.is_point and seen
+            else f"{args.samples} posterior samples ({bora.config.fit.guide})")
+    print(f"task {args.task!r} " + ("(fitted)" if seen else
+          "(not in the fit: each sample's adapter is drawn from the global level, the prior predictive "
+          "of a new task)") + f"; adapters: {kind}; seed {args.seed}; "
+          + (f"sampling (temperature {args.temperature:g}, top-p {args.top_p:g})" if args.do_sample else "greedy"))
+    out = post.generate(args.task, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                        temperature=args.temperature, top_p=args.top_p)
+    P = len(out["prompt_ids"])
+    L = P + max(len(s) for s in out["ids"])
+    ids = torch.full((len(out["ids"]), max(L, P + 1)), bora.pad_id, dtype=torch.long)
+    for i, s in enumerate(out["ids"]):
+        ids[i, :P] = torch.tensor(out["prompt_ids"])
+        ids[i, P:P + len(s)] = torch.tensor(s, dtype=torch.long)
+    u = post.token_uncertainty(args.task, ids)
+    print(f"prompt: {args.prompt!r} ({P} tokens)")
+    print(f"next token after the prompt: predictive entropy {float(u['entropy'][0, P - 1]):.4f} nats, "
+          f"epistemic (mutual information) {float(u['mutual_information'][0, P - 1]):.5f} nats")
+    for i, (text, s) in enumerate(zip(out["texts"], out["ids"])):
+        print(f"[{i + 1}] {text}")
+        if s:
+            sl = slice(P - 1, P - 1 + len(s))
+            print(f"    {len(s)} tokens; under the BMA: NLL {float(u['nll'][i, sl].mean()):.4f}/token, "
+                  f"entropy {float(u['entropy'][i, sl].mean()):.4f}, mutual information "
+                  f"{float(u['mutual_information'][i, sl].mean()):.5f} nats/token")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .api import Bora
+    from .export import export_adapters
+
+    bora = Bora.load(args.fit_dir, device=args.device)
+    if args.task is not None and args.task not in bora.tasks:
+        raise ConfigError(f"task {args.task!r} is not in this fit (tasks: {', '.join(bora.tasks[:8])}"
+                          f"{', ...' if len(bora.tasks) > 8 else ''})")
+    written = export_adapters(bora, args.output, task=args.task, global_adapter=args.global_adapter,
+                              all_tasks=args.all_tasks, estimate=args.estimate, sample_index=args.sample_index,
+                              seed=args.seed, source=str(args.fit_dir))
+    what = args.estimate + (f" #{args.sample_index} (seed {args.seed})" if args.estimate == "sample" else "")
+    for name, folder in written.items():
+        print(f"{name}: {folder}")
+    print(f"wrote {len(written)} PEFT adapter folder(s) ({what}) to {args.output}  "
+          f"(peft.PeftModel.from_pretrained(base_model, folder))")
     return 0
 
 
@@ -239,6 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               draws=args.draws, progress=not args.quiet)
             print(f"report written to {out}  (open {out / 'index.md'})")
             return 0
+        if args.command == "sample":
+            return _cmd_sample(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_evaluate(args)
     except ConfigError as e:
         print(f"bora: error: {e}", file=sys.stderr)

@@ -113,13 +113,14 @@ class AdapterConfig(_JsonConfig):
     alpha: float = _f(16.0, "LoRA alpha; the adapter output is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the adapter input during training (0 disables).")
     targets: tuple = _f(
-        ("q_proj", "v_proj"),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "Module-name patterns to adapt: a name matches if it equals the pattern, ends with "
         "'.<pattern>', or fully matches it as a regular expression.",
     )
     layers: Optional[tuple] = _f(
-        None,
-        "Decoder-layer indices to adapt (negative counts from the top, e.g. -2 -1); None adapts all layers.",
+        (-4, -3, -2, -1),
+        "Decoder-layer indices to adapt (negative counts from the top); None adapts every layer. The default, "
+        "the top 4 layers, lets the frozen layers below be computed once per document.",
     )
 
     def __post_init__(self):
@@ -187,7 +188,7 @@ class FitConfig(_JsonConfig):
     warmup: float = _f(0.05, "Fraction of steps for linear learning-rate warm-up.")
     clip_norm: float = _f(1.0, "Clip the gradient's global norm (computed on the per-token loss) to this; 0 disables.")
     eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many steps (default: once per epoch).")
-    patience: int = _f(3, "Early stopping: stop after this many validations without improvement (0 disables).")
+    patience: int = _f(2, "Early stopping: stop after this many validations without improvement (0 disables).")
     fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, shrinkage).")
     num_particles: int = _f(1, "ELBO particles per step ('meanfield').")
     init_scale: float = _f(1e-3, "Initial posterior standard deviation of the mean-field guide.")

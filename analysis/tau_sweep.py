@@ -1,0 +1,245 @@
+"""The paper's tau trade-off on a true test split, and bora's learned tau against a grid search.
+
+    python analysis/tau_sweep.py                       # embedded default (SmolLM2 + 16 Shakespeare speakers)
+    python analysis/tau_sweep.py --taus 10 100 1000 10000 --epochs 3 --out analysis/results
+    python analysis/tau_sweep.py --tiny --epochs 1     # seconds: smoke run on a random-init tiny model
+
+Fits ``independent``, ``shared``, every fixed tau of ``--taus`` and the learned tau (MAP with the
+Laplace-evidence update; ``--meanfield`` adds a mean-field fit) on the same splits, with the same
+budget and early stopping on validation, and evaluates per-task perplexity on the test split, which
+nothing is tuned on. The frozen lower layers are computed once per document for the whole sweep
+(one :class:`bora.feed.Feed` per split, shared by every fit). Writes to ``--out``:
+
+* ``per_task.csv`` -- setting, tau, task, train docs/tokens, test NLL and perplexity;
+* ``table.md`` -- the paper's Table 1 form (overall = exp of the mean per-task NLL, plus token-weighted),
+  with how many tasks each setting beats independent and shared on;
+* ``ppl_vs_tau.png`` and ``gain_vs_size.png`` (Pearson and Spearman r; the paper's r is -0.43);
+* ``meta.json`` -- the exact command, package versions, subset sizes and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for p in ("torch", "pyro-ppl", "transformers", "bora"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _corr(x, y) -> tuple[float, float]:
+    import numpy as np
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return math.nan, math.nan
+    pearson = float(np.corrcoef(x, y)[0, 1])
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return pearson, float(np.corrcoef(rx, ry)[0, 1])
+
+
+def settings_from(args) -> list[tuple[str, dict]]:
+    out = [("independent", {"tau_mode": "independent"}), ("shared", {"tau_mode": "shared"})]
+    out += [(f"tau={t:g}", {"tau_mode": "fixed", "tau": float(t)}) for t in args.taus]
+    out.append(("learned (MAP, evidence)", {"tau_mode": "learned"}))
+    if args.meanfield:
+        out.append(("learned (mean-field)", {"tau_mode": "learned", "guide": "meanfield"}))
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    from bora.api import Bora, load_data
+    from bora.config import BoraConfig, DataConfig, FitConfig, PriorConfig
+    from bora.data import load_documents, split_documents
+
+    t_start = time.perf_counter()
+    base_cfg = BoraConfig()
+    fit_cfg = base_cfg.fit.replace(epochs=args.epochs, patience=args.patience, seed=args.seed)
+    data_cfg = base_cfg.data if args.data is None else DataConfig(source=args.data)
+    if args.tiny:
+        from bora.base import tiny_model
+
+        lm, tok = tiny_model(layers=6)
+        data_cfg = DataConfig(source="shakespeare", tasks=("hamlet/HAMLET", "macbeth/LADY MACBETH", "hamlet/Ghost"),
+                              max_length=24)
+        fit_cfg = fit_cfg.replace(batch_size=8)
+    else:
+        from bora.base import load_base_model
+
+        lm, tok = load_base_model(base_cfg.model)
+    base_cfg = base_cfg.replace(fit=fit_cfg, data=data_cfg)
+    splits = split_documents(load_documents(data_cfg), data_cfg)
+    data = load_data(base_cfg, tok, splits=splits)
+    train = data["train"]
+    feeds = None
+    rows, overall = [], {}
+    base_test = None
+    for name, change in settings_from(args):
+        prior = PriorConfig(**{k: v for k, v in change.items() if k != "guide"})
+        fit = fit_cfg.replace(guide=change.get("guide", "map"))
+        cfg = base_cfg.replace(prior=prior, fit=fit)
+        bora = Bora(cfg, lm, tok, train.tasks, len(train), task_sizes=train.task_sizes().tolist())
+        if feeds is None:  # one frozen-prefix cache per split for the whole sweep
+            feeds = {k: bora.feed(v, progress=True, desc=f"caching frozen layers ({k})") for k, v in data.items()}
+            base_test = bora.evaluate(feeds["test"], base=True)
+        print(f"\n=== {name}", flush=True)
+        t0 = time.perf_counter()
+        res = bora.fit(feeds["train"], feeds["val"], progress=not args.quiet)
+        test = bora.evaluate(feeds["test"])
+        tau = bora.tau_estimate()
+        tau_value = float(next(iter(tau.values()))) if tau else math.nan
+        overall[name] = {"tau": tau_value, "test": test["overall"], "steps": res.steps, "best_step": res.best_step,
+                         "best_val_nll": res.best_val_nll, "seconds": time.perf_counter() - t0,
+                         "step_seconds": res.step_seconds}
+        for t, task in enumerate(train.tasks):
+            m = test["per_task"][task]
+            rows.append({"setting": name, "tau": tau_value, "task": task, "train_docs": int(train.task_sizes()[t]),
+                         "train_tokens": int(train.task_tokens()[t]), "test_tokens": m["tokens"],
+                         "test_nll": m["nll"], "test_ppl": m["ppl"]})
+        print(f"{name}: test ppl (task mean) {test['overall']['ppl_task_mean']:.3f}  tau {tau_value:.4g}  "
+              f"steps {res.steps}", flush=True)
+        bora.remove_adapters_()
+        del bora
+        torch.manual_seed(0)
+    for t, task in enumerate(train.tasks):
+        m = base_test["per_task"][task]
+        rows.append({"setting": "base model", "tau": math.nan, "task": task, "train_docs": int(train.task_sizes()[t]),
+                     "train_tokens": int(train.task_tokens()[t]), "test_tokens": m["tokens"],
+                     "test_nll": m["nll"], "test_ppl": m["ppl"]})
+    overall["base model"] = {"tau": math.nan, "test": base_test["overall"]}
+    wall = time.perf_counter() - t_start
+    return {"rows": rows, "overall": overall, "wall_seconds": wall, "tasks": list(train.tasks),
+            "sizes": {k: {"docs": len(v), "tokens": v.num_tokens()} for k, v in data.items()},
+            "config": base_cfg.to_dict()}
+
+
+def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    with open(out / "per_task.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    by = {}
+    for r in rows:
+        by.setdefault(r["setting"], {})[r["task"]] = r
+    tasks = result["tasks"]
+    ov = result["overall"]
+    fits = [s for s in ov if s != "base model"]
+
+    def wins(s, ref):
+        return sum(by[s][t]["test_nll"] < by[ref][t]["test_nll"] for t in tasks)
+
+    grid = [s for s in fits if s.startswith("tau=")]
+    best_grid = min(grid, key=lambda s: ov[s]["test"]["nll_task_mean"]) if grid else None
+    lines = ["| setting | tau | test ppl (exp mean per-task NLL) | token-weighted ppl | beats independent on | "
+             "beats shared on | steps (best) |", "|---|---|---|---|---|---|---|"]
+    for s in ["base model"] + fits:
+        o = ov[s]
+        tau = "" if not math.isfinite(o["tau"]) and s == "base model" else f"{o['tau']:.4g}"
+        bi = f"{wins(s, 'independent')}/{len(tasks)}" if s not in ("independent", "base model") else ""
+        bs = f"{wins(s, 'shared')}/{len(tasks)}" if s not in ("shared", "base model") else ""
+        st = f"{o['steps']} ({o['best_step']})" if "steps" in o else ""
+        lines.append(f"| {s} | {tau} | {o['test']['ppl_task_mean']:.3f} | {o['test']['ppl_token']:.3f} | {bi} | {bs} | {st} |")
+    learned = "learned (MAP, evidence)"
+    notes = []
+    if best_grid and learned in ov:
+        a, b = ov[learned]["test"]["ppl_task_mean"], ov[best_grid]["test"]["ppl_task_mean"]
+        notes.append(f"Best grid setting: {best_grid} (test ppl {b:.3f}); learned tau {ov[learned]['tau']:.4g} "
+                     f"gives {a:.3f}, {100 * (a / b - 1):+.2f}% relative to it.")
+    ref = learned if learned in by else best_grid
+    gains = [(by["independent"][t]["test_ppl"] - by[ref][t]["test_ppl"]) / by["independent"][t]["test_ppl"]
+             for t in tasks]
+    sizes = [by[ref][t]["train_tokens"] for t in tasks]
+    pr, sr = _corr(sizes, gains)
+    notes.append(f"Per-task relative perplexity gain of '{ref}' over independent vs training tokens: "
+                 f"Pearson r = {pr:.2f}, Spearman r = {sr:.2f} (paper: r = -0.43 at its best tau).")
+    (out / "table.md").write_text(
+        "# Test perplexity by tau (held-out test split; nothing tuned on it)\n\n" + "\n".join(lines) + "\n\n"
+        + "\n".join(f"- {n}" for n in notes) + "\n\n"
+        + f"Command: `{' '.join(argv)}`  \nWall time: {result['wall_seconds'] / 60:.1f} min  \n"
+        + f"Data: {len(tasks)} tasks; documents/scored tokens " + ", ".join(
+            f"{k} {v['docs']}/{v['tokens']}" for k, v in result["sizes"].items()) + "\n")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [ov[s]["tau"] for s in grid]
+    ax.plot(xs, [ov[s]["test"]["ppl_task_mean"] for s in grid], "o-", label="fixed tau")
+    for s, style in (("independent", "--"), ("shared", ":")):
+        if s in ov:
+            ax.axhline(ov[s]["test"]["ppl_task_mean"], ls=style, color="gray", label=s)
+    for s, mk in ((learned, "*"), ("learned (mean-field)", "D")):
+        if s in ov:
+            ax.plot([ov[s]["tau"]], [ov[s]["test"]["ppl_task_mean"]], mk, ms=13, color="C3", label=s)
+    ax.set_xscale("log")
+    ax.set_xlabel("tau (prior precision of task adapters around the global adapter)")
+    ax.set_ylabel("test perplexity, exp(mean per-task NLL)")
+    ax.legend(fontsize=8)
+    ax.set_title("Test perplexity against tau")
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_tau.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter(sizes, [100 * g for g in gains])
+    for t, x, g in zip(tasks, sizes, gains):
+        ax.annotate(t.split("/")[-1], (x, 100 * g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("training tokens of the task")
+    ax.set_ylabel(f"perplexity gain over independent (%), {ref}")
+    ax.set_title(f"Gain vs task size: Pearson r={pr:.2f}, Spearman r={sr:.2f}")
+    fig.tight_layout()
+    fig.savefig(out / "gain_vs_size.png", dpi=120)
+    plt.close(fig)
+
+    meta = {"command": " ".join(argv), "versions": _versions(), "wall_seconds": result["wall_seconds"],
+            "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
+            "overall": ov, "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
+    from bora.io import write_json
+
+    write_json(out / "meta.json", meta)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description="tau sweep on a held-out test split")
+    p.add_argument("--taus", type=float, nargs="+", default=[10.0, 100.0, 1000.0, 10000.0],
+                   help="fixed tau values of the grid")
+    p.add_argument("--epochs", type=float, default=3.0, help="epoch budget of every fit (early stopping on val)")
+    p.add_argument("--patience", type=int, default=1, help="early-stopping patience (validations)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="data source (default: the embedded Shakespeare subset)")
+    p.add_argument("--meanfield", action="store_true", help="also fit learned tau with the mean-field guide")
+    p.add_argument("--tiny", action="store_true", help="tiny random model and 3 small tasks (smoke run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", type=Path, default=Path("analysis/results"))
+    args = p.parse_args(argv)
+    result = run(args)
+    write_outputs(args.out, result, ["python", "analysis/tau_sweep.py"] + argv)
+    print((args.out / "table.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Predictive metrics as pure functions: NLL, accuracy, calibration (ECE), Brier score, entropy, MI.
+
+>>> import torch
+>>> from bora.metrics import brier, expected_calibration_error, mutual_information
+>>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+>>> labels = torch.tensor([0, 1, 1])
+>>> [round(float(v), 2) for v in brier(probs, labels)]          # 1 - 2 p_y + sum p^2
+[0.02, 0.72, 0.18]
+>>> conf, correct = probs.max(-1).values, probs.argmax(-1) == labels
+>>> round(expected_calibration_error(conf, correct, n_bins=15), 4)  # |0.9-1|, |0.6-0|, |0.7-1| over 3
+0.3333
+>>> same = torch.tensor([0.2, 0.8]).expand(4, 2)                  # 4 identical posterior samples
+>>> float(mutual_information(same.log()))
+0.0
+
+Conventions: ``probs`` are ``[..., V]`` categorical distributions over the vocabulary and
+``labels`` the observed next tokens. The Brier score is the multi-class one,
+``sum_v (p_v - onehot_v)^2 = 1 - 2 p_y + sum_v p_v^2`` per token (0 for a confident correct
+prediction, 2 for a confident wrong one). The expected calibration error uses ``n_bins``
+equal-width bins ``(k/n, (k+1)/n]`` on the top-1 probability: ``sum_b (n_b / n) |acc_b - conf_b|``.
+For ``S`` posterior samples with log-probabilities ``[S, ..., V]`` the Bayesian-model-average
+(BMA) prediction is the mean of the probabilities; its entropy splits into the mean entropy of
+the samples (aleatoric) plus the mutual information between the next token and the adapter
+(epistemic), which is zero when all samples agree. :class:`TokenMetrics` accumulates all of these
+over batches of tokens without keeping per-token tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["entropy", "brier", "bin_statistics", "expected_calibration_error", "bma_probs",
+           "mutual_information", "log_mean_exp", "TokenMetrics"]
+
+
+def entropy(probs: torch.Tensor, log_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Entropy ``-sum p log p`` over the last dim (nats); ``0 log 0 = 0``."""
+    if log_probs is None:
+        log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    return -(probs * log_probs).nan_to_num(0.0).sum(-1)
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-class Brier score per row: ``1 - 2 p_y + sum_v p_v^2`` (no one-hot tensor is built)."""
+    p_y = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return 1.0 - 2.0 * p_y + probs.square().sum(-1)
+
+
+def bin_statistics(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """``[n_bins, 3]`` float64: per equal-width bin ``(k/n, (k+1)/n]`` the count, sum of confidences and of hits."""
+    conf = confidence.detach().reshape(-1).double()
+    hit = correct.detach().reshape(-1).double()
+    idx = ((conf * n_bins).ceil().long() - 1).clamp(0, n_bins - 1)
+    out = torch.zeros(n_bins, 3, dtype=torch.float64, device=conf.device)
+    out[:, 0].index_add_(0, idx, torch.ones_like(conf))
+    out[:, 1].index_add_(0, idx, conf)
+    out[:, 2].index_add_(0, idx, hit)
+    return out.cpu()
+
+
+def _ece_from_bins(bins: torch.Tensor) -> float:
+    n = float(bins[:, 0].sum())
+    if n == 0:
+        return math.nan
+    return float((bins[:, 1] - bins[:, 2]).abs().sum() / n)  # sum_b n_b/n |conf_b - acc_b|
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE with ``n_bins`` equal-width bins on the top-1 probability ``confidence`` (``correct``: top-1 hit)."""
+    return _ece_from_bins(bin_statistics(confidence, correct, n_bins))
+
+
+def bma_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """Bayesian-model-average prediction: mean over the leading sample dim of ``exp(log_probs)``."""
+    return log_probs.exp().mean(0)
+
+
+def mutual_information(log_probs: torch.Tensor) -> torch.Tensor:
+    """Epistemic uncertainty ``H(mean_s p_s) - mean_s H(p_s)`` from ``[S, ..., V]`` log-probabilities (>= 0)."""
+    p = log_probs.exp()
+    return (entropy(p.mean(0)) - entropy(p, log_probs).mean(0)).clamp_min(0.0)
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log(mean(exp(x)))`` along ``dim``, computed stably."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+
+
+class TokenMetrics:
+    """Streaming token-level metrics of one predictive distribution (point or BMA).
+
+    Call :meth:`add` with ``probs [n, V]`` and ``labels [n]`` (and optionally per-token mean
+    sample entropy and MI) for every batch; :meth:`result` returns the averages per token.
+    """
+
+    def __init__(self, n_bins: int = 15):
+        self.n_bins = n_bins
+        self.bins = torch.zeros(n_bins, 3, dtype=torch.float64)
+        self.n = 0
+        self.sums = {"nll": 0.0, "correct": 0.0, "brier": 0.0, "entropy": 0.0, "expected_entropy": 0.0,
+                     "mutual_information": 0.0}
+
+    @torch.no_grad()
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, *, expected_entropy: Optional[torch.Tensor] = None,
+            mi: Optional[torch.Tensor] = None) -> None:
+        probs = probs.double()
+        conf, top = probs.max(-1)
+        hit = top == labels
+        p_y = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        H = entropy(probs)
+        self.n += int(labels.numel())
+        self.sums["nll"] += float(-p_y.clamp_min(torch.finfo(torch.float64).tiny).log().sum())
+        self.sums["correct"] += float(hit.sum())
+        self.sums["brier"] += float(brier(probs, labels).sum())
+        self.sums["entropy"] += float(H.sum())
+        self.sums["expected_entropy"] += float((H if expected_entropy is None else expected_entropy).sum())
+        self.sums["mutual_information"] += float(0.0 if mi is None else mi.sum())
+        self.bins += bin_statistics(conf, hit, self.n_bins)
+
+    def result(self) -> dict:
+        n = max(1, self.n)
+        s = self.sums
+        nll = s["nll"] / n
+        return {"tokens": self.n, "nll": nll, "ppl": math.exp(nll) if nll < 700 else math.inf,
+                "accuracy": s["correct"] / n, "ece": _ece_from_bins(self.bins), "brier": s["brier"] / n,
+                "entropy": s["entropy"] / n, "expected_entropy": s["expected_entropy"] / n,
+                "mutual_information": s["mutual_information"] / n}
