@@ -9,6 +9,10 @@ from bora.data import TokenizedSplit
 
 VOCAB = 48
 
+# Tiny models gain nothing from intra-op threads, and oversubscribed OpenMP threads make a
+# shared 2-core machine many times slower: keep the tests single-threaded.
+torch.set_num_threads(1)
+
 
 def tiny_llama(layers: int = 3, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
