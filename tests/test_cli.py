@@ -45,7 +45,7 @@ def test_fit_then_evaluate(setup, capsys):
 def test_user_errors_are_one_line(setup, capsys, args, msg):
     model, data, d = setup
     base = ["fit", "--model", str(model), "--data", str(data), "--task-column", "speaker", "--steps", "1",
-            "--output", str(d / "err"), "--quiet"]
+            "--layers", "-1", "--output", str(d / "err"), "--quiet"]
     rc = main(base + args)
     err = capsys.readouterr().err.strip()
     assert rc == 2

@@ -33,7 +33,7 @@ def test_single_task_matches_peft(make, targets):
     lm = make()
     r, alpha = 4, 8.0
     ref = copy.deepcopy(lm)
-    adapters = inject_adapters_(lm, AdapterConfig(rank=r, alpha=alpha, targets=targets))
+    adapters = inject_adapters_(lm, AdapterConfig(rank=r, alpha=alpha, targets=targets, layers=None))
     g = torch.Generator().manual_seed(1)
     A_of, B_of, params = {}, {}, {}
     for k, ((ra, ia), (ob, rb)) in adapters.shapes().items():
@@ -60,7 +60,7 @@ def test_single_task_matches_peft(make, targets):
 
 def test_mixed_batch_each_example_gets_its_own_task():
     lm = tiny_llama()
-    adapters = inject_adapters_(lm, AdapterConfig(rank=2, targets=("q_proj", "o_proj", "up_proj")))
+    adapters = inject_adapters_(lm, AdapterConfig(rank=2, targets=("q_proj", "o_proj", "up_proj"), layers=None))
     T = 4
     g = torch.Generator().manual_seed(0)
     params = {k: (torch.randn(T, *sa, generator=g) * 0.2, torch.randn(T, *sb, generator=g) * 0.2)
@@ -94,7 +94,7 @@ def test_layer_selection_and_errors():
     a = inject_adapters_(lm, AdapterConfig(rank=2, targets=("v_proj",), layers=(-1, 1)))
     assert sorted(a.indices.values()) == [1, 3] and a.first_layer == 1
     with pytest.raises(ConfigError, match="no module matches"):
-        inject_adapters_(tiny_llama(), AdapterConfig(targets=("nonexistent",)))
+        inject_adapters_(tiny_llama(), AdapterConfig(targets=("nonexistent",), layers=None))
     with pytest.raises(ConfigError, match="out of range"):
         inject_adapters_(tiny_llama(), AdapterConfig(layers=(7,)))
     layer = next(iter(a.layers.values()))

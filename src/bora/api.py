@@ -166,7 +166,7 @@ class Bora:
 
         return warm_start_(self, path)
 
-    def fit_new_task(self, docs, *, steps: int = 100, lr: float = 1e-2, **kw) -> dict:
+    def fit_new_task(self, docs, *, steps: int = 100, lr: float = 0.05, **kw) -> dict:
         """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.posterior.fit_new_task`)."""
         from .posterior import fit_new_task
 

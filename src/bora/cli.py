@@ -346,14 +346,14 @@ def _cmd_sample(args) -> int:
         ids[i, :P] = torch.tensor(out["prompt_ids"])
         ids[i, P:P + len(s)] = torch.tensor(s, dtype=torch.long)
     u = post.token_uncertainty(args.task, ids)
-    print(f"prompt: {args.prompt!r} ({P} tokens)")
+    print(f"prompt: {args.prompt!r} ({P} token{'s' if P != 1 else ''})")
     print(f"next token after the prompt: predictive entropy {float(u['entropy'][0, P - 1]):.4f} nats, "
           f"epistemic (mutual information) {float(u['mutual_information'][0, P - 1]):.5f} nats")
     for i, (text, s) in enumerate(zip(out["texts"], out["ids"])):
         print(f"[{i + 1}] {text}")
         if s:
             sl = slice(P - 1, P - 1 + len(s))
-            print(f"    {len(s)} tokens; under the BMA: NLL {float(u['nll'][i, sl].mean()):.4f}/token, "
+            print(f"    {len(s)} token{'s' if len(s) != 1 else ''}; under the BMA: NLL {float(u['nll'][i, sl].mean()):.4f}/token, "
                   f"entropy {float(u['entropy'][i, sl].mean()):.4f}, mutual information "
                   f"{float(u['mutual_information'][i, sl].mean()):.5f} nats/token")
     return 0

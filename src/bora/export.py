@@ -62,6 +62,12 @@ def peft_state_dict(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], na
     return out
 
 
+def _base_path(name: str) -> str:
+    from .base import EMBEDDED, cache_dir
+
+    return str(cache_dir() / EMBEDDED[name][2]) if name in EMBEDDED else name
+
+
 def peft_config(bora, keys=None) -> dict:
     """The ``adapter_config.json`` content for ``bora``'s adapters (the fields PEFT's ``LoraConfig`` reads)."""
     keys = list(bora.adapters.keys()) if keys is None else list(keys)
@@ -70,7 +76,8 @@ def peft_config(bora, keys=None) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": bora.config.model,
+        # the embedded model's converted folder, so AutoPeftModelForCausalLM can find the base
+        "base_model_name_or_path": _base_path(bora.config.model),
         "r": int(cfg.rank),
         "lora_alpha": float(cfg.alpha),
         "lora_dropout": float(cfg.dropout),

@@ -35,6 +35,7 @@ def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=Non
 
 @torch.no_grad()
 def point_values(guide, batch: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """Point estimate of every guide site: the MAP value, or the posterior median (= mean for AutoNormal)."""
+    """Point estimate of every guide site: the MAP value, or the posterior median (AutoNormal: the mean of
+    each real-valued site; for tau, exp of its log-normal location)."""
     args = () if batch is None else (batch,)
     return {k: v.detach() for k, v in guide.median(*args).items()}

@@ -83,10 +83,14 @@ class MultiTaskLoRA(nn.Module):
             )
         if (A.dim() == 3 or B.dim() == 3) and task_ids is None:
             raise ValueError("per-task adapters need task_ids")
-        self._A, self._B, self._task_ids = A, B, task_ids
+        # plain attributes, never registered: an nn.Parameter passed in must not become the layer's
+        object.__setattr__(self, "_A", A)
+        object.__setattr__(self, "_B", B)
+        object.__setattr__(self, "_task_ids", task_ids)
 
     def clear_adapter_(self) -> None:
-        self._A = self._B = self._task_ids = None
+        for name in ("_A", "_B", "_task_ids"):
+            object.__setattr__(self, name, None)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input ``x`` of shape ``[N, ..., in]``."""

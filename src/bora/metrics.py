@@ -106,18 +106,17 @@ class TokenMetrics:
     @torch.no_grad()
     def add(self, probs: torch.Tensor, labels: torch.Tensor, *, expected_entropy: Optional[torch.Tensor] = None,
             mi: Optional[torch.Tensor] = None) -> None:
-        probs = probs.double()
         conf, top = probs.max(-1)
         hit = top == labels
         p_y = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        H = entropy(probs)
+        H = entropy(probs)  # per-token values in the input precision, sums in float64
         self.n += int(labels.numel())
-        self.sums["nll"] += float(-p_y.clamp_min(torch.finfo(torch.float64).tiny).log().sum())
+        self.sums["nll"] += float(-p_y.double().clamp_min(1e-300).log().sum())
         self.sums["correct"] += float(hit.sum())
-        self.sums["brier"] += float(brier(probs, labels).sum())
-        self.sums["entropy"] += float(H.sum())
-        self.sums["expected_entropy"] += float((H if expected_entropy is None else expected_entropy).sum())
-        self.sums["mutual_information"] += float(0.0 if mi is None else mi.sum())
+        self.sums["brier"] += float(brier(probs, labels).double().sum())
+        self.sums["entropy"] += float(H.double().sum())
+        self.sums["expected_entropy"] += float((H if expected_entropy is None else expected_entropy).double().sum())
+        self.sums["mutual_information"] += float(0.0 if mi is None else mi.double().sum())
         self.bins += bin_statistics(conf, hit, self.n_bins)
 
     def result(self) -> dict:

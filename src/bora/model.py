@@ -7,7 +7,7 @@
 >>> from bora.model import BoraModel
 >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
 ...                                   num_hidden_layers=2, num_attention_heads=4))
->>> adapters = inject_adapters_(lm, AdapterConfig(rank=2))
+>>> adapters = inject_adapters_(lm, AdapterConfig(rank=2, layers=None))
 >>> model = BoraModel(lm, adapters, tasks=("a", "b", "c"), num_docs=30,
 ...                   prior=PriorConfig(tau_mode="fixed", tau=100.0))
 >>> batch = {"input_ids": torch.randint(0, 64, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
@@ -173,11 +173,13 @@ class BoraModel:
         return (not special and getattr(self.lm, "base_model", None) is not None
                 and self.lm.base_model is not self.lm and self.lm.get_output_embeddings() is not None)
 
-    def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]) -> torch.Tensor:
-        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model.
+    def scored_logits(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next-token logits on the scored positions: ``(logits [n, V], labels [n], rows [n])``.
 
-        The LM head (the largest matmul of a small LM) runs only on the scored, non-padding
-        positions, so padding costs nothing there.
+        ``rows`` is each scored token's document (row) in the batch. The LM head (the largest
+        matmul of a small LM) runs only on scored, non-padding positions, so padding costs nothing
+        there; ``params=None`` is the base model.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = batch.get("hidden")
@@ -192,9 +194,15 @@ class BoraModel:
                 logits = self.lm.get_output_embeddings()(h[:, :-1][scored])
             else:
                 logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
-        nll = F.cross_entropy(logits.float(), labels, reduction="none")
         rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(scored)[scored]
-        return -torch.zeros(ids.shape[0], device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
+        return logits.float(), labels, rows
+
+    def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]) -> torch.Tensor:
+        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model."""
+        logits, labels, rows = self.scored_logits(batch, params)
+        nll = F.cross_entropy(logits, labels, reduction="none")
+        n = batch["input_ids"].shape[0]
+        return -torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
 
     # ----------------------------------------------------------------- the model
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:

@@ -45,7 +45,6 @@ same ``(seed, k)`` always gives the same adapters — across processes, :meth:`P
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import zlib
 from pathlib import Path
@@ -61,9 +60,8 @@ from .data import TokenizedSplit, batches, tokenize_split
 from .evaluate import doc_loglik, summarize
 from .feed import Feed
 from .metrics import TokenMetrics, entropy, log_mean_exp
-from .model import site_names
 
-__all__ = ["Posterior", "token_log_probs", "fit_new_task", "warm_start_", "sample_seed"]
+__all__ = ["Posterior", "evaluate_posterior", "token_log_probs", "fit_new_task", "warm_start_", "sample_seed"]
 
 Adapter = dict  # key -> (A, B)
 
@@ -94,19 +92,8 @@ def token_log_probs(model, batch: Mapping[str, torch.Tensor], params) -> tuple[t
     The same computation as :meth:`bora.model.BoraModel.loglik` (frozen-prefix cache, head on scored
     positions only) but keeping the whole distribution; ``rows`` is each token's row in the batch.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    hidden = batch.get("hidden")
-    resume = model.prefix.resume(hidden) if hidden is not None else contextlib.nullcontext()
-    scored = mask[:, 1:].bool() & mask[:, :-1].bool()
-    labels = ids[:, 1:][scored]
-    with model.adapters.use(params, batch["task_ids"] if params is not None else None), resume, model._autocast():
-        if model._head_only_on_tokens():
-            h = model.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = model.lm.get_output_embeddings()(h[:, :-1][scored])
-        else:
-            logits = model.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
-    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(scored)[scored]
-    return F.log_softmax(logits.float(), -1), labels, rows
+    logits, labels, rows = model.scored_logits(batch, params)
+    return F.log_softmax(logits, -1), labels, rows
 
 
 def _take_task(params: Mapping, t: int) -> Adapter:
@@ -298,8 +285,8 @@ class Posterior:
         for row in new.tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             seqs.append(row[:cut])
-        tok = self.bora.tokenizer
-        texts = [tok.decode(s, skip_special_tokens=True) if tok is not None else " ".join(map(str, s)) for s in seqs]
+        decode = getattr(self.bora.tokenizer, "decode", None)
+        texts = [decode(s, skip_special_tokens=True) if decode is not None else " ".join(map(str, s)) for s in seqs]
         return {"prompt_ids": prompt_ids.tolist(), "ids": seqs, "texts": texts}
 
 
@@ -358,7 +345,7 @@ def evaluate_posterior(post: Posterior, data, *, batch_size: int = 8, n_bins: in
     S = post._compute_samples
     model.adapters.train(False)
     point_params = bora.params()
-    sample_params = [post.params(k) for k in range(S)]
+    sample_params = [] if post.is_point else [post.params(k) for k in range(S)]
     nll_point = torch.zeros(n, dtype=torch.float64)
     nll_bma = torch.zeros(n, dtype=torch.float64)
     ll_s = torch.zeros(S, n, dtype=torch.float64)
@@ -376,7 +363,7 @@ def evaluate_posterior(post: Posterior, data, *, batch_size: int = 8, n_bins: in
         m_point.add(logp.exp(), labels)
         p_sum = h_sum = None
         for k in range(S):
-            lp, _, _ = token_log_probs(model, b, sample_params[k])
+            lp = logp if post.is_point else token_log_probs(model, b, sample_params[k])[0]
             ll_s[k].index_add_(0, doc, lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().cpu())
             p = lp.exp()
             h = entropy(p, lp)
@@ -386,7 +373,7 @@ def evaluate_posterior(post: Posterior, data, *, batch_size: int = 8, n_bins: in
         eh = h_sum / S
         nll_bma.index_add_(0, doc, -p_bar.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double()
                            .clamp_min(1e-300).log().cpu())
-        m_bma.add(p_bar, labels, expected_entropy=eh, mi=(entropy(p_bar.double()) - eh.double()).clamp_min(0))
+        m_bma.add(p_bar, labels, expected_entropy=eh, mi=(entropy(p_bar) - eh).clamp_min(0))
     if post.is_point and post.num_samples > 1:
         ll_s = ll_s.expand(post.num_samples, -1)
     tids, tasks = split.task_ids, split.tasks
@@ -430,16 +417,19 @@ def _new_task_split(bora, docs, name: str) -> TokenizedSplit:
     return split
 
 
-def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 1e-2, batch_size: Optional[int] = None,
+def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: Optional[int] = None,
                  seed: int = 0, name: str = "new task") -> Adapter:
     """Fit the adapter of one task that is not in the fit, with the global level held fixed.
 
     Maximises ``sum_d log p(d | theta_new) + log Normal(theta_new | Theta, tau^-1/2)`` (MAP) over
-    ``theta_new`` with Adam, where ``Theta`` and ``tau`` are the fit's point estimates (posterior
-    medians for a mean-field fit). ``docs``: a :class:`~bora.data.TokenizedSplit` (all rows are
-    treated as the new task) or a list of texts (tokenised like the fit's data). Starts at the
-    global adapter. Returns ``key -> (A [r, in], B [out, r])``, usable with
-    ``bora.adapters.use(adapter)`` and :func:`bora.export.write_peft_adapter`.
+    ``theta_new``, where ``Theta`` and ``tau`` are the fit's point estimates (posterior medians for
+    a mean-field fit). ``docs``: a :class:`~bora.data.TokenizedSplit` (all rows are treated as the
+    new task) or a list of texts (tokenised like the fit's data). The optimisation is non-centred:
+    Adam (learning rate ``lr``, minibatches of ``batch_size`` documents, the likelihood scaled to the
+    whole set) moves ``z = (theta_new - Theta) tau^1/2``, which starts at 0 (the global adapter) and
+    has a standard-normal prior, so ``lr`` is in units of the prior's standard deviation whatever
+    tau is. Returns ``key -> (A [r, in], B [out, r])``, usable with ``bora.adapters.use(adapter)``
+    and :func:`bora.export.write_peft_adapter`.
 
     'shared' returns the global adapter (a task adapter equals it); 'independent' uses the
     ``Normal(0, s)`` prior and starts from the fit's initial point."""
@@ -456,17 +446,23 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 1e-2, batch_size: 
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in glob.items()}
     tau = _tau_by_key(bora, point)
     dev = bora.device
-    A0 = {k: (glob[k][0] if glob is not None else model.init_A[k]).detach().clone() for k in model.shapes}
-    B0 = {k: (glob[k][1] if glob is not None else torch.zeros(sb, device=dev)).detach().clone()
-          for k, (_, sb) in model.shapes.items()}
-    theta = {k: (torch.nn.Parameter(A0[k]), torch.nn.Parameter(B0[k])) for k in model.shapes}
-    params = [p for ab in theta.values() for p in ab]
-    if mode == "independent":
-        prior_mean = {k: (torch.zeros_like(A0[k]), torch.zeros_like(B0[k])) for k in model.shapes}
-        prior_sd = {k: float(model.prior.global_scale) for k in model.shapes}
-    else:
-        prior_mean = {k: (glob[k][0].detach(), glob[k][1].detach()) for k in model.shapes}
-        prior_sd = {k: float(tau[k]) ** -0.5 for k in model.shapes}
+    mean, sd, z = {}, {}, {}
+    for k, (sa, sb) in model.shapes.items():
+        if mode == "independent":
+            mean[k] = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
+            sd[k] = float(model.prior.global_scale)
+            z0 = (model.init_A[k] / sd[k], torch.zeros(sb, device=dev))
+        else:
+            mean[k] = (glob[k][0].detach(), glob[k][1].detach())
+            sd[k] = float(tau[k]) ** -0.5
+            z0 = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
+        # plain leaf tensors (the adapter layers store what they are given; an nn.Parameter would register)
+        z[k] = (z0[0].clone().requires_grad_(True), z0[1].clone().requires_grad_(True))
+    params = [p for ab in z.values() for p in ab]
+
+    def theta() -> Adapter:
+        return {k: (mean[k][0] + sd[k] * zA, mean[k][1] + sd[k] * zB) for k, (zA, zB) in z.items()}
+
     feed = Feed(split, pad_id=bora.pad_id, device=dev, prefix=bora.prefix,
                 cache_batch_size=bora.config.fit.eval_batch_size)
     feed.build_cache_()
@@ -487,13 +483,8 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 1e-2, batch_size: 
         with _seeded(dev, sample_seed(seed, 0x7E3)):
             for _ in range(steps):
                 idx = next(it)
-                b = feed.batch(idx)
-                ll = model.loglik(b, theta).sum() * (N / len(idx))
-                lp = 0.0
-                for k, (A, B) in theta.items():
-                    mA, mB = prior_mean[k]
-                    sd = prior_sd[k]
-                    lp = lp - 0.5 * ((A - mA).square().sum() + (B - mB).square().sum()) / sd ** 2
+                ll = model.loglik(feed.batch(idx), theta()).sum() * (N / len(idx))
+                lp = -0.5 * sum(zA.square().sum() + zB.square().sum() for zA, zB in z.values())
                 loss = -(ll + lp) / n_tok
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -502,7 +493,8 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 1e-2, batch_size: 
                 opt.step()
     finally:
         model.adapters.train(False)
-    return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in theta.items()}
+    with torch.no_grad():
+        return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in theta().items()}
 
 
 # ---------------------------------------------------------------------- warm start
@@ -530,9 +522,9 @@ def warm_start_(bora, source) -> dict:
 
     Typical use: a mean-field fit started from a MAP fit (``bora fit --guide meanfield --init-from
     MAP_DIR``): every site's AutoNormal ``loc`` (unconstrained: ``log tau`` for tau) is set to the
-    source's point estimate (AutoDelta values; a mean-field source contributes its locs) and the
-    scales keep ``init_scale``. A MAP source's empirical-Bayes tau initialises a learned tau site
-    (or the target's empirical-Bayes tau). Tasks are matched by name; the base model and adapter
+    source's point estimate (AutoDelta values) and the scales keep ``init_scale``; a mean-field
+    source contributes its locs and scales (resuming it). The source's tau (empirical Bayes, fixed
+    or a tau site) initialises a learned tau site or the target's empirical-Bayes tau. Tasks are matched by name; the base model and adapter
     settings must agree. Sites the source lacks are derived when possible (task adapters from a
     'shared' source's global adapter, the global adapter as the mean of an 'independent' source's
     task adapters) and otherwise keep their initial value. Returns ``{"copied": [...], "derived":
@@ -563,6 +555,11 @@ def warm_start_(bora, source) -> dict:
     src_tau = dict((state or {}).get("tau") or {})
     if config.prior.tau_mode == "fixed":
         src_tau = {"tau": float(config.prior.tau)}
+    if not src_tau:  # a learned tau site of the source guide (log tau is stored)
+        for kk, u in tensors.items():
+            site = kk[len("locs."):] if kk.startswith("locs.") else kk
+            if site.startswith("tau") and site.endswith("_unconstrained") and u.dim() == 0:
+                src_tau[site[:-len("_unconstrained")]] = float(u.exp())
     report = {"copied": [], "derived": [], "kept": []}
     new_vals: dict[str, torch.Tensor] = {}
     for name, site in sites.items():
@@ -584,9 +581,6 @@ def warm_start_(bora, source) -> dict:
             tv = src_tau.get(name, src_tau.get("tau"))
             if tv is None and src_tau:
                 tv = math.exp(sum(math.log(float(x)) for x in src_tau.values()) / len(src_tau))
-            if tv is None:
-                tv = next((float(transform_to(support)(u)) for kk, u in tensors.items()
-                           if kk in (f"{name}_unconstrained", f"locs.{name}_unconstrained")), None)
             if tv is not None and math.isfinite(float(tv)) and float(tv) > 0:
                 v = torch.tensor(float(tv))
         if v is None:
@@ -604,6 +598,12 @@ def warm_start_(bora, source) -> dict:
         support = sites[name]["fn"].support
         if meanfield:
             sd[f"locs.{name}_unconstrained"] = biject_to(support).inv(v).detach()
+            scale = tensors.get(f"scales.{name}_unconstrained") if src_kind == "meanfield" else None
+            if scale is not None and name in report["copied"]:  # mean-field source: resume its scales too
+                if name.startswith("theta_") and order is not None:
+                    scale = scale[order]
+                if scale.shape == sd[f"scales.{name}_unconstrained"].shape:
+                    sd[f"scales.{name}_unconstrained"] = scale.to(bora.device)
         else:
             sd[f"{name}_unconstrained"] = transform_to(support).inv(v).detach()
     guide.load_state_dict(sd)

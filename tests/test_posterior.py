@@ -1,0 +1,203 @@
+"""Posterior API: reproducible samples, BMA likelihood, uncertainty, metrics, generation, new tasks."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from bora.api import Bora
+from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.data import collate
+from bora.metrics import (TokenMetrics, brier, entropy, expected_calibration_error, log_mean_exp,
+                          mutual_information)
+from bora.posterior import token_log_probs
+
+from conftest import VOCAB, TinyTokenizer, task_data, tiny_llama
+
+KEY = "model_layers_2_self_attn_q_proj"
+
+
+def make(guide="meanfield", mode="fixed", init_scale=0.2, lm=None, layers=(-2, -1), tau=100.0, **fit):
+    f = dict(guide=guide, init_scale=init_scale, steps=6, batch_size=8, lr=2e-2, patience=0, warmup=0.0,
+             fisher_docs=4)
+    f.update(fit)
+    cfg = BoraConfig(model="tiny", adapter=AdapterConfig(rank=2, targets=("q_proj", "v_proj"), layers=layers),
+                     prior=PriorConfig(tau_mode=mode, tau=tau), fit=FitConfig(**f))
+    train = task_data((8, 6, 4), seed=1)
+    return Bora(cfg, lm or tiny_llama(), TinyTokenizer(), train.tasks, len(train)), train
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_ece_on_a_hand_made_example():
+    conf = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55, 0.25, 0.25])
+    hit = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    # bins: 0.95 -> acc 0.75 (|0.2| x 4), 0.55 -> acc 0.5 (|0.05| x 2), 0.25 -> acc 0 (|0.25| x 2)
+    want = (4 * 0.2 + 2 * 0.05 + 2 * 0.25) / 8
+    assert expected_calibration_error(conf, hit, n_bins=15) == pytest.approx(want)
+    # perfectly calibrated bins give 0; one bin holds everything when n_bins=1
+    assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == pytest.approx(0.0)
+    assert expected_calibration_error(conf, hit, n_bins=1) == pytest.approx(abs(conf.mean() - hit.float().mean()))
+    # right-closed bins: a confidence exactly on an edge goes to the lower bin
+    assert expected_calibration_error(torch.tensor([0.25, 0.26]), torch.tensor([False, True]),
+                                      n_bins=4) == pytest.approx((0.25 + 0.74) / 2, abs=1e-6)
+
+
+def test_brier_and_entropy():
+    labels = torch.tensor([2, 0, 1])
+    onehot = torch.nn.functional.one_hot(labels, 4).float()
+    assert torch.equal(brier(onehot, labels), torch.zeros(3))
+    probs = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), -1)
+    torch.testing.assert_close(brier(probs, labels), (probs - onehot).square().sum(-1))
+    assert brier(torch.tensor([[0.0, 1.0]]), torch.tensor([0])).item() == pytest.approx(2.0)
+    assert entropy(torch.full((5,), 0.2)).item() == pytest.approx(math.log(5))
+    assert entropy(torch.tensor([1.0, 0.0])).item() == 0.0
+    m = TokenMetrics()
+    m.add(onehot, labels)
+    r = m.result()
+    assert r["nll"] == 0.0 and r["accuracy"] == 1.0 and r["brier"] == 0.0 and r["ece"] == 0.0
+
+
+def test_mutual_information_zero_iff_samples_agree():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(1, 7, 10, generator=g), -1)
+    same = logp.expand(5, 7, 10)
+    assert torch.all(mutual_information(same).abs() < 1e-6)
+    differ = torch.log_softmax(torch.randn(5, 7, 10, generator=g), -1)
+    mi = mutual_information(differ)
+    assert torch.all(mi > 1e-3)
+    # decomposition: entropy of the mean = mean entropy + MI
+    p = differ.exp()
+    torch.testing.assert_close(entropy(p.mean(0)), entropy(p).mean(0) + mi)
+    assert log_mean_exp(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(math.log(2.0))
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_samples_are_reproducible_and_seeded():
+    bora, _ = make()
+    a, b, c = bora.posterior(3, seed=0), bora.posterior(3, seed=0), bora.posterior(3, seed=1)
+    for k in range(3):
+        for name, v in a.values(k).items():
+            assert torch.equal(v, b.values(k)[name])
+    assert not torch.equal(a.params(0)[KEY][0], c.params(0)[KEY][0])   # different seed -> different
+    assert not torch.equal(a.params(0)[KEY][0], a.params(1)[KEY][0])   # different samples differ
+    # sample k does not depend on how many samples were asked for (export --sample-index relies on it)
+    assert torch.equal(bora.posterior(5, seed=0).params(2)[KEY][1], a.params(2)[KEY][1])
+    # the global RNG is left untouched
+    torch.manual_seed(123)
+    want = torch.rand(1)
+    torch.manual_seed(123)
+    bora.posterior(2, seed=7).values(1)
+    assert torch.equal(torch.rand(1), want)
+    # a MAP fit's samples are all the point estimate
+    m, _ = make("map")
+    pm = m.posterior(3, seed=0)
+    assert torch.equal(pm.params(0)[KEY][0], pm.params(2)[KEY][0])
+
+
+def test_bma_loglik_and_uncertainty():
+    bora, split = make()
+    post = bora.posterior(4, seed=0)
+    ll = post.doc_loglik(split)
+    assert ll.shape == (4, len(split))
+    assert (ll.std(0) > 0).all()
+    bma = post.bma_loglik(split)
+    torch.testing.assert_close(bma, (ll.double().exp().mean(0).log()).float())
+    assert (bma >= ll.mean(0) - 1e-4).all()  # Jensen: log mean exp >= mean
+    ids = split.input_ids[0].unsqueeze(0)
+    u = post.token_uncertainty("task0", ids)
+    assert u["mutual_information"].shape == (1, ids.shape[1] - 1) and (u["mutual_information"] > 0).all()
+    torch.testing.assert_close(u["entropy"], u["expected_entropy"] + u["mutual_information"])
+    # a MAP fit: every sample identical, no epistemic uncertainty, BMA = point log-likelihood
+    m, _ = make("map", init_scale=1e-3)
+    pm = m.posterior(3, seed=0)
+    assert torch.all(pm.token_uncertainty("task1", ids)["mutual_information"].abs() < 1e-6)
+    torch.testing.assert_close(pm.bma_loglik(split), m.posterior(1).doc_loglik(split)[0], atol=1e-4, rtol=0)
+
+
+def test_token_log_probs_match_the_model_loglik():
+    bora, split = make()
+    b = bora.feed(split).batch(torch.arange(len(split)))  # with the frozen-prefix cache
+    params = bora.posterior(2, seed=3).params(1)
+    with torch.no_grad():
+        logp, labels, rows = token_log_probs(bora.model, b, params)
+        want = bora.model.loglik(b, params)
+    got = torch.zeros(len(split)).index_add_(0, rows, logp.gather(-1, labels[:, None]).squeeze(-1))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert logp.shape[-1] == VOCAB
+
+
+def test_evaluate_point_matches_bora_evaluate_and_reports_intervals():
+    bora, split = make()
+    res = bora.posterior(3, seed=0).evaluate(split, batch_size=5)
+    want = bora.evaluate(split)
+    for t in split.tasks:
+        assert res["point"]["per_task"][t]["nll"] == pytest.approx(want["per_task"][t]["nll"], abs=1e-5)
+        iv = res["per_task_interval"][t]
+        assert iv["lo"] <= iv["median"] <= iv["hi"] and iv["hi"] > iv["lo"]
+    tok = res["bma"]["tokens"]
+    assert tok["tokens"] == split.num_tokens() and 0 <= tok["accuracy"] <= 1 and 0 <= tok["ece"] <= 1
+    assert tok["mutual_information"] > 0 and res["point"]["tokens"]["mutual_information"] == 0
+    assert tok["entropy"] == pytest.approx(tok["expected_entropy"] + tok["mutual_information"], rel=1e-6)
+    # the token-level BMA NLL is at most the samples' mean NLL (Jensen), the doc-level BMA likewise
+    assert res["bma_doc"]["overall"]["nll_token"] <= res["point"]["overall"]["nll_token"] + 0.5
+
+
+# ----------------------------------------------------------------------------- generation
+def test_generate_uses_one_adapter_per_continuation():
+    bora, _ = make(init_scale=2.0, mode="independent")  # very different samples
+    post = bora.posterior(4, seed=0)
+    prompt = torch.tensor([1, 7, 1, 9])
+    out = post.generate("task0", prompt, max_new_tokens=6)
+    assert len(out["ids"]) == 4 and out["prompt_ids"] == prompt.tolist()
+    # continuation i is the greedy continuation under sample i's adapter alone
+    for i in (0, 3):
+        ids = prompt.unsqueeze(0)
+        with torch.no_grad(), bora.adapters.use(post.task_adapter(i, "task0"), None):
+            for _ in range(len(out["ids"][i])):
+                nxt = bora.lm(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], 1)
+        assert ids[0, 4:].tolist() == out["ids"][i]
+    assert len({tuple(s) for s in out["ids"]}) > 1
+    again = post.generate("task0", prompt, max_new_tokens=6, do_sample=True, seed=5)
+    assert again == post.generate("task0", prompt, max_new_tokens=6, do_sample=True, seed=5)
+    with pytest.raises(ConfigError):
+        post.generate("task0", prompt, max_new_tokens=0)
+
+
+# ----------------------------------------------------------------------------- new tasks
+def test_unseen_task_is_drawn_from_the_global_level():
+    bora, _ = make(init_scale=1e-3)  # fixed tau = 100: task deviations have sd 0.1
+    post = bora.posterior(60, seed=0)
+    A, B = post.task_adapters("brand new")[KEY]
+    GA, GB = post.global_adapters()[KEY]
+    dev = torch.cat([(A - GA).flatten(), (B - GB).flatten()])
+    assert dev.std().item() == pytest.approx(0.1, rel=0.05) and abs(dev.mean().item()) < 0.01
+    assert torch.equal(post.task_adapters("brand new")[KEY][0], A)  # reproducible
+    assert not torch.equal(post.task_adapters("other new")[KEY][0], A)
+
+
+def test_fit_new_task_improves_its_likelihood_and_respects_the_prior():
+    lm = tiny_llama()
+    bora, train = make("map", lm=copy.deepcopy(lm), layers=(-1,), steps=10)
+    bora.fit(train, None, progress=False)
+    new = task_data((0, 0, 0, 14), seed=4)  # a fourth token pattern: a task the fit never saw
+    fit_docs, held = new.subset(range(10)), new.subset(range(10, 14))
+    glob = bora.model.global_from_values(bora.point())
+    adapter = bora.fit_new_task(fit_docs, steps=25, lr=0.05)
+    assert set(adapter) == set(glob) and adapter[next(iter(glob))][0].dim() == 2
+
+    def nll(params):
+        b = collate(held, torch.arange(len(held)))
+        b["task_ids"] = torch.zeros(len(held), dtype=torch.long)
+        with torch.no_grad():
+            return float(-bora.model.loglik(b, params).sum())
+
+    print("new-task held-out NLL: global", nll(glob), "fitted", nll(adapter))
+    assert nll(adapter) < nll(glob) - 0.5
+    # a huge tau pins the new task to the global adapter
+    stiff, _ = make("map", lm=copy.deepcopy(lm), layers=(-1,), tau=1e9)
+    pinned = stiff.fit_new_task(fit_docs, steps=5, lr=0.05)
+    g2 = stiff.model.global_from_values(stiff.point())
+    for k, (A, B) in pinned.items():
+        assert (A - g2[k][0]).abs().max() < 1e-3 and (B - g2[k][1]).abs().max() < 1e-3
