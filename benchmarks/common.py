@@ -47,8 +47,18 @@ from bora.model import BoraModel  # noqa: E402
 
 LR = 2e-3  # FitConfig default
 CLIP = 1.0  # FitConfig default
-RANK, ALPHA = 8, 16.0  # AdapterConfig defaults
-TARGETS = ("q_proj", "v_proj")  # AdapterConfig default
+RANK, ALPHA = 8, 16.0  # AdapterConfig's defaults
+TARGETS = ("q_proj", "v_proj")  # the issue's setting (bora's AdapterConfig default was this until it became ALL7)
+ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_targets(s: str) -> tuple:
+    """``"q_proj,v_proj"``; ``"all7"`` for every linear layer of a Llama block; ``"bora"`` for AdapterConfig's default."""
+    if s == "all7":
+        return ALL7
+    if s == "bora":
+        return tuple(AdapterConfig().targets)
+    return tuple(x.strip() for x in s.split(",") if x.strip())
 
 #: random-init Llama configurations (``LlamaConfig`` keyword arguments)
 PRESETS = {
@@ -254,11 +264,12 @@ class BoraStep(Variant):
 
     def __init__(self, lm, batch, num_tasks, guide: str, *, layers=None, device="cpu", tau_mode="learned",
                  num_docs=4096, cache_prefix=False, bora_obj: Optional[Bora] = None,
-                 ntok_total: Optional[int] = None):
+                 ntok_total: Optional[int] = None, targets=TARGETS):
         super().__init__(device)
         self.name = guide
         if bora_obj is None:
-            bora_obj = Bora(bora_config(guide, layers=layers, tau_mode=tau_mode, cache_prefix=cache_prefix), lm, Tok(),
+            bora_obj = Bora(bora_config(guide, layers=layers, tau_mode=tau_mode, cache_prefix=cache_prefix,
+                                        targets=targets), lm, Tok(),
                             [f"task{t}" for t in range(num_tasks)], num_docs, device=device)
         self.bora = bora_obj
         self.model = bora_obj.model
@@ -362,16 +373,17 @@ class Hand(Variant):
 
 
 def make_variant(kind: str, lm, batch, num_tasks, *, layers=None, device="cpu", tau_mode="learned",
-                 num_docs=4096) -> Variant:
+                 num_docs=4096, targets=TARGETS) -> Variant:
     if kind == "plain":
-        return Plain(lm, batch, layers=layers, device=device)
+        return Plain(lm, batch, layers=layers, device=device, targets=targets)
     if kind == "loop":
-        return Loop(lm, batch, num_tasks, layers=layers, device=device)
+        return Loop(lm, batch, num_tasks, layers=layers, device=device, targets=targets)
     if kind in ("map", "meanfield"):
-        return BoraStep(lm, batch, num_tasks, kind, layers=layers, device=device, tau_mode=tau_mode, num_docs=num_docs)
+        return BoraStep(lm, batch, num_tasks, kind, layers=layers, device=device, tau_mode=tau_mode, num_docs=num_docs,
+                        targets=targets)
     if kind in ("hand_map", "hand_mf"):
         return Hand(lm, batch, num_tasks, "map" if kind == "hand_map" else "meanfield", layers=layers, device=device,
-                    num_docs=num_docs)
+                    num_docs=num_docs, targets=targets)
     raise ValueError(f"unknown variant {kind!r}")
 
 

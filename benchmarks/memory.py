@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tau-mode", default="learned")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="as in run.py (all7, bora, or a list)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     import peft  # noqa: F401  (same imports in every variant)
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
             C.token_nll_sum(lm, batch)
     else:
         v = C.make_variant(a.variant, lm, batch, a.tasks, layers=C.adapter_layers(L, a.top_layers),
-                           device=a.device, tau_mode=a.tau_mode)
+                           device=a.device, tau_mode=a.tau_mode, targets=C.parse_targets(a.targets))
         for _ in range(a.steps):
             v.step()
     out = {"variant": a.variant, "peak_rss_mb": C.peak_rss_mb(), "peak_rss_before_variant_mb": rss_lm,

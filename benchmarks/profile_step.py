@@ -8,7 +8,8 @@ steps, summarised as time spent in Python frames of pyro / torch.optim / bora / 
 (cumulative) and the top functions by own time; with ``--torch``, a torch.profiler table of the top
 operators by self CPU time. Pieces of the bora step are also timed separately (``--pieces``): the
 guide alone, the model's prior alone (``sample_adapters`` under the guide's values), the Trace_ELBO
-bookkeeping, the optimiser and the gradient clipping.
+bookkeeping, the optimiser and the gradient clipping; ``--pieces-torch`` profiles that Pyro side
+with torch.profiler.
 """
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ def time_pieces(v: C.BoraStep, n: int) -> dict:
     return res
 
 
+def torch_table_pieces(v: C.BoraStep, n: int = 5) -> str:
+    """torch.profiler operator table of the Pyro side of a bora step alone (guide, prior, log-probs, backward)."""
+    from pyro import poutine
+    from torch.profiler import ProfilerActivity, profile
+
+    guide, model, batch = v.bora.guide, v.model, v.batch
+
+    def piece():
+        tr = poutine.trace(guide).get_trace(batch)
+        with poutine.trace() as tm, poutine.replay(trace=tr):
+            model.sample_adapters()
+        (tm.trace.log_prob_sum() - tr.log_prob_sum()).backward()
+
+    for _ in range(2):
+        piece()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            piece()
+    v.opt.zero_grad(set_to_none=True)
+    return f"({n} repetitions)\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="plain,hand_map,map")
@@ -111,8 +134,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tau-mode", default="learned")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="as in run.py (all7, bora, or a list)")
     ap.add_argument("--torch", action="store_true", help="torch.profiler operator table")
     ap.add_argument("--pieces", action="store_true", help="time the pieces of bora steps separately")
+    ap.add_argument("--pieces-torch", action="store_true",
+                    help="torch.profiler table of the Pyro side of bora steps alone (no LM)")
     ap.add_argument("--no-validation", action="store_true", help="pyro.enable_validation(False) first")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -123,7 +149,8 @@ def main(argv=None):
     lm = C.make_lm(a.preset)
     batch = C.make_batch(lm.config.vocab_size, a.tasks, min(a.distinct, a.tasks), batch_size=a.batch_size,
                          seq_len=a.seq_len)
-    vs = {k: C.make_variant(k, C.shared_copy(lm), batch, a.tasks, tau_mode=a.tau_mode) for k in a.variants.split(",")}
+    vs = {k: C.make_variant(k, C.shared_copy(lm), batch, a.tasks, tau_mode=a.tau_mode, targets=C.parse_targets(a.targets))
+          for k in a.variants.split(",")}
     times = C.interleave({k: v.step for k, v in vs.items()}, warmup=2, repeats=a.repeats)
     summ = C.summarize(times, "plain" if "plain" in vs else None)
     print("== interleaved step times")
@@ -156,6 +183,9 @@ def main(argv=None):
             print(f"== pieces of {k}")
             for n, x in time_pieces(v, 10).items():
                 print(f"  {n:50s} {x:8.2f}")
+        if a.pieces_torch and isinstance(v, C.BoraStep):
+            print(f"== torch.profiler of the Pyro side of {k}")
+            print(torch_table_pieces(v))
 
 
 if __name__ == "__main__":

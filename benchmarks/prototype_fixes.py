@@ -26,7 +26,6 @@ compare task counts in one interleaved run (the mixed-task flatness).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -36,7 +35,6 @@ from contextlib import ExitStack
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import common as C  # noqa: E402
 import pyro  # noqa: E402
@@ -194,15 +192,16 @@ def fuse(v):
     return v
 
 
-def build(kind, lm, batch, T, tau_mode):
+def build(kind, lm, batch, T, tau_mode, targets=C.TARGETS):
     if kind.endswith("_fused"):
-        return fuse(build(kind[: -len("_fused")], lm, batch, T, tau_mode))
+        return fuse(build(kind[: -len("_fused")], lm, batch, T, tau_mode, targets))
     if kind in ("plain", "hand_map", "hand_mf", "map", "meanfield"):
-        return C.make_variant(kind, lm, batch, T, tau_mode=tau_mode)
+        return C.make_variant(kind, lm, batch, T, tau_mode=tau_mode, targets=targets)
     if kind in ("map_noval", "mf_noval"):
-        return NoVal(C.make_variant("map" if kind == "map_noval" else "meanfield", lm, batch, T, tau_mode=tau_mode))
+        return NoVal(C.make_variant("map" if kind == "map_noval" else "meanfield", lm, batch, T, tau_mode=tau_mode,
+                                    targets=targets))
     guide = "map" if kind == "map_fast" else "meanfield"
-    b = C.Bora(C.bora_config(guide, tau_mode=tau_mode), lm, C.Tok(), [f"task{t}" for t in range(T)], 4096)
+    b = C.Bora(C.bora_config(guide, tau_mode=tau_mode, targets=targets), lm, C.Tok(), [f"task{t}" for t in range(T)], 4096)
     fast_prior(b.model)
     target = b.tau.model if b.tau is not None else b.model
     if guide == "map":
@@ -222,6 +221,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--tau-mode", default="learned")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--targets", default="q_proj,v_proj", help="as in run.py (all7, bora, or a list)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     lm = C.make_lm(a.preset)
@@ -230,7 +230,7 @@ def main(argv=None):
         kind, _, t = spec.partition("@")
         T = int(t) if t else a.tasks
         batch = C.make_batch(lm.config.vocab_size, T, min(16, T), seq_len=a.seq_len)
-        vs[spec] = build(kind, C.shared_copy(lm), batch, T, a.tau_mode)
+        vs[spec] = build(kind, C.shared_copy(lm), batch, T, a.tau_mode, C.parse_targets(a.targets))
     ref = "plain" if "plain" in vs else next(iter(vs))
     # same loss as stock (first step from the same init), as a correctness check
     losses = {}

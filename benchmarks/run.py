@@ -65,6 +65,9 @@ def parse(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--top-layers", type=int, default=0, help="adapt only the top k decoder layers (0: all)")
+    ap.add_argument("--targets", default="q_proj,v_proj",
+                    help="adapted modules, comma-separated; 'all7' = q,k,v,o,gate,up,down; 'bora' = AdapterConfig's "
+                         "default (default: q_proj,v_proj, the setting of the issue)")
     ap.add_argument("--tau-mode", default="learned", help="bora prior tau_mode (the default config's 'learned')")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20, help="timed rounds (steps per variant) after warm-up")
@@ -111,6 +114,7 @@ def parse(argv=None):
     if bad:
         ap.error(f"unknown sections {sorted(bad)}")
     a.mixed_repeats = a.mixed_repeats or a.repeats
+    a.targets = C.parse_targets(a.targets)
     return a
 
 
@@ -127,7 +131,8 @@ def section_step(a) -> dict:
         batch = C.make_batch(V, T, min(a.distinct, T), batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
                              device=a.device)
         log(f"step: {T} tasks, building {a.step_variants}")
-        vs = {k: C.make_variant(k, C.shared_copy(lm), batch, T, layers=layers, device=a.device, tau_mode=a.tau_mode)
+        vs = {k: C.make_variant(k, C.shared_copy(lm), batch, T, layers=layers, device=a.device, tau_mode=a.tau_mode,
+                                targets=a.targets)
               for k in a.step_variants.split(",")}
         times = C.interleave({k: v.step for k, v in vs.items()}, warmup=a.warmup, repeats=a.repeats, seed=a.seed,
                              log=log)
@@ -167,7 +172,7 @@ def section_mixed(a) -> dict:
             if T not in boras:
                 log(f"mixed: building bora MAP with {T} tasks")
                 boras[T] = C.make_variant("map", C.shared_copy(lm), batch, T, layers=layers, device=a.device,
-                                          tau_mode=a.tau_mode)
+                                          tau_mode=a.tau_mode, targets=a.targets)
             b = boras[T]
             steps[f"map T={T} d={d}"] = (lambda b=b, batch=batch: b.step(batch))
             cells.append({"name": f"map T={T} d={d}", "tasks": T, "distinct": d, "kind": "map"})
@@ -180,7 +185,8 @@ def section_mixed(a) -> dict:
         batch = C.make_batch(V, T, d, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, device=a.device)
         if T not in loops:
             log(f"mixed: building PEFT with {T} named adapters")
-            loops[T] = C.make_variant("loop", C.shared_copy(lm), batch, T, layers=layers, device=a.device)
+            loops[T] = C.make_variant("loop", C.shared_copy(lm), batch, T, layers=layers, device=a.device,
+                                      targets=a.targets)
         lp = loops[T]
         steps[f"loop T={T} d={d}"] = (lambda lp=lp, batch=batch: lp.step(batch))
         cells.append({"name": f"loop T={T} d={d}", "tasks": T, "distinct": d, "kind": "loop"})
@@ -218,7 +224,8 @@ def section_memory(a) -> dict:
             cmd = [sys.executable, os.path.join(here, "memory.py"), "--variant", v, "--preset", a.preset, "--tasks",
                    str(a.tasks), "--distinct", str(min(a.distinct, a.tasks)), "--batch-size", str(a.batch_size),
                    "--seq-len", str(a.seq_len), "--top-layers", str(a.top_layers), "--steps", str(a.memory_steps),
-                   "--threads", str(a.threads), "--device", a.device, "--tau-mode", a.tau_mode]
+                   "--threads", str(a.threads), "--device", a.device, "--tau-mode", a.tau_mode,
+                   "--targets", ",".join(a.targets)]
             log(f"memory: {v} ({i + 1}/{a.memory_repeats})")
             env = dict(os.environ)
             if a.memory_malloc == "fixed":
@@ -267,7 +274,7 @@ def section_prefix(a) -> dict:
     layers = tuple(range(-a.prefix_top, 0))
     runs = {}
     for cache in (True, False):
-        cfg = C.bora_config("map", layers=layers, tau_mode=a.tau_mode, cache_prefix=cache)
+        cfg = C.bora_config("map", layers=layers, tau_mode=a.tau_mode, cache_prefix=cache, targets=a.targets)
         b = C.Bora(cfg, C.shared_copy(lm), C.Tok(), split.tasks, len(split), device=a.device)
         feed = b.feed(split)
         st = C.BoraStep(None, None, len(split.tasks), "map", bora_obj=b, device=a.device, num_docs=len(split),
@@ -310,7 +317,8 @@ def section_smollm2(a) -> dict:
     T = a.tasks
     batch = C.make_batch(V, T, min(a.distinct, T), batch_size=a.batch_size, seq_len=a.smollm2_seq_len, seed=a.seed,
                          device=a.device)
-    vs = {k: C.make_variant(k, C.shared_copy(lm), batch, T, layers=layers, device=a.device, tau_mode=a.tau_mode)
+    vs = {k: C.make_variant(k, C.shared_copy(lm), batch, T, layers=layers, device=a.device, tau_mode=a.tau_mode,
+                            targets=a.targets)
           for k in a.smollm2_variants.split(",")}
     times = C.interleave({k: v.step for k, v in vs.items()}, warmup=1, repeats=a.smollm2_steps, seed=a.seed, log=log)
     summ = C.summarize(times, "plain" if "plain" in times else None)
@@ -386,7 +394,7 @@ def render(res: dict, a) -> str:
     s.append("## Settings\n")
     s.append(f"Random-init Llama preset `{st['preset']}`: {json.dumps(C.PRESETS[st['preset']])}; "
              f"batch {a.batch_size} x {a.seq_len} tokens (no padding); LoRA rank {C.RANK}, alpha {C.ALPHA:g}, "
-             f"targets {', '.join(C.TARGETS)}, layers {'all' if not a.top_layers else f'top {a.top_layers}'}; "
+             f"targets {', '.join(st.get('targets') or C.TARGETS)}, layers {'all' if not a.top_layers else f'top {a.top_layers}'}; "
              f"AdamW lr {C.LR:g}, weight decay 0, clip {C.CLIP:g}; prior tau_mode `{a.tau_mode}` "
              f"(MAP: the empirical-Bayes tau-conditioned model, as `Bora` builds it); {a.warmup} warm-up rounds, "
              f"{a.repeats} timed rounds; device `{a.device}`.\n")
