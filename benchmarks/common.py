@@ -503,4 +503,13 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import subprocess
+
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src"], capture_output=True, text=True)
+        if head.returncode == 0:
+            info["git"] = head.stdout.strip() + (" (src/ modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
     return info

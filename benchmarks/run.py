@@ -382,7 +382,7 @@ def render(res: dict, a) -> str:
     s.append("")
     s.append("## Machine\n")
     s.append("| | |\n|---|---|")
-    for k in ("cpu_model", "nproc", "sched_affinity", "torch_threads", "mem_total_gb", "gpu", "torch", "pyro",
+    for k in ("git", "cpu_model", "nproc", "sched_affinity", "torch_threads", "mem_total_gb", "gpu", "torch", "pyro",
               "transformers", "peft", "bora", "python", "pyro_validation", "platform"):
         if k in m:
             s.append(f"| {k} | {m[k]} |")
@@ -498,6 +498,12 @@ def render(res: dict, a) -> str:
                  "CUDA-synchronised step times, `torch.cuda.max_memory_allocated` in the memory section) exists but "
                  "has **not been run**: this machine has no GPU.\n")
     here = os.path.dirname(os.path.abspath(a.md))
+    others = sorted(f for f in os.listdir(here) if f.startswith("RESULTS") and f.endswith(".md")
+                    and f != os.path.basename(a.md))
+    if others:
+        s.append("## Other result files\n")
+        s.append("Runs with other settings (their own command and settings inside): "
+                 + ", ".join(f"[{f}]({f})" for f in others) + ".\n")
     if os.path.exists(os.path.join(here, "PROFILE.md")):
         s.append("## Analysis\n")
         s.append("Profiles of the variants and what stands in the way of the unmet goals: see "

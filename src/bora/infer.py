@@ -77,6 +77,14 @@ def _lr_lambda(cfg: FitConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+def _adamw(params, cfg: FitConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where the device has one (one kernel for every task tensor)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _epoch_batches(feed: Feed, cfg: FitConfig, gen: torch.Generator):
     while True:
         yield from batches(feed.split, cfg.batch_size, shuffle=True, generator=gen)
@@ -101,7 +109,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     guide(first)  # sets up the guide's parameters (runs the model once)
     elbo = Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide)
     params = [p for p in guide.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
 
     res = FitResult(tau=tau.as_dict() if tau is not None else None)
@@ -149,7 +157,10 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             t0 = time.perf_counter()
             model.adapters.train(True)
             opt.zero_grad(set_to_none=True)
-            loss = elbo(batch) / n_tokens
+            # Pyro's argument checks run on the first step only: afterwards they would re-check
+            # every element of every adapter tensor on every step for shapes that cannot change.
+            with pyro.validation_enabled(step == 1 and pyro.is_validation_enabled()):
+                loss = elbo(batch) / n_tokens
             loss.backward()
             if cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
