@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import platform
 import sys
@@ -65,7 +64,7 @@ def run(args) -> dict:
     import torch
 
     from bora.api import Bora, load_data
-    from bora.config import BoraConfig, DataConfig, FitConfig, PriorConfig
+    from bora.config import BoraConfig, DataConfig, PriorConfig
     from bora.data import load_documents, split_documents
 
     t_start = time.perf_counter()

@@ -1,7 +1,6 @@
 """Fitting end to end on a tiny model: lower held-out loss, prefix cache, EB tau, save/load."""
 
 import copy
-import json
 
 import pytest
 import torch

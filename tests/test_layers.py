@@ -47,7 +47,6 @@ def test_single_task_matches_peft(make, targets):
         want = pm(input_ids=ids).logits
         with adapters.use(params):  # one adapter, 2-D tensors
             got = lm(input_ids=ids).logits
-        T = 2  # the same adapter as task 1 of 2, via the per-task gather
         per_task = {k: (torch.stack([torch.zeros_like(A), A]), torch.stack([torch.zeros_like(B), B]))
                     for k, (A, B) in params.items()}
         with adapters.use(per_task, torch.ones(3, dtype=torch.long)):

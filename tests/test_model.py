@@ -1,8 +1,6 @@
 """The Pyro model: structure, closed-form log joint, special cases, minibatch scaling, init point."""
 
-import math
 
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch

@@ -32,7 +32,6 @@ complete). peft itself is not needed to export.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError
+from .io import replace_dir
 from .layers import _is_conv1d
 
 __all__ = ["peft_state_dict", "peft_config", "write_peft_adapter", "adapter_estimate", "export_adapters", "ESTIMATES"]
@@ -97,16 +97,6 @@ def peft_config(bora, keys=None) -> dict:
     }
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_into(folder: Path, bora, adapter, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(bora, adapter.keys()), indent=2,
@@ -124,7 +114,7 @@ def write_peft_adapter(bora, adapter: Mapping[str, tuple[torch.Tensor, torch.Ten
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _write_into(tmp, bora, adapter, dict(info or {}))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,7 +200,7 @@ def export_adapters(bora, path, *, task: Optional[str] = None, global_adapter: b
             glob = "_global"
         (tmp / "index.json").write_text(json.dumps({"tasks": index, "global": glob, **info}, indent=2,
                                                    sort_keys=True) + "\n")
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

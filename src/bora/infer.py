@@ -94,7 +94,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         tau: Optional[EmpiricalBayesTau] = None, progress: bool = True) -> FitResult:
     """Optimise ``guide`` for ``model`` (or for ``tau.model`` when tau is estimated by empirical Bayes)."""
     pyro.set_rng_seed(cfg.seed)
-    validate = pyro.distributions.is_validation_enabled()
+    check_args = pyro.distributions.is_validation_enabled()
     gen = torch.Generator().manual_seed(cfg.seed)
     target = tau.model if tau is not None else model
     total = num_steps(cfg, len(train))
@@ -160,7 +160,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             opt.zero_grad(set_to_none=True)
             # Pyro's argument checks run on the first step only: afterwards they would re-check
             # every element of every adapter tensor on every step for shapes that cannot change.
-            with pyro.validation_enabled(validate and step == 1):
+            with pyro.validation_enabled(check_args and step == 1):
                 loss = elbo(batch) / n_tokens
             loss.backward()
             if cfg.clip_norm > 0:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, ConfigError
-from .layers import MultiTaskLoRA, base_shape, is_adaptable
+from .layers import MultiTaskLoRA, is_adaptable
 
 __all__ = ["AdapterSet", "inject_adapters_", "remove_adapters_", "decoder_layers", "num_layers"]
 

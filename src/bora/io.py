@@ -76,6 +76,35 @@ def read_json(path: Path) -> Any:
         raise ConfigError(f"corrupt {path}: {e}") from None
 
 
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the complete folder ``tmp`` to ``path``; an older ``path`` is removed only afterwards."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_fit_files(path) -> tuple[BoraConfig, dict, dict, dict]:
+    """``(config, tasks meta, state, guide tensors)`` of a fit folder, validated; runs no code."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"fit folder not found: {path}")
+    try:
+        config = BoraConfig.from_json((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"not a bora fit folder (missing config.json): {path}") from None
+    meta = read_json(path / "tasks.json")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"unsupported fit format {meta.get('format')!r} in {path}")
+    if not (path / "guide.safetensors").exists():
+        raise ConfigError(f"not a bora fit folder (missing guide.safetensors): {path}")
+    state = read_json(path / "state.json") if (path / "state.json").exists() else {}
+    return config, meta, state, load_file(str(path / "guide.safetensors"))
+
+
 def save_fit(bora, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,13 +118,7 @@ def save_fit(bora, path) -> Path:
         write_json(tmp / "state.json", {"tau": bora.tau.as_dict() if bora.tau is not None else None,
                                         "result": bora.result.to_dict() if bora.result is not None else None})
         write_json(tmp / "metrics.json", bora.metrics)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,27 +130,18 @@ def load_fit(path, *, device=None, lm=None, tokenizer=None):
     from .infer import FitResult
 
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"fit folder not found: {path}")
-    try:
-        config = BoraConfig.from_json((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"not a bora fit folder (missing config.json): {path}") from None
-    meta = read_json(path / "tasks.json")
-    if meta.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"unsupported fit format {meta.get('format')!r} in {path}")
+    config, meta, st, state = read_fit_files(path)
     if lm is None or tokenizer is None:
         from .base import load_base_model
 
         lm, tokenizer = load_base_model(config.model)
     bora = Bora(config, lm, tokenizer, meta["tasks"], meta["num_docs"], device=device,
                 task_sizes=meta.get("task_sizes"))
-    state = load_file(str(path / "guide.safetensors"), device=str(bora.device))
+    state = {k: v.to(bora.device) for k, v in state.items()}
     missing, unexpected = bora.guide.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"guide parameters in {path} do not match the config "
                           f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    st = read_json(path / "state.json")
     if bora.tau is not None and st.get("tau"):
         bora.tau.load_(st["tau"])
     if st.get("result"):

@@ -55,10 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import biject_to, transform_to
 
-from .config import BoraConfig, ConfigError
+from .config import ConfigError
 from .data import TokenizedSplit, batches, tokenize_split
 from .evaluate import doc_loglik, summarize
 from .feed import Feed
+from .io import read_fit_files
 from .metrics import TokenMetrics, entropy, log_mean_exp
 
 __all__ = ["Posterior", "evaluate_posterior", "token_log_probs", "fit_new_task", "warm_start_", "sample_seed"]
@@ -498,25 +499,6 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
 
 
 # ---------------------------------------------------------------------- warm start
-def _read_fit(path: Path) -> tuple[BoraConfig, dict, dict, dict]:
-    from safetensors.torch import load_file
-
-    from .io import read_json
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"fit folder not found: {path}")
-    try:
-        config = BoraConfig.from_json((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"not a bora fit folder (missing config.json): {path}") from None
-    meta = read_json(path / "tasks.json")
-    state = read_json(path / "state.json") if (path / "state.json").exists() else {}
-    if not (path / "guide.safetensors").exists():
-        raise ConfigError(f"not a bora fit folder (missing guide.safetensors): {path}")
-    return config, meta, state, load_file(str(path / "guide.safetensors"))
-
-
 def warm_start_(bora, source) -> dict:
     """Initialise ``bora``'s guide at the estimates of the saved fit in folder ``source``.
 
@@ -529,7 +511,7 @@ def warm_start_(bora, source) -> dict:
     'shared' source's global adapter, the global adapter as the mean of an 'independent' source's
     task adapters) and otherwise keep their initial value. Returns ``{"copied": [...], "derived":
     [...], "kept": [...]}`` (site names)."""
-    config, meta, state, tensors = _read_fit(Path(source))
+    config, meta, state, tensors = read_fit_files(Path(source))
     mine = bora.config
     if config.model != mine.model:
         raise ConfigError(f"--init-from fit uses base model {config.model!r}, this fit {mine.model!r}")
