@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig
+from .distributions import IsotropicNormal
 from .inject import AdapterSet
 from .prefix import FrozenPrefix
 
@@ -138,8 +139,8 @@ class BoraModel:
         if self.has_global:
             for k, (sa, sb) in self.shapes.items():
                 n = site_names(k)
-                GA = pyro.sample(n["GA"], dist.Normal(self._zeros(sa), s).to_event(2))
-                GB = pyro.sample(n["GB"], dist.Normal(self._zeros(sb), s).to_event(2))
+                GA = pyro.sample(n["GA"], IsotropicNormal(self._zeros(sa), s))
+                GB = pyro.sample(n["GB"], IsotropicNormal(self._zeros(sb), s))
                 glob[k] = (GA, GB)
         if not self.has_tasks:
             return glob
@@ -150,14 +151,14 @@ class BoraModel:
             for k, (sa, sb) in self.shapes.items():
                 n = site_names(k)
                 if tau is None:  # independent: no coupling
-                    dA = dist.Normal(self._zeros((T, *sa)), s)
-                    dB = dist.Normal(self._zeros((T, *sb)), s)
+                    dA = IsotropicNormal(self._zeros((T, *sa)), s)
+                    dB = IsotropicNormal(self._zeros((T, *sb)), s)
                 else:
                     scale = tau[k].rsqrt()
                     GA, GB = glob[k]
-                    dA = dist.Normal(GA.expand(T, *sa), scale)
-                    dB = dist.Normal(GB.expand(T, *sb), scale)
-                out[k] = (pyro.sample(n["TA"], dA.to_event(2)), pyro.sample(n["TB"], dB.to_event(2)))
+                    dA = IsotropicNormal(GA.expand(T, *sa), scale)
+                    dB = IsotropicNormal(GB.expand(T, *sb), scale)
+                out[k] = (pyro.sample(n["TA"], dA), pyro.sample(n["TB"], dB))
         return out
 
     # ----------------------------------------------------------------- likelihood

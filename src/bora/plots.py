@@ -86,10 +86,16 @@ def shrinkage_vs_size(tasks: Sequence[str], sizes: Sequence[float], mean: Sequen
                     ecolor="C0", alpha=0.5, capsize=2)
     ax.scatter(x, m, color="C0", zorder=3)
     for xi, yi, t in zip(x, m, tasks):
-        ax.annotate(str(t), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(str(t).rsplit("/", 1)[-1], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if np.all(x > 0):
         ax.set_xscale("log")
-    ax.set_ylim(-0.03, 1.03)
+    ylo = np.nanmin(np.asarray(lo, dtype=float)) if lo is not None else np.nanmin(m)
+    yhi = np.nanmax(np.asarray(hi, dtype=float)) if hi is not None else np.nanmax(m)
+    if np.isfinite(ylo) and np.isfinite(yhi) and yhi - ylo < 0.2:  # zoom in on a narrow band
+        pad = 0.15 * (yhi - ylo) + 1e-4
+        ax.set_ylim(max(-0.03, ylo - pad), min(1.03, yhi + pad))
+    else:
+        ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("shrinkage λ")
     r = "n/a" if rho is None or not math.isfinite(rho) else f"{rho:+.2f}"
