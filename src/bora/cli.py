@@ -263,6 +263,8 @@ def _cmd_fit(args, argv) -> int:
 def _cmd_evaluate(args) -> int:
     from .api import Bora, load_data
 
+    if args.samples < 1 or args.batch_size < 1:
+        raise ConfigError("--samples and --batch-size must be >= 1")
     bora = Bora.load(args.fit_dir, device=args.device)
     data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
     split = data[args.split]
@@ -275,8 +277,6 @@ def _cmd_evaluate(args) -> int:
     print(format_table(base, fitted, title=args.split))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
-    if args.samples < 1 or args.batch_size < 1:
-        raise ConfigError("--samples and --batch-size must be >= 1")
     post = bora.posterior(args.samples, seed=args.seed)
     res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet)
     print()
