@@ -171,6 +171,15 @@ class Variant:
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def _finish_step(self, loss) -> None:
+        """backward, clip, optimiser and schedule step, device sync: the same tail for every variant."""
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.opt.step()
+        self.sched.step()
+        sync(self.device)
+        self.last_loss = float(loss.detach())
+
     def step(self) -> None:
         raise NotImplementedError
 
@@ -198,12 +207,7 @@ class Plain(Variant):
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device):
             loss = token_nll_sum(self.inner, self.batch) / self.ntok
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        self.opt.step()
-        self.sched.step()
-        sync(self.device)
-        self.last_loss = float(loss.detach())
+        self._finish_step(loss)
 
 
 class Loop(Variant):
@@ -364,12 +368,7 @@ class Hand(Variant):
     def step(self):
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        self.opt.step()
-        self.sched.step()
-        sync(self.device)
-        self.last_loss = float(loss.detach())
+        self._finish_step(loss)
 
 
 def make_variant(kind: str, lm, batch, num_tasks, *, layers=None, device="cpu", tau_mode="learned",

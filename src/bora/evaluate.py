@@ -17,7 +17,7 @@ task counts once); ``ppl_token`` weights every token equally.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -62,12 +62,8 @@ def summarize(doc_nll: torch.Tensor, doc_tokens: torch.Tensor, task_ids: torch.T
     }
 
 
-def evaluate(model, params, feed: Feed, batch_size: int = 32, *, was_training: Optional[bool] = None) -> dict:
-    """``summarize`` of ``feed``'s split under ``params`` (``None``: the base model), dropout off."""
+def evaluate(model, params, feed: Feed, batch_size: int = 32) -> dict:
+    """``summarize`` of ``feed``'s split under ``params`` (``None``: the base model), adapter dropout off."""
     model.adapters.train(False)
-    try:
-        ll, toks = doc_loglik(model, params, feed, batch_size)
-    finally:
-        if was_training:
-            model.adapters.train(True)
+    ll, toks = doc_loglik(model, params, feed, batch_size)
     return summarize(-ll, toks, feed.split.task_ids, feed.split.tasks)

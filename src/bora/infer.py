@@ -125,7 +125,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                  "lr": opt.param_groups[0]["lr"], "time": time.perf_counter() - t_start}
         improved = True
         if val is not None:
-            s = evaluate(model, model.params_from_values(point), val, was_training=False)
+            s = evaluate(model, model.params_from_values(point), val)
             entry["val_nll"] = s["overall"]["nll_task_mean"]
             entry["val_ppl"] = s["overall"]["ppl_task_mean"]
             entry["val_ppl_per_task"] = {k: v["ppl"] for k, v in s["per_task"].items()}
