@@ -17,10 +17,12 @@ from conftest import task_data, tiny_llama
 T = 3
 
 
-def build(mode="fixed", tau=50.0, per_module=False, n_docs=42, layers=None):
+def build(mode="fixed", tau=50.0, per_module=False, n_docs=42, layers=None, hierarchy="B",
+          parameterisation="noncentred"):
     lm = tiny_llama()
     adapters = inject_adapters_(lm, AdapterConfig(rank=2, targets=("q_proj", "v_proj"), layers=layers))
-    prior = PriorConfig(tau_mode=mode, tau=tau, tau_per_module=per_module, global_scale=0.7)
+    prior = PriorConfig(tau_mode=mode, tau=tau, tau_per_module=per_module, global_scale=0.7, hierarchy=hierarchy,
+                        parameterisation=parameterisation)
     return BoraModel(lm, adapters, ("a", "b", "c"), n_docs, prior)
 
 
@@ -29,25 +31,27 @@ def batch_of(split, idx):
 
 
 def random_values(model, scale=0.1, seed=0):
+    """Natural-coordinate values of every adapter site (and tau = 7 when learned)."""
     g = torch.Generator().manual_seed(seed)
     vals = {}
-    for k, (sa, sb) in model.shapes.items():
+    for k, shapes in model.shapes.items():
         n = site_names(k)
+        if model.has_global or model.shared_A:
+            vals[n["GA"]] = torch.randn(shapes[0], generator=g) * scale
         if model.has_global:
-            vals[n["GA"]] = torch.randn(sa, generator=g) * scale
-            vals[n["GB"]] = torch.randn(sb, generator=g) * scale
-        if model.has_tasks:
-            vals[n["TA"]] = torch.randn(T, *sa, generator=g) * scale
-            vals[n["TB"]] = torch.randn(T, *sb, generator=g) * scale
+            vals[n["GB"]] = torch.randn(shapes[1], generator=g) * scale
+        for i, site, _ in model.task_sites(k):
+            vals[site] = torch.randn(T, *shapes[i], generator=g) * scale
     for name in model.tau_groups():
         vals[name] = torch.tensor(7.0)
     return vals
 
 
+@pytest.mark.parametrize("hierarchy", ["B", "AB"])
 @pytest.mark.parametrize("mode", ["fixed", "learned", "independent", "shared"])
-def test_log_joint_equals_closed_form(mode):
+def test_log_joint_equals_closed_form(mode, hierarchy):
     split = task_data()
-    model = build(mode, n_docs=len(split))
+    model = build(mode, n_docs=len(split), hierarchy=hierarchy, parameterisation="centred")
     vals = random_values(model)
     b = batch_of(split, [0, 5, 30, 40])
     tr = poutine.trace(poutine.condition(model, data=vals)).get_trace(b)
@@ -56,13 +60,14 @@ def test_log_joint_equals_closed_form(mode):
     want = torch.tensor(0.0)
     for k in model.shapes:
         n = site_names(k)
-        for g_, t_ in (("GA", "TA"), ("GB", "TB")):
-            if mode != "independent":
+        for i, (g_, t_) in enumerate((("GA", "TA"), ("GB", "TB"))):
+            task_level = hierarchy == "AB" or i == 1
+            if mode != "independent" or (i == 0 and hierarchy == "B"):
                 want = want + dist.Normal(0.0, s).log_prob(vals[n[g_]]).sum()
-            if mode in ("fixed", "learned"):
+            if mode in ("fixed", "learned") and task_level:
                 t = 7.0 if mode == "learned" else tau
                 want = want + dist.Normal(vals[n[g_]], t ** -0.5).log_prob(vals[n[t_]]).sum()
-            if mode == "independent":
+            if mode == "independent" and task_level:
                 want = want + dist.Normal(0.0, s).log_prob(vals[n[t_]]).sum()
     if mode == "learned":
         want = want + dist.Gamma(1.0, 1e-4).log_prob(torch.tensor(7.0))
@@ -73,29 +78,62 @@ def test_log_joint_equals_closed_form(mode):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("per_module", [False, True])
-def test_trace_structure(per_module):
+@pytest.mark.parametrize("hierarchy", ["B", "AB"])
+def test_noncentred_is_the_same_model_up_to_the_jacobian(hierarchy):
+    """theta_t = Theta + tau^-1/2 z_t: the same adapters and likelihood, density in z-coordinates =
+    density in theta-coordinates - (D/2) log tau (D task-level coordinates)."""
     split = task_data()
-    model = build("learned", per_module=per_module, n_docs=len(split))
+    b = batch_of(split, [0, 5, 30, 40])
+    cen = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="centred")
+    non = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="noncentred")
+    vals = random_values(cen)
+    zvals = {k: v for k, v in vals.items() if not k.startswith("theta_")}
+    D = 0
+    for k in non.shapes:
+        for _, site, glob in non.task_sites(k):
+            zvals[site + "_decentered"] = (vals[site] - vals[glob]) * 50.0 ** 0.5
+            D += vals[site].numel()
+    full = non.complete(zvals)
+    for k in non.shapes:
+        for _, site, _ in non.task_sites(k):
+            torch.testing.assert_close(full[site], vals[site])
+    lp_c = poutine.trace(poutine.condition(cen, data=vals)).get_trace(b).log_prob_sum()
+    lp_n = poutine.trace(poutine.condition(non, data=zvals)).get_trace(b).log_prob_sum()
+    torch.testing.assert_close(lp_n, lp_c - 0.5 * D * torch.log(torch.tensor(50.0)), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("parameterisation", ["noncentred", "centred"])
+@pytest.mark.parametrize("hierarchy", ["B", "AB"])
+@pytest.mark.parametrize("per_module", [False, True])
+def test_trace_structure(per_module, hierarchy, parameterisation):
+    split = task_data()
+    model = build("learned", per_module=per_module, n_docs=len(split), hierarchy=hierarchy,
+                  parameterisation=parameterisation)
     tr = poutine.trace(model).get_trace(batch_of(split, [0, 1]))
+    seen = set()
     for name, node in tr.nodes.items():
         if node["type"] != "sample":
             continue
         plates = {f.name for f in node["cond_indep_stack"]}
+        seen.add(name.partition(":")[0])
         if name.startswith("Theta_") or name.startswith("tau"):
             assert plates == set(), name
             assert node["fn"].batch_shape == ()
         elif name.startswith("theta_"):
             assert plates == {"tasks"} and node["value"].shape[0] == T
+            # the latent is z (non-centred) or theta itself (centred); theta is then a deterministic site
+            assert name.endswith("_decentered") == (parameterisation == "noncentred") or node["is_observed"]
         elif name == "loglik":
             assert plates == {"data"}
+    assert ("theta_A" in seen) == (hierarchy == "AB") and "theta_B" in seen
     taus = [n for n in tr.nodes if n.startswith("tau")]
     assert len(taus) == (len(model.shapes) if per_module else 1)
 
 
-def test_shared_uses_one_adapter_and_independent_is_uncoupled():
+@pytest.mark.parametrize("hierarchy", ["B", "AB"])
+def test_shared_uses_one_adapter_and_independent_is_uncoupled(hierarchy):
     split = task_data()
-    shared = build("shared", n_docs=len(split))
+    shared = build("shared", n_docs=len(split), hierarchy=hierarchy)
     tr = poutine.trace(shared).get_trace(batch_of(split, [0]))
     assert not any(n.startswith("theta_") for n in tr.nodes)
     params = shared.params_from_values(random_values(shared))
@@ -105,12 +143,13 @@ def test_shared_uses_one_adapter_and_independent_is_uncoupled():
         ll = shared.loglik(b, params)
     assert torch.allclose(ll, ll[0].expand(3))  # every task sees the same adapter
 
-    ind = build("independent", n_docs=len(split))
+    ind = build("independent", n_docs=len(split), hierarchy=hierarchy)
     tr = poutine.trace(ind).get_trace(batch_of(split, [0]))
-    assert not any(n.startswith("Theta_") for n in tr.nodes)
+    assert not any(n.startswith("Theta_B") for n in tr.nodes)
+    assert any(n.startswith("Theta_A") for n in tr.nodes) == (hierarchy == "B")  # the shared A
     # no coupling: the prior's gradient for task 0 ignores task 1's adapter entirely
     vals = random_values(ind)
-    key = site_names(next(iter(ind.shapes)))["TA"]
+    key = site_names(next(iter(ind.shapes)))["TB"]
 
     def grad_task0(v):
         v = {k: x.clone().requires_grad_(k == key) for k, x in v.items()}
@@ -122,8 +161,24 @@ def test_shared_uses_one_adapter_and_independent_is_uncoupled():
     vals[key][1] += 5.0
     torch.testing.assert_close(grad_task0(vals), g1)
     # while a finite tau couples task 0 to the others through the global adapter's posterior
-    fixed = build("fixed", n_docs=len(split))
-    assert any(n.startswith("Theta_") for n in poutine.trace(fixed).get_trace(batch_of(split, [0])).nodes)
+    fixed = build("fixed", n_docs=len(split), hierarchy=hierarchy)
+    assert any(n.startswith("Theta_B") for n in poutine.trace(fixed).get_trace(batch_of(split, [0])).nodes)
+
+
+def test_shared_A_has_orthonormal_rows_and_tau_is_gauge_free():
+    """hierarchy='B': A -> cA changes no adapter (so no learned tau); ||Delta W_t - Delta W|| = ||B_t - Theta_B||."""
+    split = task_data()
+    model = build("fixed", n_docs=len(split), parameterisation="centred")
+    vals = random_values(model)
+    scaled = {k: (3.0 * v if k.startswith("Theta_A") else v) for k, v in vals.items()}
+    p1, p2 = model.params_from_values(vals), model.params_from_values(scaled)
+    glob = model.global_from_values(vals)
+    for k in p1:
+        torch.testing.assert_close(p1[k][0], p2[k][0])
+        A = p1[k][0][0]
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0]), atol=1e-5, rtol=0)
+        dW = torch.einsum("tor,ri->toi", p1[k][1] - glob[k][1], A)
+        torch.testing.assert_close(dW.square().sum(), (p1[k][1] - glob[k][1]).square().sum(), rtol=1e-4, atol=1e-6)
 
 
 def test_minibatch_loglik_is_unbiased():
@@ -146,11 +201,12 @@ def test_minibatch_loglik_is_unbiased():
     assert max(estimates) - min(estimates) > 1e-3  # they are genuinely noisy estimates
 
 
+@pytest.mark.parametrize("hierarchy", ["B", "AB"])
 @pytest.mark.parametrize("kind", ["map", "meanfield"])
 @pytest.mark.parametrize("mode", ["fixed", "independent", "shared"])
-def test_step_zero_is_the_base_model(kind, mode):
+def test_step_zero_is_the_base_model(kind, mode, hierarchy):
     split = task_data()
-    model = build(mode, n_docs=len(split))
+    model = build(mode, n_docs=len(split), hierarchy=hierarchy)
     guide = make_guide(model, kind)
     b = batch_of(split, range(len(split)))
     guide(b)
@@ -165,6 +221,6 @@ def test_step_zero_is_the_base_model(kind, mode):
             assert torch.equal(A[0], A[-1])
     if kind == "meanfield":  # sampled adapters start near the base model
         with torch.no_grad():
-            sampled = model.params_from_values(guide())
+            sampled = model.params_from_values(guide())  # latent values: completed inside
             ll = model.loglik(b, sampled)
         assert (ll - base).abs().max() < 1e-2 * base.abs().max()

@@ -130,7 +130,7 @@ class Bora:
     # ------------------------------------------------------------------ estimates
     def point(self) -> dict[str, torch.Tensor]:
         """Point estimate of every latent site (MAP, or the posterior median for mean-field)."""
-        return point_values(self.guide)
+        return self.model.complete({**point_values(self.guide), **(self.tau.values if self.tau is not None else {})})
 
     def params(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-task adapter tensors ``key -> (A [T, r, in], B [T, out, r])`` (``[r, in]``/``[out, r]`` if shared)."""

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import AdapterConfig, BoraConfig, ConfigError, DataConfig, FitConfig, PriorConfig
+from .config import (HIERARCHIES, PARAMETERISATIONS, AdapterConfig, BoraConfig, ConfigError, DataConfig, FitConfig,
+                     PriorConfig)
 
 __all__ = ["main", "build_parser", "config_from_args", "format_table", "format_posterior_table"]
 
@@ -42,6 +43,8 @@ _FLAGS = {
     "tau_shape": (PriorConfig, "tau_shape", float),
     "tau_rate": (PriorConfig, "tau_rate", float),
     "global_scale": (PriorConfig, "global_scale", float),
+    "hierarchy": (PriorConfig, "hierarchy", str),
+    "parameterisation": (PriorConfig, "parameterisation", str),
     "guide": (FitConfig, "guide", str),
     "epochs": (FitConfig, "epochs", float),
     "steps": (FitConfig, "steps", int),
@@ -94,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = ["fixed", "learned", "independent", "shared"]
         if name == "guide":
             kw["choices"] = ["map", "meanfield"]
+        if name == "hierarchy":
+            kw["choices"] = list(HIERARCHIES)
+        if name == "parameterisation":
+            kw["choices"] = list(PARAMETERISATIONS)
         f.add_argument("--" + flag.replace("_", "-"), **kw)
     f.add_argument("--tau-per-module", action="store_true", help=PriorConfig.help("tau_per_module"))
     f.add_argument("--no-cache-prefix", action="store_true", help="Do not cache the frozen lower layers.")

@@ -28,10 +28,14 @@ __all__ = [
     "BoraConfig",
     "TAU_MODES",
     "GUIDES",
+    "HIERARCHIES",
+    "PARAMETERISATIONS",
 ]
 
 TAU_MODES = ("fixed", "learned", "independent", "shared")
 GUIDES = ("map", "meanfield")
+HIERARCHIES = ("B", "AB")
+PARAMETERISATIONS = ("noncentred", "centred")
 
 
 class ConfigError(ValueError):
@@ -161,6 +165,19 @@ class PriorConfig(_JsonConfig):
     tau_per_module: bool = _f(False, "Learn one tau per adapted module instead of one scalar.")
     tau_shape: float = _f(1.0, "Shape a of the Gamma(a, b) hyperprior on tau ('learned').")
     tau_rate: float = _f(1e-4, "Rate b of the Gamma(a, b) hyperprior on tau ('learned').")
+    hierarchy: str = _f(
+        "B",
+        "Which LoRA factors are task-level: 'B' (one global A per module with orthonormal rows, shared by "
+        "every task; task adapters B_t ~ Normal(Theta_B, tau^-1/2), so tau is the precision of a task's "
+        "weight change around the global one) or 'AB' (A_t and B_t both task-level; tau is then not "
+        "identifiable: A -> cA, B -> B/c changes it).",
+    )
+    parameterisation: str = _f(
+        "noncentred",
+        "How task sites are parameterised for inference (same joint density): 'noncentred' "
+        "(theta_t = Theta + tau^-1/2 z_t, z_t ~ Normal(0, 1): well conditioned for any tau) or 'centred' "
+        "(theta_t sampled directly).",
+    )
     global_scale: float = _f(
         1.0, "Standard deviation of the Normal(0, s) hyperprior on the global adapter (and, for "
         "'independent', on each task adapter)."
@@ -171,6 +188,9 @@ class PriorConfig(_JsonConfig):
         _check(math.isfinite(self.tau) and self.tau > 0, f"tau must be a finite positive number, got {self.tau!r} "
                "(use tau_mode='independent' or 'shared' for the limits)")
         _check(self.tau_shape > 0 and self.tau_rate > 0, "tau_shape and tau_rate must be > 0")
+        _check(self.hierarchy in HIERARCHIES, f"hierarchy must be one of {HIERARCHIES}, got {self.hierarchy!r}")
+        _check(self.parameterisation in PARAMETERISATIONS,
+               f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
         _check(self.global_scale > 0, f"global_scale must be > 0, got {self.global_scale!r}")
 
 

@@ -311,7 +311,7 @@ def _draw_site_values(bora, draws: int, seed: int, progress: bool):
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
         for _ in tqdm(range(draws), desc="posterior draws", disable=not progress, leave=False):
-            values = {k: v.detach() for k, v in bora.guide().items()}
+            values = bora.model.complete({k: v.detach() for k, v in bora.guide().items()})
             taus = {name: float(values[name]) for name in model.tau_groups() if name in values}
             yield values, (taus or fallback)
 

@@ -96,6 +96,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     pyro.set_rng_seed(cfg.seed)
     check_args = pyro.distributions.is_validation_enabled()
     gen = torch.Generator().manual_seed(cfg.seed)
+    # the Fisher subsample has its own stream: learned- and fixed-tau fits see the same minibatches
+    fisher_gen = torch.Generator().manual_seed(cfg.seed + 0x5F15)
     target = tau.model if tau is not None else model
     total = num_steps(cfg, len(train))
     per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
@@ -120,7 +122,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
 
     def validate(step: int, train_loss: float, train_nll: float) -> bool:
         nonlocal best_state, bad
-        point = point_values(guide)
+        point = model.complete({**point_values(guide), **(tau.values if tau is not None else {})})
+        trained_tau = tau.as_dict() if tau is not None else None  # the tau this point was fitted under
         entry = {"step": step, "epoch": step / per_epoch, "train_loss": train_loss, "train_nll": train_nll,
                  "lr": opt.param_groups[0]["lr"], "time": time.perf_counter() - t_start}
         improved = True
@@ -132,18 +135,18 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             improved = not (entry["val_nll"] >= res.best_val_nll - 1e-6)  # nan-safe
             if improved:
                 res.best_val_nll, res.best_step = entry["val_nll"], step
-        if tau is not None:
-            if step > 0:
-                tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
-                                 generator=gen)
-                tau.update_(point, tf)
-            entry["tau"] = tau.as_dict()
         if improved:
-            best_state = ({k: v.detach().clone() for k, v in guide.state_dict().items()},
-                          tau.as_dict() if tau is not None else None)
+            best_state = ({k: v.detach().clone() for k, v in guide.state_dict().items()}, trained_tau)
             bad = 0
         elif step > 0:
             bad += 1
+        if tau is not None:
+            entry["tau_trained"] = trained_tau
+            if step > 0:
+                tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
+                                 generator=fisher_gen)
+                entry["log_evidence"] = tau.update_(point, tf, guide=guide, optimizer=opt)
+            entry["tau"] = tau.as_dict()
         res.history.append(entry)
         return cfg.patience > 0 and bad >= cfg.patience
 

@@ -38,6 +38,8 @@ from typing import Mapping, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
+from pyro.infer.reparam import LocScaleReparam
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,7 @@ from .distributions import IsotropicNormal
 from .inject import AdapterSet
 from .prefix import FrozenPrefix
 
-__all__ = ["BoraModel", "Params", "site_names"]
+__all__ = ["BoraModel", "Params", "site_names", "orthonormal_rows"]
 
 Params = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -98,11 +100,33 @@ class BoraModel:
 
     @property
     def has_global(self) -> bool:
+        """Whether a global ``Theta_B`` exists (every coupling but 'independent')."""
         return self.prior.tau_mode != "independent"
 
     @property
     def has_tasks(self) -> bool:
         return self.prior.tau_mode != "shared"
+
+    @property
+    def shared_A(self) -> bool:
+        """``hierarchy='B'``: one global ``A`` per module (orthonormal rows) shared by every task."""
+        return self.prior.hierarchy == "B"
+
+    @property
+    def noncentred(self) -> bool:
+        return self.prior.parameterisation == "noncentred" and self.prior.tau_mode in ("fixed", "learned")
+
+    def task_factors(self) -> tuple[int, ...]:
+        """Which adapter factors are task-level: ``(1,)`` (B only) or ``(0, 1)`` (A and B)."""
+        return (1,) if self.shared_A else (0, 1)
+
+    def task_sites(self, key: str) -> list[tuple[int, str, str]]:
+        """``(factor, task site, global site)`` of every task-level factor of adapter ``key``
+        (factor 0 is ``A``, 1 is ``B``); empty when the tasks share one adapter."""
+        if not self.has_tasks:
+            return []
+        n = site_names(key)
+        return [(i, n["TA" if i == 0 else "TB"], n["GA" if i == 0 else "GB"]) for i in self.task_factors()]
 
     def tau_groups(self) -> dict[str, list[str]]:
         """``tau site name -> adapter keys`` it governs (empty unless tau_mode is 'learned')."""
@@ -131,34 +155,44 @@ class BoraModel:
                 out[k] = t
         return out
 
+    def reparam_config(self) -> dict:
+        """Pyro reparameterisers of the task sites: non-centred ``theta_t = Theta + tau^-1/2 z_t`` with
+        ``z_t ~ Normal(0, 1)`` (site ``<name>_decentered``), or none for the centred form."""
+        if not self.noncentred:
+            return {}
+        return {site: LocScaleReparam(centered=0.0) for k in self.shapes for _, site, _ in self.task_sites(k)}
+
     def sample_adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Sample every adapter site; returns ``key -> (A, B)`` with a leading task dim (or none when shared)."""
+        """Sample every adapter site; returns ``key -> (A, B)`` with a leading task dim on the task-level
+        factors (a shared ``A`` is ``[r, in]``; every factor is 2-D when tasks share one adapter)."""
+        with poutine.reparam(config=self.reparam_config()):
+            return self._sample_adapters()
+
+    def _sample_adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         P = self.prior
         s = P.global_scale
         glob = {}
-        if self.has_global:
-            for k, (sa, sb) in self.shapes.items():
-                n = site_names(k)
-                GA = pyro.sample(n["GA"], IsotropicNormal(self._zeros(sa), s))
-                GB = pyro.sample(n["GB"], IsotropicNormal(self._zeros(sb), s))
-                glob[k] = (GA, GB)
+        for k, (sa, sb) in self.shapes.items():
+            n = site_names(k)
+            GA = (pyro.sample(n["GA"], IsotropicNormal(self._zeros(sa), s))
+                  if self.has_global or self.shared_A else None)
+            GB = pyro.sample(n["GB"], IsotropicNormal(self._zeros(sb), s)) if self.has_global else None
+            glob[k] = (orthonormal_rows(GA) if self.shared_A else GA, GB)
         if not self.has_tasks:
             return glob
         tau = self._tau() if P.tau_mode in ("fixed", "learned") else None
         T = self.num_tasks
         out = {}
         with pyro.plate("tasks", T, dim=-1):
-            for k, (sa, sb) in self.shapes.items():
-                n = site_names(k)
-                if tau is None:  # independent: no coupling
-                    dA = IsotropicNormal(self._zeros((T, *sa)), s)
-                    dB = IsotropicNormal(self._zeros((T, *sb)), s)
-                else:
-                    scale = tau[k].rsqrt()
-                    GA, GB = glob[k]
-                    dA = IsotropicNormal(GA.expand(T, *sa), scale)
-                    dB = IsotropicNormal(GB.expand(T, *sb), scale)
-                out[k] = (pyro.sample(n["TA"], dA), pyro.sample(n["TB"], dB))
+            for k, shapes in self.shapes.items():
+                pair = list(glob[k])
+                for i, site, _ in self.task_sites(k):
+                    if tau is None:  # independent: no coupling
+                        d = IsotropicNormal(self._zeros((T, *shapes[i])), s)
+                    else:
+                        d = IsotropicNormal(glob[k][i].expand(T, *shapes[i]), tau[k].rsqrt())
+                    pair[i] = pyro.sample(site, d)
+                out[k] = tuple(pair)
         return out
 
     # ----------------------------------------------------------------- likelihood
@@ -219,6 +253,8 @@ class BoraModel:
         """``init_loc_fn`` for autoguides: shared random A, zero B, tau at its configured value."""
         name = site["name"]
         kind, _, key = name.partition(":")
+        if name.endswith("_decentered"):  # non-centred z_t = 0: every task starts at the global adapter
+            return torch.zeros(site["fn"].shape(), device=self.device)
         if kind == "Theta_A":
             return self.init_A[key].clone()
         if kind == "theta_A":
@@ -229,18 +265,60 @@ class BoraModel:
             return torch.tensor(float(self.prior.tau), device=self.device)
         raise KeyError(f"unknown site {name}")
 
+    def complete(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every adapter site's value in natural coordinates from a guide's latent values.
+
+        ``values`` holds the guide's sites (for the non-centred form ``theta_B:<m>_decentered``, not
+        ``theta_B:<m>``) plus tau when it is learned; the result adds the task adapters ``theta_*``
+        (``Theta + tau^-1/2 z``). Costs no LM pass."""
+        if not self.noncentred or all(site in values for k in self.shapes for _, site, _ in self.task_sites(k)):
+            return dict(values)
+        missing = [n for n in self.tau_groups() if n not in values]
+        if missing:
+            raise KeyError(f"values lack the tau site(s) {missing}")
+        tr = poutine.trace(poutine.condition(self.sample_adapters, data=dict(values))).get_trace()
+        out = dict(values)
+        out.update({name: node["value"] for name, node in tr.nodes.items() if node["type"] == "sample"})
+        return out
+
     def params_from_values(self, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Adapter tensors from a dict of site values (e.g. a guide's median)."""
+        """Adapter tensors ``key -> (A [T, r, in], B [T, out, r])`` from site values (e.g. a guide's median);
+        ``[r, in]`` / ``[out, r]`` when the tasks share one adapter. A shared ``A`` is expanded (a view)."""
+        values = self.complete(values)
         out = {}
         for k in self.shapes:
             n = site_names(k)
-            if self.has_tasks:
-                out[k] = (values[n["TA"]], values[n["TB"]])
-            else:
-                out[k] = (values[n["GA"]], values[n["GB"]])
+            if not self.has_tasks:
+                out[k] = (self._A_of(values[n["GA"]]), values[n["GB"]])
+                continue
+            B = values[n["TB"]]
+            A = (self._A_of(values[n["GA"]]).expand(B.shape[0], -1, -1) if self.shared_A else values[n["TA"]])
+            out[k] = (A, B)
         return out
 
+    def _A_of(self, value: torch.Tensor) -> torch.Tensor:
+        return orthonormal_rows(value) if self.shared_A else value
+
     def global_from_values(self, values: Mapping[str, torch.Tensor]) -> Optional[dict]:
+        """The global adapter ``key -> (A, B)`` (``None`` for 'independent', which has no global ``B``)."""
         if not self.has_global:
             return None
-        return {k: (values[site_names(k)["GA"]], values[site_names(k)["GB"]]) for k in self.shapes}
+        return {k: (self._A_of(values[site_names(k)["GA"]]), values[site_names(k)["GB"]]) for k in self.shapes}
+
+
+def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
+    """``A [r, in]`` with its rows orthonormalised (Gram-Schmidt order, a smooth function of ``A``).
+
+    Used for the shared ``A`` of ``hierarchy='B'``: then ``||(B_t - Theta_B) A||_F = ||B_t - Theta_B||_F``, so
+    tau is the precision of a task's weight change ``Delta W_t`` around the global one, whatever scale
+    ``A`` has (``A -> cA`` changes nothing).
+
+    >>> A = torch.randn(3, 7)
+    >>> Q = orthonormal_rows(A)
+    >>> torch.allclose(Q @ Q.T, torch.eye(3), atol=1e-5), torch.allclose(orthonormal_rows(5 * A), Q, atol=1e-5)
+    (True, True)
+    """
+    Q, R = torch.linalg.qr(A.transpose(-1, -2))
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (Q * sign.unsqueeze(-2)).transpose(-1, -2)

@@ -128,7 +128,7 @@ class Posterior:
                 self._values[k] = self.bora.point()
             else:
                 with _seeded(self.bora.device, sample_seed(self.seed, k)), torch.no_grad():
-                    self._values[k] = {n: v.detach() for n, v in self.bora.guide().items()}
+                    self._values[k] = self.model.complete({n: v.detach() for n, v in self.bora.guide().items()})
         return self._values[k]
 
     def params(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -39,15 +39,14 @@ EM; the example above runs the same alternation in closed form and recovers the 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from pyro import poutine
 
 from .fisher import TaskFisher
-from .model import site_names
 
-__all__ = ["evidence_tau", "EmpiricalBayesTau"]
+__all__ = ["evidence_tau", "log_evidence", "EmpiricalBayesTau", "rescale_decentered_"]
 
 
 def _dlog_evidence(u: float, S: float, F: torch.Tensor, a: float, b: float) -> float:
@@ -108,18 +107,58 @@ class EmpiricalBayesTau:
             self.values[k].fill_(float(v))
 
     def statistics(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, keys) -> tuple[float, torch.Tensor]:
-        """``(S, F)``: summed squared task deviations and every task coordinate's Fisher, for ``keys``."""
+        """``(S, F)``: summed squared task deviations and every task coordinate's Fisher, for ``keys``.
+
+        ``point`` holds natural-coordinate values (:meth:`bora.model.BoraModel.complete`); only the
+        task-level factors count (``B`` alone for ``hierarchy='B'``)."""
         S, Fs = 0.0, []
         for k in keys:
-            n = site_names(k)
-            for i, (task_site, glob_site) in enumerate(((n["TA"], n["GA"]), (n["TB"], n["GB"]))):
+            for i, task_site, glob_site in self.base_model.task_sites(k):
                 S += float((point[task_site] - point[glob_site]).double().square().sum())
                 Fs.append(tf.fisher[k][i].double().flatten().cpu())
         return S, torch.cat(Fs)
 
-    def update_(self, point: Mapping[str, torch.Tensor], tf: TaskFisher) -> dict[str, float]:
+    def update_(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, *, guide=None,
+                optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, float]:
+        """Re-estimate every tau at ``point``; returns ``{name: log evidence at the new tau}``.
+
+        With the non-centred form (``theta_t = Theta + tau^-1/2 z_t``) a new tau would move every
+        task adapter; passing the MAP ``guide`` rescales its ``z`` so that ``theta_t`` stays where it
+        is, and drops ``optimizer``'s moments of those parameters (they were in the old units)."""
         P = self.base_model.prior
+        evidence, factors = {}, {}
         for name, keys in self.base_model.tau_groups().items():
             S, F = self.statistics(point, tf, keys)
-            self.values[name].fill_(evidence_tau(S, F, P.tau_shape, P.tau_rate))
-        return self.as_dict()
+            old = float(self.values[name])
+            new = evidence_tau(S, F, P.tau_shape, P.tau_rate)
+            self.values[name].fill_(new)
+            evidence[name] = log_evidence(new, S, F, P.tau_shape, P.tau_rate)
+            for k in keys:
+                factors[k] = math.sqrt(new / old)
+        if guide is not None and self.base_model.noncentred:
+            rescale_decentered_(guide, factors, optimizer)
+        return evidence
+
+
+def log_evidence(tau: float, S: float, F: torch.Tensor, a: float = 1.0, b: float = 0.0) -> float:
+    """The Laplace log evidence ``-tau S/2 - 1/2 sum log(1 + F/tau) + (a - 1) log tau - b tau`` (up to a constant)."""
+    F = F.detach().double().flatten()
+    F = F[torch.isfinite(F) & (F > 0)]
+    return float(-0.5 * tau * float(S) - 0.5 * torch.log1p(F / tau).sum() + (a - 1.0) * math.log(tau) - b * tau)
+
+
+@torch.no_grad()
+def rescale_decentered_(guide, factors: Mapping[str, float], optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Multiply a MAP guide's non-centred ``z`` of adapter ``key`` by ``factors[key]`` (in place) and
+    forget ``optimizer``'s state for them."""
+    for pname, p in guide.named_parameters():
+        site = pname[: -len("_unconstrained")] if pname.endswith("_unconstrained") else pname
+        if not site.endswith("_decentered"):
+            continue
+        key = site.partition(":")[2][: -len("_decentered")]
+        c = factors.get(key)
+        if c is None or c == 1.0:
+            continue
+        p.mul_(c)
+        if optimizer is not None:
+            optimizer.state.pop(p, None)
