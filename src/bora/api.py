@@ -23,10 +23,12 @@ import torch
 from .config import BoraConfig, ConfigError
 from .data import TokenizedSplit, load_documents, split_documents, tokenize_splits
 from .evaluate import evaluate
+from .fisher import task_fisher
 from .feed import Feed
-from .guides import make_guide, point_values
+from .guides import make_guide, point_values, set_scales_
 from .infer import FitResult, fit
 from .inject import AdapterSet, inject_adapters_
+from .laplace import HierarchicalLaplace, laplace_from_point
 from .model import BoraModel
 from .prefix import FrozenPrefix
 from .tau import EmpiricalBayesTau
@@ -70,9 +72,10 @@ class Bora:
         self.model = BoraModel(self.lm, self.adapters, self.tasks, self.num_docs, config.prior,
                                prefix=self.prefix, init_seed=config.fit.seed, autocast_dtype=autocast)
         self.tau = (EmpiricalBayesTau(self.model)
-                    if config.prior.tau_mode == "learned" and config.fit.guide == "map" else None)
+                    if config.prior.tau_mode == "learned" and config.fit.guide in ("map", "laplace") else None)
         target = self.tau.model if self.tau is not None else self.model
         self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
+        self.laplace: Optional[HierarchicalLaplace] = None
         self.result: Optional[FitResult] = None
         self.metrics: dict = {}
         self._setup_guide()
@@ -102,6 +105,9 @@ class Bora:
                  "index": torch.zeros(1, dtype=torch.long, device=self.device)}
         with torch.no_grad():
             self.guide(dummy)
+        # non-centred task sites start at their prior sd (1): the posterior of an uninformed coordinate
+        set_scales_(self.guide, {site + "_decentered": 1.0 for k in self.model.shapes
+                                 for _, site, _ in self.model.task_sites(k)} if self.model.noncentred else {})
 
     @property
     def pad_id(self) -> int:
@@ -125,7 +131,21 @@ class Bora:
         val_feed = self._as_feed(val) if val is not None else None
         self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
                           progress=progress)
+        if self.config.fit.guide == "laplace":
+            self.fit_laplace_(train_feed, progress=progress)
         return self.result
+
+    def fit_laplace_(self, train, *, docs: Optional[int] = None, labels: Optional[str] = None,
+                     seed: Optional[int] = None, progress: bool = False) -> HierarchicalLaplace:
+        """Attach a diagonal Laplace posterior around the current point estimate (:mod:`bora.laplace`),
+        with curvature from ``docs`` training documents per task (default: ``fit.laplace_docs``, all)."""
+        cfg = self.config.fit
+        feed = self._as_feed(train)
+        gen = torch.Generator().manual_seed(cfg.seed + 0x1A9 if seed is None else seed)
+        tf = task_fisher(self.model, self.params(), feed, max_per_task=docs or cfg.laplace_docs, generator=gen,
+                         labels=labels or cfg.laplace_labels, progress=progress)
+        self.laplace = laplace_from_point(self.model, tf, self.model.tau_by_key(self.point()))
+        return self.laplace
 
     # ------------------------------------------------------------------ estimates
     def point(self) -> dict[str, torch.Tensor]:

@@ -22,13 +22,14 @@ dataclasses, so ``--help`` documents exactly what the code does. A user error pr
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (HIERARCHIES, PARAMETERISATIONS, AdapterConfig, BoraConfig, ConfigError, DataConfig, FitConfig,
+from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, AdapterConfig, BoraConfig, ConfigError, DataConfig, FitConfig,
                      PriorConfig)
 
 __all__ = ["main", "build_parser", "config_from_args", "format_table", "format_posterior_table"]
@@ -50,12 +51,15 @@ _FLAGS = {
     "steps": (FitConfig, "steps", int),
     "batch_size": (FitConfig, "batch_size", int),
     "lr": (FitConfig, "lr", float),
+    "scale_lr": (FitConfig, "scale_lr", float),
     "schedule": (FitConfig, "schedule", str),
     "clip_norm": (FitConfig, "clip_norm", float),
     "eval_every": (FitConfig, "eval_every", int),
     "patience": (FitConfig, "patience", int),
     "fisher_docs": (FitConfig, "fisher_docs", int),
     "num_particles": (FitConfig, "num_particles", int),
+    "laplace_docs": (FitConfig, "laplace_docs", int),
+    "laplace_labels": (FitConfig, "laplace_labels", str),
     "init_scale": (FitConfig, "init_scale", float),
     "seed": (FitConfig, "seed", int),
     "text_column": (DataConfig, "text_column", str),
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("tau_mode",):
             kw["choices"] = ["fixed", "learned", "independent", "shared"]
         if name == "guide":
-            kw["choices"] = ["map", "meanfield"]
+            kw["choices"] = list(GUIDES)
         if name == "hierarchy":
             kw["choices"] = list(HIERARCHIES)
         if name == "parameterisation":
@@ -133,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draws", type=int, default=200, help="Posterior draws for a mean-field fit (a MAP fit has one).")
     r.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     r.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+    la = sub.add_parser("laplace", help="add a diagonal Laplace posterior to a saved MAP fit (laplace.safetensors)")
+    la.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit' (guide 'map' or 'laplace').")
+    la.add_argument("--docs", type=int, default=None, help=FitConfig.help("laplace_docs"))
+    la.add_argument("--labels", choices=["sampled", "empirical"], default=None, help=FitConfig.help("laplace_labels"))
+    la.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    la.add_argument("--quiet", action="store_true", help="No progress bars.")
 
     sm = sub.add_parser("sample", help="continuations of a prompt, each generated with its own posterior adapter sample",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -328,6 +339,33 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
     return "\n".join(lines)
 
 
+def _cmd_laplace(args) -> int:
+    from .api import Bora, load_data
+    from .io import write_laplace
+
+    if args.docs is not None and args.docs < 1:
+        raise ConfigError("--docs must be >= 1")
+    bora = Bora.load(args.fit_dir, device=args.device)
+    if bora.config.fit.guide == "meanfield":
+        raise ConfigError("a Laplace posterior is built around a MAP fit; this fit is mean-field")
+    train = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)["train"]
+    feed = bora.feed(train, progress=not args.quiet, desc="caching frozen layers (train)")
+    lap = bora.fit_laplace_(feed, docs=args.docs, labels=args.labels, progress=not args.quiet)
+    write_laplace(lap, args.fit_dir / "laplace.safetensors")
+    sd = torch_median_sd(lap)
+    taus = sorted(set(lap.tau.values()))
+    print(f"Laplace posterior written to {args.fit_dir / 'laplace.safetensors'}: median posterior sd of a task "
+          f"coordinate {sd:.4g} (prior sd tau^-1/2: {', '.join(f'{t ** -0.5:.4g}' for t in taus if 0 < t < math.inf)})")
+    return 0
+
+
+def torch_median_sd(lap) -> float:
+    import torch
+
+    sds = torch.cat([lap.task_sd(k, i).flatten() for k in lap.task for i in lap.task[k]])
+    return float(sds.median())
+
+
 def _cmd_sample(args) -> int:
     import torch
 
@@ -398,6 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               draws=args.draws, progress=not args.quiet)
             print(f"report written to {out}  (open {out / 'index.md'})")
             return 0
+        if args.command == "laplace":
+            return _cmd_laplace(args)
         if args.command == "sample":
             return _cmd_sample(args)
         if args.command == "export":

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 TAU_MODES = ("fixed", "learned", "independent", "shared")
-GUIDES = ("map", "meanfield")
+GUIDES = ("map", "meanfield", "laplace")
 HIERARCHIES = ("B", "AB")
 PARAMETERISATIONS = ("noncentred", "centred")
 
@@ -198,11 +198,14 @@ class PriorConfig(_JsonConfig):
 class FitConfig(_JsonConfig):
     """Optimisation settings shared by MAP and variational fits."""
 
-    guide: str = _f("map", "Inference: 'map' (AutoDelta point estimates) or 'meanfield' (AutoNormal posterior).")
+    guide: str = _f("map", "Inference: 'map' (AutoDelta point estimates), 'laplace' (MAP, then a diagonal Laplace "
+                    "posterior around it) or 'meanfield' (AutoNormal posterior).")
     epochs: float = _f(4.0, "Passes over the training documents (ignored when steps is set).")
     steps: Optional[int] = _f(None, "Number of optimisation steps; overrides epochs.")
     batch_size: int = _f(16, "Documents per minibatch (tasks mixed in one batch).")
     lr: float = _f(2e-3, "Peak learning rate of AdamW.")
+    scale_lr: float = _f(0.05, "Peak learning rate of the mean-field guide's posterior scales and of a learned tau "
+                         "site (both move on a log scale).")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay (the prior already regularises; keep 0).")
     schedule: str = _f("cosine", "Learning-rate schedule after warm-up: 'cosine' or 'constant'.")
     warmup: float = _f(0.05, "Fraction of steps for linear learning-rate warm-up.")
@@ -210,6 +213,11 @@ class FitConfig(_JsonConfig):
     eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many steps (default: once per epoch).")
     patience: int = _f(2, "Early stopping: stop after this many validations without improvement (0 disables).")
     fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, shrinkage).")
+    laplace_docs: Optional[int] = _f(
+        None, "Documents per task for the Laplace posterior's curvature ('laplace'; default: every training document).")
+    laplace_labels: str = _f(
+        "sampled", "Curvature of the Laplace posterior: 'sampled' (Fisher with next tokens drawn from the model: "
+        "the Gauss-Newton matrix) or 'empirical' (the documents' own tokens).")
     num_particles: int = _f(1, "ELBO particles per step ('meanfield').")
     init_scale: float = _f(1e-3, "Initial posterior standard deviation of the mean-field guide.")
     seed: int = _f(0, "Random seed for initialisation, batching and dropout.")
@@ -225,6 +233,7 @@ class FitConfig(_JsonConfig):
                f"steps must be a positive integer, got {self.steps!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        _check(self.scale_lr > 0, f"scale_lr must be > 0, got {self.scale_lr!r}")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.schedule in ("cosine", "constant"), f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup!r}")
@@ -233,6 +242,10 @@ class FitConfig(_JsonConfig):
         _check(self.patience >= 0, "patience must be >= 0")
         _check(self.fisher_docs >= 1, "fisher_docs must be >= 1")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
+        _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
+               f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")
+        _check(self.laplace_labels in ("sampled", "empirical"),
+               f"laplace_labels must be 'sampled' or 'empirical', got {self.laplace_labels!r}")
         _check(self.init_scale > 0, "init_scale must be > 0")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import distinct_task_batches
@@ -42,9 +43,33 @@ class TaskFisher:
         return tot / cnt
 
 
+def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.Tensor:
+    """Per-document log-likelihood of next tokens drawn from the model itself (labels ~ p(. | context))."""
+    logits, _, rows = model.scored_logits(batch, params)
+    u = torch.rand(logits.shape[0], 1, generator=generator).to(logits.device)
+    probs = torch.softmax(logits.detach(), -1)
+    labels = torch.searchsorted(probs.cumsum(-1), u * probs.sum(-1, keepdim=True)).squeeze(-1)
+    labels = labels.clamp_max(logits.shape[-1] - 1)
+    nll = F.cross_entropy(logits, labels, reduction="none")
+    n = batch["input_ids"].shape[0]
+    return -torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
+
+
 def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None,
-                generator: Optional[torch.Generator] = None, progress: bool = False) -> TaskFisher:
-    """Diagonal empirical Fisher of each task's log-likelihood with respect to its adapter at ``params``."""
+                generator: Optional[torch.Generator] = None, progress: bool = False,
+                labels: str = "empirical") -> TaskFisher:
+    """Diagonal Fisher of each task's log-likelihood with respect to its adapter at ``params``.
+
+    ``labels='empirical'`` uses the documents' own next tokens (the empirical Fisher);
+    ``'sampled'`` draws every next token from the model's predictive distribution at ``params``
+    (one Monte-Carlo sample of the true Fisher, which is the Gauss-Newton matrix of the softmax
+    likelihood: positive and unbiased even where the fit is poor)."""
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    label_gen = None
+    if labels == "sampled":
+        label_gen = torch.Generator().manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0)
     T = model.num_tasks
     leaves = {}
     for k, (A, B) in params.items():
@@ -58,11 +83,13 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     batches = list(distinct_task_batches(feed.split, max_per_task, generator=generator))
     for idx in tqdm(batches, desc="per-task Fisher", disable=not progress, leave=False):
         b = feed.batch(idx)
-        ll = model.loglik(b, leaves).sum()
-        grads = torch.autograd.grad(ll, flat)
+        ll = (model.loglik(b, leaves) if labels == "empirical" else _sampled_loglik(model, b, leaves, label_gen)).sum()
+        grads = torch.autograd.grad(ll, flat, allow_unused=True)  # a factor the likelihood ignores has none
         for (k, (FA, FB)), gA, gB in zip(Fs.items(), grads[0::2], grads[1::2]):
-            FA.add_(gA.square())
-            FB.add_(gB.square())
+            if gA is not None:
+                FA.add_(gA.square())
+            if gB is not None:
+                FB.add_(gB.square())
         used += torch.bincount(b["task_ids"].cpu(), minlength=T)
     sizes = feed.split.task_sizes().long()
     c = (sizes.double() / used.clamp_min(1).double()).to(torch.float32)

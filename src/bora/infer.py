@@ -35,7 +35,7 @@ from .data import batches
 from .evaluate import evaluate
 from .feed import Feed
 from .fisher import task_fisher
-from .guides import point_values
+from .guides import param_groups, point_values
 from .tau import EmpiricalBayesTau
 
 __all__ = ["FitResult", "fit", "num_steps"]
@@ -111,8 +111,9 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     first = train.batch(next(stream))
     guide(first)  # sets up the guide's parameters (runs the model once)
     elbo = Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide)
-    params = [p for p in guide.parameters() if p.requires_grad]
-    opt = _adamw(params, cfg)
+    groups = param_groups(guide, cfg.lr, cfg.scale_lr)
+    params = [p for g in groups for p in g["params"]]
+    opt = _adamw(groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
 
     res = FitResult(tau=tau.as_dict() if tau is not None else None)

@@ -118,6 +118,8 @@ def save_fit(bora, path) -> Path:
         write_json(tmp / "state.json", {"tau": bora.tau.as_dict() if bora.tau is not None else None,
                                         "result": bora.result.to_dict() if bora.result is not None else None})
         write_json(tmp / "metrics.json", bora.metrics)
+        if getattr(bora, "laplace", None) is not None:
+            write_laplace(bora.laplace, tmp / "laplace.safetensors")
         replace_dir(tmp, path)
     finally:
         if tmp.exists():
@@ -149,4 +151,36 @@ def load_fit(path, *, device=None, lm=None, tokenizer=None):
         bora.result = FitResult(**{k: (float(v) if v in ("nan", "inf", "-inf") else v) for k, v in r.items()})
     if (path / "metrics.json").exists():
         bora.metrics = read_json(path / "metrics.json")
+    if (path / "laplace.safetensors").exists():
+        bora.laplace = read_laplace(path / "laplace.safetensors")
     return bora
+
+
+def write_laplace(laplace, path: Path) -> None:
+    """Write a Laplace posterior atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(laplace.tensors(), tmp,
+                  metadata={"format": str(FORMAT_VERSION), "laplace": json.dumps(_clean(laplace.metadata()))})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_laplace(path: Path):
+    """The :class:`~bora.laplace.HierarchicalLaplace` saved in ``path`` (safetensors + JSON metadata)."""
+    from safetensors import safe_open
+
+    from .laplace import HierarchicalLaplace
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["laplace"])
+        meta["tau"] = {k: float(v) for k, v in meta["tau"].items()}
+        return HierarchicalLaplace.from_saved(load_file(str(path)), meta)
+    except (KeyError, ValueError, OSError) as e:
+        raise ConfigError(f"corrupt Laplace posterior {path}: {e}") from None

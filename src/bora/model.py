@@ -136,6 +136,20 @@ class BoraModel:
             return {f"tau:{k}": [k] for k in self.shapes}
         return {"tau": list(self.shapes)}
 
+    def tau_by_key(self, values: Mapping[str, torch.Tensor] = {}) -> dict[str, float]:
+        """Per adapter key, the precision tying a task to the global adapter: 0 for 'independent', inf for
+        'shared', the configured value for 'fixed', and the tau site's value in ``values`` for 'learned'
+        (the configured starting value if ``values`` lacks it)."""
+        mode = self.prior.tau_mode
+        if mode in ("independent", "shared", "fixed"):
+            t = {"independent": 0.0, "shared": math.inf, "fixed": float(self.prior.tau)}[mode]
+            return {k: t for k in self.shapes}
+        out = {}
+        for name, keys in self.tau_groups().items():
+            t = float(values[name]) if name in values else float(self.prior.tau)
+            out.update({k: t for k in keys})
+        return out
+
     def _zeros(self, shape) -> torch.Tensor:
         return torch.zeros(shape, device=self.device)
 

@@ -117,7 +117,8 @@ class Posterior:
         self.model = bora.model
         self.num_samples = int(num_samples)
         self.seed = int(seed)
-        self.is_point = bora.config.fit.guide != "meanfield"
+        self.laplace = getattr(bora, "laplace", None)
+        self.is_point = bora.config.fit.guide != "meanfield" and self.laplace is None
         self._values: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ samples
@@ -126,6 +127,9 @@ class Posterior:
         if k not in self._values:
             if self.is_point:
                 self._values[k] = self.bora.point()
+            elif self.laplace is not None:
+                g = torch.Generator().manual_seed(sample_seed(self.seed, k))
+                self._values[k] = self.laplace.sample(self.model, self.bora.point(), g)
             else:
                 with _seeded(self.bora.device, sample_seed(self.seed, k)), torch.no_grad():
                     self._values[k] = self.model.complete({n: v.detach() for n, v in self.bora.guide().items()})
@@ -157,16 +161,20 @@ class Posterior:
             return {key: (A.clone(), B.clone()) for key, (A, B) in glob.items()}
         tau = _tau_by_key(self.bora, vals)
         g = torch.Generator().manual_seed(sample_seed(self.seed, k, _task_code(name)))
+        shared_A = self.model.params_from_values(vals) if self.model.shared_A else None
         out = {}
-        for key, (sa, sb) in self.model.shapes.items():
+        for key, shapes in self.model.shapes.items():
             if mode == "independent":
-                mA, mB, sd = torch.zeros(sa), torch.zeros(sb), float(self.model.prior.global_scale)
+                mean, sd = [torch.zeros(sh) for sh in shapes], float(self.model.prior.global_scale)
             else:
-                mA, mB = glob[key][0].cpu(), glob[key][1].cpu()
-                sd = float(tau[key]) ** -0.5
-            A = mA + sd * torch.randn(sa, generator=g)
-            B = mB + sd * torch.randn(sb, generator=g)
-            out[key] = (A.to(self.bora.device), B.to(self.bora.device))
+                mean, sd = [x.cpu() for x in glob[key]], float(tau[key]) ** -0.5
+            pair = []
+            for i, sh in enumerate(shapes):
+                if shared_A is not None and i == 0:  # every task uses the global A
+                    pair.append(shared_A[key][0][0].clone())
+                else:
+                    pair.append((mean[i] + sd * torch.randn(sh, generator=g)).to(self.bora.device))
+            out[key] = tuple(pair)
         return out
 
     def task_adapter(self, k: int, task: str) -> Adapter:
@@ -303,26 +311,11 @@ def _eos_ids(lm, tokenizer) -> set:
 
 
 def _tau_by_key(bora, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
-    """Per adapter key: the prior precision of task adapters around the global one."""
-    model = bora.model
-    P = model.prior
-    if P.tau_mode == "independent":
-        return {k: None for k in model.shapes}
-    if P.tau_mode == "shared":
-        return {k: torch.tensor(math.inf) for k in model.shapes}
-    if P.tau_mode == "fixed":
-        return {k: torch.tensor(float(P.tau)) for k in model.shapes}
-    out = {}
-    for name, keys in model.tau_groups().items():
-        if name in values:
-            t = values[name]
-        elif bora.tau is not None:
-            t = bora.tau.values[name]
-        else:
-            t = torch.tensor(float(P.tau))
-        for k in keys:
-            out[k] = t.detach().float().cpu()
-    return out
+    """Per adapter key: the prior precision of task adapters around the global one (``None``: independent)."""
+    if bora.model.prior.tau_mode == "independent":
+        return {k: None for k in bora.model.shapes}
+    vals = {**(bora.tau.values if bora.tau is not None else {}), **values}
+    return {k: torch.tensor(t) for k, t in bora.model.tau_by_key(vals).items()}
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -447,6 +440,7 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in glob.items()}
     tau = _tau_by_key(bora, point)
     dev = bora.device
+    fitted = model.params_from_values(point)
     mean, sd, z = {}, {}, {}
     for k, (sa, sb) in model.shapes.items():
         if mode == "independent":
@@ -457,12 +451,16 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
             mean[k] = (glob[k][0].detach(), glob[k][1].detach())
             sd[k] = float(tau[k]) ** -0.5
             z0 = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
+        if model.shared_A:  # A is global: held fixed at the fit's A (z_A unused)
+            mean[k] = (fitted[k][0][0].detach(), mean[k][1])
+            z0 = (torch.zeros(sa, device=dev), z0[1])
         # plain leaf tensors (the adapter layers store what they are given; an nn.Parameter would register)
-        z[k] = (z0[0].clone().requires_grad_(True), z0[1].clone().requires_grad_(True))
-    params = [p for ab in z.values() for p in ab]
+        z[k] = (z0[0].clone().requires_grad_(not model.shared_A), z0[1].clone().requires_grad_(True))
+    params = [p for ab in z.values() for p in ab if p.requires_grad]
 
     def theta() -> Adapter:
-        return {k: (mean[k][0] + sd[k] * zA, mean[k][1] + sd[k] * zB) for k, (zA, zB) in z.items()}
+        return {k: (mean[k][0] if model.shared_A else mean[k][0] + sd[k] * zA, mean[k][1] + sd[k] * zB)
+                for k, (zA, zB) in z.items()}
 
     feed = Feed(split, pad_id=bora.pad_id, device=dev, prefix=bora.prefix,
                 cache_batch_size=bora.config.fit.eval_batch_size)
