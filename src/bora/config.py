@@ -26,6 +26,7 @@ __all__ = [
     "FitConfig",
     "DataConfig",
     "BoraConfig",
+    "CheckpointConfig",
     "TAU_MODES",
     "GUIDES",
 ]
@@ -75,7 +76,13 @@ class _JsonConfig:
             elif isinstance(v, list):
                 v = tuple(v)
             kwargs[k] = v
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{cls.__name__}: invalid value ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -215,6 +222,20 @@ class FitConfig(_JsonConfig):
         _check(self.num_particles >= 1, "num_particles must be >= 1")
         _check(self.init_scale > 0, "init_scale must be > 0")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_JsonConfig):
+    """Crash safety of a running fit (not part of the fit's config: it does not change the result)."""
+
+    every: Optional[int] = _f(
+        None, "Write a checkpoint (everything needed to resume: parameters, optimiser, tau, data position, "
+        "RNG states) into OUTPUT/checkpoints every this many steps; default: at every validation; 0 disables.")
+
+    def __post_init__(self):
+        _check(self.every is None or (isinstance(self.every, int) and not isinstance(self.every, bool)
+                                      and self.every >= 0),
+               f"checkpoint_every must be a non-negative integer, got {self.every!r}")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ __all__ = [
     "tokenize_splits",
     "collate",
     "batches",
+    "BatchStream",
     "distinct_task_batches",
 ]
 
@@ -385,6 +386,42 @@ def batches(
         if drop_last and len(b) < batch_size:
             return
         yield b
+
+
+class BatchStream:
+    """Endless shuffled epochs of row indices: exactly the batches of ``batches(split, batch_size,
+    shuffle=True, generator=generator)`` epoch after epoch, with a position that can be saved and
+    restored (:meth:`state_dict`; the generator's own state is saved separately)."""
+
+    def __init__(self, n: int, batch_size: int, generator: Optional[torch.Generator] = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if n < 1:
+            raise ConfigError("no documents to draw batches from")
+        self.n, self.batch_size, self.generator = int(n), batch_size, generator
+        self.order: Optional[torch.Tensor] = None
+        self.pos = 0
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.order is None or self.pos >= self.n:
+            self.order = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        b = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return b
+
+    def state_dict(self) -> dict:
+        return {"order": None if self.order is None else self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["order"]
+        if order is not None and (order.dim() != 1 or len(order) != self.n):
+            raise ConfigError(f"batch stream state is for {len(order)} documents, not {self.n}")
+        self.order = None if order is None else order.clone().to(torch.long)
+        self.pos = int(state["pos"])
 
 
 def distinct_task_batches(
