@@ -233,7 +233,8 @@ def folder_kind(path) -> str:
         if any(m in entries for m in _MARKERS[kind]) and not foreign_entries(path, kind):
             return kind
     # an --all export: index.json and sub-folders that are single exports
-    subs = [e for e in entries if e != "index.json"]
+    subs = [e for e in entries if e != "index.json" and not (
+        e.startswith(".") and (".tmp-" in e or ".old-" in e or e.startswith(".index.json.")))]
     if all((path / e).is_dir() and folder_kind(path / e) in ("export", "empty") for e in subs) and (
             "index.json" in entries or subs):
         return "export-all"
