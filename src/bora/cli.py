@@ -66,6 +66,7 @@ _FLAGS = {
     "task_column": (DataConfig, "task_column", str),
     "max_length": (DataConfig, "max_length", int),
     "long_documents": (DataConfig, "long_documents", str),
+    "duplicates": (DataConfig, "duplicates", str),
     "val_fraction": (DataConfig, "val_fraction", float),
     "test_fraction": (DataConfig, "test_fraction", float),
     "split_seed": (DataConfig, "seed", int),

@@ -256,6 +256,10 @@ class DataConfig(_JsonConfig):
     max_length: int = _f(64, "Maximum tokens per document.")
     long_documents: str = _f("truncate", "Documents longer than max_length: 'truncate' or 'chunk' into several.")
     split: str = _f("train", "Split of a hub dataset to read.")
+    duplicates: str = _f(
+        "keep", "Documents repeated verbatim within a task: 'keep' every copy (each is split like any other "
+        "document, so copies can fall in different splits) or 'drop' all but the first (no text is then in two "
+        "splits of one task).")
 
     def __post_init__(self):
         if isinstance(self.tasks, list):
@@ -265,6 +269,7 @@ class DataConfig(_JsonConfig):
                and self.val_fraction + self.test_fraction < 1,
                "val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         _check(isinstance(self.max_length, int) and self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}")
+        _check(self.duplicates in ("keep", "drop"), f"duplicates must be 'keep' or 'drop', got {self.duplicates!r}")
         _check(self.long_documents in ("truncate", "chunk"),
                f"long_documents must be 'truncate' or 'chunk', got {self.long_documents!r}")
 
