@@ -172,9 +172,7 @@ def _test_kill(point: str, step: int) -> None:
 # ---------------------------------------------------------------- writing
 
 def _write_checkpoint(root: Path, step: int, state: dict, meta: dict) -> Path:
-    from safetensors.torch import save_file
-
-    from .io import file_sha256, fsync_path, fsync_tree, make_temp_dir, write_json
+    from .io import file_sha256, fsync_path, fsync_tree, make_temp_dir, save_safetensors, write_json
 
     ck = root / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
@@ -185,7 +183,7 @@ def _write_checkpoint(root: Path, step: int, state: dict, meta: dict) -> Path:
         raise ConfigError(f"refusing to checkpoint non-finite parameters at step {step} (in {bad[0]})")
     tmp = make_temp_dir(ck, ".tmp-step-")
     try:
-        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": str(CHECKPOINT_FORMAT)})
+        save_safetensors(tensors, tmp / "state.safetensors", metadata={"format": str(CHECKPOINT_FORMAT)})
         if os.environ.get("BORA_TEST_KILL"):
             _test_kill("write", step)
         write_json(tmp / "run.json", {"format": CHECKPOINT_FORMAT, "step": step, "meta": meta, "state": tree,

@@ -287,13 +287,16 @@ def _cmd_fit(args, argv) -> int:
 
     every = CheckpointConfig(every=args.checkpoint_every).every
     out, ck, config = _fit_output(args, argv)
+    if ck is not None and args.checkpoint_every is None:  # the interrupted run's own setting
+        every = CheckpointConfig(every=ck.meta.get("checkpoint_every")).every
     progress = not args.quiet
     t0 = time.perf_counter()
     print(f"bora fit: model={config.model} data={config.data.source} tau_mode={config.prior.tau_mode} "
           f"guide={config.fit.guide}" + (f" (resuming {out} from step {ck.step})" if ck is not None else ""),
           flush=True)
     bora, data = Bora.from_config(config, device=args.device)
-    meta = {"config": config.to_dict(), "data_sha256": data_fingerprint(data), "base_model": base_fingerprint(bora)}
+    meta = {"config": config.to_dict(), "data_sha256": data_fingerprint(data), "base_model": base_fingerprint(bora),
+            "checkpoint_every": every}
     if ck is not None:
         if ck.meta.get("data_sha256") != meta["data_sha256"]:
             raise ConfigError(f"the documents of {config.data.source} changed since the checkpoint in {out} was "

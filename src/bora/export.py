@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from .config import ConfigError
-from .io import check_output, folder_kind, make_temp_dir, replace_dir, write_json
+from .io import check_output, folder_kind, make_temp_dir, replace_dir, save_safetensors, write_json
 from .layers import _is_conv1d
 
 __all__ = ["peft_state_dict", "peft_config", "write_peft_adapter", "adapter_estimate", "export_adapters", "ESTIMATES"]
@@ -108,8 +107,8 @@ def _write_into(folder: Path, bora, adapter, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(bora, adapter.keys()), indent=2,
                                                            sort_keys=True) + "\n")
-    save_file(peft_state_dict(adapter, bora.adapters.names), str(folder / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors(peft_state_dict(adapter, bora.adapters.names), folder / "adapter_model.safetensors",
+                     metadata={"format": "pt"})
     (folder / "bora_export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 

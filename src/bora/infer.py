@@ -124,7 +124,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         val.build_cache_()
 
     stream = BatchStream(len(train), cfg.batch_size, gen)
-    first = train.batch(next(stream))
+    pending = next(stream)  # step 1's rows (the guide runs once on their batch first)
+    first = train.batch(pending)
     guide(first)  # sets up the guide's parameters (runs the model once)
     elbo = Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide)
     params = [p for p in guide.parameters() if p.requires_grad]
@@ -171,7 +172,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         """The loop's complete state after ``step`` (tensors are live references: serialise at once)."""
         return {"step": step, "guide": guide.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "tau": tau.as_dict() if tau is not None else None,
-                "stream": stream.state_dict(), "rng": rng_state(gen), "bad": bad,
+                "stream": stream.state_dict(), "pending": pending, "rng": rng_state(gen), "bad": bad,
                 "best": None if best_state is None else {"guide": best_state[0], "tau": best_state[1]},
                 "result": res.to_dict(), "step_times": list(step_times), "seconds": time.perf_counter() - t_start,
                 "running": {"loss": run_loss, "nll": run_nll, "n": run_n, "tokens": tok_count}}
@@ -181,7 +182,6 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         validate(0, math.nan, math.nan)
         if checkpoint is not None:
             checkpoint(0, True, capture)
-        pending = first
     else:
         step = int(resume["step"])
         guide.load_state_dict(resume["guide"])
@@ -199,7 +199,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         r = resume["running"]
         run_loss, run_nll, run_n, tok_count = float(r["loss"]), float(r["nll"]), int(r["n"]), int(r["tokens"])
         set_rng_state_(resume["rng"], gen)  # last: nothing above may draw random numbers
-        pending = None
+        pending = resume.get("pending")  # rows drawn for the next step but not yet used (after step 0)
+        first = None
     bar = tqdm(total=total, initial=step, desc=f"fit ({type(guide).__name__})", disable=not progress,
                dynamic_ncols=True)
     try:
@@ -207,7 +208,10 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             if res.stopped_early:
                 step -= 1
                 break
-            batch = pending if pending is not None else train.batch(next(stream))
+            if first is not None:
+                batch, first = first, None
+            else:
+                batch = train.batch(pending if pending is not None else next(stream))
             pending = None
             t0 = time.perf_counter()
             model.adapters.train(True)

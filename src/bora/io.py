@@ -43,7 +43,8 @@ import torch
 from .config import BoraConfig, ConfigError
 
 __all__ = ["save_fit", "load_fit", "write_json", "read_json", "FORMAT_VERSION", "check_output",
-           "folder_kind", "replace_dir", "make_temp_dir", "base_fingerprint", "read_safetensors"]
+           "folder_kind", "replace_dir", "make_temp_dir", "base_fingerprint", "read_safetensors",
+           "save_safetensors"]
 
 FORMAT_VERSION = 1
 
@@ -154,6 +155,14 @@ def read_json(path: Path) -> Any:
         raise ConfigError(f"corrupt {path}: {e}") from None
     except (IsADirectoryError, PermissionError) as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file`` with the umask's file mode (it creates files 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -403,13 +412,11 @@ def save_fit(bora, path) -> Path:
     path = Path(path)
     check_output(path, "fit")
     check_finite(bora)
-    from safetensors.torch import save_file
-
     tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         (tmp / "config.json").write_text(bora.config.to_json() + "\n")
         state = {k: v.detach().to("cpu").contiguous() for k, v in bora.guide.state_dict().items()}
-        save_file(state, str(tmp / "guide.safetensors"), metadata={"format": str(FORMAT_VERSION)})
+        save_safetensors(state, tmp / "guide.safetensors", metadata={"format": str(FORMAT_VERSION)})
         write_json(tmp / "state.json", {"tau": bora.tau.as_dict() if bora.tau is not None else None,
                                         "result": bora.result.to_dict() if bora.result is not None else None})
         write_json(tmp / "metrics.json", bora.metrics)
