@@ -272,9 +272,9 @@ def _fit_output(args, argv) -> tuple[Path, Optional[object], BoraConfig]:
     extra = sorted(_explicit(argv) - _RESUME_FLAGS)
     if extra:
         raise ConfigError(f"--resume continues a fit with its own settings; remove --{extra[0].replace('_', '-')}")
-    if folder_kind(out) not in ("fit", "missing"):
-        check_output(out, "fit")
     ck = load_checkpoint(out)
+    if folder_kind(out) != "fit":
+        check_output(out, "fit")  # the finished fit will replace the folder: it must be bora's alone
     config = BoraConfig.from_dict(ck.meta.get("config"))
     return out, ck, config
 

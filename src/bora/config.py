@@ -75,6 +75,10 @@ class _JsonConfig:
                 v = sub.from_dict(v)
             elif isinstance(v, list):
                 v = tuple(v)
+            default = names[k].default
+            if (isinstance(default, (int, float)) and not isinstance(default, bool)
+                    and (isinstance(v, (str, bool)) or (v is None and not _optional(hints[k])))):
+                raise ConfigError(f"{cls.__name__}: {k} must be a number, got {v!r}")
             kwargs[k] = v
         try:
             return cls(**kwargs)
@@ -104,6 +108,10 @@ class _JsonConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _optional(tp) -> bool:
+    return type(None) in typing.get_args(tp)
 
 
 def _config_class(tp) -> Optional[type]:
