@@ -76,7 +76,7 @@ def fresh():
     return copy.deepcopy
 
 
-def tiny_model_dir(path, layers: int = 3):
+def tiny_model_dir(path, layers: int = 3, seed: int = 0):
     """Save a tiny Llama and a word-level tokenizer as a from_pretrained folder (offline)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -85,7 +85,7 @@ def tiny_model_dir(path, layers: int = 3):
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
-    tiny_llama(layers).save_pretrained(path)
+    tiny_llama(layers, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

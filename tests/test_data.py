@@ -334,3 +334,86 @@ def test_load_parquet(tmp_hf_cache):
     path = tmp_hf_cache / "d.parquet"
     datasets.Dataset.from_dict({"text": ["a b", "c"], "task": [1, 2]}).to_parquet(str(path))
     assert load_documents(DataConfig(source=str(path))) == [{"text": "a b", "task": "1"}, {"text": "c", "task": "2"}]
+
+
+# ---------------------------------------------------------------- malformed and unusual data (docs/hostile_inputs.md)
+
+
+def test_documented_data_behaviours(tmp_path):
+    # a quoted CSV field keeps its newlines, commas and quotes: one document
+    p = tmp_path / "q.csv"
+    p.write_text('text,task\n"line one\nline two, with ""quotes""",a\nplain,a\n', encoding="utf-8")
+    assert load_documents(DataConfig(source=str(p)))[0] == {"text": 'line one\nline two, with "quotes"', "task": "a"}
+    # UTF-8 with a byte-order mark; numeric tasks become strings; blank texts are skipped
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"text": "x", "task": 3}\n{"text": " ", "task": 3}\n{"text": "y", "task": 2.5}\n')
+    assert load_documents(DataConfig(source=str(p))) == [{"text": "x", "task": "3"}, {"text": "y", "task": "2.5"}]
+    # a .json file holding an array of objects, or an object of columns
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"text": "x", "task": "a"}, {"text": "y", "task": "b"}]))
+    assert [d["text"] for d in load_documents(DataConfig(source=str(p)))] == ["x", "y"]
+    p.write_text(json.dumps({"text": ["x", "y"], "task": ["a", "b"]}))
+    assert [d["task"] for d in load_documents(DataConfig(source=str(p)))] == ["a", "b"]
+
+
+def test_enormous_documents_are_truncated_or_chunked(tmp_path):
+    big = " ".join(f"w{i % 40}" for i in range(300_000))  # ~1.7 MB on one line
+    p = tmp_path / "big.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t, "task": "a"}) for t in [big, "w1 w2", "w3 w4"]) + "\n")
+    docs = load_documents(DataConfig(source=str(p)))
+    assert docs[0]["text"] == big
+    ts = tokenize_split(docs, ("a",), FakeTokenizer(), 16)
+    assert [len(x) for x in ts.input_ids] == [16, 3, 3]
+    ts = tokenize_split(docs, ("a",), FakeTokenizer(), 1000, "chunk")
+    assert len(ts) == 300 + 2 and (ts.doc_index == 0).sum() == 300  # 300001 tokens: a 1-token tail is dropped
+
+
+def test_duplicates_through_a_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [{"text": "Swear.", "task": "ghost"}] * 4 + [{"text": f"g{i}", "task": "ghost"} for i in range(6)]
+    rows += [{"text": "Swear.", "task": "hamlet"}] + [{"text": f"h{i}", "task": "hamlet"} for i in range(3)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    keep = load_documents(DataConfig(source=str(p)))
+    drop = load_documents(DataConfig(source=str(p), duplicates="drop"))
+    assert len(keep) == 14 and len(drop) == 11
+    assert [d["task"] for d in drop if d["text"] == "Swear."] == ["ghost", "hamlet"]
+    splits = split_documents(drop, DataConfig(source=str(p), duplicates="drop"))
+    for task in ("ghost", "hamlet"):
+        seen = [d["text"] for name in ("train", "val", "test") for d in splits[name] if d["task"] == task]
+        assert len(seen) == len(set(seen))  # no text in two splits of one task
+    with pytest.raises(ConfigError, match="duplicates must be"):
+        DataConfig(duplicates="merge")
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"", "is empty"),
+    (b'{"text": "a", "task": "x"}\n{"text": "b", "task": \n', "line 2: invalid JSON"),
+    (b'{"text": "a", "task": "x"}\n{"text": "\xfe", "task": "x"}\n', "line 2: not valid UTF-8"),
+    (b'{"text": ["a"], "task": "x"}\n', "line 1: the text column"),
+    (b'{"text": "a", "task": "x"}\n{"text": "b"}\n', "line 2: a document without a value"),
+    (b'{"text": "a", "task": "x"}\n{"text": "b", "task": null}\n', "line 2: a document without a value"),
+    (b'{"text": "a", "task": "x"}\n{"text": "b", "task": " "}\n', "line 2: empty task name"),
+    (b'{"text": "a", "task": true}\n', "task values must be"),
+])
+def test_malformed_jsonl_names_the_line(tmp_path, content, words):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError, match=words) as info:
+        load_documents(DataConfig(source=str(p)))
+    assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_malformed_csv_names_the_line(tmp_path):
+    p = tmp_path / "bad.tsv"
+    p.write_text("text\ttask\na\tx\nb\tx\ty\n")
+    with pytest.raises(ConfigError, match=r"bad.tsv line 3: 3 fields"):
+        load_documents(DataConfig(source=str(p)))
+    p = tmp_path / "dup.csv"
+    p.write_text("text,text\na,b\n")
+    with pytest.raises(ConfigError, match="duplicate column name 'text'"):
+        load_documents(DataConfig(source=str(p)))
+    p = tmp_path / "blank.csv"
+    p.write_text("text,task\n   ,ghost\n\t,ghost\na,x\n")
+    with pytest.raises(ConfigError, match="'ghost'.*only empty or whitespace"):
+        load_documents(DataConfig(source=str(p)))
+    assert load_documents(DataConfig(source=str(p), tasks=("x",))) == [{"text": "a", "task": "x"}]

@@ -77,11 +77,17 @@ def test_single_exports_estimates_and_errors(tmp_path):
     mean = adapter_estimate(bora, task="task1", estimate="mean")
     assert torch.equal(mean[key][0], bora.params()[key][0][1])
     assert torch.equal(adapter_estimate(bora, task="task1", estimate="map")[key][1], mean[key][1])
-    # overwriting an existing folder replaces it whole, no temporary folders are left behind
-    (tmp_path / "s1" / "stale.txt").write_text("x")
+    # an earlier bora export is replaced whole, no temporary folders are left behind
     export_adapters(bora, tmp_path / "s1", task="task0")
-    assert not (tmp_path / "s1" / "stale.txt").exists()
+    assert json.loads((tmp_path / "s1" / "bora_export.json").read_text())["task"] == "task0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"]
+    # ... but a folder holding anything bora did not write is refused and left alone
+    (tmp_path / "s1" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        export_adapters(bora, tmp_path / "s1", task="task1")
+    assert (tmp_path / "s1" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "s1" / "bora_export.json").read_text())["task"] == "task0"
+    (tmp_path / "s1" / "notes.txt").unlink()
     # a fitted-from-few-documents adapter goes through the same writer
     new = bora.fit_new_task(task_data((0, 0, 0, 4), seed=5), steps=2)
     write_peft_adapter(bora, new, tmp_path / "new")

@@ -124,13 +124,14 @@ class Bora:
         return x if isinstance(x, Feed) else self.feed(x)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train, val=None, *, progress: bool = True) -> FitResult:
+    def fit(self, train, val=None, *, progress: bool = True, checkpoint=None, resume=None) -> FitResult:
+        """Fit the guide (see :func:`bora.infer.fit` for ``checkpoint`` and ``resume``)."""
         train_feed = self._as_feed(train)
         if len(train_feed) != self.num_docs:
             raise ConfigError(f"model was built for {self.num_docs} training documents, got {len(train_feed)}")
         val_feed = self._as_feed(val) if val is not None else None
         self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
-                          progress=progress)
+                          progress=progress, checkpoint=checkpoint, resume=resume)
         if self.config.fit.guide == "laplace":
             self.fit_laplace_(train_feed, progress=progress)
         return self.result

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -53,7 +52,9 @@ def _convert_embedded(name: str) -> Path:
         return out
     gguf = smollm2_gguf()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=out.parent))
+    from .io import make_temp_dir
+
+    tmp = make_temp_dir(out.parent, f".{folder}-")
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

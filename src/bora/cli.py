@@ -14,7 +14,11 @@ estimate and the Bayesian model average over ``S`` posterior samples; ``bora sam
 NAME --prompt TEXT`` prints continuations, each from its own posterior adapter sample; ``bora export
 FIT_DIR --task NAME --output DIR`` writes PEFT adapter folders (see :mod:`bora.posterior`,
 :mod:`bora.export`). ``bora fit --guide meanfield --init-from MAP_DIR`` starts a mean-field fit at a
-MAP fit's estimates. Every flag's help text comes from the config
+MAP fit's estimates. ``bora fit`` checkpoints the run into ``OUTPUT/checkpoints`` (``--checkpoint-every``);
+``bora fit --resume DIR`` continues an interrupted fit exactly where its last checkpoint left it
+(:mod:`bora.checkpoint`). Bora never replaces or deletes a folder it did not write: an existing
+output folder holding anything else is refused, and replacing an existing fit needs ``--overwrite``.
+``--quiet`` also silences the libraries' progress bars and warnings. Every flag's help text comes from the config
 dataclasses, so ``--help`` documents exactly what the code does. A user error prints one line
 (``bora: error: ...``) and exits with status 2.
 """
@@ -22,15 +26,18 @@ dataclasses, so ``--help`` documents exactly what the code does. A user error pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import dataclasses
+import os
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, AdapterConfig, BoraConfig, ConfigError, DataConfig, FitConfig,
-                     PriorConfig)
+from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, AdapterConfig, BoraConfig, CheckpointConfig, ConfigError,
+                     DataConfig, FitConfig, PriorConfig)
 
 __all__ = ["main", "build_parser", "config_from_args", "format_table", "format_posterior_table"]
 
@@ -66,6 +73,7 @@ _FLAGS = {
     "task_column": (DataConfig, "task_column", str),
     "max_length": (DataConfig, "max_length", int),
     "long_documents": (DataConfig, "long_documents", str),
+    "duplicates": (DataConfig, "duplicates", str),
     "val_fraction": (DataConfig, "val_fraction", float),
     "test_fraction": (DataConfig, "test_fraction", float),
     "split_seed": (DataConfig, "seed", int),
@@ -114,9 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--init-from", type=Path, default=None, metavar="FIT_DIR",
                    help="Warm start: initialise the guide at the estimates of this saved fit (e.g. a MAP fit "
                         "for a mean-field fit: its point estimates become the AutoNormal locations).")
-    f.add_argument("--output", "-o", type=Path, required=True, help="Folder to write the fit to.")
+    f.add_argument("--output", "-o", type=Path, default=None,
+                   help="Folder to write the fit to (required unless --resume): a new or empty folder, or an "
+                        "existing bora fit with --overwrite.")
+    f.add_argument("--overwrite", action="store_true",
+                   help="Replace the bora fit already in OUTPUT (only once the new fit is complete; a folder "
+                        "holding anything bora did not write is never replaced).")
+    f.add_argument("--resume", type=Path, default=None, metavar="FIT_DIR",
+                   help="Continue the interrupted fit in FIT_DIR from its last checkpoint, with its own settings "
+                        "(only --device, --quiet and --checkpoint-every may be given).")
+    f.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help=CheckpointConfig.help("every"))
     f.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
-    f.add_argument("--quiet", action="store_true", help="No progress bars.")
+    f.add_argument("--quiet", action="store_true", help="No progress bars, and no library progress bars or warnings.")
 
     e = sub.add_parser("evaluate", help="per-task test perplexity of the base model and a saved fit")
     e.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
@@ -131,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="diagnostics report of a saved fit: shrinkage, tau, plots, ArviZ summary")
     r.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
-    r.add_argument("--output", "-o", type=Path, default=None, help="Report folder (default: FIT_DIR/report).")
+    r.add_argument("--output", "-o", type=Path, default=None,
+                   help="Report folder (default: FIT_DIR/report): new, empty or an earlier bora report.")
     r.add_argument("--fisher-docs", type=int, default=None,
                    help="Training documents per task for the Fisher pass (default: the fit's fisher_docs).")
     r.add_argument("--draws", type=int, default=200, help="Posterior draws for a mean-field fit (a MAP fit has one).")
@@ -174,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sample (the one 'bora sample' uses as number K+1 with the same seed).")
     x.add_argument("--sample-index", type=int, default=0, help="K: which posterior sample (with --estimate sample).")
     x.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples (with --estimate sample).")
-    x.add_argument("--output", "-o", type=Path, required=True, help="Folder to write.")
+    x.add_argument("--output", "-o", type=Path, required=True,
+                   help="Folder to write: new, empty or an earlier bora export of the same kind (--all: a folder "
+                        "of bora exports, of which only this fit's sub-folders are replaced).")
     x.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     return p
 
@@ -243,17 +263,65 @@ def format_table(base: dict, fitted: dict, *, title: str = "test") -> str:
     return "\n".join(lines)
 
 
+_RESUME_FLAGS = {"resume", "output", "quiet", "device", "checkpoint_every"}
+
+
+def _fit_output(args, argv) -> tuple[Path, Optional[object], BoraConfig]:
+    """``(output folder, checkpoint to resume or None, config)``, refusing unsafe outputs before any loading."""
+    from .checkpoint import has_checkpoint, load_checkpoint
+    from .io import check_output, folder_kind, read_json
+
+    if args.resume is None:
+        if args.output is None:
+            raise ConfigError("the following arguments are required: --output/-o (or --resume FIT_DIR)")
+        config = config_from_args(args, argv)
+        out = args.output
+        if folder_kind(out) == "fit" and not args.overwrite:
+            if has_checkpoint(out):
+                step = read_json(out / "checkpoints" / "LATEST").get("step")
+                raise ConfigError(f"{out} holds an interrupted fit (last checkpoint: step {step}): --resume {out} "
+                                  "continues it, --overwrite starts a new fit")
+            raise ConfigError(f"{out} already holds a bora fit; pass --overwrite to replace it")
+        check_output(out, "fit", overwrite=True)
+        return out, None, config
+    out = args.resume
+    if args.output is not None and Path(args.output).resolve() != Path(out).resolve():
+        raise ConfigError("--resume FIT_DIR continues the fit in FIT_DIR; --output must be omitted or the same")
+    extra = sorted(_explicit(argv) - _RESUME_FLAGS)
+    if extra:
+        raise ConfigError(f"--resume continues a fit with its own settings; remove --{extra[0].replace('_', '-')}")
+    ck = load_checkpoint(out)
+    if folder_kind(out) != "fit":
+        check_output(out, "fit")  # the finished fit will replace the folder: it must be bora's alone
+    config = BoraConfig.from_dict(ck.meta.get("config"))
+    return out, ck, config
+
+
 def _cmd_fit(args, argv) -> int:
     from .api import Bora
-    from .io import save_fit
+    from .checkpoint import Checkpointer, data_fingerprint
+    from .infer import NumericalError
+    from .io import base_fingerprint, save_fit
 
-    config = config_from_args(args, argv)
+    every = CheckpointConfig(every=args.checkpoint_every).every
+    out, ck, config = _fit_output(args, argv)
+    if ck is not None and args.checkpoint_every is None:  # the interrupted run's own setting
+        every = CheckpointConfig(every=ck.meta.get("checkpoint_every")).every
     progress = not args.quiet
     t0 = time.perf_counter()
     print(f"bora fit: model={config.model} data={config.data.source} tau_mode={config.prior.tau_mode} "
-          f"guide={config.fit.guide}", flush=True)
+          f"guide={config.fit.guide}" + (f" (resuming {out} from step {ck.step})" if ck is not None else ""),
+          flush=True)
     bora, data = Bora.from_config(config, device=args.device)
-    if args.init_from is not None:
+    meta = {"config": config.to_dict(), "data_sha256": data_fingerprint(data), "base_model": base_fingerprint(bora),
+            "checkpoint_every": every}
+    if ck is not None:
+        if ck.meta.get("data_sha256") != meta["data_sha256"]:
+            raise ConfigError(f"the documents of {config.data.source} changed since the checkpoint in {out} was "
+                              "written; resuming would not continue the same fit")
+        if ck.meta.get("base_model") != meta["base_model"]:
+            raise ConfigError(f"base model {config.model!r} differs from the one the checkpoint in {out} was fitted on")
+    elif args.init_from is not None:
         warm = bora.init_from(args.init_from)
         print(f"warm start from {args.init_from}: {len(warm['copied'])} estimates copied"
               + (f", {len(warm['derived'])} derived" if warm["derived"] else "")
@@ -264,17 +332,23 @@ def _cmd_fit(args, argv) -> int:
           f"{len(bora.adapters)}  adapter parameters per task: {n_params}  device: {bora.device}", flush=True)
     feeds = {k: bora.feed(v, progress=progress, desc=f"caching frozen layers ({k})") for k, v in data.items()}
     base = bora.evaluate(feeds["test"], base=True)
-    result = bora.fit(feeds["train"], feeds["val"], progress=progress)
+    checkpointer = Checkpointer(out, every=every, meta=meta)
+    try:
+        result = bora.fit(feeds["train"], feeds["val"], progress=progress, checkpoint=checkpointer,
+                          resume=ck.state if ck is not None else None)
+    except NumericalError as e:
+        raise ConfigError(f"fit stopped: {e} (try a lower --lr); {checkpointer.describe()}; nothing was saved "
+                          "as a fit") from None
     fitted = bora.evaluate(feeds["test"])
     bora.metrics = {"test": {"base": base, "fit": fitted}}
-    save_fit(bora, args.output)
+    save_fit(bora, out)
     print()
     print(format_table(base, fitted))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
-    print(f"saved to {args.output}  (bora evaluate {args.output})")
+    print(f"saved to {out}  (bora evaluate {out})")
     return 0
 
 
@@ -406,8 +480,9 @@ def _cmd_sample(args) -> int:
 
 def _cmd_export(args) -> int:
     from .api import Bora
-    from .export import export_adapters
+    from .export import check_export_output, export_adapters
 
+    check_export_output(args.output, all_tasks=args.all_tasks)
     bora = Bora.load(args.fit_dir, device=args.device)
     if args.task is not None and args.task not in bora.tasks:
         raise ConfigError(f"task {args.task!r} is not in this fit (tasks: {', '.join(bora.tasks[:8])}"
@@ -423,32 +498,72 @@ def _cmd_export(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """Under ``--quiet``: no progress bars or warnings from datasets, transformers, huggingface_hub or Python."""
+    if not quiet:
+        yield
+        return
+    for var, val in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                     ("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                     ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(var, val)
+    undo = []
+    try:
+        import datasets
+
+        level, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        undo.append(lambda: (datasets.logging.set_verbosity(level), bars and datasets.enable_progress_bars()))
+    except ImportError:  # pragma: no cover
+        pass
+    from transformers.utils import logging as hf_logging
+
+    hf_level, hf_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    undo.append(lambda: (hf_logging.set_verbosity(hf_level), hf_bars and hf_logging.enable_progress_bar()))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for f in reversed(undo):
+            f()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "fit":
-            return _cmd_fit(args, argv)
-        if args.command == "report":
-            from .report import main_report
-
-            out = main_report(args.fit_dir, args.output, device=args.device, fisher_docs=args.fisher_docs,
-                              draws=args.draws, progress=not args.quiet)
-            print(f"report written to {out}  (open {out / 'index.md'})")
-            return 0
-        if args.command == "laplace":
-            return _cmd_laplace(args)
-        if args.command == "sample":
-            return _cmd_sample(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        return _cmd_evaluate(args)
+        with _quiet_libraries(bool(getattr(args, "quiet", False))):
+            return _run(args, argv)
     except ConfigError as e:
         print(f"bora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bora: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args, argv) -> int:
+    if args.command == "fit":
+        return _cmd_fit(args, argv)
+    if args.command == "report":
+        from .report import main_report
+
+        out = main_report(args.fit_dir, args.output, device=args.device, fisher_docs=args.fisher_docs,
+                          draws=args.draws, progress=not args.quiet)
+        print(f"report written to {out}  (open {out / 'index.md'})")
+        return 0
+    if args.command == "laplace":
+        return _cmd_laplace(args)
+    if args.command == "sample":
+        return _cmd_sample(args)
+    if args.command == "export":
+        return _cmd_export(args)
+    return _cmd_evaluate(args)
 
 
 if __name__ == "__main__":

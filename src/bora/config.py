@@ -26,6 +26,7 @@ __all__ = [
     "FitConfig",
     "DataConfig",
     "BoraConfig",
+    "CheckpointConfig",
     "TAU_MODES",
     "GUIDES",
     "HIERARCHIES",
@@ -78,8 +79,18 @@ class _JsonConfig:
                 v = sub.from_dict(v)
             elif isinstance(v, list):
                 v = tuple(v)
+            default = names[k].default
+            if (isinstance(default, (int, float)) and not isinstance(default, bool)
+                    and (isinstance(v, (str, bool)) or (v is None and not _optional(hints[k])))):
+                raise ConfigError(f"{cls.__name__}: {k} must be a number, got {v!r}")
             kwargs[k] = v
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{cls.__name__}: invalid value ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -101,6 +112,10 @@ class _JsonConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _optional(tp) -> bool:
+    return type(None) in typing.get_args(tp)
 
 
 def _config_class(tp) -> Optional[type]:
@@ -251,6 +266,20 @@ class FitConfig(_JsonConfig):
 
 
 @dataclass(frozen=True)
+class CheckpointConfig(_JsonConfig):
+    """Crash safety of a running fit (not part of the fit's config: it does not change the result)."""
+
+    every: Optional[int] = _f(
+        None, "Write a checkpoint (everything needed to resume: parameters, optimiser, tau, data position, "
+        "RNG states) into OUTPUT/checkpoints every this many steps; default: at every validation; 0 disables.")
+
+    def __post_init__(self):
+        _check(self.every is None or (isinstance(self.every, int) and not isinstance(self.every, bool)
+                                      and self.every >= 0),
+               f"checkpoint_every must be a non-negative integer, got {self.every!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig(_JsonConfig):
     """Where documents come from and how they are split into per-task train/validation/test sets."""
 
@@ -268,6 +297,10 @@ class DataConfig(_JsonConfig):
     max_length: int = _f(64, "Maximum tokens per document.")
     long_documents: str = _f("truncate", "Documents longer than max_length: 'truncate' or 'chunk' into several.")
     split: str = _f("train", "Split of a hub dataset to read.")
+    duplicates: str = _f(
+        "keep", "Documents repeated verbatim within a task: 'keep' every copy (each is split like any other "
+        "document, so copies can fall in different splits) or 'drop' all but the first (no text is then in two "
+        "splits of one task).")
 
     def __post_init__(self):
         if isinstance(self.tasks, list):
@@ -277,6 +310,7 @@ class DataConfig(_JsonConfig):
                and self.val_fraction + self.test_fraction < 1,
                "val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         _check(isinstance(self.max_length, int) and self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}")
+        _check(self.duplicates in ("keep", "drop"), f"duplicates must be 'keep' or 'drop', got {self.duplicates!r}")
         _check(self.long_documents in ("truncate", "chunk"),
                f"long_documents must be 'truncate' or 'chunk', got {self.long_documents!r}")
 

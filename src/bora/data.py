@@ -19,12 +19,27 @@ Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see
 text and a task column, a local dataset folder or a hub dataset name (read with ``datasets.load_dataset(name,
 split=cfg.split)``). Every user error is a one-line :class:`~bora.config.ConfigError`.
 
+Local JSON, JSON-lines, CSV and TSV files are read by bora itself (UTF-8, with or without a BOM), so
+every problem names the file and line: an empty file, invalid JSON, a line that is not a JSON
+object, bytes that are not UTF-8, a CSV row with the wrong number of fields or an unterminated
+quote, a text that is not a string, a row with a text but no task, a task whose documents are all
+empty or whitespace. Documented behaviour: rows with a missing or blank text are skipped; numeric
+task values become strings; a quoted CSV field keeps its newlines (one document); an enormous
+document is read whole and then truncated to ``max_length`` tokens (or chunked); documents
+repeated verbatim within a task are kept by default (``duplicates='keep'``: each copy is split like
+any other document, as the embedded default's repeated lines are) or kept once with
+``duplicates='drop'`` (then no text is in two splits of one task). Parquet files, dataset folders
+and hub datasets are read with ``datasets``.
+
 Splits are per task and depend only on ``(seed, task name, that task's documents in order)``, so
 adding or removing other tasks never reshuffles a task. Task sizes are left unequal on purpose.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import os
 import random
@@ -46,6 +61,7 @@ __all__ = [
     "tokenize_splits",
     "collate",
     "batches",
+    "BatchStream",
     "distinct_task_batches",
 ]
 
@@ -79,19 +95,129 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _read_local(path: Path):
-    import datasets
+class _Table:
+    """Columns of a data source, plus where row ``i`` came from (for error messages)."""
 
+    def __init__(self, columns: list, get, where):
+        self.column_names = list(columns)
+        self._get = get
+        self.where = where
+
+    def __getitem__(self, col: str) -> list:
+        return self._get(col)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                          "save the file as UTF-8") from None
+
+
+def _rows_table(rows: list, lines: list, path: Path, unit: str = "line") -> _Table:
+    columns: dict = {}
+    for r in rows:
+        for k in r:
+            columns.setdefault(k, None)
+    return _Table(list(columns), lambda col: [r.get(col) for r in rows], lambda i: f"{path} {unit} {lines[i]}")
+
+
+def _read_json(path: Path, raw: bytes) -> _Table:
+    """A JSON array of objects, an object of equal-length columns, or JSON lines (one object per line)."""
+    text = _decode(raw, path)
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise ConfigError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        else:
+            if isinstance(obj, list):
+                for i, r in enumerate(obj):
+                    if not isinstance(r, dict):
+                        raise ConfigError(f"{path} item {i + 1}: expected a JSON object, got {type(r).__name__}")
+                return _rows_table(obj, list(range(1, len(obj) + 1)), path, "item")
+            if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+                n = {len(v) for v in obj.values()}
+                if len(n) != 1:
+                    raise ConfigError(f"{path}: the columns of a JSON object of columns must have equal lengths")
+                rows = [{k: v[i] for k, v in obj.items()} for i in range(n.pop())]
+                return _rows_table(rows, list(range(1, len(rows) + 1)), path, "row")
+            if isinstance(obj, dict):  # one JSON line
+                return _rows_table([obj], [1], path)
+            raise ConfigError(f"{path}: expected JSON objects (a list of them, or one per line), got "
+                              f"{type(obj).__name__}")
+    rows, lines = [], []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise ConfigError(f"{path} line {i}: expected a JSON object, got {type(r).__name__}")
+        rows.append(r)
+        lines.append(i)
+    return _rows_table(rows, lines, path)
+
+
+def _read_csv(path: Path, raw: bytes, delimiter: str) -> _Table:
+    """CSV/TSV with a header row (RFC 4180 quoting: a quoted field may hold the delimiter, quotes and newlines).
+    Empty cells are missing values."""
+    text = _decode(raw, path)
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # enormous documents are documents too
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise ConfigError(f"{path}: no header row")
+        if len(set(header)) != len(header):
+            dup = next(h for h in header if header.count(h) > 1)
+            raise ConfigError(f"{path} line 1: duplicate column name {dup!r}")
+        rows, lines = [], []
+        start = reader.line_num + 1
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
+                start = reader.line_num + 1
+                continue
+            if len(row) != len(header):
+                raise ConfigError(f"{path} line {start}: {len(row)} fields, but the header has {len(header)} "
+                                  "(quote fields that contain the delimiter)")
+            rows.append({h: (v if v != "" else None) for h, v in zip(header, row)})
+            lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ConfigError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+    return _Table(header, lambda col: [r[col] for r in rows], lambda i: f"{path} line {lines[i]}")
+
+
+def _read_local(path: Path):
     suffix = path.suffix.lower()
     if suffix == ".txt":
         raise ConfigError(f"{path}: a .txt file has no task column; use a JSONL/CSV/Parquet file with text and task columns")
     if suffix not in _BUILDERS:
         raise ConfigError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {sorted(_BUILDERS)}")
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if suffix != ".parquet":
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"could not read data file {path}: {e.strerror}") from None
+        if not raw.strip():
+            raise ConfigError(f"data file {path} is empty")
+        if suffix in (".jsonl", ".json"):
+            return _read_json(path, raw)
+        return _read_csv(path, raw, "\t" if suffix == ".tsv" else ",")
+    import datasets
+
     try:
-        return datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - any reader failure is a user data problem
         raise ConfigError(f"could not read data file {path}: {_first_line(e)}") from None
+    return _Table(ds.column_names, lambda col: ds[col], lambda i: f"{path} row {i + 1}")
 
 
 def _read_hub(name: str, split: str):
@@ -103,13 +229,17 @@ def _read_hub(name: str, split: str):
         raise ConfigError(f"could not load dataset {name!r} (split {split!r}): {_first_line(e)}") from None
     if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
         raise ConfigError(f"dataset {name!r} split {split!r} did not load as a single table")
-    return ds
+    return _Table(ds.column_names, lambda col: ds[col], lambda i: f"dataset {name!r} row {i + 1}")
 
 
 def load_documents(cfg: DataConfig) -> list[dict]:
     """Load ``{"text": str, "task": str}`` documents from ``cfg.source``, in source order.
 
-    Empty or missing texts and rows without a task are dropped; task values become strings; when
+    Rows with a missing, empty or whitespace-only text are skipped; a task value that is a number
+    becomes a string. A clear :class:`ConfigError` naming the file and line (or row) is raised for an
+    empty file, invalid JSON, bytes that are not UTF-8, a malformed CSV row, a text that is not a
+    string, a row with a text but no task, and a task whose every document is empty. With
+    ``cfg.duplicates='drop'`` repeated (task, text) pairs are kept once (the first). When
     ``cfg.tasks`` is set only those tasks are kept (each must have documents)."""
     source = cfg.source
     if source == "shakespeare":
@@ -134,14 +264,41 @@ def load_documents(cfg: DataConfig) -> list[dict]:
                 raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
         texts, tasks = ds[cfg.text_column], ds[cfg.task_column]
         docs = []
-        for text, task in zip(texts, tasks):
-            if text is None or task is None:
+        blank: Counter = Counter()
+        for i, (text, task) in enumerate(zip(texts, tasks)):
+            if text is None:
                 continue
             if not isinstance(text, str):
-                raise ConfigError(f"text column {cfg.text_column!r} of {source} must hold strings, "
+                raise ConfigError(f"{ds.where(i)}: the text column {cfg.text_column!r} must hold strings, "
                                   f"got {type(text).__name__}")
+            if task is None or (isinstance(task, float) and math.isnan(task)):
+                if text.strip():
+                    raise ConfigError(f"{ds.where(i)}: a document without a value in the task column "
+                                      f"{cfg.task_column!r}")
+                continue
+            if isinstance(task, bool) or not isinstance(task, (str, int, float)):
+                raise ConfigError(f"{ds.where(i)}: task values must be strings or numbers, got {type(task).__name__}")
+            task = str(task)
+            if not task.strip():
+                raise ConfigError(f"{ds.where(i)}: empty task name in column {cfg.task_column!r}")
             if text.strip():
-                docs.append({"text": text, "task": str(task)})
+                docs.append({"text": text, "task": task})
+            else:
+                blank[task] += 1
+        have = {d["task"] for d in docs}
+        empty = sorted(t for t in blank if t not in have and (cfg.tasks is None or t in cfg.tasks))
+        if empty and docs:
+            raise ConfigError(f"task {empty[0]!r} in {where} has only empty or whitespace documents "
+                              f"({blank[empty[0]]})")
+    if cfg.duplicates == "drop":
+        seen: set = set()
+        unique = []
+        for d in docs:
+            key = (d["task"], d["text"])
+            if key not in seen:
+                seen.add(key)
+                unique.append(d)
+        docs = unique
     if cfg.tasks is not None:
         wanted = [str(t) for t in cfg.tasks]
         have = Counter(d["task"] for d in docs)
@@ -385,6 +542,42 @@ def batches(
         if drop_last and len(b) < batch_size:
             return
         yield b
+
+
+class BatchStream:
+    """Endless shuffled epochs of row indices: exactly the batches of ``batches(split, batch_size,
+    shuffle=True, generator=generator)`` epoch after epoch, with a position that can be saved and
+    restored (:meth:`state_dict`; the generator's own state is saved separately)."""
+
+    def __init__(self, n: int, batch_size: int, generator: Optional[torch.Generator] = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if n < 1:
+            raise ConfigError("no documents to draw batches from")
+        self.n, self.batch_size, self.generator = int(n), batch_size, generator
+        self.order: Optional[torch.Tensor] = None
+        self.pos = 0
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.order is None or self.pos >= self.n:
+            self.order = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        b = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return b
+
+    def state_dict(self) -> dict:
+        return {"order": None if self.order is None else self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["order"]
+        if order is not None and (order.dim() != 1 or len(order) != self.n):
+            raise ConfigError(f"batch stream state is for {len(order)} documents, not {self.n}")
+        self.order = None if order is None else order.clone().to(torch.long)
+        self.pos = int(state["pos"])
 
 
 def distinct_task_batches(

@@ -26,7 +26,10 @@ estimate (for AutoNormal the location, which is the mean, median and mode of eac
 AutoDelta the MAP value); ``sample`` is posterior sample ``sample_index`` drawn exactly as
 :class:`bora.posterior.Posterior` draws it for ``seed``. Every folder is written into a
 temporary sibling and renamed into place (an existing folder is replaced only when the new one is
-complete). peft itself is not needed to export.
+complete). An existing single-export folder is replaced only if it is an earlier bora export; an
+``all_tasks`` export into an existing folder of bora exports adds or replaces only its own
+sub-folders (and merges ``index.json``); a folder holding anything bora did not write is refused
+(:func:`bora.io.check_output`). peft itself is not needed to export.
 """
 
 from __future__ import annotations
@@ -34,15 +37,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from .config import ConfigError
-from .io import replace_dir
+from .io import check_output, folder_kind, make_temp_dir, replace_dir, save_safetensors, write_json
 from .layers import _is_conv1d
 
 __all__ = ["peft_state_dict", "peft_config", "write_peft_adapter", "adapter_estimate", "export_adapters", "ESTIMATES"]
@@ -97,27 +98,36 @@ def peft_config(bora, keys=None) -> dict:
     }
 
 
+def check_export_output(path, *, all_tasks: bool = False) -> str:
+    """ConfigError unless ``path`` is new, empty, or bora's own export output of the same kind."""
+    return check_output(Path(path), "export-all" if all_tasks else "export")
+
+
 def _write_into(folder: Path, bora, adapter, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(bora, adapter.keys()), indent=2,
                                                            sort_keys=True) + "\n")
-    save_file(peft_state_dict(adapter, bora.adapters.names), str(folder / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors(peft_state_dict(adapter, bora.adapters.names), folder / "adapter_model.safetensors",
+                     metadata={"format": "pt"})
     (folder / "bora_export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _write_folder(bora, adapter, path: Path, info: dict) -> None:
+    tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
+    try:
+        _write_into(tmp, bora, adapter, info)
+        replace_dir(tmp, path, "export")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_peft_adapter(bora, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path, *,
                        info: Optional[dict] = None) -> Path:
     """Write one 2-D adapter ``key -> (A, B)`` (e.g. from :func:`bora.posterior.fit_new_task`) as a PEFT folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        _write_into(tmp, bora, adapter, dict(info or {}))
-        replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    check_output(path, "export")
+    _write_folder(bora, adapter, path, dict(info or {}))
     return path
 
 
@@ -183,27 +193,39 @@ def export_adapters(bora, path, *, task: Optional[str] = None, global_adapter: b
         write_peft_adapter(bora, adapter, path, info={**info, "task": None if global_adapter else task,
                                                       "global": bool(global_adapter)})
         return {name: path}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        used = {"_global"}
-        index = {}
-        for t in bora.tasks:
-            folder = _folder_name(t, used)
-            _write_into(tmp / folder, bora, adapter_estimate(bora, task=t, values=vals),
-                        {**info, "task": t, "global": False})
-            index[t] = folder
-        glob = None
-        if bora.model.has_global:
-            _write_into(tmp / "_global", bora, adapter_estimate(bora, global_adapter=True, values=vals),
-                        {**info, "task": None, "global": True})
-            glob = "_global"
-        (tmp / "index.json").write_text(json.dumps({"tasks": index, "global": glob, **info}, indent=2,
-                                                   sort_keys=True) + "\n")
-        replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    kind = check_output(path, "export-all")
+    used = {"_global"}
+    index = {t: _folder_name(t, used) for t in bora.tasks}
+    glob = "_global" if bora.model.has_global else None
+    adapters = {folder: (adapter_estimate(bora, task=t, values=vals), {**info, "task": t, "global": False})
+                for t, folder in index.items()}
+    if glob:
+        adapters[glob] = (adapter_estimate(bora, global_adapter=True, values=vals), {**info, "task": None, "global": True})
+    if kind in ("missing", "empty"):  # one new folder: write it whole, then rename it into place
+        tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
+        try:
+            for folder, (adapter, meta) in adapters.items():
+                _write_into(tmp / folder, bora, adapter, meta)
+            write_json(tmp / "index.json", {"tasks": index, "global": glob, **info})
+            replace_dir(tmp, path, "export-all")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    else:  # a folder of earlier exports: add or replace this fit's sub-folders only
+        for folder in adapters:
+            if folder_kind(path / folder) not in ("missing", "empty", "export"):
+                check_output(path / folder, "export")
+        for folder, (adapter, meta) in adapters.items():
+            _write_folder(bora, adapter, path / folder, meta)
+        old = {}
+        if (path / "index.json").exists():
+            try:
+                old = json.loads((path / "index.json").read_text())
+            except (ValueError, OSError):
+                old = {}
+        tasks = {**(old.get("tasks") or {} if isinstance(old, dict) else {}), **index}
+        write_json(path / "index.json", {"tasks": tasks, "global": glob or (old.get("global") if isinstance(old, dict)
+                                                                             else None), **info})
     out = {t: path / f for t, f in index.items()}
     if glob:
         out["_global"] = path / glob

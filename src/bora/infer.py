@@ -15,6 +15,15 @@ Every ``eval_every`` steps the guide's point estimate is validated (per-task per
 criterion is the mean per-task NLL) and, for a learned tau in a MAP fit, tau is re-estimated by
 Laplace empirical Bayes (:mod:`bora.tau`). The best validated state is restored at the end;
 ``patience`` validations without improvement stop the fit early.
+
+Checkpoints and resume: ``checkpoint(step, validated, capture)`` is called after step 0's
+validation and after every step; ``capture()`` returns the loop's complete state (guide,
+optimiser and scheduler state, tau, the batch stream's position, every RNG state, the best state
+so far, early-stopping counter and history) as tensors and plain Python values, and
+``fit(..., resume=that state)`` continues from it so that the result is bit-identical (on CPU) to
+an uninterrupted fit. :mod:`bora.checkpoint` writes and reads such states. A non-finite loss or
+gradient norm stops the fit with :class:`NumericalError` (naming the step), before any optimiser
+step applies it.
 """
 
 from __future__ import annotations
@@ -30,15 +39,24 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from .config import FitConfig
-from .data import batches
+from .checkpoint import rng_state, set_rng_state_
+from .config import ConfigError, FitConfig
+from .data import BatchStream
 from .evaluate import evaluate
 from .feed import Feed
 from .fisher import task_fisher
 from .guides import param_groups, point_values
 from .tau import EmpiricalBayesTau
 
-__all__ = ["FitResult", "fit", "num_steps"]
+__all__ = ["FitResult", "fit", "num_steps", "NumericalError"]
+
+
+class NumericalError(ConfigError):
+    """The loss or gradient became NaN or infinite at ``step`` (nothing from that step was applied)."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"the {what} is {value} at step {step}")
+        self.step, self.what, self.value = step, what, value
 
 
 @dataclass
@@ -85,14 +103,14 @@ def _adamw(params, cfg: FitConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _epoch_batches(feed: Feed, cfg: FitConfig, gen: torch.Generator):
-    while True:
-        yield from batches(feed.split, cfg.batch_size, shuffle=True, generator=gen)
-
-
 def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
-        tau: Optional[EmpiricalBayesTau] = None, progress: bool = True) -> FitResult:
-    """Optimise ``guide`` for ``model`` (or for ``tau.model`` when tau is estimated by empirical Bayes)."""
+        tau: Optional[EmpiricalBayesTau] = None, progress: bool = True,
+        checkpoint: Optional[Callable[[int, bool, Callable[[], dict]], None]] = None,
+        resume: Optional[dict] = None) -> FitResult:
+    """Optimise ``guide`` for ``model`` (or for ``tau.model`` when tau is estimated by empirical Bayes).
+
+    ``checkpoint(step, validated, capture)`` is called after every step (and after step 0's
+    validation); ``resume`` is a state returned by ``capture`` of a fit with the same arguments."""
     pyro.set_rng_seed(cfg.seed)
     check_args = pyro.distributions.is_validation_enabled()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -107,8 +125,9 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     if val is not None:
         val.build_cache_()
 
-    stream = _epoch_batches(train, cfg, gen)
-    first = train.batch(next(stream))
+    stream = BatchStream(len(train), cfg.batch_size, gen)
+    pending = next(stream)  # step 1's rows (the guide runs once on their batch first)
+    first = train.batch(pending)
     guide(first)  # sets up the guide's parameters (runs the model once)
     elbo = Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide)
     groups = param_groups(guide, cfg.lr, cfg.scale_lr)
@@ -134,6 +153,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             entry["val_ppl"] = s["overall"]["ppl_task_mean"]
             entry["val_ppl_per_task"] = {k: v["ppl"] for k, v in s["per_task"].items()}
             improved = not (entry["val_nll"] >= res.best_val_nll - 1e-6)  # nan-safe
+            if not math.isfinite(entry["val_nll"]):
+                raise NumericalError(step, "validation NLL", entry["val_nll"])
             if improved:
                 res.best_val_nll, res.best_step = entry["val_nll"], step
         if improved:
@@ -151,14 +172,54 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         res.history.append(entry)
         return cfg.patience > 0 and bad >= cfg.patience
 
-    validate(0, math.nan, math.nan)
-    bar = tqdm(total=total, desc=f"fit ({type(guide).__name__})", disable=not progress, dynamic_ncols=True)
-    batch = first
+    def capture() -> dict:
+        """The loop's complete state after ``step`` (tensors are live references: serialise at once)."""
+        return {"step": step, "guide": guide.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "tau": tau.as_dict() if tau is not None else None,
+                "stream": stream.state_dict(), "pending": pending, "rng": rng_state(gen), "bad": bad,
+                "fisher_rng": fisher_gen.get_state(),
+                "best": None if best_state is None else {"guide": best_state[0], "tau": best_state[1]},
+                "result": res.to_dict(), "step_times": list(step_times), "seconds": time.perf_counter() - t_start,
+                "running": {"loss": run_loss, "nll": run_nll, "n": run_n, "tokens": tok_count}}
+
     step = 0
+    if resume is None:
+        validate(0, math.nan, math.nan)
+        if checkpoint is not None:
+            checkpoint(0, True, capture)
+    else:
+        step = int(resume["step"])
+        guide.load_state_dict(resume["guide"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if tau is not None:
+            tau.load_(resume["tau"])
+        stream.load_state_dict(resume["stream"])
+        bad = int(resume["bad"])
+        b = resume["best"]
+        best_state = None if b is None else ({k: v.clone() for k, v in b["guide"].items()}, b["tau"])
+        res = FitResult(**resume["result"])
+        step_times = list(resume["step_times"])
+        t_start = time.perf_counter() - float(resume["seconds"])
+        r = resume["running"]
+        run_loss, run_nll, run_n, tok_count = float(r["loss"]), float(r["nll"]), int(r["n"]), int(r["tokens"])
+        if "fisher_rng" in resume:
+            fisher_gen.set_state(resume["fisher_rng"].to(torch.uint8))
+        set_rng_state_(resume["rng"], gen)  # last: nothing above may draw random numbers
+        pending = resume.get("pending")  # rows drawn for the next step but not yet used (after step 0)
+        first = None
+    bar = tqdm(total=total, initial=step, desc=f"fit ({type(guide).__name__})", disable=not progress,
+               dynamic_ncols=True)
     try:
-        for step in range(1, total + 1):
-            if step > 1:
-                batch = train.batch(next(stream))
+        for step in range(step + 1, total + 1):
+            if res.stopped_early:
+                step -= 1
+                break
+            if first is not None:
+                batch, first = first, None
+            else:
+                batch = train.batch(pending if pending is not None else next(stream))
+            pending = None
             t0 = time.perf_counter()
             model.adapters.train(True)
             opt.zero_grad(set_to_none=True)
@@ -166,9 +227,15 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             # every element of every adapter tensor on every step for shapes that cannot change.
             with pyro.validation_enabled(check_args and step == 1):
                 loss = elbo(batch) / n_tokens
+            if not bool(torch.isfinite(loss.detach())):
+                raise NumericalError(step, "loss", float(loss.detach()))
             loss.backward()
             if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not bool(torch.isfinite(norm)):
+                raise NumericalError(step, "gradient norm", float(norm))
             opt.step()
             sched.step()
             model.adapters.train(False)
@@ -184,12 +251,15 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             if tau is not None:
                 post["tau"] = ",".join(f"{v:.3g}" for v in tau.as_dict().values())
             bar.set_postfix(post, refresh=False)
-            if step % eval_every == 0 or step == total:
+            validated = step % eval_every == 0 or step == total
+            if validated:
                 stop = validate(step, run_loss / max(1, run_n), run_nll / max(1, run_n))
                 run_loss, run_nll, run_n = 0.0, 0.0, 0
-                if stop:
-                    res.stopped_early = True
-                    break
+                res.stopped_early = bool(stop)
+            if checkpoint is not None:
+                checkpoint(step, validated, capture)
+            if res.stopped_early:
+                break
     finally:
         bar.close()
     res.steps = step

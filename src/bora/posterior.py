@@ -59,7 +59,7 @@ from .config import ConfigError
 from .data import TokenizedSplit, batches, tokenize_split
 from .evaluate import doc_loglik, summarize
 from .feed import Feed
-from .io import read_fit_files
+from .io import check_base, read_fit_files
 from .metrics import TokenMetrics, entropy, log_mean_exp
 
 __all__ = ["Posterior", "evaluate_posterior", "token_log_probs", "fit_new_task", "warm_start_", "sample_seed"]
@@ -515,6 +515,7 @@ def warm_start_(bora, source) -> dict:
         raise ConfigError(f"--init-from fit uses base model {config.model!r}, this fit {mine.model!r}")
     if config.adapter != mine.adapter:
         raise ConfigError("--init-from fit has different adapter settings (rank/alpha/targets/layers)")
+    check_base(bora, meta, source)
     src_tasks = list(meta.get("tasks", []))
     missing = [t for t in bora.tasks if t not in src_tasks]
     if missing and bora.model.has_tasks:

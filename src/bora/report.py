@@ -25,6 +25,7 @@ from the fit's data config unless given.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,7 +34,7 @@ import numpy as np
 
 from . import diagnostics as D
 from . import plots
-from .io import write_json
+from .io import check_output, make_temp_dir, replace_dir, write_json
 
 __all__ = ["write_report", "main_report", "markdown_table", "PLOTS"]
 
@@ -106,10 +107,24 @@ def write_report(bora, out_dir, *, train=None, test=None, fisher_docs: Optional[
     ``train`` / ``test`` are :class:`~bora.data.TokenizedSplit` (default: reloaded with
     :func:`bora.api.load_data`); the test split is only needed when ``bora.metrics`` has no test
     evaluation. ``draws`` posterior draws are used for a mean-field fit (a MAP fit has one).
+    The folder is written into a temporary sibling and renamed into place; an existing ``out_dir``
+    must be empty or an earlier bora report (anything else is refused with a ConfigError).
     """
-    t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "report")
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        report = _write_report(bora, tmp, out, train=train, test=test, fisher_docs=fisher_docs, draws=draws,
+                               seed=seed, hdi_prob=hdi_prob, progress=progress)
+        replace_dir(tmp, out, "report")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _write_report(bora, out: Path, shown: Path, *, train, test, fisher_docs, draws, seed, hdi_prob, progress) -> dict:
+    t0 = time.perf_counter()
     cache: dict = {}
 
     def load():
@@ -150,7 +165,7 @@ def write_report(bora, out_dir, *, train=None, test=None, fisher_docs: Optional[
     history = list(bora.result.history) if bora.result is not None else []
 
     if progress:
-        print(f"drawing plots into {out}", flush=True)
+        print(f"drawing plots into {shown}", flush=True)
     plots.shrinkage_forest(tasks, table["shrinkage"], table["shrinkage_lo"], table["shrinkage_hi"],
                            out / "shrinkage_forest.png", sizes=table["train_docs"],
                            hdi_prob=hdi_prob if table["draws"] > 1 else None,
@@ -178,7 +193,7 @@ def write_report(bora, out_dir, *, train=None, test=None, fisher_docs: Optional[
     write_json(out / "report.json", report)
     (out / "index.md").write_text(_index_md(bora, report, tasks, history))
     if progress:
-        print(f"report written to {out} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(f"report written to {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return report
 
 
@@ -219,6 +234,7 @@ def main_report(fit_dir, out_dir=None, *, device="auto", fisher_docs: Optional[i
 
     fit_dir = Path(fit_dir)
     out = Path(out_dir) if out_dir is not None else fit_dir / "report"
+    check_output(out, "report")  # before loading anything
     if progress:
         print(f"loading fit {fit_dir}", flush=True)
     bora = Bora.load(fit_dir, device=device)
