@@ -119,18 +119,21 @@ def config(guide="meanfield", mode="learned", **fit):
                       prior=PriorConfig(tau_mode=mode, tau=10.0), fit=FitConfig(**f))
 
 
-def test_meanfield_fit_learns_every_site_including_tau():
+def test_meanfield_fit_learns_scales_and_tau_by_variational_em():
     train, val = task_data(TRAIN, seed=1), task_data(VAL, seed=2)
     bora = Bora(config(num_particles=2), tiny_llama(), TinyTokenizer(), train.tasks, len(train))
     names = {k.split(".", 1)[1] for k in bora.guide.state_dict()}
-    assert "tau_unconstrained" in names and any(n.startswith("theta_B:") for n in names)
+    # centred task sites ('auto' for mean-field); tau is a hyperparameter set by the variational M-step
+    assert any(n.startswith("theta_B:") and "_decentered" not in n for n in names)
+    assert not any(n.startswith("tau") for n in names) and bora.tau is not None
     before = {k: v.clone() for k, v in bora.guide.state_dict().items()}
     res = bora.fit(train, val, progress=False)
     after = bora.guide.state_dict()
     assert res.steps == 6 and math.isfinite(res.history[-1]["val_nll"])
-    assert not torch.equal(before["locs.tau_unconstrained"], after["locs.tau_unconstrained"])
-    assert not torch.equal(before["scales.tau_unconstrained"], after["scales.tau_unconstrained"])
-    assert 0 < bora.tau_estimate()["tau"] < 1e6
+    moved = [k for k in before if k.startswith("scales.") and not torch.equal(before[k], after[k])]
+    assert len(moved) == sum(k.startswith("scales.") for k in before)
+    taus = [h["tau"]["tau"] for h in res.history]
+    assert taus[0] == 10.0 and all(0 < t < 1e6 for t in taus) and taus[-1] != 10.0  # moved by the M-step
 
 
 def test_warm_start_copies_map_estimates(tmp_path):
@@ -139,18 +142,21 @@ def test_warm_start_copies_map_estimates(tmp_path):
 
     m = Bora(config("map"), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
     m.fit(train, val, progress=False)
+    m.fit_laplace_(train)
     m.save(tmp_path / "map")
     mf = Bora(config("meanfield"), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    assert not mf.model.noncentred and m.model.noncentred  # 'auto': the two fits use different coordinates
     report = mf.init_from(tmp_path / "map")
     assert report["kept"] == [] and "tau" in report["copied"]
     point_map, point_mf = m.point(), mf.point()
     for name, v in point_map.items():
-        torch.testing.assert_close(point_mf[name], v)
-    tau = m.tau_estimate()["tau"]
-    sd = mf.guide.state_dict()
-    assert float(sd["locs.tau_unconstrained"]) == pytest.approx(math.log(tau), rel=1e-5)  # loc of log tau
-    loc, scale = mf.guide._get_loc_and_scale("tau")  # scales keep their initial value
-    assert float(scale.detach()) == pytest.approx(mf.config.fit.init_scale)
+        if not name.endswith("_decentered"):
+            torch.testing.assert_close(point_mf[name], v)
+    assert mf.tau_estimate()["tau"] == pytest.approx(m.tau_estimate()["tau"])
+    # the scales start at the source's Laplace posterior: (F + tau)^-1/2 per task coordinate
+    key = next(iter(m.model.shapes))
+    loc, scale = mf.guide._get_loc_and_scale(f"theta_B:{key}")
+    torch.testing.assert_close(scale.detach(), m.laplace.task_sd(key, 1), rtol=1e-4, atol=1e-7)
     assert mf.evaluate(val)["overall"]["nll_task_mean"] == pytest.approx(m.evaluate(val)["overall"]["nll_task_mean"],
                                                                          abs=1e-5)
     # a mean-field source is resumed: locs and scales

@@ -108,27 +108,26 @@ def exact_tau_posterior(truth, grid, a=1.0, b=1e-4):
 
 
 def test_meanfield_with_bora_defaults_learns_scales_and_tau():
-    """The mean-field guide in bora's loop, default learning rates and initial scales, on the linear-Gaussian
-    hierarchy: posterior sds of the task adapters within 20% of the exact ones, tau inside its exact 90% interval."""
-    model, feed, truth = make_problem(SIZES, tau=4.0, mode="learned", tau_init=100.0)
-    guide = make_guide(model, "meanfield")
+    """The mean-field guide in bora's loop with its default learning rates and initial scales, tau by
+    variational EM (centred form, as ``parameterisation='auto'`` picks for mean-field): posterior sds of
+    the task adapters within 20% of the exact ones; tau near the exact posterior (mean-field VI ignores the
+    posterior correlation between tau and the adapters, so it is not exact: within 30% of the median)."""
+    model, feed, truth = make_problem(SIZES, tau=4.0, mode="learned", tau_init=100.0, parameterisation="centred")
+    tau = EmpiricalBayesTau(model)
+    guide = make_guide(model, "meanfield", target=tau.model)
     cfg = FitConfig(guide="meanfield", steps=2000, batch_size=64, eval_every=2000, patience=0)
-    first = feed.batch(torch.arange(2))
-    guide(first)
-    set_scales_(guide, {f"theta_B:{model.key}_decentered": 1.0})  # as Bora does: z starts at its prior sd
-    fit(model, guide, feed, None, cfg, progress=False)
+    fit(model, guide, feed, None, cfg, tau=tau, progress=False)
     grid = np.exp(np.linspace(math.log(0.1), math.log(1e3), 1500))
-    post = exact_tau_posterior(truth, grid)
-    cdf = np.cumsum(post)
-    lo, hi = grid[np.searchsorted(cdf, 0.05)], grid[np.searchsorted(cdf, 0.95)]
-    tau_q = float(point_values(guide)["tau"])
-    # the posterior sd of theta_t under q: Var(Theta) + Var(z) / tau
+    cdf = np.cumsum(exact_tau_posterior(truth, grid))
+    lo, med, hi = (grid[np.searchsorted(cdf, q)] for q in (0.05, 0.5, 0.95))
+    tau_q = tau.as_dict()["tau"]
     with torch.no_grad():
         draws = torch.stack([model.complete(guide())[f"theta_B:{model.key}"] for _ in range(400)]).double()
     ex = exact_posterior(truth, tau_q)
     ratio = float((draws.std(0) / ex["theta_sd"]).median())
-    print(f"mean-field tau {tau_q:.3f} (exact 90% interval [{lo:.3f}, {hi:.3f}]); sd ratio (median) {ratio:.3f}")
-    assert lo <= tau_q <= hi
+    print(f"mean-field tau {tau_q:.3f} (exact median {med:.3f}, 90% interval [{lo:.3f}, {hi:.3f}]); "
+          f"sd ratio (median) {ratio:.3f}")
+    assert abs(tau_q / med - 1) < 0.3
     assert abs(ratio - 1) < 0.2
 
 

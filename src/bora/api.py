@@ -70,9 +70,12 @@ class Bora:
         self.prefix = FrozenPrefix(self.lm, first) if (config.fit.cache_prefix and first) else None
         autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.model = BoraModel(self.lm, self.adapters, self.tasks, self.num_docs, config.prior,
-                               prefix=self.prefix, init_seed=config.fit.seed, autocast_dtype=autocast)
-        self.tau = (EmpiricalBayesTau(self.model)
-                    if config.prior.tau_mode == "learned" and config.fit.guide in ("map", "laplace") else None)
+                               prefix=self.prefix, init_seed=config.fit.seed, autocast_dtype=autocast,
+                               guide_kind=config.fit.guide)
+        # learned tau: empirical Bayes (Laplace evidence) for point fits, variational EM for mean-field fits in
+        # the centred form; a non-centred mean-field fit keeps tau as a variational site
+        eb = config.fit.guide in ("map", "laplace") or not self.model.noncentred
+        self.tau = EmpiricalBayesTau(self.model) if config.prior.tau_mode == "learned" and eb else None
         target = self.tau.model if self.tau is not None else self.model
         self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
         self.laplace: Optional[HierarchicalLaplace] = None
@@ -182,8 +185,8 @@ class Bora:
         return Posterior(self, num_samples, seed=seed)
 
     def init_from(self, path) -> dict:
-        """Warm start: set the guide to the estimates of the saved fit ``path`` (:func:`bora.posterior.warm_start_`)."""
-        from .posterior import warm_start_
+        """Warm start: set the guide to the estimates of the saved fit ``path`` (:func:`bora.warmstart.warm_start_`)."""
+        from .warmstart import warm_start_
 
         return warm_start_(self, path)
 

@@ -36,7 +36,7 @@ __all__ = [
 TAU_MODES = ("fixed", "learned", "independent", "shared")
 GUIDES = ("map", "meanfield", "laplace")
 HIERARCHIES = ("B", "AB")
-PARAMETERISATIONS = ("noncentred", "centred")
+PARAMETERISATIONS = ("auto", "noncentred", "centred")
 
 
 class ConfigError(ValueError):
@@ -188,10 +188,11 @@ class PriorConfig(_JsonConfig):
         "identifiable: A -> cA, B -> B/c changes it).",
     )
     parameterisation: str = _f(
-        "noncentred",
+        "auto",
         "How task sites are parameterised for inference (same joint density): 'noncentred' "
-        "(theta_t = Theta + tau^-1/2 z_t, z_t ~ Normal(0, 1): well conditioned for any tau) or 'centred' "
-        "(theta_t sampled directly).",
+        "(theta_t = Theta + tau^-1/2 z_t, z_t ~ Normal(0, 1): well conditioned for any tau), 'centred' "
+        "(theta_t sampled directly) or 'auto' (non-centred for MAP/Laplace fits, centred for mean-field fits, "
+        "whose learned tau takes the variational M-step, defined in the centred form).",
     )
     global_scale: float = _f(
         1.0, "Standard deviation of the Normal(0, s) hyperprior on the global adapter (and, for "

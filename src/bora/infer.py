@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
 from tqdm.auto import tqdm
 
 from .checkpoint import rng_state, set_rng_state_
@@ -116,6 +117,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     gen = torch.Generator().manual_seed(cfg.seed)
     # the Fisher subsample has its own stream: learned- and fixed-tau fits see the same minibatches
     fisher_gen = torch.Generator().manual_seed(cfg.seed + 0x5F15)
+    # a point guide's tau follows the Laplace evidence at each validation; a mean-field guide's the M-step
+    variational_tau = tau is not None and isinstance(guide, AutoNormal)
     target = tau.model if tau is not None else model
     total = num_steps(cfg, len(train))
     per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
@@ -164,7 +167,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             bad += 1
         if tau is not None:
             entry["tau_trained"] = trained_tau
-            if step > 0:
+            if step > 0 and not variational_tau:
                 tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
                                  generator=fisher_gen)
                 entry["log_evidence"] = tau.update_(point, tf, guide=guide, optimizer=opt)
@@ -238,6 +241,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                 raise NumericalError(step, "gradient norm", float(norm))
             opt.step()
             sched.step()
+            if variational_tau:  # variational EM: tau at its M-step value under the current q (cheap)
+                tau.update_variational_(guide)
             model.adapters.train(False)
             step_times.append(time.perf_counter() - t0)
             tok_count += int(batch["attention_mask"][:, 1:].sum())

@@ -12,6 +12,8 @@ Layout of a fit folder::
     guide.safetensors  every guide parameter (MAP point estimates or variational locs/scales)
     state.json         tau estimate, fit summary and training history
     metrics.json       evaluations written by the CLI (optional)
+    estimates.safetensors  the point estimate of every adapter and tau site in natural coordinates
+                       (read by warm starts, whatever the guide)
     laplace.safetensors  the Laplace posterior's curvature (optional; `bora fit --guide laplace` or `bora laplace`)
     checkpoints/       while a fit runs (or after it was interrupted): see :mod:`bora.checkpoint`
     report/            written by ``bora report`` (optional)
@@ -52,7 +54,8 @@ FORMAT_VERSION = 1
 # What bora writes, per kind of output folder: entry name patterns -> None (a file) or the kind of
 # a sub-folder. A folder is bora's (and may be replaced) only if every entry matches.
 FIT_ENTRIES = {"config.json": None, "tasks.json": None, "guide.safetensors": None, "state.json": None,
-               "metrics.json": None, "laplace.safetensors": None, "checkpoints": "checkpoints", "report": "report"}
+               "metrics.json": None, "laplace.safetensors": None,
+               "estimates.safetensors": None, "checkpoints": "checkpoints", "report": "report"}
 EXPORT_ENTRIES = {"adapter_config.json": None, "adapter_model.safetensors": None, "bora_export.json": None}
 REPORT_ENTRIES = {"index.md": None, "summary.md": None, "summary.csv": None, "diagnostics.nc": None,
                   "report.json": None, "*.png": None}
@@ -421,6 +424,9 @@ def save_fit(bora, path) -> Path:
         write_json(tmp / "state.json", {"tau": bora.tau.as_dict() if bora.tau is not None else None,
                                         "result": bora.result.to_dict() if bora.result is not None else None})
         write_json(tmp / "metrics.json", bora.metrics)
+        from .warmstart import natural_estimates
+
+        save_safetensors(natural_estimates(bora), tmp / "estimates.safetensors", metadata={"format": str(FORMAT_VERSION)})
         if getattr(bora, "laplace", None) is not None:
             write_laplace(bora.laplace, tmp / "laplace.safetensors")
         # tasks.json (the marker of a complete fit) last

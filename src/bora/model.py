@@ -40,6 +40,7 @@ import pyro
 import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.util import site_is_subsample
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,6 +73,7 @@ class BoraModel:
         prefix: Optional[FrozenPrefix] = None,
         init_seed: int = 0,
         autocast_dtype: Optional[torch.dtype] = None,
+        guide_kind: str = "map",
     ):
         if len(tasks) < 1:
             raise ValueError("need at least one task")
@@ -80,6 +82,7 @@ class BoraModel:
         self.tasks = tuple(tasks)
         self.num_docs = int(num_docs)
         self.prior = prior
+        self.guide_kind = guide_kind
         self.prefix = prefix
         self.autocast_dtype = autocast_dtype
         self.last_nll = float("nan")
@@ -114,7 +117,12 @@ class BoraModel:
 
     @property
     def noncentred(self) -> bool:
-        return self.prior.parameterisation == "noncentred" and self.prior.tau_mode in ("fixed", "learned")
+        """Whether the task sites are non-centred (``parameterisation``; 'auto' is non-centred unless the
+        model is fitted with a mean-field guide)."""
+        p = self.prior.parameterisation
+        if p == "auto":
+            p = "centred" if self.guide_kind == "meanfield" else "noncentred"
+        return p == "noncentred" and self.prior.tau_mode in ("fixed", "learned")
 
     def task_factors(self) -> tuple[int, ...]:
         """Which adapter factors are task-level: ``(1,)`` (B only) or ``(0, 1)`` (A and B)."""
@@ -292,7 +300,8 @@ class BoraModel:
             raise KeyError(f"values lack the tau site(s) {missing}")
         tr = poutine.trace(poutine.condition(self.sample_adapters, data=dict(values))).get_trace()
         out = dict(values)
-        out.update({name: node["value"] for name, node in tr.nodes.items() if node["type"] == "sample"})
+        out.update({name: node["value"] for name, node in tr.nodes.items()
+                    if node["type"] == "sample" and not site_is_subsample(node)})
         return out
 
     def params_from_values(self, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -39,7 +39,7 @@ same ``(seed, k)`` always gives the same adapters — across processes, :meth:`P
 * a task name that is not in the fit gets the **prior predictive** adapter of a new task,
   ``theta_new ~ Normal(Theta, tau^-1/2)`` with ``Theta``, ``tau`` from the same sample;
   :func:`fit_new_task` fits one new task's adapter on a few documents with the global level
-  held fixed; :func:`warm_start_` copies a saved fit's estimates into a guide before fitting.
+  held fixed (warm starts from a saved fit: :mod:`bora.warmstart`).
 """
 
 from __future__ import annotations
@@ -59,10 +59,9 @@ from .config import ConfigError
 from .data import TokenizedSplit, batches, tokenize_split
 from .evaluate import doc_loglik, summarize
 from .feed import Feed
-from .io import check_base, read_fit_files
 from .metrics import TokenMetrics, entropy, log_mean_exp
 
-__all__ = ["Posterior", "evaluate_posterior", "token_log_probs", "fit_new_task", "warm_start_", "sample_seed"]
+__all__ = ["Posterior", "evaluate_posterior", "token_log_probs", "fit_new_task", "sample_seed"]
 
 Adapter = dict  # key -> (A, B)
 
@@ -494,107 +493,3 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
         model.adapters.train(False)
     with torch.no_grad():
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in theta().items()}
-
-
-# ---------------------------------------------------------------------- warm start
-def warm_start_(bora, source) -> dict:
-    """Initialise ``bora``'s guide at the estimates of the saved fit in folder ``source``.
-
-    Typical use: a mean-field fit started from a MAP fit (``bora fit --guide meanfield --init-from
-    MAP_DIR``): every site's AutoNormal ``loc`` (unconstrained: ``log tau`` for tau) is set to the
-    source's point estimate (AutoDelta values) and the scales keep ``init_scale``; a mean-field
-    source contributes its locs and scales (resuming it). The source's tau (empirical Bayes, fixed
-    or a tau site) initialises a learned tau site or the target's empirical-Bayes tau. Tasks are matched by name; the base model and adapter
-    settings must agree. Sites the source lacks are derived when possible (task adapters from a
-    'shared' source's global adapter, the global adapter as the mean of an 'independent' source's
-    task adapters) and otherwise keep their initial value. Returns ``{"copied": [...], "derived":
-    [...], "kept": [...]}`` (site names)."""
-    config, meta, state, tensors = read_fit_files(Path(source))
-    mine = bora.config
-    if config.model != mine.model:
-        raise ConfigError(f"--init-from fit uses base model {config.model!r}, this fit {mine.model!r}")
-    if config.adapter != mine.adapter:
-        raise ConfigError("--init-from fit has different adapter settings (rank/alpha/targets/layers)")
-    check_base(bora, meta, source)
-    src_tasks = list(meta.get("tasks", []))
-    missing = [t for t in bora.tasks if t not in src_tasks]
-    if missing and bora.model.has_tasks:
-        raise ConfigError(f"--init-from fit lacks task(s) {missing[:3]} of this fit")
-    order = [src_tasks.index(t) for t in bora.tasks] if not missing else None
-
-    guide = bora.guide
-    sites = {name: site for name, site in guide.prototype_trace.iter_stochastic_nodes()}
-    src_kind = config.fit.guide
-
-    def source_value(name: str, support) -> Optional[torch.Tensor]:
-        if src_kind == "meanfield":
-            u = tensors.get(f"locs.{name}_unconstrained")
-            return None if u is None else biject_to(support)(u)
-        u = tensors.get(f"{name}_unconstrained")
-        return None if u is None else transform_to(support)(u)
-
-    src_tau = dict((state or {}).get("tau") or {})
-    if config.prior.tau_mode == "fixed":
-        src_tau = {"tau": float(config.prior.tau)}
-    if not src_tau:  # a learned tau site of the source guide (log tau is stored)
-        for kk, u in tensors.items():
-            site = kk[len("locs."):] if kk.startswith("locs.") else kk
-            if site.startswith("tau") and site.endswith("_unconstrained") and u.dim() == 0:
-                src_tau[site[:-len("_unconstrained")]] = float(u.exp())
-    report = {"copied": [], "derived": [], "kept": []}
-    new_vals: dict[str, torch.Tensor] = {}
-    for name, site in sites.items():
-        support = site["fn"].support
-        kind, _, key = name.partition(":")
-        v = source_value(name, support)
-        how = "copied"
-        if v is not None and kind.startswith("theta_") and order is not None:
-            v = v[order]
-        if v is None and kind.startswith("theta_"):
-            g = source_value(name.replace("theta_", "Theta_", 1), support)
-            if g is not None:
-                v, how = g.expand(len(bora.tasks), *g.shape).clone(), "derived"
-        if v is None and kind.startswith("Theta_"):
-            t = source_value(name.replace("Theta_", "theta_", 1), support)
-            if t is not None:
-                v, how = t.mean(0), "derived"
-        if v is None and kind == "tau":
-            tv = src_tau.get(name, src_tau.get("tau"))
-            if tv is None and src_tau:
-                tv = math.exp(sum(math.log(float(x)) for x in src_tau.values()) / len(src_tau))
-            if tv is not None and math.isfinite(float(tv)) and float(tv) > 0:
-                v = torch.tensor(float(tv))
-        if v is None:
-            report["kept"].append(name)
-            continue
-        want = site["value"].shape
-        if tuple(v.shape) != tuple(want):
-            raise ConfigError(f"--init-from: site {name} has shape {tuple(v.shape)} in the source, "
-                              f"{tuple(want)} here")
-        new_vals[name] = v.to(bora.device, torch.float32)
-        report[how].append(name)
-    sd = guide.state_dict()
-    meanfield = any(k.startswith("locs.") for k in sd)
-    for name, v in new_vals.items():
-        support = sites[name]["fn"].support
-        if meanfield:
-            sd[f"locs.{name}_unconstrained"] = biject_to(support).inv(v).detach()
-            scale = tensors.get(f"scales.{name}_unconstrained") if src_kind == "meanfield" else None
-            if scale is not None and name in report["copied"]:  # mean-field source: resume its scales too
-                if name.startswith("theta_") and order is not None:
-                    scale = scale[order]
-                if scale.shape == sd[f"scales.{name}_unconstrained"].shape:
-                    sd[f"scales.{name}_unconstrained"] = scale.to(bora.device)
-        else:
-            sd[f"{name}_unconstrained"] = transform_to(support).inv(v).detach()
-    guide.load_state_dict(sd)
-    if bora.tau is not None and src_tau:  # target estimates tau by empirical Bayes
-        vals = {}
-        for name in bora.tau.values:
-            tv = src_tau.get(name, src_tau.get("tau"))
-            if tv is None:
-                tv = math.exp(sum(math.log(float(x)) for x in src_tau.values()) / len(src_tau))
-            vals[name] = float(tv)
-        bora.tau.load_(vals)
-        report["copied"].extend(sorted(vals))
-    return report

@@ -46,7 +46,7 @@ from pyro import poutine
 
 from .fisher import TaskFisher
 
-__all__ = ["evidence_tau", "log_evidence", "EmpiricalBayesTau", "rescale_decentered_"]
+__all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments", "EmpiricalBayesTau", "rescale_decentered_"]
 
 
 def _dlog_evidence(u: float, S: float, F: torch.Tensor, a: float, b: float) -> float:
@@ -118,6 +118,31 @@ class EmpiricalBayesTau:
                 Fs.append(tf.fisher[k][i].double().flatten().cpu())
         return S, torch.cat(Fs)
 
+    @torch.no_grad()
+    def update_variational_(self, guide) -> dict[str, float]:
+        """Variational EM: set every tau to its M-step value under the mean-field ``guide`` (centred form).
+
+        ``E_q ||theta_t - Theta||^2 = ||m_t - m_Theta||^2 + sum(s_t^2) + T sum(s_Theta^2)`` per coordinate;
+        returns ``{name: E_q[S]}``."""
+        model = self.base_model
+        if model.noncentred:
+            raise ValueError("the variational M-step for tau needs parameterisation='centred'")
+        loc, scale = guide_moments(guide)
+        P = model.prior
+        out = {}
+        for name, keys in model.tau_groups().items():
+            S_loc, var, D = 0.0, 0.0, 0
+            for k in keys:
+                for _, task_site, glob_site in model.task_sites(k):
+                    mt, st = loc[task_site].double(), scale[task_site].double()
+                    mg, sg = loc[glob_site].double(), scale[glob_site].double()
+                    S_loc += float((mt - mg).square().sum())
+                    var += float(st.square().sum() + mt.shape[0] * sg.square().sum())
+                    D += mt.numel()
+            self.values[name].fill_(variational_em_tau(S_loc + var, D, P.tau_shape, P.tau_rate))
+            out[name] = S_loc + var
+        return out
+
     def update_(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, *, guide=None,
                 optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, float]:
         """Re-estimate every tau at ``point``; returns ``{name: log evidence at the new tau}``.
@@ -138,6 +163,13 @@ class EmpiricalBayesTau:
         if guide is not None and self.base_model.noncentred:
             rescale_decentered_(guide, factors, optimizer)
         return evidence
+
+
+def variational_em_tau(expected_S: float, D: int, a: float = 1.0, b: float = 0.0) -> float:
+    """The M-step for tau given a variational posterior: ``argmax_tau E_q[log N(theta | Theta, 1/tau)] +
+    log Gamma(tau; a, b) = (D/2 + a - 1) / (E_q[S]/2 + b)``, with ``E_q[S] = E_q sum_t ||theta_t - Theta||^2``
+    over ``D`` task coordinates."""
+    return (0.5 * D + a - 1.0) / (0.5 * float(expected_S) + b)
 
 
 def log_evidence(tau: float, S: float, F: torch.Tensor, a: float = 1.0, b: float = 0.0) -> float:
@@ -162,3 +194,18 @@ def rescale_decentered_(guide, factors: Mapping[str, float], optimizer: Optional
         p.mul_(c)
         if optimizer is not None:
             optimizer.state.pop(p, None)
+
+
+def guide_moments(guide) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(loc, scale)`` per site of a mean-field (AutoNormal) guide over real-valued sites."""
+    from torch.distributions import transform_to
+
+    loc, scale = {}, {}
+    for pname, p in guide.named_parameters():
+        head, _, rest = pname.partition(".")
+        site = rest[: -len("_unconstrained")] if rest.endswith("_unconstrained") else rest
+        if head == "locs":
+            loc[site] = p.detach()
+        elif head == "scales":
+            scale[site] = transform_to(guide.scale_constraint)(p.detach())
+    return loc, scale
