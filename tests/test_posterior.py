@@ -9,8 +9,7 @@ import torch
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 from bora.data import collate
-from bora.metrics import (TokenMetrics, brier, entropy, expected_calibration_error, log_mean_exp,
-                          mutual_information)
+from bora.metrics import TokenMetrics, brier, entropy, expected_calibration_error
 from bora.posterior import token_log_probs
 
 from conftest import VOCAB, TinyTokenizer, task_data, tiny_llama
@@ -56,20 +55,6 @@ def test_brier_and_entropy():
     m.add(onehot, labels)
     r = m.result()
     assert r["nll"] == 0.0 and r["accuracy"] == 1.0 and r["brier"] == 0.0 and r["ece"] == 0.0
-
-
-def test_mutual_information_zero_iff_samples_agree():
-    g = torch.Generator().manual_seed(0)
-    logp = torch.log_softmax(torch.randn(1, 7, 10, generator=g), -1)
-    same = logp.expand(5, 7, 10)
-    assert torch.all(mutual_information(same).abs() < 1e-6)
-    differ = torch.log_softmax(torch.randn(5, 7, 10, generator=g), -1)
-    mi = mutual_information(differ)
-    assert torch.all(mi > 1e-3)
-    # decomposition: entropy of the mean = mean entropy + MI
-    p = differ.exp()
-    torch.testing.assert_close(entropy(p.mean(0)), entropy(p).mean(0) + mi)
-    assert log_mean_exp(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(math.log(2.0))
 
 
 # ----------------------------------------------------------------------------- sampling
