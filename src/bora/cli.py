@@ -293,14 +293,14 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
     bma = S > 1
     p, bd, bt = res["point"], res["bma_doc"], res["bma_token"]
     head = f"BMA (S={S})"
-    w = 46
+    w = 50
     rows = [
         ("NLL per token (BMA: document-level)", p["overall"]["nll_token"], bd["overall"]["nll_token"], ".4f"),
         ("perplexity: exp(mean per-task NLL)", p["overall"]["ppl_task_mean"], bd["overall"]["ppl_task_mean"], ".3f"),
         ("perplexity: token-weighted", p["overall"]["ppl_token"], bd["overall"]["ppl_token"], ".3f"),
         ("token-level BMA: NLL per token", p["tokens"]["nll"], bt["tokens"]["nll"], ".4f"),
         ("token-level: next-token top-1 accuracy", p["tokens"]["accuracy"], bt["tokens"]["accuracy"], ".4f"),
-        ("token-level: calibration error (ECE, 15 bins)", p["tokens"]["ece"], bt["tokens"]["ece"], ".4f"),
+        ("token-level: expected calibration error (15 bins)", p["tokens"]["ece"], bt["tokens"]["ece"], ".4f"),
         ("token-level: Brier score", p["tokens"]["brier"], bt["tokens"]["brier"], ".4f"),
         ("token-level: predictive entropy (nats)", p["tokens"]["entropy"], bt["tokens"]["entropy"], ".4f"),
         ("token-level: mutual information (nats)", p["tokens"]["mutual_information"],
@@ -321,7 +321,7 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
             return "[" + format(lo, ".3f") + ", " + format(hi, ".3f") + "]"
 
         lines.append("")
-        lines.append(f"{'task':<{tw}}  {'point ppl':>9}  {'BMA ppl':>9}  {str(lvl) + '% test-set (bootstrap)':>24}"
+        lines.append(f"{'task':<{tw}}  {'point ppl':>9}  {'BMA ppl':>9}  {str(lvl) + '% test-set interval':>24}"
                      f"  {str(lvl) + '% posterior spread':>22}")
         for n in names:
             t = ti["per_task"][n]
