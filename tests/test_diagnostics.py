@@ -8,8 +8,8 @@ import torch
 
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora.diagnostics import (adapter_norms, diagnose, fisher_means, load_idata, shrinkage, spearman, summary,
-                              task_table, to_inference_data)
+from bora.diagnostics import (adapter_norms, delta_w_ratio, diagnose, effective_parameters, fisher_means, gain_kept,
+                              load_idata, pooling_factor, shrinkage, spearman, summary, task_table, to_inference_data)
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 
@@ -125,37 +125,245 @@ def _fit(mode="learned", guide="map", per_module=False, steps=5):
 
 
 @pytest.mark.parametrize("mode,guide,per_module", [
-    ("learned", "map", True), ("fixed", "meanfield", False), ("shared", "map", False),
-    ("independent", "map", False)])
+    ("learned", "map", True), ("fixed", "meanfield", False), ("learned", "meanfield", False),
+    ("shared", "map", False), ("independent", "map", False)])
 def test_diagnostics_of_fits(mode, guide, per_module):
+    from bora.diagnostics import compute_fisher
+
     bora, train = _fit(mode, guide, per_module)
     idata = diagnose(bora, train=train, draws=12)
     post, const = idata.posterior, idata.constant_data
     S = 12 if guide == "meanfield" else 1
+    keys = list(bora.model.shapes)
     assert (post.sizes["chain"], post.sizes["draw"]) == (1, S)
     assert post["task"].values.tolist() == list(bora.tasks)
-    assert post["module"].values.tolist() == list(bora.model.shapes)
-    lam = post["shrinkage"].values
-    assert lam.shape == (1, S, 3) and np.all((lam >= 0) & (lam <= 1))
-    assert np.all((post["shrinkage_module"].values >= 0) & (post["shrinkage_module"].values <= 1))
+    assert post["module"].values.tolist() == keys
     assert const["train_docs"].values.tolist() == list(TRAIN)
     assert const["train_tokens"].values.tolist() == train.task_tokens().tolist()
-    assert np.all(const["fisher"].values > 0)
+    # the stored summaries are the pure functions of the Fisher, tau and the draws' adapters
+    fisher = compute_fisher(bora, train).fisher
+    F_mean = fisher_means(fisher, keys)[0]
+    np.testing.assert_allclose(const["fisher"].values, F_mean, rtol=1e-6)
+    tau = post["tau"].values.reshape(S, -1)
+    pf, gam = post["pooling_factor"].values[0], post["effective_parameters"].values[0]
+    dwr = post["delta_w_ratio"].values[0]
+    draws = bora.posterior(S, seed=0)
+    for k in (0, S - 1):
+        tk = {key: float(tau[k, min(j, tau.shape[1] - 1)]) for j, key in enumerate(keys)}
+        np.testing.assert_allclose(pf[k], pooling_factor(fisher, tk), rtol=1e-6)
+        np.testing.assert_allclose(gam[k], effective_parameters(fisher, tk), rtol=1e-6)
+        if mode not in ("shared",):
+            vals = draws.values(k) if guide == "meanfield" else bora.point()
+            want = delta_w_ratio(bora.model.params_from_values(vals), bora.model.global_from_values(vals))
+            np.testing.assert_allclose(dwr[k], want, rtol=1e-6)
+    n_coords = sum(A[0].numel() + B[0].numel() for A, B in fisher.values())
     dev = post["deviation"].values
     if mode == "shared":
-        assert np.all(lam == 1.0) and np.all(dev == 0) and np.all(np.isinf(post["tau"].values))
-        assert post["global_norm_total"].values.item() > 0
+        assert np.all(pf == 1.0) and np.all(gam == 0.0) and np.all(dwr == 0.0) and np.all(dev == 0)
+        assert np.all(np.isinf(post["tau"].values)) and post["global_norm_total"].values.item() > 0
     elif mode == "independent":
-        assert np.all(lam == 0.0) and idata.posterior.attrs["reference"] == "task_mean"
-        assert np.all(dev > 0)
+        assert np.all(pf == 0.0) and idata.posterior.attrs["reference"] == "task_mean"
+        np.testing.assert_allclose(gam, [[float((torch.cat([F[t].flatten() for ab in fisher.values() for F in ab])
+                                                  > 0).sum()) for t in range(3)]])
+        assert np.all(dwr > 0) and np.all(dev > 0)
     else:
-        assert np.all((lam > 0) & (lam < 1)) and np.all(dev > 0)
+        assert np.all((pf > 0) & (pf < 1)) and np.all((gam > 0) & (gam < n_coords)) and np.all(dwr > 0)
         assert idata.posterior.attrs["reference"] == "global"
+    # the old coordinate-averaged factor is kept for comparison: tau / (tau + mean F)
+    if mode in ("fixed", "learned") and not per_module:
+        np.testing.assert_allclose(post["shrinkage"].values[0], tau[:, :1] / (tau[:, :1] + F_mean[None]), rtol=1e-6)
     if per_module:
         assert post["tau"].dims == ("chain", "draw", "module")
-        want = [bora.tau_estimate()[f"tau:{k}"] for k in bora.model.shapes]
+        want = [bora.tau_estimate()[f"tau:{k}"] for k in keys]
         np.testing.assert_allclose(post["tau"].values[0, 0], want, rtol=1e-6)
-    if guide == "meanfield":  # real posterior draws: deviations differ between draws
+    table = task_table(idata)
+    if guide == "meanfield":  # real posterior draws: deviations differ between draws, intervals have width
         assert np.ptp(dev, axis=1).max() > 0
-        assert post["tau"].values.flatten().tolist() == [10.0] * S  # fixed tau
-    assert len(summary(idata)) > 0
+        assert all(lo < hi for lo, hi in zip(table["delta_w_ratio_lo"], table["delta_w_ratio_hi"]))
+        # fixed tau, or a learned tau set by the variational M-step (a hyperparameter): one tau for every draw,
+        # and the Fisher is computed once, so the pooling factor is the same per draw
+        assert len(set(post["tau"].values.flatten().tolist())) == 1
+        assert np.ptp(pf, axis=0).max() == 0
+    else:
+        assert table["pooling_factor_lo"] == table["pooling_factor"] == table["pooling_factor_hi"]
+    summ = summary(idata)
+    assert {f"pooling_factor[{t}]" for t in bora.tasks} <= set(summ.index)
+    np.testing.assert_allclose(summ.loc[[f"effective_parameters[{t}]" for t in bora.tasks], "mean"],
+                               gam.mean(0), rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- per-task pooling summaries
+def _newton_normal_normal(y, s, mu, tau):
+    """Exact posterior mode and variance of theta_i in y_ij ~ N(theta_i, s_i^2), theta_i ~ N(mu, 1/tau),
+    by Newton's method on the (separable) log joint, plus the empirical Fisher at the mode."""
+    def logjoint(th):
+        return (torch.distributions.Normal(th[:, None], s[:, None]).log_prob(y).sum()
+                + torch.distributions.Normal(mu, tau ** -0.5).log_prob(th).sum())
+
+    th = y.mean(1).clone().requires_grad_(True)
+    for _ in range(3):
+        (d1,) = torch.autograd.grad(logjoint(th), th, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), th)  # the diagonal Hessian
+        th = (th - d1 / d2).detach().requires_grad_(True)
+    per_obs = th.detach()[:, None].expand_as(y).clone().requires_grad_(True)  # one copy per observation
+    (gj,) = torch.autograd.grad(torch.distributions.Normal(per_obs, s[:, None]).log_prob(y).sum(), per_obs)
+    return th.detach(), -1.0 / d2, gj.square().sum(1)
+
+
+def test_pooling_summaries_match_normal_normal_closed_form():
+    """A task with D coordinates of very different likelihood precision F_i = n / s_i^2.
+
+    Closed form: lambda_i = tau / (tau + F_i), lambda^F = sum F_i lambda_i / sum F_i, gamma = sum F_i / (F_i + tau).
+    Independently from the exact posterior: lambda_i = (E[theta_i] - ybar_i) / (mu - ybar_i) (posterior-mean
+    shrinkage) and gamma = sum_i (1 - tau Var[theta_i]). bora's estimates use the empirical Fisher at the mode."""
+    g = torch.Generator().manual_seed(0)
+    tau, mu = 1e5, 0.3
+    s = torch.logspace(-1.0, 1.0, 9, dtype=torch.float64)  # F_i spans 4 orders of magnitude within the task
+    closed_lam, closed_gam, est_lam, est_gam, old = [], [], [], [], []
+    for n in (3000, 30000, 300000):
+        theta = mu + torch.randn(len(s), generator=g, dtype=torch.float64) / math.sqrt(tau)
+        y = theta[:, None] + s[:, None] * torch.randn(len(s), n, generator=g, dtype=torch.float64)
+        mode, var, F_emp = _newton_normal_normal(y, s, mu, tau)
+        Fc = n / s**2
+        lam_c = tau / (tau + Fc)
+        ybar = y.mean(1)
+        lam_post = (mode - ybar) / (mu - ybar)
+        torch.testing.assert_close(lam_post, lam_c, rtol=1e-4, atol=0)  # the solver is exact
+        closed_lam.append(float((Fc * lam_c).sum() / Fc.sum()))
+        closed_gam.append(float((Fc / (Fc + tau)).sum()))
+        assert float((1 - tau * var).sum()) == pytest.approx(closed_gam[-1], rel=1e-6)
+        assert float((Fc * lam_post).sum() / Fc.sum()) == pytest.approx(closed_lam[-1], rel=1e-4)
+        # bora's functions on the estimated Fisher, split over two tensors of one module
+        fisher = {"m": (F_emp[None, :4], F_emp[None, 4:].reshape(1, 5, 1))}
+        est_lam.append(pooling_factor(fisher, tau)[0])
+        est_gam.append(effective_parameters(fisher, tau)[0])
+        old.append(float(shrinkage(tau, F_emp.mean())))
+    np.testing.assert_allclose(est_lam, closed_lam, rtol=0.02)
+    np.testing.assert_allclose(est_gam, closed_gam, rtol=0.02)
+    assert max(closed_lam) > 0.3 and min(closed_lam) < 0.02 and 1 < min(closed_gam) < 2 and 5 < max(closed_gam) < 9
+    # the coordinate-averaged factor is a different number (dominated by the largest F_i)
+    assert all(abs(o - c) > 0.1 * c for o, c in zip(old, closed_lam))
+
+
+def test_pooling_summaries_limits_and_known_values():
+    F = {"a": (torch.tensor([[0.0, 10.0], [5.0, 5.0]]), torch.tensor([[[90.0]], [[0.0]]]))}
+    np.testing.assert_allclose(pooling_factor(F, 10.0), [(5 + 9) / 100, 2 / 3])
+    np.testing.assert_allclose(effective_parameters(F, 10.0), [0.5 + 0.9, 1 / 3 + 1 / 3])
+    assert pooling_factor(F, math.inf).tolist() == [1.0, 1.0] and effective_parameters(F, math.inf).tolist() == [0, 0]
+    assert pooling_factor(F, 0.0).tolist() == [0.0, 0.0] and effective_parameters(F, 0.0).tolist() == [2.0, 2.0]
+    assert pooling_factor({"a": (torch.zeros(1, 3),)}, 5.0).tolist() == [1.0]  # no data: the prior decides
+    # tau per key and per tensor
+    F2 = {"a": (torch.tensor([[10.0]]),), "b": (torch.tensor([[30.0]]), torch.tensor([[30.0]]))}
+    np.testing.assert_allclose(effective_parameters(F2, {"a": 10.0, "b": (30.0, 10.0)}), [0.5 + 0.5 + 0.75])
+    with pytest.raises(ValueError):
+        effective_parameters(F2, {"a": 10.0, "b": (30.0,)})
+    assert gain_kept(4.0, 3.5, 3.0) == 0.5 and np.isnan(gain_kept(3.0, 3.0, 3.5))
+
+
+def _random_adapters(T=3, r=2, d_in=5, d_out=4, seed=0, b_only=False):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(T, r, d_in, generator=g, dtype=torch.float64)
+    GA = torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    if b_only:
+        A = GA
+    B = torch.randn(T, d_out, r, generator=g, dtype=torch.float64)
+    GB = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    return {"m": (A, B), "n": (A[..., :3] if not b_only else GA[..., :3], 0.5 * B)}, \
+        {"m": (GA, GB), "n": (GA[..., :3], 0.5 * GB)}
+
+
+@pytest.mark.parametrize("b_only", [False, True])
+def test_delta_w_ratio_against_dense_products(b_only):
+    params, glob = _random_adapters(b_only=b_only)
+    num = np.zeros(3)
+    den = 0.0
+    for k, (A, B) in params.items():
+        W = B @ A  # [T, out, in] (A broadcasts when shared)
+        G = glob[k][1] @ glob[k][0]
+        num += (W - G).square().sum((1, 2)).numpy()
+        den += float(G.square().sum())
+    np.testing.assert_allclose(delta_w_ratio(params, glob), np.sqrt(num / den), rtol=1e-10)
+    # reference None: the mean of the tasks' Delta W
+    num = np.zeros(3)
+    den = 0.0
+    for k, (A, B) in params.items():
+        W = B @ A
+        M = W.mean(0)
+        num += (W - M).square().sum((1, 2)).numpy()
+        den += float(M.square().sum())
+    np.testing.assert_allclose(delta_w_ratio(params, None), np.sqrt(num / den), rtol=1e-9)
+    same = {k: (GA[None].expand(2, -1, -1), GB[None].expand(2, -1, -1)) for k, (GA, GB) in glob.items()}
+    assert delta_w_ratio(same, glob).tolist() == [0.0, 0.0]
+
+
+def test_delta_w_ratio_normal_normal_with_a_shared_a():
+    """Only B is task-level and A has orthonormal rows: ||(B_t - Theta_B) A|| = ||B_t - Theta_B||, and in the
+    normal-normal model the posterior mean of B_t is Theta_B + (1 - lambda_t)(Bhat_t - Theta_B)."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))[0].T  # [2, 6], orthonormal rows
+    GB = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    lam = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    Bhat = GB + 0.3 * torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+    B = GB + (1 - lam)[:, None, None] * (Bhat - GB)
+    want = (1 - lam) * (Bhat - GB).flatten(1).norm(dim=1) / GB.norm()
+    np.testing.assert_allclose(delta_w_ratio({"m": (A, B)}, {"m": (A, GB)}), want.numpy(), rtol=1e-10)
+
+
+def test_pooling_summaries_are_gauge_invariant():
+    """A -> cA, B -> B/c with F_A -> F_A / c^2, F_B -> F_B c^2, tau_A -> tau / c^2, tau_B -> tau c^2."""
+    g = torch.Generator().manual_seed(1)
+    params, glob = _random_adapters()
+    fisher = {k: (torch.rand(3, *A.shape[-2:], generator=g, dtype=torch.float64) * 50,
+                  torch.rand(3, *B.shape[-2:], generator=g, dtype=torch.float64) * 5) for k, (A, B) in params.items()}
+    tau = {"m": 7.0, "n": 2.0}
+    c = 3.7
+    params_c = {k: (c * A, B / c) for k, (A, B) in params.items()}
+    glob_c = {k: (c * A, B / c) for k, (A, B) in glob.items()}
+    fisher_c = {k: (FA / c**2, FB * c**2) for k, (FA, FB) in fisher.items()}
+    tau_c = {k: (t / c**2, t * c**2) for k, t in tau.items()}
+    np.testing.assert_allclose(pooling_factor(fisher_c, tau_c), pooling_factor(fisher, tau), rtol=1e-12)
+    np.testing.assert_allclose(effective_parameters(fisher_c, tau_c), effective_parameters(fisher, tau), rtol=1e-12)
+    np.testing.assert_allclose(delta_w_ratio(params_c, glob_c), delta_w_ratio(params, glob), rtol=1e-10)
+    np.testing.assert_allclose(delta_w_ratio(params_c, None), delta_w_ratio(params, None), rtol=1e-10)
+    # what is not invariant: the coordinate-averaged factor and the (A, B) deviation norms
+    keys = list(params)
+    F_old = fisher_means(fisher, keys)[0]
+    F_old_c = fisher_means(fisher_c, keys)[0]
+    assert np.abs(shrinkage(7.0, F_old_c) / shrinkage(7.0, F_old) - 1).max() > 0.05
+    assert np.abs(adapter_norms(params_c, glob_c, keys, 3)[0] / adapter_norms(params, glob, keys, 3)[0] - 1).max() > 0.05
+    assert not np.allclose(pooling_factor(fisher_c, tau), pooling_factor(fisher, tau))  # tau must transform too
+
+
+def test_gain_kept_is_function_space_and_gauge_invariant():
+    """The model's likelihood, hence gain_kept, is unchanged by A -> cA, B -> B/c."""
+    bora, train = _fit(steps=3)
+    feed = bora.feed(train)
+    b = feed.batch(torch.arange(len(train)))
+    params = bora.params()
+    scaled = {k: (2.5 * A, B / 2.5) for k, (A, B) in params.items()}
+    with torch.no_grad():
+        base = -bora.model.loglik(b, None).double()
+        fit = -bora.model.loglik(b, params).double()
+        fit_c = -bora.model.loglik(b, scaled).double()
+    torch.testing.assert_close(fit_c, fit, rtol=1e-5, atol=1e-4)
+    indep = fit - 0.1  # any third fit
+    np.testing.assert_allclose(gain_kept(base.numpy(), fit_c.numpy(), indep.numpy()),
+                               gain_kept(base.numpy(), fit.numpy(), indep.numpy()), rtol=1e-3)
+
+
+def test_gain_kept_matches_normal_normal_closed_form():
+    """theta ~ N(mu, 1/tau), ybar ~ N(theta, 1/F); predictors: mu (base), ybar (independent), the posterior
+    mean (pooled). Expected held-out NLL = const + E[(theta - m)^2] / (2 s^2), so the kept fraction is
+    (1/tau - 1/(F + tau)) / (1/tau - 1/F) = F^2 / (F^2 - tau^2): above 1, pooling beats the independent fit."""
+    rng = np.random.default_rng(0)
+    mu, s, K = 0.2, 1.0, 400_000
+    for tau, F in ((10.0, 20.0), (10.0, 80.0)):
+        theta = mu + rng.standard_normal(K) / math.sqrt(tau)
+        ybar = theta + rng.standard_normal(K) / math.sqrt(F)
+        post = (tau * mu + F * ybar) / (tau + F)
+
+        def nll(m):
+            return 0.5 * math.log(2 * math.pi * s**2) + float(np.mean((theta - m) ** 2 + s**2)) / (2 * s**2)
+
+        kept = gain_kept(nll(mu), nll(post), nll(ybar))
+        assert float(kept) == pytest.approx(F**2 / (F**2 - tau**2), rel=0.02)

@@ -9,8 +9,7 @@ import torch
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 from bora.data import collate
-from bora.metrics import (TokenMetrics, brier, entropy, expected_calibration_error, log_mean_exp,
-                          mutual_information)
+from bora.metrics import TokenMetrics, brier, entropy, expected_calibration_error
 from bora.posterior import token_log_probs
 
 from conftest import VOCAB, TinyTokenizer, task_data, tiny_llama
@@ -56,20 +55,6 @@ def test_brier_and_entropy():
     m.add(onehot, labels)
     r = m.result()
     assert r["nll"] == 0.0 and r["accuracy"] == 1.0 and r["brier"] == 0.0 and r["ece"] == 0.0
-
-
-def test_mutual_information_zero_iff_samples_agree():
-    g = torch.Generator().manual_seed(0)
-    logp = torch.log_softmax(torch.randn(1, 7, 10, generator=g), -1)
-    same = logp.expand(5, 7, 10)
-    assert torch.all(mutual_information(same).abs() < 1e-6)
-    differ = torch.log_softmax(torch.randn(5, 7, 10, generator=g), -1)
-    mi = mutual_information(differ)
-    assert torch.all(mi > 1e-3)
-    # decomposition: entropy of the mean = mean entropy + MI
-    p = differ.exp()
-    torch.testing.assert_close(entropy(p.mean(0)), entropy(p).mean(0) + mi)
-    assert log_mean_exp(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(math.log(2.0))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -127,20 +112,61 @@ def test_token_log_probs_match_the_model_loglik():
     assert logp.shape[-1] == VOCAB
 
 
-def test_evaluate_point_matches_bora_evaluate_and_reports_intervals():
+def test_evaluate_point_and_both_bmas_match_direct_computations():
+    from bora.cli import format_posterior_table
+    from bora.evaluate import bootstrap_ppl
+    from bora.metrics import log_mean_exp, mutual_information
+
     bora, split = make()
-    res = bora.posterior(3, seed=0).evaluate(split, batch_size=5)
+    post = bora.posterior(3, seed=0)
+    res = post.evaluate(split, batch_size=5, bootstrap=200)
     want = bora.evaluate(split)
     for t in split.tasks:
         assert res["point"]["per_task"][t]["nll"] == pytest.approx(want["per_task"][t]["nll"], abs=1e-5)
-        iv = res["per_task_interval"][t]
-        assert iv["lo"] <= iv["median"] <= iv["hi"] and iv["hi"] > iv["lo"]
-    tok = res["bma"]["tokens"]
-    assert tok["tokens"] == split.num_tokens() and 0 <= tok["accuracy"] <= 1 and 0 <= tok["ece"] <= 1
-    assert tok["mutual_information"] > 0 and res["point"]["tokens"]["mutual_information"] == 0
-    assert tok["entropy"] == pytest.approx(tok["expected_entropy"] + tok["mutual_information"], rel=1e-6)
-    # the token-level BMA NLL is at most the samples' mean NLL (Jensen), the doc-level BMA likewise
-    assert res["bma_doc"]["overall"]["nll_token"] <= res["point"]["overall"]["nll_token"] + 0.5
+    docs = res["documents"]
+    assert docs["tokens"] == [len(x) - 1 for x in split.input_ids] and docs["task_ids"] == split.task_ids.tolist()
+    # document-level BMA (the headline): -log mean_s p(doc | adapter_s), from the model's own loglik
+    ll = post.doc_loglik(split).double()
+    torch.testing.assert_close(torch.tensor(docs["nll_bma_doc"], dtype=torch.float64), -log_mean_exp(ll, 0), atol=2e-4, rtol=1e-6)
+    tok = torch.tensor(docs["tokens"]).double()
+    for t in split.tasks:
+        sel = split.task_ids == split.tasks.index(t)
+        nll_t = float(-log_mean_exp(ll, 0)[sel].sum() / tok[sel].sum())
+        assert res["bma_doc"]["per_task"][t]["nll"] == pytest.approx(nll_t, abs=1e-5)
+        # posterior spread: quantiles over samples of the task's perplexity under each sample
+        ppl_s = (-ll[:, sel].sum(1) / tok[sel].sum()).exp()
+        sp = res["posterior_spread"][t]
+        assert sp["lo"] == pytest.approx(float(ppl_s.quantile(0.05)), rel=1e-5)
+        assert sp["hi"] == pytest.approx(float(ppl_s.quantile(0.95)), rel=1e-5) and sp["hi"] > sp["lo"]
+    # test-set interval: the document bootstrap of the document-level BMA NLLs, seeded by the posterior seed
+    boot = bootstrap_ppl(docs["nll_bma_doc"], docs["tokens"], docs["task_ids"], split.tasks, resamples=200,
+                         level=0.9, seed=0)
+    assert res["test_interval"]["bma_doc"] == boot
+    # token-level BMA and MI per document, from the samples' next-token log-probabilities
+    b = bora.feed(split).batch(torch.arange(len(split)))
+    with torch.no_grad():
+        lps = [token_log_probs(bora.model, b, post.params(k)) for k in range(3)]
+    rows, labels = lps[0][2], lps[0][1]
+    lp = torch.stack([x[0] for x in lps]).double()
+    p_bar = lp.exp().mean(0)
+    nll_tok = -p_bar.gather(-1, labels[:, None]).squeeze(-1).log()
+    mi = mutual_information(lp)
+    n = len(split)
+    torch.testing.assert_close(torch.tensor(docs["nll_bma_token"], dtype=torch.float64),
+                               torch.zeros(n, dtype=torch.float64).index_add_(0, rows, nll_tok), atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(docs["mutual_information"], dtype=torch.float64),
+                               torch.zeros(n, dtype=torch.float64).index_add_(0, rows, mi) / tok, atol=1e-6, rtol=1e-3)
+    bt = res["bma_token"]["tokens"]
+    assert bt["mutual_information"] == pytest.approx(float(mi.mean()), rel=1e-3) and bt["mutual_information"] > 0
+    assert bt["ece"] == pytest.approx(expected_calibration_error(p_bar.max(-1).values, p_bar.argmax(-1) == labels),
+                                      abs=1e-4)
+    assert bt["brier"] == pytest.approx(float(brier(p_bar, labels).mean()), rel=1e-4)
+    assert bt["entropy"] == pytest.approx(bt["expected_entropy"] + bt["mutual_information"], rel=1e-9)
+    assert res["point"]["tokens"]["mutual_information"] == 0
+    # Jensen, per document: the document-level BMA is at least the mean over samples
+    assert all(torch.tensor(docs["nll_bma_doc"], dtype=torch.float64) <= -ll.mean(0) + 1e-6)
+    table = format_posterior_table(res)
+    assert "document-level" in table and "posterior spread" in table and "test-set" in table
 
 
 # ----------------------------------------------------------------------------- generation

@@ -9,6 +9,7 @@ import pytest
 
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora import diagnostics as D
 from bora.diagnostics import load_idata
 from bora.report import PLOTS, main_report, write_report
 
@@ -26,15 +27,30 @@ def check_report(out, tasks, draws):
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", index))
     assert linked == set(PLOTS)
     assert (out / "summary.md").read_text().startswith("# az.summary")
-    assert "shrinkage[" in (out / "summary.csv").read_text()
+    summ = (out / "summary.csv").read_text()
+    assert all(f"{v}[{t}]" in summ for v in ("pooling_factor", "effective_parameters", "delta_w_ratio") for t in tasks)
     rep = json.loads((out / "report.json").read_text())
     assert "spearman" in rep and (isinstance(rep["spearman"], float) or rep["spearman"] == "nan")
     assert set(rep["per_task"]) == set(tasks) and rep["draws"] == draws
-    for d in rep["per_task"].values():
-        assert 0 <= d["shrinkage"] <= 1 and d["fit_ppl"] > 1 and d["base_ppl"] > 1
     idata = load_idata(out / "diagnostics.nc")
-    assert idata.posterior.sizes["draw"] == draws
-    assert idata.posterior["task"].values.tolist() == list(tasks)
+    post = idata.posterior
+    assert post.sizes["draw"] == draws
+    assert post["task"].values.tolist() == list(tasks)
+    for i, t in enumerate(tasks):  # report.json carries the InferenceData's posterior means
+        d = rep["per_task"][t]
+        for var in ("pooling_factor", "effective_parameters", "delta_w_ratio"):
+            assert d[var] == pytest.approx(float(post[var].values[0, :, i].mean()), rel=1e-9)
+            lo, hi = d[var + "_hdi"]
+            assert lo - 1e-12 <= d[var] <= hi + 1e-12
+            assert (lo == hi) == (draws == 1 or np.ptp(post[var].values[0, :, i]) == 0)
+        assert d["shrinkage_coord_mean"] == pytest.approx(float(post["shrinkage"].values[0, :, i].mean()))
+        assert d["fit_ppl"] > 1 and d["base_ppl"] > 1
+    # the per-task table: the new summaries, intervals only with draws, one line on how to read each
+    table = index.split("## per task", 1)[1]
+    assert "pooling λᶠ" in table and "eff. params γ" in table and "ΔW dev." in table
+    assert table.count("- **") >= 3
+    first = next(line for line in table.splitlines() if line.startswith(f"| {tasks[0]} |"))
+    assert (" [" in first) == (draws > 1)
     return rep
 
 
@@ -48,14 +64,22 @@ def test_write_report_in_memory(tmp_path, guide):
     bora = Bora(cfg, tiny_llama(layers=2), TinyTokenizer(), train.tasks, len(train))
     bora.fit(train, val, progress=False)
     draws = 20 if guide == "meanfield" else 1
-    rep = write_report(bora, tmp_path / "report", train=train, test=test, draws=20, progress=False)
+    indep = {"task0": 3.0, "task1": 3.2, "task2": 9.0}  # an independent fit's test NLL per task
+    rep = write_report(bora, tmp_path / "report", train=train, test=test, draws=20, independent=indep,
+                       progress=False)
     check_report(tmp_path / "report", train.tasks, draws)
     assert rep["perplexity_source"] == "evaluated"
-    assert rep["spearman_between"] == ["train_tokens", "shrinkage"]
-    assert math.isnan(rep["spearman"]) or -1 <= rep["spearman"] <= 1
-    if guide == "meanfield":
-        lo, hi = rep["per_task"]["task0"]["shrinkage_hdi"]
-        assert lo < hi  # posterior draws give intervals
+    assert rep["spearman_between"] == ["train_tokens", "pooling_factor"]
+    assert rep["spearman"] == pytest.approx(D.spearman(train.task_tokens().numpy(),
+                                                       [rep["per_task"][t]["pooling_factor"] for t in train.tasks]))
+    for t in train.tasks:
+        d = rep["per_task"][t]
+        want = D.gain_kept(math.log(d["base_ppl"]), math.log(d["fit_ppl"]), indep[t])
+        assert (math.isnan(want) and math.isnan(d["gain_kept"])) or d["gain_kept"] == pytest.approx(float(want))
+    assert "gain kept" in (tmp_path / "report" / "index.md").read_text()
+    if guide == "meanfield":  # posterior draws of the adapters: the function-space deviation has an interval
+        lo, hi = rep["per_task"]["task0"]["delta_w_ratio_hdi"]
+        assert lo < hi
 
 
 def test_main_report_from_saved_fit(tmp_path, capsys):
@@ -75,3 +99,57 @@ def test_main_report_from_saved_fit(tmp_path, capsys):
     for t, d in rep["per_task"].items():
         assert d["fit_ppl"] == pytest.approx(metrics["test"]["fit"]["per_task"][t]["ppl"])
     assert np.isfinite(rep["spearman"])
+
+
+# ----------------------------------------------------------------------------- plots
+def test_importing_bora_does_not_switch_the_matplotlib_backend():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import bora.report, bora.plots, bora.diagnostics; "
+            "import matplotlib.pyplot as plt; print(matplotlib.get_backend()); "
+            "from bora.plots import perplexity_bars; import tempfile, os; "
+            "perplexity_bars(['a'], [2.0], [1.5], os.path.join(tempfile.mkdtemp(), 'p.png')); "
+            "print(len(plt.get_fignums()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["svg", "0"]  # the user's backend is kept, no figure is left open in pyplot
+
+
+def test_size_plot_labels_do_not_overlap():
+    from bora.plots import size_figure
+
+    tasks = [f"corpus/Character {i}" for i in range(16)]
+    sizes = np.r_[np.linspace(900, 1100, 8), np.geomspace(2e3, 4e5, 8)]  # a crowded cluster and a spread
+    lam = np.r_[np.full(8, 0.95) + np.linspace(0, 1e-3, 8), np.linspace(0.97, 0.9, 8)]
+    fig = size_figure(tasks, sizes, lam, lo=lam - 0.004, hi=lam + 0.004, rho=-0.8)
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text()]  # (leader lines are annotations without text)
+    boxes = [t.get_window_extent(r) for t in labels]
+    assert [t.get_text() for t in labels] == [f"Character {i}" for i in range(16)]
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(16) for j in range(i + 1, 16))
+    for axis in (ax.xaxis, ax.yaxis):
+        ticks = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+        tb = [t.get_window_extent(r) for t in ticks]
+        assert len(tb) >= 2 and not any(tb[i].overlaps(tb[j]) for i in range(len(tb)) for j in range(i + 1, len(tb)))
+
+
+def test_forest_is_arviz_sorted_by_size():
+    import sys
+
+    from bora.plots import forest_figure
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_diagnostics import _random_idata
+
+    idata = _random_idata(False, S=6)
+    rng = np.random.default_rng(0)
+    for var in ("pooling_factor", "effective_parameters", "delta_w_ratio"):
+        idata.posterior[var] = idata.posterior["shrinkage"].copy(data=rng.random((1, 6, 3)))
+    fig = forest_figure(idata, sizes=[20, 90, 41])  # tasks a, b, c
+    assert len(fig.axes) == 3
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in sorted(ax.get_yticklabels(), key=lambda t: -t.get_position()[1])]
+    assert labels == ["b (n=90)", "c (n=41)", "a (n=20)"]  # largest training set at the top
+    # one HDI line per task from arviz: the x extent of each row's line covers the posterior draws' HDI
+    assert len(ax.lines) >= 3

@@ -377,23 +377,26 @@ def _cmd_evaluate(args) -> int:
 
 
 def format_posterior_table(res: dict, *, title: str = "test") -> str:
-    """Point estimate vs Bayesian model average: likelihood, accuracy, calibration, uncertainty; per task."""
+    """Point estimate vs Bayesian model average: likelihood, accuracy, calibration, uncertainty; per task.
+
+    The BMA NLL and perplexities are the document-level posterior predictive (``bma_doc``); accuracy,
+    ECE, Brier, entropy and mutual information are of the token-level BMA (``bma_token``)."""
     S = res["samples"]
     bma = S > 1
-    p, b, bd = res["point"], res["bma"], res["bma_doc"]
+    p, bd, bt = res["point"], res["bma_doc"], res["bma_token"]
     head = f"BMA (S={S})"
-    w = 40
+    w = 50
     rows = [
-        ("NLL per token", p["tokens"]["nll"], b["tokens"]["nll"], ".4f"),
-        ("perplexity: exp(mean per-task NLL)", p["overall"]["ppl_task_mean"], b["overall"]["ppl_task_mean"], ".3f"),
-        ("perplexity: token-weighted", p["overall"]["ppl_token"], b["overall"]["ppl_token"], ".3f"),
-        ("NLL per token, document-level BMA", p["tokens"]["nll"], bd["overall"]["nll_token"], ".4f"),
-        ("next-token top-1 accuracy", p["tokens"]["accuracy"], b["tokens"]["accuracy"], ".4f"),
-        ("expected calibration error (15 bins)", p["tokens"]["ece"], b["tokens"]["ece"], ".4f"),
-        ("Brier score", p["tokens"]["brier"], b["tokens"]["brier"], ".4f"),
-        ("predictive entropy (nats)", p["tokens"]["entropy"], b["tokens"]["entropy"], ".4f"),
-        ("epistemic: mutual information (nats)", p["tokens"]["mutual_information"],
-         b["tokens"]["mutual_information"], ".5f"),
+        ("NLL per token (BMA: document-level)", p["overall"]["nll_token"], bd["overall"]["nll_token"], ".4f"),
+        ("perplexity: exp(mean per-task NLL)", p["overall"]["ppl_task_mean"], bd["overall"]["ppl_task_mean"], ".3f"),
+        ("perplexity: token-weighted", p["overall"]["ppl_token"], bd["overall"]["ppl_token"], ".3f"),
+        ("token-level BMA: NLL per token", p["tokens"]["nll"], bt["tokens"]["nll"], ".4f"),
+        ("token-level: next-token top-1 accuracy", p["tokens"]["accuracy"], bt["tokens"]["accuracy"], ".4f"),
+        ("token-level: expected calibration error (15 bins)", p["tokens"]["ece"], bt["tokens"]["ece"], ".4f"),
+        ("token-level: Brier score", p["tokens"]["brier"], bt["tokens"]["brier"], ".4f"),
+        ("token-level: predictive entropy (nats)", p["tokens"]["entropy"], bt["tokens"]["entropy"], ".4f"),
+        ("token-level: mutual information (nats)", p["tokens"]["mutual_information"],
+         bt["tokens"]["mutual_information"], ".3g"),
     ]
     lines = [f"{title + ' (' + str(p['tokens']['tokens']) + ' tokens)':<{w}}  {'point':>10}" + (f"  {head:>12}" if bma else "")]
     for name, a, c, fmt in rows:
@@ -401,15 +404,23 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
     if res.get("point_fit") and bma:
         lines.append("(MAP fit: every posterior sample is the point estimate, so the BMA equals it)")
     if bma:
-        iv = res["per_task_interval"]
+        iv, ti = res["posterior_spread"], res["test_interval"]["bma_doc"]
         names = list(iv)
         tw = max([len("task")] + [len(n) for n in names])
-        lvl = int(round(100 * next(iter(iv.values()))["level"])) if iv else 90
+        lvl = int(round(100 * ti["level"]))
+
+        def br(lo, hi):
+            return "[" + format(lo, ".3f") + ", " + format(hi, ".3f") + "]"
+
         lines.append("")
-        lines.append(f"{'task':<{tw}}  {'point ppl':>9}  {'BMA ppl':>9}  {str(lvl) + '% interval over samples':>26}")
+        lines.append(f"{'task':<{tw}}  {'point ppl':>9}  {'BMA ppl':>9}  {str(lvl) + '% test-set interval':>24}"
+                     f"  {str(lvl) + '% posterior spread':>22}")
         for n in names:
-            lines.append(f"{n:<{tw}}  {p['per_task'][n]['ppl']:>9.3f}  {b['per_task'][n]['ppl']:>9.3f}  "
-                         f"{'[' + format(iv[n]['lo'], '.3f') + ', ' + format(iv[n]['hi'], '.3f') + ']':>26}")
+            t = ti["per_task"][n]
+            lines.append(f"{n:<{tw}}  {p['per_task'][n]['ppl']:>9.3f}  {bd['per_task'][n]['ppl']:>9.3f}  "
+                         f"{br(t['lo'], t['hi']):>24}  {br(iv[n]['lo'], iv[n]['hi']):>22}")
+        lines.append("(BMA ppl: document-level posterior predictive; test-set: documents resampled within the task; "
+                     "posterior spread: the task's perplexity under each sample, a plug-in quantity)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Held-out log-likelihood and perplexity, per task and overall.
+"""Held-out log-likelihood and perplexity, per task and overall, with test-set (bootstrap) intervals.
 
 >>> import torch
 >>> from bora.evaluate import summarize
@@ -12,18 +12,31 @@ True
 Conventions (the BoRA paper's): a task's NLL is its token-weighted mean next-token NLL over its
 documents; the headline ``ppl_task_mean`` is ``exp(mean over tasks of the per-task NLL)`` (every
 task counts once); ``ppl_token`` weights every token equally.
+
+**Test-set uncertainty.** A perplexity measured on a few test documents is itself uncertain (a
+task with 75 test tokens has a wide one). :func:`bootstrap_ppl` resamples documents with
+replacement *within each task* (the number of documents per task is kept) and reports percentile
+intervals of every task's perplexity and of ``ppl_task_mean``; :func:`paired_bootstrap` does the
+same for the *difference* of ``ppl_task_mean`` between two fits scored on the same documents,
+resampling the same documents for both (paired), which cancels the documents' shared difficulty.
+Both are pure functions of per-document NLL sums and token counts, seeded. This is a different
+quantity from the spread of a perplexity over posterior samples (see
+:func:`bora.posterior.evaluate_posterior`, ``posterior_spread``): that one is the posterior
+uncertainty of a plug-in quantity on fixed documents, this one the sampling uncertainty of the
+test set.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .feed import Feed
 
-__all__ = ["doc_loglik", "summarize", "evaluate"]
+__all__ = ["doc_loglik", "summarize", "evaluate", "bootstrap_ppl", "paired_bootstrap"]
 
 
 @torch.no_grad()
@@ -67,3 +80,131 @@ def evaluate(model, params, feed: Feed, batch_size: int = 32) -> dict:
     model.adapters.train(False)
     ll, toks = doc_loglik(model, params, feed, batch_size)
     return summarize(-ll, toks, feed.split.task_ids, feed.split.tasks)
+
+
+# ----------------------------------------------------------------------------- document bootstrap
+def _as_np(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double() if dtype == np.float64 else x.detach().cpu()
+    return np.asarray(x, dtype=dtype)
+
+
+def _task_nll_resamples(nlls: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int,
+                        resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task NLL per token of every column of ``nlls [K, N]``: ``(estimate [K, T], resampled [K, R, T])``.
+
+    Documents are resampled with replacement within each task, with the same indices for every
+    column (paired). Tasks without documents are NaN."""
+    K, N = nlls.shape
+    if tokens.shape != (N,) or task_ids.shape != (N,):
+        raise ValueError("nll, tokens and task_ids must have one entry per document")
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    rng = np.random.default_rng(seed)
+    est = np.full((K, num_tasks), np.nan)
+    boot = np.full((K, resamples, num_tasks), np.nan)
+    for t in range(num_tasks):
+        docs = np.flatnonzero(task_ids == t)
+        if len(docs) == 0 or tokens[docs].sum() <= 0:
+            continue
+        est[:, t] = nlls[:, docs].sum(1) / tokens[docs].sum()
+        idx = docs[rng.integers(0, len(docs), size=(resamples, len(docs)))]  # [R, n_t]
+        tok = tokens[idx].sum(1)  # [R]
+        boot[:, :, t] = nlls[:, idx].sum(-1) / np.maximum(tok, 1)
+    return est, boot
+
+
+def _interval(x: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    q = (1.0 - level) / 2.0
+    lo, hi = np.quantile(x, [q, 1.0 - q], axis=axis)
+    return lo, hi
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+
+
+def bootstrap_ppl(doc_nll, doc_tokens, task_ids, tasks: Optional[Sequence[str]] = None, *,
+                  resamples: int = 1000, level: float = 0.9, seed: int = 0) -> dict:
+    """Test-set percentile intervals of per-task perplexity and of ``ppl_task_mean`` by a document bootstrap.
+
+    ``doc_nll``: per-document NLL sums (nats), ``doc_tokens``: scored tokens per document,
+    ``task_ids``: the task of each document (``0..T-1``; ``T = len(tasks)``). Documents are
+    resampled with replacement within each task, ``resamples`` times, seeded by ``seed``.
+    Returns ``{"level", "resamples", "seed", "per_task": {task: {"ppl", "lo", "hi"}},
+    "overall": {"ppl_task_mean", "lo", "hi"}}`` (tasks without documents are left out).
+
+    >>> r = bootstrap_ppl([2.0, 2.0, 6.0, 6.0], [2, 2, 3, 3], [0, 0, 1, 1], ("a", "b"))
+    >>> r["per_task"]["a"]        # every document of "a" has 1 nat/token: no test-set spread
+    {'ppl': 2.718281828459045, 'lo': 2.718281828459045, 'hi': 2.718281828459045}
+    >>> round(r["overall"]["ppl_task_mean"], 4)   # exp((1 + 2) / 2)
+    4.4817
+    """
+    _check_level(level)
+    nll = _as_np(doc_nll, np.float64)[None]
+    tok = _as_np(doc_tokens, np.float64)
+    tid = _as_np(task_ids, np.int64)
+    T = len(tasks) if tasks is not None else int(tid.max()) + 1 if len(tid) else 0
+    names = list(tasks) if tasks is not None else [str(t) for t in range(T)]
+    est, boot = _task_nll_resamples(nll, tok, tid, T, resamples, seed)
+    est, boot = est[0], boot[0]
+    have = ~np.isnan(est)
+    per_task = {}
+    lo, hi = _interval(np.exp(boot), level)
+    for t in np.flatnonzero(have):
+        per_task[names[t]] = {"ppl": float(np.exp(est[t])), "lo": float(lo[t]), "hi": float(hi[t])}
+    mean_boot = np.exp(boot[:, have].mean(1))
+    olo, ohi = _interval(mean_boot, level)
+    return {"level": level, "resamples": resamples, "seed": seed, "per_task": per_task,
+            "overall": {"ppl_task_mean": float(np.exp(est[have].mean())), "lo": float(olo), "hi": float(ohi)}}
+
+
+def paired_bootstrap(nll_a, nll_b, tokens, task_ids, *, tasks: Optional[Sequence[str]] = None,
+                     resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Paired document-bootstrap interval of ``ppl_task_mean(a) - ppl_task_mean(b)`` for two fits on the same documents.
+
+    ``nll_a`` / ``nll_b``: per-document NLL sums of fit ``a`` and fit ``b`` on the *same*
+    documents (same order), ``tokens``: scored tokens per document, ``task_ids``: each document's
+    task (``0..T-1``). ``ppl_task_mean = exp(mean over tasks of the per-task NLL per token)`` (the
+    paper's convention, :func:`summarize`). Documents are resampled with replacement within each
+    task, ``resamples`` times (seeded), with the *same* resampled documents for ``a`` and ``b``.
+    Returns ``{"a", "b", "diff", "lo", "hi", "level", "resamples", "seed", "frac_a_lower",
+    "per_task"}``: the two perplexities, their difference and its ``level`` percentile interval,
+    the fraction of resamples in which ``a`` has the lower perplexity, and per task (keyed by
+    ``tasks`` or the task index as a string) ``{"a", "b", "diff", "lo", "hi"}`` for the per-task
+    perplexities. A negative ``diff`` with ``hi < 0`` means ``a`` is better on this test set
+    beyond its sampling noise.
+
+    >>> nll = [2.0, 3.0, 2.5, 4.0]            # four documents of one token, two tasks
+    >>> r = paired_bootstrap(nll, nll, [1, 1, 1, 1], [0, 0, 1, 1])
+    >>> r["diff"], r["lo"], r["hi"]           # identical fits: a zero-width interval at 0
+    (0.0, 0.0, 0.0)
+    >>> worse = [x + 0.1 for x in nll]       # a is 0.1 nats/token worse on every document
+    >>> r = paired_bootstrap(worse, nll, [1, 1, 1, 1], [0, 0, 1, 1])
+    >>> r["diff"] > 0 and r["lo"] > 0, r["frac_a_lower"]
+    (True, 0.0)
+    """
+    _check_level(level)
+    a, b = _as_np(nll_a, np.float64), _as_np(nll_b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError("nll_a and nll_b must score the same documents")
+    tok = _as_np(tokens, np.float64)
+    tid = _as_np(task_ids, np.int64)
+    T = len(tasks) if tasks is not None else int(tid.max()) + 1 if len(tid) else 0
+    names = list(tasks) if tasks is not None else [str(t) for t in range(T)]
+    est, boot = _task_nll_resamples(np.stack([a, b]), tok, tid, T, resamples, seed)
+    have = ~np.isnan(est[0])
+    ppl = np.exp(est[:, have].mean(1))  # [2]
+    ppl_r = np.exp(boot[:, :, have].mean(2))  # [2, R]
+    d_r = ppl_r[0] - ppl_r[1]
+    lo, hi = _interval(d_r, level)
+    per_task = {}
+    pt = np.exp(est)
+    plo, phi = _interval(np.exp(boot[0]) - np.exp(boot[1]), level)
+    for t in np.flatnonzero(have):
+        per_task[names[t]] = {"a": float(pt[0, t]), "b": float(pt[1, t]), "diff": float(pt[0, t] - pt[1, t]),
+                              "lo": float(plo[t]), "hi": float(phi[t])}
+    return {"a": float(ppl[0]), "b": float(ppl[1]), "diff": float(ppl[0] - ppl[1]), "lo": float(lo),
+            "hi": float(hi), "level": level, "resamples": resamples, "seed": seed,
+            "frac_a_lower": float((d_r < 0).mean()), "per_task": per_task}

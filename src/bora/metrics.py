@@ -18,11 +18,22 @@ Conventions: ``probs`` are ``[..., V]`` categorical distributions over the vocab
 ``sum_v (p_v - onehot_v)^2 = 1 - 2 p_y + sum_v p_v^2`` per token (0 for a confident correct
 prediction, 2 for a confident wrong one). The expected calibration error uses ``n_bins``
 equal-width bins ``(k/n, (k+1)/n]`` on the top-1 probability: ``sum_b (n_b / n) |acc_b - conf_b|``.
-For ``S`` posterior samples with log-probabilities ``[S, ..., V]`` the Bayesian-model-average
-(BMA) prediction is the mean of the probabilities; its entropy splits into the mean entropy of
-the samples (aleatoric) plus the mutual information between the next token and the adapter
-(epistemic), which is zero when all samples agree. :class:`TokenMetrics` accumulates all of these
-over batches of tokens without keeping per-token tensors.
+For ``S`` posterior samples with log-probabilities ``[S, ..., V]`` there are two different
+Bayesian model averages, and bora labels them apart:
+
+* the **token-level BMA** ``p_bar = mean_s p_s`` of the next-token distributions (this module:
+  :func:`bma_probs`, :class:`SampleAverager`). Accuracy, ECE, Brier score and the entropy split
+  below are computed from it, because they need one categorical prediction per token;
+* the **document-level posterior predictive** ``log mean_s p(doc | adapter_s)``
+  (:func:`log_mean_exp` of whole-document log-likelihoods; ``bma_doc`` in
+  :func:`bora.posterior.evaluate_posterior`). This is the headline BMA NLL: it is the predictive
+  probability of the document under the posterior, where every sample explains the whole document.
+
+The entropy of the token-level BMA splits into the mean entropy of the samples (aleatoric) plus
+the mutual information between the next token and the adapter (epistemic), ``MI = mean_s KL(p_s
+|| p_bar)``, computed in float64 as a sum of KL terms (:func:`mutual_information`), zero exactly
+when all samples agree. :class:`TokenMetrics` accumulates all of these over batches of tokens
+without keeping per-token tensors.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from typing import Optional
 import torch
 
 __all__ = ["entropy", "brier", "bin_statistics", "expected_calibration_error", "bma_probs",
-           "mutual_information", "log_mean_exp", "TokenMetrics"]
+           "mutual_information", "SampleAverager", "log_mean_exp", "TokenMetrics"]
 
 
 def entropy(probs: torch.Tensor, log_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -79,9 +90,68 @@ def bma_probs(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def mutual_information(log_probs: torch.Tensor) -> torch.Tensor:
-    """Epistemic uncertainty ``H(mean_s p_s) - mean_s H(p_s)`` from ``[S, ..., V]`` log-probabilities (>= 0)."""
-    p = log_probs.exp()
-    return (entropy(p.mean(0)) - entropy(p, log_probs).mean(0)).clamp_min(0.0)
+    """Epistemic uncertainty ``mean_s KL(p_s || p_bar)`` from ``[S, ..., V]`` log-probabilities, in float64.
+
+    ``p_bar = mean_s p_s`` is the token-level BMA prediction. This equals ``H(p_bar) - mean_s H(p_s)``
+    but is computed as a sum of non-negative KL terms in float64 (``log p_bar`` by logsumexp), so it
+    is not the round-off of a difference of two nearly equal entropies; nothing is clamped.
+    """
+    lp = log_probs.double()
+    log_bar = torch.logsumexp(lp, 0) - math.log(lp.shape[0])
+    p = lp.exp()
+    kl = torch.where(p > 0, p * (lp - log_bar), torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1)
+    return kl.mean(0)
+
+
+class SampleAverager:
+    """Streaming token-level BMA over samples, one sample's ``[..., V]`` log-probabilities at a time.
+
+    Keeps ``sum_s p_s`` and ``sum_s sum_v p_s log p_s`` in float64, so that after all samples
+    :meth:`mutual_information` is ``mean_s KL(p_s || p_bar) = mean_s sum_v p_s log p_s - sum_v p_bar
+    log p_bar`` (the same quantity as :func:`mutual_information`; the float64 sums keep the
+    cancellation of the two ~entropy-sized terms at ~1e-15 nats, far below any MI of interest).
+
+    >>> import torch
+    >>> lp = torch.log_softmax(torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)), -1)
+    >>> acc = SampleAverager()
+    >>> for s in range(3):
+    ...     acc.add(lp[s])
+    >>> bool(torch.allclose(acc.mutual_information(), mutual_information(lp), atol=1e-12))
+    True
+    """
+
+    def __init__(self):
+        self.S = 0
+        self.p_sum: Optional[torch.Tensor] = None
+        self.neg_h_sum: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def add(self, log_probs: torch.Tensor) -> None:
+        lp = log_probs.double()
+        p = lp.exp()
+        neg_h = torch.where(p > 0, p * lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1)
+        self.p_sum = p if self.p_sum is None else self.p_sum.add_(p)
+        self.neg_h_sum = neg_h if self.neg_h_sum is None else self.neg_h_sum.add_(neg_h)
+        self.S += 1
+
+    def probs(self) -> torch.Tensor:
+        """The token-level BMA prediction ``p_bar = mean_s p_s`` (float64)."""
+        return self.p_sum / self.S
+
+    def expected_entropy(self) -> torch.Tensor:
+        """``mean_s H(p_s)`` per position (float64)."""
+        return -self.neg_h_sum / self.S
+
+    def entropy(self) -> torch.Tensor:
+        """``H(p_bar)`` per position (float64)."""
+        return entropy(self.probs())
+
+    def mutual_information(self) -> torch.Tensor:
+        """``mean_s KL(p_s || p_bar)`` per position (float64, not clamped)."""
+        p_bar = self.probs()
+        neg_h_bar = torch.where(p_bar > 0, p_bar * p_bar.log(), torch.zeros((), dtype=p_bar.dtype,
+                                                                            device=p_bar.device)).sum(-1)
+        return self.neg_h_sum / self.S - neg_h_bar
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:

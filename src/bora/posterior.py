@@ -31,9 +31,12 @@ same ``(seed, k)`` always gives the same adapters — across processes, :meth:`P
 * :meth:`Posterior.doc_loglik` / :meth:`Posterior.bma_loglik`: per-document log-likelihood under
   every sample, and the Bayesian-model-average (log-mean-exp over samples) — the posterior
   predictive probability of the whole document;
-* :meth:`Posterior.evaluate`: point estimate and BMA side by side — NLL, perplexity, top-1
-  accuracy, ECE, Brier score, predictive entropy and mutual information (token-level BMA: the mean
-  of the samples' next-token probabilities), per-task perplexity with a credible interval;
+* :meth:`Posterior.evaluate`: point estimate and BMA side by side. Two BMAs, labelled apart:
+  ``bma_doc``, the document-level posterior predictive (the headline BMA NLL and perplexity), and
+  ``bma_token``, the mean of the samples' next-token probabilities (top-1 accuracy, ECE, Brier
+  score, predictive entropy and mutual information). Per task, the perplexity's posterior spread
+  over samples (``posterior_spread``) and its test-set interval from a document bootstrap
+  (``test_interval``);
 * :meth:`Posterior.token_uncertainty`: per-token predictive entropy and epistemic uncertainty;
 * :meth:`Posterior.generate`: ``S`` continuations, continuation ``i`` generated with sample ``i``'s adapter;
 * a task name that is not in the fit gets the **prior predictive** adapter of a new task,
@@ -59,7 +62,7 @@ from .config import ConfigError
 from .data import TokenizedSplit, batches, tokenize_split
 from .evaluate import doc_loglik, summarize
 from .feed import Feed
-from .metrics import TokenMetrics, entropy, log_mean_exp
+from .metrics import SampleAverager, TokenMetrics, log_mean_exp
 
 __all__ = ["Posterior", "evaluate_posterior", "token_log_probs", "fit_new_task", "sample_seed"]
 
@@ -214,9 +217,10 @@ class Posterior:
 
     @torch.no_grad()
     def evaluate(self, data, *, batch_size: int = 8, n_bins: int = 15, level: float = 0.9,
-                 progress: bool = False) -> dict:
+                 bootstrap: int = 1000, progress: bool = False) -> dict:
         """Point estimate and BMA predictive on ``data``; see :func:`evaluate_posterior`."""
-        return evaluate_posterior(self, data, batch_size=batch_size, n_bins=n_bins, level=level, progress=progress)
+        return evaluate_posterior(self, data, batch_size=batch_size, n_bins=n_bins, level=level,
+                                  bootstrap=bootstrap, progress=progress)
 
     # ------------------------------------------------------------------ free text
     def encode(self, text: str) -> torch.Tensor:
@@ -236,29 +240,24 @@ class Posterior:
     def token_uncertainty(self, task: str, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per position of ``input_ids`` (``[B, L]``, no padding) the uncertainty about the next token.
 
-        Returns ``[B, L-1]`` tensors: ``entropy`` (of the BMA prediction, nats), ``expected_entropy``
-        (mean of each sample's entropy), ``mutual_information`` (their difference, the epistemic
-        part) and ``nll`` (``-log`` BMA probability of the token that follows)."""
+        Returns ``[B, L-1]`` float64 tensors: ``entropy`` (of the token-level BMA prediction, nats),
+        ``expected_entropy`` (mean of each sample's entropy), ``mutual_information`` (``mean_s
+        KL(p_s || p_bar)``, their difference: the epistemic part) and ``nll`` (``-log`` token-level
+        BMA probability of the token that follows)."""
         ids = input_ids.to(self.bora.device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         S = self._compute_samples
-        p_sum = h_sum = None
+        avg = SampleAverager()
         self.model.adapters.train(False)
         for k in range(S):
             with self.model.adapters.use(self.task_adapter(k, task), None), self.model._autocast():
                 logits = self.model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            logp = F.log_softmax(logits[:, :-1].float(), -1)
-            p = logp.exp()
-            h = entropy(p, logp)
-            p_sum = p if p_sum is None else p_sum + p
-            h_sum = h if h_sum is None else h_sum + h
-        p_bar = p_sum / S
-        H = entropy(p_bar)
-        EH = h_sum / S
-        nll = -p_bar.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).clamp_min(1e-45).log()
-        return {"entropy": H.cpu(), "expected_entropy": EH.cpu(), "mutual_information": (H - EH).clamp_min(0).cpu(),
-                "nll": nll.cpu()}
+            avg.add(F.log_softmax(logits[:, :-1].float(), -1))
+        p_bar = avg.probs()
+        nll = -p_bar.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).clamp_min(1e-300).log()
+        return {"entropy": avg.entropy().cpu(), "expected_entropy": avg.expected_entropy().cpu(),
+                "mutual_information": avg.mutual_information().cpu(), "nll": nll.cpu()}
 
     @torch.no_grad()
     def generate(self, task: str, prompt: Union[str, torch.Tensor], *, max_new_tokens: int = 32,
@@ -319,17 +318,35 @@ def _tau_by_key(bora, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[
 
 # ---------------------------------------------------------------------- evaluation
 def evaluate_posterior(post: Posterior, data, *, batch_size: int = 8, n_bins: int = 15, level: float = 0.9,
-                       progress: bool = False) -> dict:
-    """Point estimate vs Bayesian model average on ``data``.
+                       bootstrap: int = 1000, progress: bool = False) -> dict:
+    """Point estimate vs Bayesian model average on ``data``, with posterior and test-set intervals.
 
-    Returns ``{"samples", "seed", "point", "bma", "bma_doc", "per_task_interval"}``: ``point`` and
-    ``bma`` each hold :func:`bora.evaluate.summarize`'s per-task / overall NLL and perplexity plus
-    ``tokens`` (:class:`bora.metrics.TokenMetrics`: NLL, top-1 accuracy, ECE, Brier, entropy, MI);
-    the BMA is the token-level mean of the samples' next-token probabilities. ``bma_doc`` summarises
-    the document-level BMA (log-mean-exp of each document's likelihood over samples).
-    ``per_task_interval[task]`` holds the ``level`` credible interval (quantiles over samples) and
-    median of the task's perplexity."""
+    Returns a dict with
+
+    * ``point``: the point estimate (:func:`bora.evaluate.summarize`'s ``per_task`` / ``overall``
+      NLL and perplexity, plus ``tokens``: :class:`bora.metrics.TokenMetrics` of its next-token
+      predictions: NLL, top-1 accuracy, ECE, Brier, entropy; MI is 0);
+    * ``bma_doc``: the **document-level posterior predictive**, the headline BMA: each document's
+      NLL is ``-log mean_s p(doc | adapter_s)`` (``per_task`` / ``overall`` as for ``point``);
+    * ``bma_token``: the **token-level BMA**, ``p_bar = mean_s p_s`` of the samples' next-token
+      distributions: ``per_task`` / ``overall`` NLL and ``tokens`` (accuracy, ECE, Brier, predictive
+      entropy, mean sample entropy and mutual information ``mean_s KL(p_s || p_bar)`` per token,
+      in float64). ECE / Brier / accuracy need one categorical prediction per token, so they use it;
+    * ``posterior_spread[task]``: ``{"lo", "median", "hi", "level"}``, quantiles over samples of the
+      task's perplexity under each sample: the posterior spread of a plug-in quantity on these
+      documents (not test-set uncertainty);
+    * ``test_interval``: ``{"point": ..., "bma_doc": ...}``, each :func:`bora.evaluate.bootstrap_ppl`
+      (``bootstrap`` resamples of documents within each task, ``level`` percentile intervals of
+      per-task perplexity and ``ppl_task_mean``; seeded with the posterior's seed): how much the
+      numbers would move on another test set of the same size;
+    * ``documents``: per-document lists ``task_ids``, ``tokens``, ``nll_point``, ``nll_bma_doc``,
+      ``nll_bma_token`` (NLL sums) and ``mutual_information`` (mean MI per token of the document),
+      e.g. for :func:`bora.evaluate.paired_bootstrap` or an MI-based out-of-distribution score;
+    * ``samples``, ``seed``, ``point_fit`` (every sample is the point estimate).
+    """
     from tqdm.auto import tqdm
+
+    from .evaluate import bootstrap_ppl
 
     bora, model = post.bora, post.model
     feed = post._feed(data)
@@ -340,7 +357,8 @@ def evaluate_posterior(post: Posterior, data, *, batch_size: int = 8, n_bins: in
     point_params = bora.params()
     sample_params = [] if post.is_point else [post.params(k) for k in range(S)]
     nll_point = torch.zeros(n, dtype=torch.float64)
-    nll_bma = torch.zeros(n, dtype=torch.float64)
+    nll_tok_bma = torch.zeros(n, dtype=torch.float64)
+    mi_doc = torch.zeros(n, dtype=torch.float64)
     ll_s = torch.zeros(S, n, dtype=torch.float64)
     toks = torch.zeros(n, dtype=torch.long)
     m_point, m_bma = TokenMetrics(n_bins), TokenMetrics(n_bins)
@@ -354,41 +372,48 @@ def evaluate_posterior(post: Posterior, data, *, batch_size: int = 8, n_bins: in
         nll_point.index_add_(0, doc, nll_tok)
         toks.index_add_(0, doc, torch.ones_like(doc))
         m_point.add(logp.exp(), labels)
-        p_sum = h_sum = None
+        avg = SampleAverager()
         for k in range(S):
             lp = logp if post.is_point else token_log_probs(model, b, sample_params[k])[0]
             ll_s[k].index_add_(0, doc, lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().cpu())
-            p = lp.exp()
-            h = entropy(p, lp)
-            p_sum = p if p_sum is None else p_sum.add_(p)
-            h_sum = h if h_sum is None else h_sum.add_(h)
-        p_bar = p_sum / S
-        eh = h_sum / S
-        nll_bma.index_add_(0, doc, -p_bar.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double()
-                           .clamp_min(1e-300).log().cpu())
-        m_bma.add(p_bar, labels, expected_entropy=eh, mi=(entropy(p_bar) - eh).clamp_min(0))
+            avg.add(lp)
+        p_bar = avg.probs()
+        mi = avg.mutual_information()
+        nll_tok_bma.index_add_(0, doc, -p_bar.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                               .clamp_min(1e-300).log().cpu())
+        mi_doc.index_add_(0, doc, mi.cpu())
+        m_bma.add(p_bar, labels, expected_entropy=avg.expected_entropy(), mi=mi)
+        del avg, p_bar
     if post.is_point and post.num_samples > 1:
         ll_s = ll_s.expand(post.num_samples, -1)
     tids, tasks = split.task_ids, split.tasks
     point = summarize(nll_point, toks, tids, tasks)
     point["tokens"] = m_point.result()
-    bma = summarize(nll_bma, toks, tids, tasks)
-    bma["tokens"] = m_bma.result()
-    bma_doc = summarize(-log_mean_exp(ll_s, 0), toks, tids, tasks)
-    # per-task perplexity of every sample -> credible interval
+    bma_token = summarize(nll_tok_bma, toks, tids, tasks)
+    bma_token["tokens"] = m_bma.result()
+    nll_doc = -log_mean_exp(ll_s, 0)
+    bma_doc = summarize(nll_doc, toks, tids, tasks)
+    # per-task perplexity of every sample -> posterior spread of the plug-in perplexity
     T = len(tasks)
     tok_t = torch.zeros(T, dtype=torch.float64).index_add_(0, tids, toks.double())
     nll_st = torch.zeros(ll_s.shape[0], T, dtype=torch.float64).index_add_(1, tids, -ll_s) / tok_t.clamp_min(1)
     ppl_st = nll_st.exp()
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
-    interval = {}
+    spread = {}
     for t, name in enumerate(tasks):
         if tok_t[t] > 0:
             col = ppl_st[:, t]
-            interval[name] = {"lo": float(col.quantile(lo_q)), "hi": float(col.quantile(hi_q)),
-                              "median": float(col.median()), "level": level}
+            spread[name] = {"lo": float(col.quantile(lo_q)), "hi": float(col.quantile(hi_q)),
+                            "median": float(col.median()), "level": level}
+    boot = dict(tasks=tasks, resamples=bootstrap, level=level, seed=post.seed)
+    test_interval = {"point": bootstrap_ppl(nll_point, toks, tids, **boot),
+                     "bma_doc": bootstrap_ppl(nll_doc, toks, tids, **boot)}
+    documents = {"task_ids": tids.tolist(), "tokens": toks.tolist(), "nll_point": nll_point.tolist(),
+                 "nll_bma_doc": nll_doc.tolist(), "nll_bma_token": nll_tok_bma.tolist(),
+                 "mutual_information": (mi_doc / toks.clamp_min(1)).tolist()}
     return {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point, "point": point,
-            "bma": bma, "bma_doc": bma_doc, "per_task_interval": interval}
+            "bma_doc": bma_doc, "bma_token": bma_token, "posterior_spread": spread, "test_interval": test_interval,
+            "documents": documents}
 
 
 # ---------------------------------------------------------------------- new tasks

@@ -1,0 +1,88 @@
+"""Document bootstrap of test perplexity: known values, pairing, seeding, coverage."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bora.evaluate import bootstrap_ppl, paired_bootstrap, summarize
+
+
+def _docs(seed=0, sizes=(40, 25, 3)):
+    rng = np.random.default_rng(seed)
+    tid = np.concatenate([np.full(n, t) for t, n in enumerate(sizes)])
+    tok = rng.integers(5, 60, size=len(tid))
+    nll = tok * (3.0 + 0.3 * tid + 0.4 * rng.standard_normal(len(tid)))
+    return nll, tok, tid
+
+
+def test_paired_bootstrap_identical_fits_give_zero_width_interval():
+    nll, tok, tid = _docs()
+    r = paired_bootstrap(nll, nll.copy(), tok, tid, tasks=("x", "y", "z"))
+    assert (r["diff"], r["lo"], r["hi"]) == (0.0, 0.0, 0.0)
+    assert r["frac_a_lower"] == 0.0 and r["a"] == r["b"]
+    assert all((d["diff"], d["lo"], d["hi"]) == (0.0, 0.0, 0.0) for d in r["per_task"].values())
+    s = summarize(torch.tensor(nll), torch.tensor(tok), torch.tensor(tid), ("x", "y", "z"))
+    assert r["a"] == pytest.approx(s["overall"]["ppl_task_mean"], rel=1e-12)  # the paper's convention
+
+
+def test_paired_bootstrap_known_shift_and_pairing():
+    nll, tok, tid = _docs()
+    shift = 0.05  # a is 0.05 nats/token worse on every document
+    r = paired_bootstrap(nll + shift * tok, nll, tok, tid, resamples=500, level=0.95)
+    assert r["diff"] == pytest.approx(r["b"] * (math.exp(shift) - 1), rel=1e-12)
+    assert 0 < r["lo"] <= r["diff"] <= r["hi"] and r["frac_a_lower"] == 0.0
+    r2 = paired_bootstrap(nll, nll + shift * tok, tok, tid, resamples=500, level=0.95)
+    assert r2["hi"] < 0 and r2["frac_a_lower"] == 1.0
+    # pairing: the per-document difficulty (sd 0.4 nats/token) cancels, a tiny uniform gain is resolved,
+    # while the unpaired intervals of the two fits overlap almost entirely
+    r3 = paired_bootstrap(nll - 0.01 * tok, nll, tok, tid, resamples=500)
+    assert r3["hi"] < 0
+    ia, ib = bootstrap_ppl(nll - 0.01 * tok, tok, tid)["overall"], bootstrap_ppl(nll, tok, tid)["overall"]
+    assert ia["hi"] > ib["lo"]
+    # per-task results: a shift on task 1 only changes task 1's difference
+    only1 = nll + shift * tok * (tid == 1)
+    r4 = paired_bootstrap(only1, nll, tok, tid, tasks=("x", "y", "z"))
+    assert r4["per_task"]["x"]["diff"] == 0.0 and r4["per_task"]["y"]["lo"] > 0
+    assert r4["lo"] > 0
+
+
+def test_bootstrap_is_seeded_and_validates():
+    nll, tok, tid = _docs()
+    a = paired_bootstrap(nll + 0.3 * np.random.default_rng(5).standard_normal(len(nll)), nll, tok, tid, seed=3)
+    assert a == paired_bootstrap(nll + 0.3 * np.random.default_rng(5).standard_normal(len(nll)), nll, tok, tid,
+                                 seed=3)
+    assert a["lo"] != paired_bootstrap(nll + 0.3 * np.random.default_rng(5).standard_normal(len(nll)), nll, tok,
+                                       tid, seed=4)["lo"]
+    with pytest.raises(ValueError):
+        paired_bootstrap(nll, nll[:-1], tok, tid)
+    with pytest.raises(ValueError):
+        bootstrap_ppl(nll, tok, tid, level=1.5)
+    # torch inputs work too and give the same numbers
+    assert bootstrap_ppl(torch.tensor(nll), torch.tensor(tok), torch.tensor(tid)) == bootstrap_ppl(nll, tok, tid)
+
+
+def test_bootstrap_ppl_matches_normal_theory_and_covers():
+    """Equal-length documents with NLL/token ~ N(m_t, s^2): the per-task interval is close to
+    exp(mean +- z s / sqrt(n)), and the 90% interval covers the true perplexity ~90% of the time."""
+    rng = np.random.default_rng(0)
+    n, s, L, m = 200, 0.5, 20, np.array([3.0, 3.5])
+    tid = np.repeat([0, 1], n)
+    tok = np.full(2 * n, L)
+    per_tok = m[tid] + s * rng.standard_normal(2 * n)
+    r = bootstrap_ppl(per_tok * tok, tok, tid, ("a", "b"), resamples=2000, level=0.9)
+    for t, name in enumerate("ab"):
+        mean = per_tok[tid == t].mean()
+        se = per_tok[tid == t].std() / math.sqrt(n)
+        assert r["per_task"][name]["ppl"] == pytest.approx(math.exp(mean), rel=1e-12)
+        assert r["per_task"][name]["lo"] == pytest.approx(math.exp(mean - 1.6449 * se), rel=0.01)
+        assert r["per_task"][name]["hi"] == pytest.approx(math.exp(mean + 1.6449 * se), rel=0.01)
+    covered = 0
+    reps = 300
+    tid30 = np.repeat([0, 1], 30)  # 30 documents per task
+    for k in range(reps):
+        per_tok = m[tid30] + s * rng.standard_normal(60)
+        iv = bootstrap_ppl(per_tok * L, np.full(60, L), tid30, resamples=400, seed=k)["overall"]
+        covered += iv["lo"] <= math.exp(m.mean()) <= iv["hi"]
+    assert 0.84 <= covered / reps <= 0.95
