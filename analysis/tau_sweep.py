@@ -57,7 +57,9 @@ def settings_from(args) -> list[tuple[str, dict]]:
     out.append(("learned (MAP, evidence)", {"tau_mode": "learned"}))
     if args.meanfield:
         out.append(("learned (mean-field)", {"tau_mode": "learned", "guide": "meanfield"}))
-    return out
+    structure = {"hierarchy": args.hierarchy, "parameterisation": args.parameterisation}
+    return [(name, {**change, **structure}) for name, change in out
+            if not args.only or name.split(" ")[0] in args.only]
 
 
 def run(args) -> dict:
@@ -66,10 +68,12 @@ def run(args) -> dict:
     from bora.api import Bora, load_data
     from bora.config import BoraConfig, DataConfig, PriorConfig
     from bora.data import load_documents, split_documents
+    from bora.evaluate import doc_loglik
 
     t_start = time.perf_counter()
     base_cfg = BoraConfig()
-    fit_cfg = base_cfg.fit.replace(epochs=args.epochs, patience=args.patience, seed=args.seed)
+    fit_cfg = base_cfg.fit.replace(epochs=args.epochs, patience=args.patience, seed=args.seed,
+                                   eval_every=args.eval_every, lr=args.lr)
     data_cfg = base_cfg.data if args.data is None else DataConfig(source=args.data)
     if args.tiny:
         from bora.base import tiny_model
@@ -87,7 +91,7 @@ def run(args) -> dict:
     data = load_data(base_cfg, tok, splits=splits)
     train = data["train"]
     feeds = None
-    rows, overall = [], {}
+    rows, overall, docs = [], {}, {}
     base_test = None
     for name, change in settings_from(args):
         prior = PriorConfig(**{k: v for k, v in change.items() if k != "guide"})
@@ -101,6 +105,8 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         res = bora.fit(feeds["train"], feeds["val"], progress=not args.quiet)
         test = bora.evaluate(feeds["test"])
+        ll, toks = doc_loglik(bora.model, bora.params(), feeds["test"])
+        docs[name] = (-ll).tolist()
         tau = bora.tau_estimate()
         tau_value = float(next(iter(tau.values()))) if tau else math.nan
         overall[name] = {"tau": tau_value, "test": test["overall"], "steps": res.steps, "best_step": res.best_step,
@@ -123,7 +129,10 @@ def run(args) -> dict:
                      "test_nll": m["nll"], "test_ppl": m["ppl"]})
     overall["base model"] = {"tau": math.nan, "test": base_test["overall"]}
     wall = time.perf_counter() - t_start
-    return {"rows": rows, "overall": overall, "wall_seconds": wall, "tasks": list(train.tasks),
+    test_split = data["test"]
+    docs["_tokens"] = [int(len(x)) - 1 for x in test_split.input_ids]
+    docs["_task_ids"] = test_split.task_ids.tolist()
+    return {"rows": rows, "overall": overall, "docs": docs, "wall_seconds": wall, "tasks": list(train.tasks),
             "sizes": {k: {"docs": len(v), "tokens": v.num_tokens()} for k, v in data.items()},
             "config": base_cfg.to_dict()}
 
@@ -174,6 +183,21 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     pr, sr = _corr(sizes, gains)
     notes.append(f"Per-task relative perplexity gain of '{ref}' over independent vs training tokens: "
                  f"Pearson r = {pr:.2f}, Spearman r = {sr:.2f} (paper: r = -0.43 at its best tau).")
+    from bora.evaluate import paired_bootstrap
+
+    docs = result.get("docs", {})
+    pairs = [(learned, "shared"), (learned, "independent")] + ([(learned, best_grid)] if best_grid else []) + [
+        ("tau=10000", "tau=1000"), ("shared", "tau=10000")]
+    boot = {}
+    for a, b in pairs:
+        if a in docs and b in docs:
+            r = paired_bootstrap(docs[a], docs[b], docs["_tokens"], docs["_task_ids"], resamples=2000, level=0.95)
+            boot[f"{a} vs {b}"] = {k: r[k] for k in ("a", "b", "diff", "lo", "hi", "frac_a_lower")}
+            rel = 100 * r["diff"] / r["b"]
+            notes.append(f"Paired document bootstrap (2000 resamples, 95%), {a} minus {b}: {r['diff']:+.3f} ppl "
+                         f"({rel:+.2f}%), interval [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+                         + (" (excludes 0)" if r["lo"] > 0 or r["hi"] < 0 else " (includes 0)"))
+    result["bootstrap"] = boot
     (out / "table.md").write_text(
         "# Test perplexity by tau (held-out test split; nothing tuned on it)\n\n" + "\n".join(lines) + "\n\n"
         + "\n".join(f"- {n}" for n in notes) + "\n\n"
@@ -214,7 +238,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
 
     meta = {"command": " ".join(argv), "versions": _versions(), "wall_seconds": result["wall_seconds"],
             "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
-            "overall": ov, "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
+            "overall": ov, "bootstrap": result.get("bootstrap"), "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
     from bora.io import write_json
 
     write_json(out / "meta.json", meta)
@@ -233,6 +257,12 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny random model and 3 small tasks (smoke run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=Path("analysis/results"))
+    p.add_argument("--hierarchy", default="B", choices=["B", "AB"], help="task-level LoRA factors of every fit")
+    p.add_argument("--parameterisation", default="auto", choices=["auto", "noncentred", "centred"])
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only these settings (first word of the name: independent shared tau=1000 learned)")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps (default: per epoch)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every fit")
     args = p.parse_args(argv)
     result = run(args)
     write_outputs(args.out, result, ["python", "analysis/tau_sweep.py"] + argv)
