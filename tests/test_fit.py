@@ -116,8 +116,8 @@ def test_save_then_load_gives_identical_losses(tmp_path, mode):
     before = bora.evaluate(val)
     bora.save(tmp_path / "fit")
     files = sorted(p.name for p in (tmp_path / "fit").iterdir())
-    assert files == ["config.json", "estimates.safetensors", "guide.safetensors", "metrics.json", "state.json",
-                     "tasks.json"]
+    assert files == ["config.json", "estimates.safetensors", "guide.safetensors", "laplace.safetensors",
+                     "metrics.json", "state.json", "tasks.json"]  # the default guide: MAP + Laplace
     again = load_fit(tmp_path / "fit", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
     after = again.evaluate(val)
     for t in train.tasks:

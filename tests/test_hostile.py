@@ -300,7 +300,7 @@ def test_overwrite_replaces_a_fit_and_keeps_it_until_the_new_one_is_complete(env
     assert main(["fit", *FIT_ARGS(env["model"], env["data"]), "--seed", "3", "--output", str(out), "--overwrite"]) == 0
     assert (out / "guide.safetensors").read_bytes() != old
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "estimates.safetensors", "guide.safetensors",
-                                                     "metrics.json", "state.json", "tasks.json"]
+                                                     "laplace.safetensors", "metrics.json", "state.json", "tasks.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

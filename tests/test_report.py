@@ -91,9 +91,11 @@ def test_main_report_from_saved_fit(tmp_path, capsys):
                "q_proj", "v_proj", "--layers", "-1", "--rank", "2", "--steps", "4", "--batch-size", "4",
                "--lr", "0.02", "--fisher-docs", "4", "--output", str(fit_dir), "--quiet", "--device", "cpu"])
     assert rc == 0
-    out = main_report(fit_dir, device="cpu", progress=False)
+    assert (fit_dir / "laplace.safetensors").exists()  # the default guide: MAP + Laplace posterior
+    out = main_report(fit_dir, device="cpu", draws=30, progress=False)
     assert out == fit_dir / "report"
-    rep = check_report(out, ("spk0", "spk1", "spk2"), 1)
+    rep = check_report(out, ("spk0", "spk1", "spk2"), 30)  # a MAP fit's report has posterior draws
+    assert all(d["delta_w_ratio_hdi"][0] < d["delta_w_ratio_hdi"][1] for d in rep["per_task"].values())
     assert rep["perplexity_source"] == "metrics.json"
     metrics = json.loads((fit_dir / "metrics.json").read_text())
     for t, d in rep["per_task"].items():

@@ -348,6 +348,9 @@ def _cmd_fit(args, argv) -> int:
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
+    if bora.laplace is not None:
+        print(f"Laplace posterior: median posterior sd of a task coordinate {torch_median_sd(bora.laplace):.4g} "
+              f"(prior sd tau^-1/2); `bora evaluate {out} --samples 8` averages over it")
     print(f"saved to {out}  (bora evaluate {out})")
     return 0
 

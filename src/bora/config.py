@@ -214,8 +214,8 @@ class PriorConfig(_JsonConfig):
 class FitConfig(_JsonConfig):
     """Optimisation settings shared by MAP and variational fits."""
 
-    guide: str = _f("map", "Inference: 'map' (AutoDelta point estimates), 'laplace' (MAP, then a diagonal Laplace "
-                    "posterior around it) or 'meanfield' (AutoNormal posterior).")
+    guide: str = _f("laplace", "Inference: 'laplace' (MAP point estimates, then a diagonal Laplace posterior around "
+                    "them), 'map' (point estimates only) or 'meanfield' (an AutoNormal variational posterior).")
     epochs: float = _f(4.0, "Passes over the training documents (ignored when steps is set).")
     steps: Optional[int] = _f(None, "Number of optimisation steps; overrides epochs.")
     batch_size: int = _f(16, "Documents per minibatch (tasks mixed in one batch).")
@@ -230,7 +230,8 @@ class FitConfig(_JsonConfig):
     patience: int = _f(2, "Early stopping: stop after this many validations without improvement (0 disables).")
     fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, shrinkage).")
     laplace_docs: Optional[int] = _f(
-        None, "Documents per task for the Laplace posterior's curvature ('laplace'; default: every training document).")
+        64, "Training documents per task for the Laplace posterior's curvature ('laplace'; a task's Fisher is "
+        "scaled to all its documents; None: every document).")
     laplace_labels: str = _f(
         "sampled", "Curvature of the Laplace posterior: 'sampled' (Fisher with next tokens drawn from the model: "
         "the Gauss-Newton matrix) or 'empirical' (the documents' own tokens).")

@@ -20,7 +20,8 @@ hierarchy is given the global ``A`` (``hierarchy='B'``) this is exact:
 * given ``Theta``, task ``t``'s coordinate is ``Normal(theta_hat_ti + lambda_ti (Theta_i - Theta_hat_i),
   1 / (F_ti + tau))`` with ``lambda_ti = tau / (F_ti + tau)`` (its pooling factor);
 
-so a draw is ``Theta ~ N(Theta_hat, P^-1)`` followed by the task coordinates. 'independent' fits
+so a draw is ``Theta ~ N(Theta_hat, P^-1)`` followed by the task coordinates (bora's fits hold
+``Theta`` at its estimate by default: :func:`laplace_from_point`). 'independent' fits
 have no ``Theta`` (``theta_ti ~ N(theta_hat_ti, 1/(F_ti + 1/s^2))``), 'shared' fits only a global
 adapter (precision ``1/s^2 + sum_t F_ti``). The global ``A`` of ``hierarchy='B'``, informed by
 every task's data, and tau (an empirical-Bayes or fixed hyperparameter) are held at their
@@ -54,11 +55,12 @@ class HierarchicalLaplace:
     adapter ``key``; ``tau[key]`` its prior precision (``0``: independent, ``inf``: shared)."""
 
     def __init__(self, task: Mapping[str, Mapping[int, torch.Tensor]], tau: Mapping[str, float], *,
-                 global_scale: float, has_global: bool):
+                 global_scale: float, has_global: bool, sample_global: bool = True):
         self.task = {k: {int(i): F.detach().float().cpu() for i, F in fs.items()} for k, fs in task.items()}
         self.tau = {k: float(v) for k, v in tau.items()}
         self.global_scale = float(global_scale)
         self.has_global = bool(has_global)
+        self.sample_global = bool(sample_global)
 
     # ------------------------------------------------------------------ precisions
     def _prior_prec(self, key: str) -> float:
@@ -95,7 +97,7 @@ class HierarchicalLaplace:
                 g_site = n["GA" if factor == 0 else "GB"]
                 t_site = n["TA" if factor == 0 else "TB"]
                 shift = None
-                if self.has_global and g_site in point:
+                if self.has_global and self.sample_global and g_site in point:
                     G = point[g_site]
                     eps = torch.randn(G.shape, generator=generator).to(G.device)
                     shift = eps * self.global_precision(key, factor).rsqrt().to(G.device)
@@ -114,7 +116,8 @@ class HierarchicalLaplace:
         return {f"{_PREFIX}{i}.{k}": F.contiguous() for k, fs in self.task.items() for i, F in fs.items()}
 
     def metadata(self) -> dict:
-        return {"tau": self.tau, "global_scale": self.global_scale, "has_global": self.has_global}
+        return {"tau": self.tau, "global_scale": self.global_scale, "has_global": self.has_global,
+                "sample_global": self.sample_global}
 
     @classmethod
     def from_saved(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> "HierarchicalLaplace":
@@ -125,13 +128,22 @@ class HierarchicalLaplace:
             factor, _, key = name[len(_PREFIX):].partition(".")
             task.setdefault(key, {})[int(factor)] = F
         tau = {k: float(v) for k, v in meta["tau"].items()}
-        return cls(task, tau, global_scale=float(meta["global_scale"]), has_global=bool(meta["has_global"]))
+        return cls(task, tau, global_scale=float(meta["global_scale"]), has_global=bool(meta["has_global"]),
+                   sample_global=bool(meta.get("sample_global", True)))
 
 
-def laplace_from_point(model, tf: TaskFisher, tau: Mapping[str, float]) -> HierarchicalLaplace:
-    """The Laplace posterior of ``model`` at the point where ``tf`` was computed; ``tau`` per adapter key."""
+def laplace_from_point(model, tf: TaskFisher, tau: Mapping[str, float], *,
+                       sample_global: bool = False) -> HierarchicalLaplace:
+    """The Laplace posterior of ``model`` at the point where ``tf`` was computed; ``tau`` per adapter key.
+
+    By default the global adapter is held at its estimate (with tau: the empirical-Bayes predictive):
+    in the many coordinates that the data barely inform, its diagonal marginal is the vague
+    ``Normal(0, global_scale)`` hyperprior (sd 1 against adapter entries of about 0.01), whose draws
+    would swamp the task-level uncertainty; ``sample_global=True`` samples it too (exact in the
+    linear-Gaussian case)."""
     task = {}
     for key in model.shapes:
         factors = [i for i, _, _ in model.task_sites(key)] or list(model.task_factors())
         task[key] = {i: tf.fisher[key][i] for i in factors}
-    return HierarchicalLaplace(task, tau, global_scale=model.prior.global_scale, has_global=model.has_global)
+    return HierarchicalLaplace(task, tau, global_scale=model.prior.global_scale, has_global=model.has_global,
+                               sample_global=sample_global)
