@@ -14,7 +14,9 @@ nothing is tuned on. The frozen lower layers are computed once per document for 
 * ``table.md`` -- the paper's Table 1 form (overall = exp of the mean per-task NLL, plus token-weighted),
   with how many tasks each setting beats independent and shared on;
 * ``ppl_vs_tau.png`` and ``gain_vs_size.png`` (Pearson and Spearman r; the paper's r is -0.43);
-* ``meta.json`` -- the exact command, package versions, subset sizes and wall time.
+* ``meta.json`` -- the exact command, package versions, subset sizes, wall time and the paired bootstraps;
+* ``test_doc_nll.json`` -- every setting's per-document test NLL (plus ``_tokens`` and ``_task_ids``), for
+  :func:`bora.evaluate.paired_bootstrap` of any other pair.
 """
 
 from __future__ import annotations
@@ -198,6 +200,10 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
                          f"({rel:+.2f}%), interval [{r['lo']:+.3f}, {r['hi']:+.3f}]"
                          + (" (excludes 0)" if r["lo"] > 0 or r["hi"] < 0 else " (includes 0)"))
     result["bootstrap"] = boot
+    if docs:  # per-document test NLL of every setting: any other comparison can be bootstrapped later
+        from bora.io import write_json
+
+        write_json(out / "test_doc_nll.json", docs)
     (out / "table.md").write_text(
         "# Test perplexity by tau (held-out test split; nothing tuned on it)\n\n" + "\n".join(lines) + "\n\n"
         + "\n".join(f"- {n}" for n in notes) + "\n\n"
