@@ -13,7 +13,10 @@ minibatches' mean next-token NLL (``train_nll``, also shown on the progress bar)
 
 Every ``eval_every`` steps the guide's point estimate is validated (per-task perplexity; the
 criterion is the mean per-task NLL) and, for a learned tau in a MAP fit, tau is re-estimated by
-Laplace empirical Bayes (:mod:`bora.tau`). The best validated state is restored at the end;
+Laplace empirical Bayes (:mod:`bora.tau`; a mean-field fit instead sets tau by the variational M-step
+after every step). The optimiser has two groups: posterior means at ``lr``, and mean-field scales and a
+learned tau site at ``scale_lr`` (:func:`bora.guides.param_groups`). The best validated state, and the
+tau it was trained under, are restored at the end;
 ``patience`` validations without improvement stop the fit early.
 
 Checkpoints and resume: ``checkpoint(step, validated, capture)`` is called after step 0's
