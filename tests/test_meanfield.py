@@ -157,6 +157,10 @@ def test_warm_start_copies_map_estimates(tmp_path):
     key = next(iter(m.model.shapes))
     loc, scale = mf.guide._get_loc_and_scale(f"theta_B:{key}")
     torch.testing.assert_close(scale.detach(), m.laplace.task_sd(key, 1), rtol=1e-4, atol=1e-7)
+    # the global B: the mean-field optimum given the task sites (prior + coupling to T tasks), not the vague marginal
+    _, gscale = mf.guide._get_loc_and_scale(f"Theta_B:{key}")
+    want = (1.0 / mf.config.prior.global_scale ** 2 + len(train.tasks) * mf.tau_estimate()["tau"]) ** -0.5
+    torch.testing.assert_close(gscale.detach(), torch.full_like(gscale, want), rtol=1e-4, atol=1e-7)
     assert mf.evaluate(val)["overall"]["nll_task_mean"] == pytest.approx(m.evaluate(val)["overall"]["nll_task_mean"],
                                                                          abs=1e-5)
     # a mean-field source is resumed: locs and scales

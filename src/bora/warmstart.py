@@ -17,8 +17,9 @@ then
 Missing sites are derived where the structure allows (task adapters of a 'shared' source: its global
 adapter; the global adapter of an 'independent' source: the mean of its task adapters), otherwise left
 at their initial value. A mean-field target takes its scales from the source's Laplace posterior
-(``laplace.safetensors``: ``(F + tau)^-1/2`` per task coordinate, the global adapter's marginal sd), or
-from a mean-field source's scales; otherwise they keep their initial values.
+(``laplace.safetensors``: ``(F + tau)^-1/2`` per task coordinate; for the global adapter the
+mean-field optimum given the task sites, ``(1/s^2 + T tau)^-1/2`` centred or ``(1/s^2 + sum_t F_t)^-1/2``
+non-centred), or from a mean-field source's scales; otherwise they keep their initial values.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def warm_start_(bora, source) -> dict:
         sd[f"locs.{name}_unconstrained" if meanfield else f"{name}_unconstrained"] = u
         report["derived" if base in derived else "copied"].append(name)
         if meanfield:
-            scale = _source_scale(name, base, key, lap, tensors, config, src_tasks, bora.tasks, tau_key)
+            scale = _source_scale(name, base, key, lap, tensors, config, src_tasks, bora.tasks, tau_key,
+                                  noncentred=model.noncentred)
             if scale is not None and scale.shape == sd[f"scales.{name}_unconstrained"].shape:
                 sd[f"scales.{name}_unconstrained"] = transform_to(guide.scale_constraint).inv(
                     scale.clamp_min(1e-8)).to(bora.device)
@@ -146,7 +148,8 @@ def warm_start_(bora, source) -> dict:
     return report
 
 
-def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_key) -> Optional[torch.Tensor]:
+def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_key, *,
+                  noncentred: bool = False) -> Optional[torch.Tensor]:
     """The posterior sd of guide site ``name`` from the source's Laplace posterior or mean-field scales."""
     kind = base.partition(":")[0]
     factor = 0 if kind.endswith("_A") else 1
@@ -156,7 +159,13 @@ def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_k
             sd = lap.task_sd(key, factor)[order]
             return sd * math.sqrt(tau_key[key]) if name.endswith("_decentered") else sd
         if kind.startswith("Theta_") and lap.has_global:
-            return lap.global_precision(key, factor).rsqrt()
+            # q(Theta) of the mean-field target given its task sites (not Laplace's marginal, which is the vague
+            # hyperprior wherever the data say little): the prior plus the coupling to the T task adapters
+            # (centred), or plus every task's likelihood curvature (non-centred: Theta enters the likelihood)
+            F = lap.task[key][factor]
+            t = tau_key[key]
+            couple = F.sum(0) if noncentred else len(tasks) * t
+            return (1.0 / lap.global_scale ** 2 + couple + torch.zeros_like(F[0])).rsqrt()
     if config.fit.guide == "meanfield" and f"scales.{name}_unconstrained" in tensors:
         u = tensors[f"scales.{name}_unconstrained"]
         if name.startswith("theta_"):
