@@ -16,15 +16,20 @@
 >>> trace.nodes["theta_B:model_layers_0_self_attn_q_proj"]["value"].shape   # [tasks, out, r]
 torch.Size([3, 32, 2])
 
-Generative story (``tau_mode`` picks the coupling; every mode is the same code path):
+Generative story (``tau_mode`` picks the coupling, ``hierarchy`` the task-level factors; every mode is
+the same code path):
 
-* global adapters ``Theta_A:<m> ~ Normal(0, s)``, ``Theta_B:<m> ~ Normal(0, s)`` for each adapted
-  module ``m`` (outside every plate);
+* global adapters ``Theta_A:<m> ~ Normal(0, s)`` and ``Theta_B:<m> ~ Normal(0, s)`` for each adapted
+  module ``m`` (outside every plate); with ``hierarchy='B'`` (default) ``Theta_A`` is the one ``A`` every
+  task uses, its rows orthonormalised (:func:`orthonormal_rows`);
 * precision ``tau``: a constant (``fixed``), or ``tau ~ Gamma(a, b)`` (``learned``; one site, or
   ``tau:<m>`` per module);
-* in ``plate("tasks", T)``: ``theta_A:<m> ~ Normal(Theta_A:<m>, tau^-1/2)`` (and ``theta_B``);
-  ``independent`` draws them from ``Normal(0, s)`` with no global sites, ``shared`` has no task
-  sites and every task uses the global adapter;
+* in ``plate("tasks", T)``: ``theta_B:<m> ~ Normal(Theta_B:<m>, tau^-1/2)`` (and ``theta_A`` for
+  ``hierarchy='AB'``); ``independent`` draws them from ``Normal(0, s)`` with no global ``B``, ``shared``
+  has no task sites and every task uses the global adapter. Non-centred (the default for point fits),
+  each task site is reparameterised by Pyro's ``LocScaleReparam`` as ``Theta + tau^-1/2 z`` with
+  ``z ~ Normal(0, 1)`` (site ``theta_B:<m>_decentered``; ``theta_B:<m>`` becomes deterministic), the
+  same model; :meth:`BoraModel.complete` maps a guide's values back to natural coordinates;
 * in ``plate("data", N, subsample=batch["index"])``: ``factor("loglik", log p(doc | theta_task(doc)))``,
   the sum of the document's next-token log-probabilities (padding masked), so a uniform minibatch
   gives an unbiased estimate of the full-data log-likelihood (the plate scales by ``N / batch``).
@@ -144,7 +149,7 @@ class BoraModel:
             return {f"tau:{k}": [k] for k in self.shapes}
         return {"tau": list(self.shapes)}
 
-    def tau_by_key(self, values: Mapping[str, torch.Tensor] = {}) -> dict[str, float]:
+    def tau_by_key(self, values: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
         """Per adapter key, the precision tying a task to the global adapter: 0 for 'independent', inf for
         'shared', the configured value for 'fixed', and the tau site's value in ``values`` for 'learned'
         (the configured starting value if ``values`` lacks it)."""
@@ -152,6 +157,7 @@ class BoraModel:
         if mode in ("independent", "shared", "fixed"):
             t = {"independent": 0.0, "shared": math.inf, "fixed": float(self.prior.tau)}[mode]
             return {k: t for k in self.shapes}
+        values = values or {}
         out = {}
         for name, keys in self.tau_groups().items():
             t = float(values[name]) if name in values else float(self.prior.tau)
