@@ -34,7 +34,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for p in ("torch", "pyro-ppl", "transformers", "bora"):
+    for p in ("torch", "pyro-ppl", "transformers", "bora-lora"):
         try:
             out[p] = md.version(p)
         except md.PackageNotFoundError:

