@@ -64,8 +64,8 @@ def _convert_embedded(name: str) -> Path:
         lm.hf_quantizer = None
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # bora only ever renames a complete conversion into place: this folder is not bora's
+            raise ConfigError(f"{out} exists but is not a complete converted model; move it away or set BORA_CACHE")
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -349,7 +349,7 @@ def _cmd_fit(args, argv) -> int:
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
     if bora.laplace is not None:
-        print(f"Laplace posterior: median posterior sd of a task coordinate {torch_median_sd(bora.laplace):.4g} "
+        print(f"Laplace posterior: median posterior sd of a task coordinate {bora.laplace.median_task_sd():.4g} "
               f"(prior sd tau^-1/2); `bora evaluate {out} --samples 8` averages over it")
     print(f"saved to {out}  (bora evaluate {out})")
     return 0
@@ -440,18 +440,11 @@ def _cmd_laplace(args) -> int:
     feed = bora.feed(train, progress=not args.quiet, desc="caching frozen layers (train)")
     lap = bora.fit_laplace_(feed, docs=args.docs, labels=args.labels, progress=not args.quiet)
     write_laplace(lap, args.fit_dir / "laplace.safetensors")
-    sd = torch_median_sd(lap)
+    sd = lap.median_task_sd()
     taus = sorted(set(lap.tau.values()))
     print(f"Laplace posterior written to {args.fit_dir / 'laplace.safetensors'}: median posterior sd of a task "
           f"coordinate {sd:.4g} (prior sd tau^-1/2: {', '.join(f'{t ** -0.5:.4g}' for t in taus if 0 < t < math.inf)})")
     return 0
-
-
-def torch_median_sd(lap) -> float:
-    import torch
-
-    sds = torch.cat([lap.task_sd(k, i).flatten() for k in lap.task for i in lap.task[k]])
-    return float(sds.median())
 
 
 def _cmd_sample(args) -> int:

@@ -71,6 +71,10 @@ class HierarchicalLaplace:
         """Conditional posterior sd of every task coordinate given ``Theta``: ``(F + tau)^-1/2``, ``[T, ...]``."""
         return (self.task[key][factor] + self._prior_prec(key)).rsqrt()
 
+    def median_task_sd(self) -> float:
+        """The median posterior sd over every task coordinate (compare with the prior sd ``tau^-1/2``)."""
+        return float(torch.cat([self.task_sd(k, i).flatten() for k in self.task for i in self.task[k]]).median())
+
     def pooling(self, key: str, factor: int) -> torch.Tensor:
         """``lambda = tau / (F + tau)`` per task coordinate (0 for independent, 1 where the data say nothing)."""
         t = self.tau[key]

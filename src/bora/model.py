@@ -328,6 +328,12 @@ class BoraModel:
     def _A_of(self, value: torch.Tensor) -> torch.Tensor:
         return orthonormal_rows(value) if self.shared_A else value
 
+    def shared_A_from_values(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``key -> A [r, in]``: the one ``A`` every task uses (``hierarchy='B'``), rows orthonormalised."""
+        if not self.shared_A:
+            raise ValueError("hierarchy='AB' has no shared A")
+        return {k: orthonormal_rows(values[site_names(k)["GA"]]) for k in self.shapes}
+
     def global_from_values(self, values: Mapping[str, torch.Tensor]) -> Optional[dict]:
         """The global adapter ``key -> (A, B)`` (``None`` for 'independent', which has no global ``B``)."""
         if not self.has_global:

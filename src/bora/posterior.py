@@ -163,7 +163,7 @@ class Posterior:
             return {key: (A.clone(), B.clone()) for key, (A, B) in glob.items()}
         tau = _tau_by_key(self.bora, vals)
         g = torch.Generator().manual_seed(sample_seed(self.seed, k, _task_code(name)))
-        shared_A = self.model.params_from_values(vals) if self.model.shared_A else None
+        shared_A = self.model.shared_A_from_values(vals) if self.model.shared_A else None
         out = {}
         for key, shapes in self.model.shapes.items():
             if mode == "independent":
@@ -173,7 +173,7 @@ class Posterior:
             pair = []
             for i, sh in enumerate(shapes):
                 if shared_A is not None and i == 0:  # every task uses the global A
-                    pair.append(shared_A[key][0][0].clone())
+                    pair.append(shared_A[key].clone())
                 else:
                     pair.append((mean[i] + sd * torch.randn(sh, generator=g)).to(self.bora.device))
             out[key] = tuple(pair)
@@ -464,7 +464,7 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in glob.items()}
     tau = _tau_by_key(bora, point)
     dev = bora.device
-    fitted = model.params_from_values(point)
+    shared_A = model.shared_A_from_values(point) if model.shared_A else None
     mean, sd, z = {}, {}, {}
     for k, (sa, sb) in model.shapes.items():
         if mode == "independent":
@@ -476,7 +476,7 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
             sd[k] = float(tau[k]) ** -0.5
             z0 = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
         if model.shared_A:  # A is global: held fixed at the fit's A (z_A unused)
-            mean[k] = (fitted[k][0][0].detach(), mean[k][1])
+            mean[k] = (shared_A[k].detach(), mean[k][1])
             z0 = (torch.zeros(sa, device=dev), z0[1])
         # plain leaf tensors (the adapter layers store what they are given; an nn.Parameter would register)
         z[k] = (z0[0].clone().requires_grad_(not model.shared_A), z0[1].clone().requires_grad_(True))
