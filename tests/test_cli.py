@@ -41,6 +41,9 @@ def test_fit_then_evaluate(setup, capsys):
     (["--tau", "-1"], "tau must be"),
     (["--targets", "zz_proj"], "no module matches"),
     (["--layers", "x"], "--layers takes integers"),
+    (["--load-in-4bit", "--device", "cpu"], "4bit quantised base model needs a CUDA GPU"),
+    (["--load-in-8bit", "--device", "cpu"], "8bit quantised base model needs a CUDA GPU"),
+    (["--load-in-8bit", "--load-in-4bit"], "exclude each other"),
 ])
 def test_user_errors_are_one_line(setup, capsys, args, msg):
     model, data, d = setup

@@ -60,7 +60,8 @@ class Bora:
                  device: str | torch.device | None = None, task_sizes: Optional[Sequence[int]] = None):
         self.config = config
         self.device = resolve_device(device)
-        self.lm = lm.to(self.device)
+        # a bitsandbytes-quantised model already sits on its GPU and cannot be moved
+        self.lm = lm if getattr(lm, "is_quantized", False) else lm.to(self.device)
         self.tokenizer = tokenizer
         self.tasks = tuple(tasks)
         self.num_docs = int(num_docs)
@@ -92,7 +93,7 @@ class Bora:
         if lm is None or tokenizer is None:
             from .base import load_base_model
 
-            lm, tokenizer = load_base_model(config.model)
+            lm, tokenizer = load_base_model(config.model, device=resolve_device(device), quantize=config.quantize)
         data = load_data(config, tokenizer, splits=splits)
         train = data["train"]
         bora = cls(config, lm, tokenizer, train.tasks, len(train), device=device,

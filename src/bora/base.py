@@ -78,11 +78,37 @@ def resolve(name: str) -> str:
     return str(_convert_embedded(name)) if name in EMBEDDED else name
 
 
-def load_base_model(name: str, device: str | torch.device = "cpu"):
-    """``(lm, tokenizer)`` with every base weight frozen and the model in eval mode."""
+def _quantization(quantize: str, device: torch.device) -> dict:
+    """``from_pretrained`` arguments for a bitsandbytes-quantised base model (``{}`` for 'none')."""
+    if quantize == "none":
+        return {}
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"a {quantize} quantised base model needs a CUDA GPU (bitsandbytes); this run is on {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"a {quantize} quantised base model needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": q, "device_map": {"": index}}
+
+
+def load_base_model(name: str, device: str | torch.device = "cpu", quantize: str = "none"):
+    """``(lm, tokenizer)`` with every base weight frozen and the model in eval mode.
+
+    ``quantize='4bit'`` or ``'8bit'`` loads the weights quantised by bitsandbytes on ``device``
+    (CUDA only; a clear error elsewhere), for QLoRA-style fits of large base models."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    device = torch.device(device)
+    quant = _quantization(quantize, device)  # fails before any loading
     path = resolve(name)
     if name not in EMBEDDED and not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
         raise ConfigError(f"base model not found: {name} (use 'smollm2', a local folder, or a hub name)")
@@ -92,14 +118,16 @@ def load_base_model(name: str, device: str | torch.device = "cpu"):
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **quant)
     except OSError as e:
         raise ConfigError(f"could not load base model {name!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    lm.to(device).eval()
+    if not quant:  # a quantised model is placed by device_map and cannot be moved
+        lm.to(device)
+    lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)
     if tok.pad_token_id is None:

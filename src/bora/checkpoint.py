@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import ConfigError
+from .distributed import is_main
 
 __all__ = ["flatten_state", "unflatten_state", "rng_state", "set_rng_state_", "Checkpointer", "Checkpoint",
            "load_checkpoint", "has_checkpoint", "data_fingerprint", "CHECKPOINT_FORMAT"]
@@ -217,7 +218,7 @@ class Checkpointer:
     def __call__(self, step: int, validated: bool, capture: Callable[[], dict]) -> None:
         if os.environ.get("BORA_TEST_KILL"):
             _test_kill("step", step)
-        if self.every == 0:
+        if self.every == 0 or not is_main():  # data-parallel runs: rank 0 writes
             return
         due = validated if self.every is None else step % self.every == 0
         if due:

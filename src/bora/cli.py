@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--" + flag.replace("_", "-"), **kw)
     f.add_argument("--tau-per-module", action="store_true", help=PriorConfig.help("tau_per_module"))
     f.add_argument("--no-cache-prefix", action="store_true", help="Do not cache the frozen lower layers.")
+    f.add_argument("--load-in-4bit", action="store_true",
+                   help="Quantise the frozen base model to 4-bit NF4 with bitsandbytes (QLoRA; CUDA only).")
+    f.add_argument("--load-in-8bit", action="store_true",
+                   help="Quantise the frozen base model to 8-bit with bitsandbytes (CUDA only).")
     f.add_argument("--config", type=Path, default=None,
                    help="Start from this BoraConfig JSON (e.g. a fit folder's config.json); flags given "
                         "explicitly on the command line override it.")
@@ -240,7 +244,14 @@ def config_from_args(args, argv: Sequence[str] = ()) -> BoraConfig:
     if use("tasks") and args.tasks is not None:
         sections["data"]["tasks"] = args.tasks
     model = args.model if use("model") else base.model
-    return BoraConfig.from_dict({"model": model, **sections})
+    quantize = base.quantize
+    if use("load_in_4bit") and args.load_in_4bit:
+        quantize = "4bit"
+    if use("load_in_8bit") and args.load_in_8bit:
+        quantize = "8bit"
+    if args.load_in_4bit and args.load_in_8bit:
+        raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+    return BoraConfig.from_dict({"model": model, "quantize": quantize, **sections})
 
 
 def format_table(base: dict, fitted: dict, *, title: str = "test") -> str:
@@ -298,7 +309,27 @@ def _fit_output(args, argv) -> tuple[Path, Optional[object], BoraConfig]:
 
 
 def _cmd_fit(args, argv) -> int:
+    """``bora fit``, also as one of several data-parallel processes (``torchrun ... -m bora fit``):
+    every rank fits its shard of each batch; only rank 0 prints and writes (:mod:`bora.distributed`)."""
+    import torch.distributed as tdist
+
+    from .distributed import init_from_env, is_main
+
+    if not init_from_env(args.device):
+        return _fit(args, argv)
+    try:
+        if is_main():
+            return _fit(args, argv)
+        args.quiet = True
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            return _fit(args, argv)
+    finally:
+        tdist.destroy_process_group()
+
+
+def _fit(args, argv) -> int:
     from .api import Bora
+    from .distributed import is_main
     from .checkpoint import Checkpointer, data_fingerprint
     from .infer import NumericalError
     from .io import base_fingerprint, save_fit
@@ -341,7 +372,8 @@ def _cmd_fit(args, argv) -> int:
                           "as a fit") from None
     fitted = bora.evaluate(feeds["test"])
     bora.metrics = {"test": {"base": base, "fit": fitted}}
-    save_fit(bora, out)
+    if is_main():
+        save_fit(bora, out)
     print()
     print(format_table(base, fitted))
     tau = bora.tau_estimate()

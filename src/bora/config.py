@@ -36,6 +36,7 @@ __all__ = [
 TAU_MODES = ("fixed", "learned", "independent", "shared")
 GUIDES = ("map", "meanfield", "laplace")
 HIERARCHIES = ("B", "AB")
+QUANTIZE = ("none", "8bit", "4bit")
 PARAMETERISATIONS = ("auto", "noncentred", "centred")
 
 
@@ -322,6 +323,10 @@ class BoraConfig(_JsonConfig):
     """Everything that defines a fit: base model, adapters, prior, optimisation, data."""
 
     model: str = _f("smollm2", "Base causal LM: 'smollm2' (embedded SmolLM2-135M-Instruct) or a local path / hub name.")
+    quantize: str = _f(
+        "none", "Load the frozen base model quantised by bitsandbytes, as QLoRA does: 'none', '8bit' (LLM.int8) or "
+        "'4bit' (NF4, bf16 compute). Needs a CUDA GPU and the bitsandbytes package; adapters and every Pyro "
+        "site stay fp32.")
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "Adapter settings."})
     prior: PriorConfig = field(default_factory=PriorConfig, metadata={"help": "Prior settings."})
     fit: FitConfig = field(default_factory=FitConfig, metadata={"help": "Optimisation settings."})
@@ -329,5 +334,6 @@ class BoraConfig(_JsonConfig):
 
     def __post_init__(self):
         _check(bool(self.model), "model must be non-empty")
+        _check(self.quantize in QUANTIZE, f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         for name, cls in (("adapter", AdapterConfig), ("prior", PriorConfig), ("fit", FitConfig), ("data", DataConfig)):
             _check(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .distributed import all_reduce_sum_, world
 from .feed import Feed
 
 __all__ = ["doc_loglik", "summarize", "evaluate", "bootstrap_ppl", "paired_bootstrap"]
@@ -41,16 +42,22 @@ __all__ = ["doc_loglik", "summarize", "evaluate", "bootstrap_ppl", "paired_boots
 
 @torch.no_grad()
 def doc_loglik(model, params, feed: Feed, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-document log-likelihood sums and scored-token counts, on CPU."""
+    """Per-document log-likelihood sums and scored-token counts, on CPU.
+
+    In a data-parallel run each rank scores every ``N``-th document and the sums are all-reduced,
+    so every rank returns the whole split's numbers."""
     n = len(feed)
     order = torch.argsort(feed.split.lengths, stable=True)  # similar lengths together: little padding
+    rank, size = world()
+    order = order[rank::size]
     ll = torch.zeros(n)
     tok = torch.zeros(n, dtype=torch.long)
-    for start in range(0, n, batch_size):
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         b = feed.batch(idx)
         ll[idx] = model.loglik(b, params).float().cpu()
         tok[idx] = b["attention_mask"][:, 1:].sum(-1).cpu()
+    all_reduce_sum_(ll, tok)
     return ll, tok
 
 

@@ -12,7 +12,8 @@ For task ``t`` with documents ``d``, ``F_t = sum_d g_d**2`` where ``g_d`` is the
 Per-document gradients come from one batched backward pass per batch in which every task appears
 at most once (:func:`bora.data.distinct_task_batches`): the gradient of the batch's summed
 log-likelihood with respect to row ``t`` of the task tensors is then exactly that task's
-document gradient. With ``max_per_task`` only a random subset of ``n_t`` of a task's ``N_t``
+document gradient. In a data-parallel run (:mod:`bora.distributed`) each rank takes every
+``N``-th batch and the sums are all-reduced. With ``max_per_task`` only a random subset of ``n_t`` of a task's ``N_t``
 documents is used and the sum is scaled by ``N_t / n_t`` (unbiased).
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import distinct_task_batches
+from .distributed import all_reduce_sum_, world
 from .feed import Feed
 
 __all__ = ["TaskFisher", "task_fisher"]
@@ -61,10 +63,9 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     likelihood: positive and unbiased even where the fit is poor)."""
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
-    label_gen = None
-    if labels == "sampled":
-        label_gen = torch.Generator().manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0)
+    label_seed = None
+    if labels == "sampled":  # batch k draws its labels from its own stream: the same on any number of ranks
+        label_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
     T = model.num_tasks
     leaves = {}
     for k, (A, B) in params.items():
@@ -75,10 +76,14 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     used = torch.zeros(T, dtype=torch.long)
     flat = [t for pair in leaves.values() for t in pair]
     model.adapters.train(False)
-    batches = list(distinct_task_batches(feed.split, max_per_task, generator=generator))
-    for idx in tqdm(batches, desc="per-task Fisher", disable=not progress, leave=False):
+    batches = list(enumerate(distinct_task_batches(feed.split, max_per_task, generator=generator)))
+    rank, size = world()
+    for k, idx in tqdm(batches[rank::size], desc="per-task Fisher", disable=not progress, leave=False):
         b = feed.batch(idx)
-        ll = (model.loglik(b, leaves) if labels == "empirical" else _sampled_loglik(model, b, leaves, label_gen)).sum()
+        if labels == "empirical":
+            ll = model.loglik(b, leaves).sum()
+        else:
+            ll = _sampled_loglik(model, b, leaves, torch.Generator().manual_seed(label_seed + k)).sum()
         grads = torch.autograd.grad(ll, flat, allow_unused=True)  # a factor the likelihood ignores has none
         for (k, (FA, FB)), gA, gB in zip(Fs.items(), grads[0::2], grads[1::2]):
             if gA is not None:
@@ -86,6 +91,7 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
             if gB is not None:
                 FB.add_(gB.square())
         used += torch.bincount(b["task_ids"].cpu(), minlength=T)
+    all_reduce_sum_(*(X for pair in Fs.values() for X in pair), used)  # data-parallel ranks: sum the shards
     sizes = feed.split.task_sizes().long()
     c = (sizes.double() / used.clamp_min(1).double()).to(torch.float32)
     for X, Y in Fs.values():

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from .checkpoint import rng_state, set_rng_state_
 from .config import ConfigError, FitConfig
 from .data import BatchStream
+from .distributed import data_parallel, shard_rows
 from .evaluate import evaluate
 from .feed import Feed
 from .fisher import task_fisher
@@ -131,11 +132,20 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     if val is not None:
         val.build_cache_()
 
+    def rank_batch(rows: torch.Tensor) -> dict:
+        """This process's shard of the global batch ``rows`` (all of it in a single process)."""
+        local, weight = shard_rows(rows)
+        b = train.batch(local)
+        if weight != 1.0:
+            b["loglik_scale"] = weight
+        return b
+
     stream = BatchStream(len(train), cfg.batch_size, gen)
     pending = next(stream)  # step 1's rows (the guide runs once on their batch first)
-    first = train.batch(pending)
+    first = rank_batch(pending)
     guide(first)  # sets up the guide's parameters (runs the model once)
-    elbo = Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide)
+    # averaged gradients across data-parallel ranks (bora.distributed); the module itself otherwise
+    elbo = data_parallel(Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide))
     groups = param_groups(guide, cfg.lr, cfg.scale_lr)
     params = [p for g in groups for p in g["params"]]
     opt = _adamw(groups, cfg)
@@ -224,7 +234,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             if first is not None:
                 batch, first = first, None
             else:
-                batch = train.batch(pending if pending is not None else next(stream))
+                batch = rank_batch(pending if pending is not None else next(stream))
             pending = None
             t0 = time.perf_counter()
             model.adapters.train(True)

@@ -455,14 +455,14 @@ def _result(r: dict, path: Path):
 
 
 def load_fit(path, *, device=None, lm=None, tokenizer=None):
-    from .api import Bora
+    from .api import Bora, resolve_device
 
     path = Path(path)
     config, meta, st, state = read_fit_files(path)
     if lm is None or tokenizer is None:
         from .base import load_base_model
 
-        lm, tokenizer = load_base_model(config.model)
+        lm, tokenizer = load_base_model(config.model, device=resolve_device(device), quantize=config.quantize)
     bora = Bora(config, lm, tokenizer, meta["tasks"], meta["num_docs"], device=device,
                 task_sizes=meta.get("task_sizes"))
     check_base(bora, meta, path)

@@ -273,7 +273,9 @@ class BoraModel:
         ll = self.loglik(batch, params)
         # for progress display only: the minibatch's mean next-token NLL
         self.last_nll = float(-ll.detach().sum() / batch["attention_mask"][:, 1:].sum().clamp_min(1))
-        with pyro.plate("data", self.num_docs, subsample=batch["index"], dim=-1):
+        # a data-parallel rank's shard of the global batch weighs b_r / B of it (bora.distributed)
+        with poutine.scale(scale=float(batch.get("loglik_scale", 1.0))), \
+                pyro.plate("data", self.num_docs, subsample=batch["index"], dim=-1):
             pyro.factor("loglik", ll)
 
     # ----------------------------------------------------------------- initialisation
