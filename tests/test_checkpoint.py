@@ -109,10 +109,10 @@ def make(**fit):
     return Bora(config(**fit), tiny_llama(), TinyTokenizer(), train.tasks, len(train)), train, val
 
 
-@pytest.mark.parametrize("guide", ["map", "meanfield"])
-def test_api_resume_from_every_checkpoint(tmp_path, guide):
+@pytest.mark.parametrize("guide,curvature", [("map", "pass"), ("map", "steps"), ("meanfield", "pass")])
+def test_api_resume_from_every_checkpoint(tmp_path, guide, curvature):
     """In memory: resuming from any checkpoint (mid-epoch, with tau updates) reproduces the fit exactly."""
-    b, train, val = make(guide=guide)
+    b, train, val = make(guide=guide, tau_curvature=curvature)
     states = {}
 
     def keep(step, validated, capture):
@@ -123,7 +123,7 @@ def test_api_resume_from_every_checkpoint(tmp_path, guide):
     want = {k: v.clone() for k, v in b.guide.state_dict().items()}
     assert sorted(states) == list(range(0, 9))
     for step in (0, 4, 8):
-        again, _, _ = make(guide=guide)
+        again, _, _ = make(guide=guide, tau_curvature=curvature)
         again.fit(train, val, progress=False, resume=unflatten_state(*states[step]))
         got = again.guide.state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want), step

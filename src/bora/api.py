@@ -16,6 +16,7 @@ and reuse them across fits that share the base model and the first adapted layer
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -137,7 +138,9 @@ class Bora:
         self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
                           progress=progress, checkpoint=checkpoint, resume=resume)
         if self.config.fit.guide == "laplace":
+            t0 = time.perf_counter()
             self.fit_laplace_(train_feed, progress=progress)
+            self.result.seconds_posterior = time.perf_counter() - t0
         return self.result
 
     def fit_laplace_(self, train, *, docs: Optional[int] = None, labels: Optional[str] = None,

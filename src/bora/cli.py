@@ -64,6 +64,7 @@ _FLAGS = {
     "eval_every": (FitConfig, "eval_every", int),
     "patience": (FitConfig, "patience", int),
     "fisher_docs": (FitConfig, "fisher_docs", int),
+    "tau_curvature": (FitConfig, "tau_curvature", str),
     "num_particles": (FitConfig, "num_particles", int),
     "laplace_docs": (FitConfig, "laplace_docs", int),
     "laplace_labels": (FitConfig, "laplace_labels", str),
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = ["fixed", "learned", "independent", "shared"]
         if name == "guide":
             kw["choices"] = list(GUIDES)
+        if name == "tau_curvature":
+            kw["choices"] = ["steps", "pass"]
         if name == "hierarchy":
             kw["choices"] = list(HIERARCHIES)
         if name == "parameterisation":
@@ -380,6 +383,9 @@ def _fit(args, argv) -> int:
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
+    print(f"fit time: {result.seconds:.0f} s = steps {result.seconds_steps:.0f} s + validation "
+          f"{result.seconds_validation:.0f} s + tau updates {result.seconds_tau:.0f} s + checkpoints "
+          f"{result.seconds_checkpoint:.0f} s (+ other); Laplace curvature after it: {result.seconds_posterior:.0f} s")
     if bora.laplace is not None:
         print(f"Laplace posterior: median posterior sd of a task coordinate {bora.laplace.median_task_sd():.4g} "
               f"(prior sd tau^-1/2); `bora evaluate {out} --samples 8` averages over it")

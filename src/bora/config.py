@@ -230,6 +230,10 @@ class FitConfig(_JsonConfig):
     eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many steps (default: once per epoch).")
     patience: int = _f(2, "Early stopping: stop after this many validations without improvement (0 disables).")
     fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, shrinkage).")
+    tau_curvature: str = _f(
+        "pass", "Where a learned-tau MAP fit's tau update gets each task's Fisher: 'steps' (accumulated from the "
+        "training steps' per-document gradients since the last update: nearly free) or 'pass' (a separate "
+        "forward-backward pass over fisher_docs documents per task at the current point).")
     laplace_docs: Optional[int] = _f(
         64, "Training documents per task for the Laplace posterior's curvature ('laplace'; a task's Fisher is "
         "scaled to all its documents; None: every document).")
@@ -259,6 +263,8 @@ class FitConfig(_JsonConfig):
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1")
         _check(self.patience >= 0, "patience must be >= 0")
         _check(self.fisher_docs >= 1, "fisher_docs must be >= 1")
+        _check(self.tau_curvature in ("steps", "pass"),
+               f"tau_curvature must be 'steps' or 'pass', got {self.tau_curvature!r}")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
                f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")

@@ -31,6 +31,7 @@ step applies it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import rng_state, set_rng_state_
 from .config import ConfigError, FitConfig
+from .curvature import StepFisher
 from .data import BatchStream
 from .distributed import data_parallel, shard_rows
 from .evaluate import evaluate
@@ -75,6 +77,12 @@ class FitResult:
     step_seconds: float = math.nan  # median wall time of one optimiser step
     tokens_per_second: float = math.nan
     tau: Optional[dict] = None
+    # where the wall time went: optimiser steps, validation, tau updates (curvature + evidence), checkpoints
+    seconds_steps: float = 0.0
+    seconds_validation: float = 0.0
+    seconds_tau: float = 0.0
+    seconds_checkpoint: float = 0.0
+    seconds_posterior: float = 0.0  # the Laplace posterior's curvature pass after the fit (set by Bora.fit)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -124,6 +132,9 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     # a point guide's tau follows the Laplace evidence at each validation; a mean-field guide's the M-step
     variational_tau = tau is not None and isinstance(guide, AutoNormal)
     target = tau.model if tau is not None else model
+    # the tau update's Fisher, accumulated from the steps' own per-document gradients (bora.curvature)
+    curv = (StepFisher.for_model(model, train.split.task_sizes())
+            if tau is not None and not variational_tau and cfg.tau_curvature == "steps" else None)
     total = num_steps(cfg, len(train))
     per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     eval_every = cfg.eval_every or per_epoch
@@ -163,6 +174,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         entry = {"step": step, "epoch": step / per_epoch, "train_loss": train_loss, "train_nll": train_nll,
                  "lr": opt.param_groups[0]["lr"], "time": time.perf_counter() - t_start}
         improved = True
+        t_val = time.perf_counter()
         if val is not None:
             s = evaluate(model, model.params_from_values(point), val)
             entry["val_nll"] = s["overall"]["nll_task_mean"]
@@ -178,13 +190,20 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             bad = 0
         elif step > 0:
             bad += 1
+        res.seconds_validation += time.perf_counter() - t_val
         if tau is not None:
             entry["tau_trained"] = trained_tau
+            t_tau = time.perf_counter()
             if step > 0 and not variational_tau:
-                tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
-                                 generator=fisher_gen)
+                if curv is not None:
+                    tf = curv.task_fisher()
+                    curv.reset_()
+                else:
+                    tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
+                                     generator=fisher_gen)
                 entry["log_evidence"] = tau.update_(point, tf, guide=guide, optimizer=opt)
             entry["tau"] = tau.as_dict()
+            res.seconds_tau += time.perf_counter() - t_tau
         res.history.append(entry)
         return cfg.patience > 0 and bad >= cfg.patience
 
@@ -194,6 +213,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                 "scheduler": sched.state_dict(), "tau": tau.as_dict() if tau is not None else None,
                 "stream": stream.state_dict(), "pending": pending, "rng": rng_state(gen), "bad": bad,
                 "fisher_rng": fisher_gen.get_state(),
+                "curvature": None if curv is None else curv.state_dict(),
                 "best": None if best_state is None else {"guide": best_state[0], "tau": best_state[1]},
                 "result": res.to_dict(), "step_times": list(step_times), "seconds": time.perf_counter() - t_start,
                 "running": {"loss": run_loss, "nll": run_nll, "n": run_n, "tokens": tok_count}}
@@ -219,6 +239,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
         t_start = time.perf_counter() - float(resume["seconds"])
         r = resume["running"]
         run_loss, run_nll, run_n, tok_count = float(r["loss"]), float(r["nll"]), int(r["n"]), int(r["tokens"])
+        if curv is not None and resume.get("curvature") is not None:
+            curv.load_state_dict(resume["curvature"])
         if "fisher_rng" in resume:
             fisher_gen.set_state(resume["fisher_rng"].to(torch.uint8))
         set_rng_state_(resume["rng"], gen)  # last: nothing above may draw random numbers
@@ -241,11 +263,16 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             opt.zero_grad(set_to_none=True)
             # Pyro's argument checks run on the first step only: afterwards they would re-check
             # every element of every adapter tensor on every step for shapes that cannot change.
-            with pyro.validation_enabled(check_args and step == 1):
+            recording = contextlib.nullcontext()
+            if curv is not None:  # a document's log-likelihood enters this loss with weight N w / (b n_tokens)
+                w = float(batch.get("loglik_scale", 1.0)) * len(train) / (len(batch["index"]) * n_tokens)
+                curv.begin_step(w, batch["task_ids"], cfg.num_particles)
+                recording = model.adapters.record_task_grads(curv.sink)
+            with pyro.validation_enabled(check_args and step == 1), recording:
                 loss = elbo(batch) / n_tokens
-            if not bool(torch.isfinite(loss.detach())):
-                raise NumericalError(step, "loss", float(loss.detach()))
-            loss.backward()
+                if not bool(torch.isfinite(loss.detach())):
+                    raise NumericalError(step, "loss", float(loss.detach()))
+                loss.backward()
             if cfg.clip_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             else:
@@ -275,7 +302,9 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                 run_loss, run_nll, run_n = 0.0, 0.0, 0
                 res.stopped_early = bool(stop)
             if checkpoint is not None:
+                t_ck = time.perf_counter()
                 checkpoint(step, validated, capture)
+                res.seconds_checkpoint += time.perf_counter() - t_ck
             if res.stopped_early:
                 break
     finally:
@@ -287,6 +316,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             tau.load_(best_state[1])
     res.tau = tau.as_dict() if tau is not None else None
     res.seconds = time.perf_counter() - t_start
+    res.seconds_steps = float(sum(step_times))
     if step_times:
         res.step_seconds = statistics.median(step_times)
         res.tokens_per_second = tok_count / sum(step_times)

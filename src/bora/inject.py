@@ -21,9 +21,10 @@ frozen original; :func:`remove_adapters_` puts the originals back. Every base pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections import OrderedDict
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -137,6 +138,19 @@ class AdapterSet:
             yield
         finally:
             self.clear_()
+
+    @contextlib.contextmanager
+    def record_task_grads(self, sink: Callable[[str, int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+        """While active, backward passes through the adapters call ``sink(key, factor, grad, task_ids)``
+        with every example's gradient of its task's adapter factor (0: ``A_t [N, r, in]``, 1: ``B_t
+        [N, out, r]``; only task-level factors, i.e. 3-D ones)."""
+        for k, layer in self.layers.items():
+            layer.grad_sink = functools.partial(sink, k)
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.grad_sink = None
 
     def train(self, mode: bool = True) -> None:
         """Adapter dropout on/off (the base model always stays in eval mode)."""

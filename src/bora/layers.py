@@ -22,7 +22,7 @@ gathered (``A[task_ids]``) and applied with batched matmuls, never with a loop o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ class MultiTaskLoRA(nn.Module):
         self._A: Optional[torch.Tensor] = None
         self._B: Optional[torch.Tensor] = None
         self._task_ids: Optional[torch.Tensor] = None
+        # sink(factor, grad [N, ...], task_ids): receives each example's gradient of its gathered task
+        # adapter (factor 0: A_t, 1: B_t) in backward passes (bora.curvature); a plain attribute
+        self.grad_sink: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
 
     def set_adapter_(self, A: torch.Tensor, B: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> None:
         r = self.config.rank
@@ -102,8 +105,14 @@ class MultiTaskLoRA(nn.Module):
                 raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {x.shape[0]}")
             shape = x.shape
             x3 = x.reshape(shape[0], -1, shape[-1])  # [N, L, in]
-            At = (A[ids] if A.dim() == 3 else A.expand(ids.shape[0], *A.shape)).transpose(1, 2)  # [N, in, r]
-            Bt = (B[ids] if B.dim() == 3 else B.expand(ids.shape[0], *B.shape)).transpose(1, 2)  # [N, r, out]
+            Ag = A[ids] if A.dim() == 3 else A.expand(ids.shape[0], *A.shape)  # [N, r, in]
+            Bg = B[ids] if B.dim() == 3 else B.expand(ids.shape[0], *B.shape)  # [N, out, r]
+            sink = self.grad_sink
+            if sink is not None and torch.is_grad_enabled():  # per-example gradients, free in the backward pass
+                for f, (full, g) in enumerate(((A, Ag), (B, Bg))):
+                    if full.dim() == 3 and g.requires_grad:
+                        g.register_hook(lambda grad, f=f: sink(f, grad, ids))
+            At, Bt = Ag.transpose(1, 2), Bg.transpose(1, 2)  # [N, in, r], [N, r, out]
             out = torch.bmm(torch.bmm(x3, At.to(x3.dtype)), Bt.to(x3.dtype))
             return out.reshape(*shape[:-1], self.out_features) * self.scale
         return (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype) * self.scale

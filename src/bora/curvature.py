@@ -1,0 +1,100 @@
+"""Per-task diagonal Fisher accumulated from the training steps' own per-document gradients.
+
+>>> import torch
+>>> from bora.curvature import StepFisher
+>>> acc = StepFisher(shapes={"m": ((2, 3), (4, 2))}, num_tasks=2, task_sizes=torch.tensor([10, 5]),
+...                  factors=(1,), device="cpu")
+>>> acc.begin_step(loss_weight=0.5, task_ids=torch.tensor([0, 0, 1]))
+>>> acc.sink("m", 1, torch.ones(3, 4, 2), torch.tensor([0, 0, 1]))   # d loss / d B_t of each document
+>>> tf = acc.task_fisher()   # (1 / 0.5)^2 = 4 per document, times N_t / n_t (10 / 2 and 5 / 1)
+>>> tf.fisher["m"][1][:, 0, 0].tolist(), tf.used.tolist()
+([40.0, 20.0], [2, 1])
+
+A learned-tau MAP fit needs, at every tau update, each task's diagonal Fisher
+``F_t = sum_d g_d**2`` (:mod:`bora.fisher`). A separate pass over ``fisher_docs`` documents per task
+costs about half a training epoch each time. The training steps already compute every
+document's gradient with respect to its own task's adapter: the batched LoRA layer gathers
+``B[task_ids]`` per example, and the gradient of that gathered tensor, before it is summed into
+``B``'s rows, is exactly the per-document gradient. :meth:`bora.inject.AdapterSet.record_task_grads`
+hands those to :meth:`StepFisher.sink` (a square and an ``index_add_`` per adapted module per step).
+
+The loss a step differentiates weighs a document's log-likelihood by ``loss_weight`` (the data
+plate's ``N / b``, a data-parallel rank's share, the division by the training tokens and by the
+number of ELBO particles), so ``g_d = grad / loss_weight``. Between two tau updates (one epoch by
+default) every document is seen about once, at parameters that move during the epoch; ``F_t`` is
+the sum over the documents seen, scaled by ``N_t / n_t`` like the subsampled pass. The estimate is
+validated against the separate pass in ``benchmarks/curvature_check.py``. Data-parallel ranks sum
+their accumulators when the Fisher is read.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .distributed import all_reduce_sum_
+from .fisher import TaskFisher
+
+__all__ = ["StepFisher"]
+
+
+class StepFisher:
+    """Accumulates ``sum_d g_d**2`` per task coordinate from training steps (see the module docstring)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[tuple[int, int], tuple[int, int]]], num_tasks: int,
+                 task_sizes: torch.Tensor, factors: Sequence[int] = (0, 1), device="cpu"):
+        self.num_tasks = int(num_tasks)
+        self.task_sizes = torch.as_tensor(task_sizes).long().cpu()
+        self.factors = tuple(factors)
+        self.fisher = {k: tuple(torch.zeros(self.num_tasks, *s, device=device) for s in sh) for k, sh in shapes.items()}
+        self.used = torch.zeros(self.num_tasks, dtype=torch.long)
+        self._inv_weight = 0.0
+        self._particles = 1
+
+    @classmethod
+    def for_model(cls, model, task_sizes: torch.Tensor) -> "StepFisher":
+        return cls(model.shapes, model.num_tasks, task_sizes, model.task_factors(), model.device)
+
+    def begin_step(self, loss_weight: float, task_ids: torch.Tensor, particles: int = 1) -> None:
+        """The next backward pass weighs each document's log-likelihood by ``loss_weight`` in every one
+        of ``particles`` ELBO particles (0: a placeholder row that counts for nothing)."""
+        self._inv_weight = 0.0 if loss_weight == 0 else 1.0 / (loss_weight * particles)
+        self._particles = particles
+        if loss_weight != 0:
+            self.used += torch.bincount(task_ids.cpu(), minlength=self.num_tasks)
+
+    def sink(self, key: str, factor: int, grad: torch.Tensor, task_ids: torch.Tensor) -> None:
+        """The per-document gradients ``grad [N, ...]`` of factor ``factor`` of adapter ``key``."""
+        if factor not in self.factors or self._inv_weight == 0.0:
+            return
+        g = grad.detach().float() * self._inv_weight
+        # each of the particles' backward passes brings the same documents once
+        self.fisher[key][factor].index_add_(0, task_ids, g.square().div_(self._particles))
+
+    def task_fisher(self) -> TaskFisher:
+        """The accumulated Fisher as a :class:`~bora.fisher.TaskFisher` (summed over data-parallel ranks)."""
+        fisher = {k: tuple(F.clone() for F in pair) for k, pair in self.fisher.items()}
+        used = self.used.clone()
+        all_reduce_sum_(*(F for pair in fisher.values() for F in pair), used)
+        c = (self.task_sizes.double() / used.clamp_min(1).double()).float()
+        for pair in fisher.values():
+            for F in pair:
+                F.mul_(c.to(F.device).view(-1, *([1] * (F.dim() - 1))))
+        return TaskFisher(fisher=fisher, used=used, sizes=self.task_sizes.clone())
+
+    def reset_(self) -> None:
+        for pair in self.fisher.values():
+            for F in pair:
+                F.zero_()
+        self.used.zero_()
+
+    def state_dict(self) -> dict:
+        return {"used": self.used.clone(), **{f"{k}.{i}": F.clone() for k, pair in self.fisher.items()
+                                              for i, F in enumerate(pair)}}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.used.copy_(state["used"])
+        for k, pair in self.fisher.items():
+            for i, F in enumerate(pair):
+                F.copy_(state[f"{k}.{i}"])
