@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick         # smoke run of every section (about 2-3 minutes)
     python benchmarks/run.py --sections step,memory --tasks 64
     python benchmarks/run.py --device cuda   # GPU mode: bf16 autocast, 0.5B-class random-init Llama
+    python benchmarks/run.py --sections fit  # whole fits on the embedded default vs plain PEFT (fit_bench.py)
 
 Every timing section builds its variants in one process on one random-init LM (frozen weights shared
 by all variants) and interleaves them: each round runs every variant once, in a fresh random order,
@@ -33,7 +34,8 @@ import torch  # noqa: E402
 
 import common as C  # noqa: E402
 
-SECTIONS = ("step", "mixed", "memory", "prefix", "smollm2")
+SECTIONS = ("step", "mixed", "memory", "prefix", "smollm2", "fit")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # whole fits (fit_bench.py, ~20 minutes) run only when asked for
 T0 = time.perf_counter()
 
 
@@ -47,7 +49,10 @@ def ints(s: str) -> list[int]:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but fit)")
+    ap.add_argument("--fit-epochs", type=float, default=2.0, help="epochs of each whole fit in the fit section")
+    ap.add_argument("--fit-variants", default="plain,fixed,learned,learned_pass,meanfield,laplace")
     ap.add_argument("--quick", action="store_true", help="smoke run: few steps, small grid, 64-token sequences")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU mode: bf16 autocast, preset 'gpu')")
     ap.add_argument("--preset", default=None, help=f"random-init Llama: {', '.join(C.PRESETS)} "
@@ -305,6 +310,13 @@ def section_prefix(a) -> dict:
     out["speedup_first_epoch"] = out["uncached"]["epochs_s"][0] / out["cached"]["epochs_s"][0]
     out["speedup_steady"] = out["uncached"]["steady_epoch_s"] / out["cached"]["steady_epoch_s"]
     return out
+
+
+def section_fit(a) -> dict:
+    """Whole fits on the embedded default against plain PEFT LoRA (benchmarks/fit_bench.py; own markdown)."""
+    import fit_bench
+
+    return {"rows": fit_bench.main(["--epochs", str(a.fit_epochs), "--variants", a.fit_variants])}
 
 
 def section_smollm2(a) -> dict:
