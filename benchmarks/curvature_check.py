@@ -3,11 +3,13 @@
     python benchmarks/curvature_check.py                 # the embedded default, every default setting
     python benchmarks/curvature_check.py --tiny          # smoke run (seconds)
 
-Runs one learned-tau MAP fit with ``tau_curvature='steps'`` (the Fisher accumulated from the training
-steps since the last update). At every tau update it also runs the separate pass (``'pass'``:
-``fisher_docs`` documents per task, at the current point) and solves the evidence for tau with the
-same ``S``, so both estimators are compared on identical adapters. Prints one JSON line per update
-and a summary (the largest relative difference); ``--json`` saves them.
+Runs one learned-tau MAP fit whose tau updates use today's estimator, the separate pass
+(``tau_curvature='pass'``: ``fisher_docs`` documents per task at the current point), while
+step accumulators (``tau_curvature='steps'``: the plain sum since the last update, and
+recency-weighted ones with a memory of 1/2, 1/4 and 1/8 epoch) record the same training steps. At
+every update each accumulator's Fisher is turned into a tau with the same ``S``, so the estimators
+are compared on identical adapters. Prints one JSON line per update (relative difference of each
+accumulator's tau to the pass's) and the largest absolute difference of each; ``--json`` saves them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def main(argv=None) -> dict:
         train = TokenizedSplit(ids, tids, ("a", "b", "c"))
         cfg = BoraConfig(model="tiny", adapter=AdapterConfig(rank=2, targets=("q_proj", "v_proj"), layers=(-1,)),
                          prior=PriorConfig(tau_mode="learned", tau=10.0),
-                         fit=FitConfig(guide="map", epochs=4, batch_size=8, lr=2e-2, fisher_docs=8,
+                         fit=FitConfig(guide="map", epochs=4, batch_size=8, lr=2e-2, fisher_docs=16,
                                        tau_curvature="steps", patience=0))
         bora = Bora(cfg, lm, tok, train.tasks, len(train))
         data = {"train": train, "val": train}
@@ -56,28 +58,52 @@ def main(argv=None) -> dict:
         bora, data = Bora.from_config(cfg)
     feeds = {k: bora.feed(data[k]) for k in ("train", "val")}
     docs = a.fisher_docs or bora.config.fit.fisher_docs
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(cfg.fit.seed + 0x5F15)
+    per_epoch = -(-len(data["train"]) // cfg.fit.batch_size)
+    memories = {"epoch sum": None, **{f"memory {m:g} steps": m for m in (per_epoch / 2, per_epoch / 4, per_epoch / 8)}}
     rows = []
     t0 = time.perf_counter()
+    import bora.infer as infer_mod
+    from bora.curvature import StepFisher
 
-    def check(step, validated, capture):
-        if not validated or step == 0:
-            return
-        point = bora.point()
-        tf = task_fisher(bora.model, bora.model.params_from_values(point), feeds["train"], max_per_task=docs,
-                         generator=gen)
-        P = bora.model.prior
-        for name, keys in bora.model.tau_groups().items():
-            S, F = bora.tau.statistics(point, tf, keys)
-            ref = evidence_tau(S, F, P.tau_shape, P.tau_rate)
-            got = float(bora.tau.values[name])
-            row = {"step": step, "tau_steps": got, "tau_pass": ref, "rel_diff": got / ref - 1,
-                   "time": time.perf_counter() - t0}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    class Probe(StepFisher):
+        """Feeds several step accumulators; hands the fit the reference pass, so the fit follows today's estimator."""
 
-    res = bora.fit(feeds["train"], feeds["val"], progress=False, checkpoint=check)
-    worst = max((abs(r["rel_diff"]) for r in rows), default=float("nan"))
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.extras = {name: StepFisher(*args, **{**kw, "memory": m}) for name, m in memories.items()}
+
+        def begin_step(self, *args, **kw):
+            for e in self.extras.values():
+                e.begin_step(*args, **kw)
+
+        def sink(self, *args):
+            for e in self.extras.values():
+                e.sink(*args)
+
+        def reset_(self):
+            for e in self.extras.values():
+                e.reset_()
+
+        def task_fisher(self):
+            point = bora.point()
+            ref = task_fisher(bora.model, bora.model.params_from_values(point), feeds["train"], max_per_task=docs,
+                              generator=gen)
+            P = bora.model.prior
+            for name, keys in bora.model.tau_groups().items():
+                S, F = bora.tau.statistics(point, ref, keys)
+                row = {"update": len(rows) + 1, "tau_pass": evidence_tau(S, F, P.tau_shape, P.tau_rate),
+                       "time": time.perf_counter() - t0}
+                for label, e in self.extras.items():
+                    _, Fe = bora.tau.statistics(point, e.task_fisher(), keys)
+                    row[label] = evidence_tau(S, Fe, P.tau_shape, P.tau_rate) / row["tau_pass"] - 1
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            return ref
+
+    infer_mod.StepFisher = Probe
+    res = bora.fit(feeds["train"], feeds["val"], progress=False)
+    worst = {label: max((abs(r[label]) for r in rows), default=float("nan")) for label in memories}
     out = {"updates": rows, "max_abs_rel_diff": worst, "final_tau": res.tau, "best_step": res.best_step,
            "steps": res.steps, "config": bora.config.to_dict(), "reference_fisher_docs": docs}
     print(json.dumps({"max_abs_rel_diff": worst, "final_tau": res.tau}))
@@ -88,4 +114,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

@@ -22,14 +22,18 @@ The loss a step differentiates weighs a document's log-likelihood by ``loss_weig
 plate's ``N / b``, a data-parallel rank's share, the division by the training tokens and by the
 number of ELBO particles), so ``g_d = grad / loss_weight``. Between two tau updates (one epoch by
 default) every document is seen about once, at parameters that move during the epoch; ``F_t`` is
-the sum over the documents seen, scaled by ``N_t / n_t`` like the subsampled pass. The estimate is
+the sum over the documents seen, scaled by ``N_t / n_t`` like the subsampled pass. With ``memory``
+(in steps) every step first multiplies the sums and the counts by ``exp(-1 / memory)``, so the
+estimate is ``N_t`` times a recency-weighted mean of the task's per-document squared gradients,
+dominated by the last ``memory`` steps' parameters. The estimate is
 validated against the separate pass in ``benchmarks/curvature_check.py``. Data-parallel ranks sum
 their accumulators when the Fisher is read.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -43,26 +47,38 @@ class StepFisher:
     """Accumulates ``sum_d g_d**2`` per task coordinate from training steps (see the module docstring)."""
 
     def __init__(self, shapes: Mapping[str, tuple[tuple[int, int], tuple[int, int]]], num_tasks: int,
-                 task_sizes: torch.Tensor, factors: Sequence[int] = (0, 1), device="cpu"):
+                 task_sizes: torch.Tensor, factors: Sequence[int] = (0, 1), device="cpu",
+                 memory: Optional[float] = None):
+        if memory is not None and not memory > 0:
+            raise ValueError(f"memory must be a positive number of steps, got {memory!r}")
+        self.decay = 1.0 if memory is None else math.exp(-1.0 / memory)
         self.num_tasks = int(num_tasks)
         self.task_sizes = torch.as_tensor(task_sizes).long().cpu()
         self.factors = tuple(factors)
         self.fisher = {k: tuple(torch.zeros(self.num_tasks, *s, device=device) for s in sh) for k, sh in shapes.items()}
         self.used = torch.zeros(self.num_tasks, dtype=torch.long)
+        self.weight = torch.zeros(self.num_tasks, dtype=torch.float64)  # recency-weighted document count
         self._inv_weight = 0.0
         self._particles = 1
 
     @classmethod
-    def for_model(cls, model, task_sizes: torch.Tensor) -> "StepFisher":
-        return cls(model.shapes, model.num_tasks, task_sizes, model.task_factors(), model.device)
+    def for_model(cls, model, task_sizes: torch.Tensor, memory: Optional[float] = None) -> "StepFisher":
+        return cls(model.shapes, model.num_tasks, task_sizes, model.task_factors(), model.device, memory=memory)
 
     def begin_step(self, loss_weight: float, task_ids: torch.Tensor, particles: int = 1) -> None:
         """The next backward pass weighs each document's log-likelihood by ``loss_weight`` in every one
         of ``particles`` ELBO particles (0: a placeholder row that counts for nothing)."""
         self._inv_weight = 0.0 if loss_weight == 0 else 1.0 / (loss_weight * particles)
         self._particles = particles
+        if self.decay != 1.0:  # older documents count less (their gradients were at older parameters)
+            self.weight.mul_(self.decay)
+            for pair in self.fisher.values():
+                for i in self.factors:
+                    pair[i].mul_(self.decay)
         if loss_weight != 0:
-            self.used += torch.bincount(task_ids.cpu(), minlength=self.num_tasks)
+            n = torch.bincount(task_ids.cpu(), minlength=self.num_tasks)
+            self.used += n
+            self.weight += n
 
     def sink(self, key: str, factor: int, grad: torch.Tensor, task_ids: torch.Tensor) -> None:
         """The per-document gradients ``grad [N, ...]`` of factor ``factor`` of adapter ``key``."""
@@ -75,9 +91,10 @@ class StepFisher:
     def task_fisher(self) -> TaskFisher:
         """The accumulated Fisher as a :class:`~bora.fisher.TaskFisher` (summed over data-parallel ranks)."""
         fisher = {k: tuple(F.clone() for F in pair) for k, pair in self.fisher.items()}
-        used = self.used.clone()
-        all_reduce_sum_(*(F for pair in fisher.values() for F in pair), used)
-        c = (self.task_sizes.double() / used.clamp_min(1).double()).float()
+        used, weight = self.used.clone(), self.weight.clone()
+        all_reduce_sum_(*(F for pair in fisher.values() for F in pair), used, weight)
+        # N_t times the (recency-weighted) mean over the task's documents seen
+        c = torch.where(weight > 0, self.task_sizes.double() / weight.clamp_min(1e-300), 0.0).float()
         for pair in fisher.values():
             for F in pair:
                 F.mul_(c.to(F.device).view(-1, *([1] * (F.dim() - 1))))
@@ -88,13 +105,15 @@ class StepFisher:
             for F in pair:
                 F.zero_()
         self.used.zero_()
+        self.weight.zero_()
 
     def state_dict(self) -> dict:
-        return {"used": self.used.clone(), **{f"{k}.{i}": F.clone() for k, pair in self.fisher.items()
+        return {"used": self.used.clone(), "weight": self.weight.clone(), **{f"{k}.{i}": F.clone() for k, pair in self.fisher.items()
                                               for i, F in enumerate(pair)}}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.used.copy_(state["used"])
+        self.weight.copy_(state["weight"])
         for k, pair in self.fisher.items():
             for i, F in enumerate(pair):
                 F.copy_(state[f"{k}.{i}"])
