@@ -10,7 +10,7 @@ from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 from bora.data import collate
 from bora.metrics import TokenMetrics, brier, entropy, expected_calibration_error
-from bora.posterior import token_log_probs
+from bora.evaluate import token_log_probs
 
 from conftest import VOCAB, TinyTokenizer, task_data, tiny_llama
 

@@ -26,7 +26,7 @@ from .evaluate import evaluate
 from .fisher import task_fisher
 from .feed import Feed
 from .guides import make_guide, point_values, set_scales_
-from .infer import FitResult, fit
+from .infer import FitResult, fit, fit_new_task
 from .inject import AdapterSet, inject_adapters_
 from .laplace import HierarchicalLaplace, laplace_from_point
 from .model import BoraModel
@@ -191,9 +191,7 @@ class Bora:
         return warm_start_(self, path)
 
     def fit_new_task(self, docs, *, steps: int = 100, lr: float = 0.05, **kw) -> dict:
-        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.posterior.fit_new_task`)."""
-        from .posterior import fit_new_task
-
+        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.infer.fit_new_task`)."""
         return fit_new_task(self, docs, steps=steps, lr=lr, **kw)
 
     def remove_adapters_(self):

@@ -124,7 +124,7 @@ def _write_folder(bora, adapter, path: Path, info: dict) -> None:
 
 def write_peft_adapter(bora, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path, *,
                        info: Optional[dict] = None) -> Path:
-    """Write one 2-D adapter ``key -> (A, B)`` (e.g. from :func:`bora.posterior.fit_new_task`) as a PEFT folder."""
+    """Write one 2-D adapter ``key -> (A, B)`` (e.g. from :func:`bora.infer.fit_new_task`) as a PEFT folder."""
     path = Path(path)
     check_output(path, "export")
     _write_folder(bora, adapter, path, dict(info or {}))
