@@ -8,7 +8,6 @@ import torch
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 from bora.feed import Feed
-from bora.io import load_fit
 from bora.prefix import FrozenPrefix
 from bora.tau import evidence_tau
 
@@ -118,7 +117,7 @@ def test_save_then_load_gives_identical_losses(tmp_path, mode):
     files = sorted(p.name for p in (tmp_path / "fit").iterdir())
     assert files == ["config.json", "estimates.safetensors", "guide.safetensors", "laplace.safetensors",
                      "metrics.json", "state.json", "tasks.json"]  # the default guide: MAP + Laplace
-    again = load_fit(tmp_path / "fit", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
+    again = Bora.load(tmp_path / "fit", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
     after = again.evaluate(val)
     for t in train.tasks:
         assert after["per_task"][t]["nll"] == before["per_task"][t]["nll"]
@@ -131,7 +130,7 @@ def test_save_then_load_gives_identical_losses(tmp_path, mode):
 
 def test_load_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_fit(tmp_path / "missing")
+        Bora.load(tmp_path / "missing")
     (tmp_path / "bad").mkdir()
     with pytest.raises(ConfigError, match="config.json"):
-        load_fit(tmp_path / "bad")
+        Bora.load(tmp_path / "bad")

@@ -16,6 +16,7 @@ and reuse them across fits that share the base model and the first adapted layer
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,7 @@ from .config import BoraConfig, ConfigError
 from .data import TokenizedSplit, load_documents, split_documents, tokenize_splits
 from .evaluate import evaluate
 from .fisher import task_fisher
+from .fitfolder import read_fit_files, restore_fit_, save_fit
 from .feed import Feed
 from .guides import make_guide, point_values, set_scales_
 from .infer import FitResult, fit, fit_new_task
@@ -200,14 +202,22 @@ class Bora:
 
         return remove_adapters_(self.adapters)
 
-    # ------------------------------------------------------------------ io
+    # ------------------------------------------------------------------ fit folders (bora.fitfolder)
     def save(self, path) -> None:
-        from .io import save_fit
-
+        """Write this fit to the folder ``path`` atomically (:func:`bora.fitfolder.save_fit`)."""
         save_fit(self, path)
 
     @classmethod
     def load(cls, path, *, device=None, lm=None, tokenizer=None) -> "Bora":
-        from .io import load_fit
+        """The fit saved in folder ``path``; reads JSON and safetensors only (never unpickles), checks the
+        checksums and that the base model (``lm``, or the one named in its config) is the one it was fitted on."""
+        path = Path(path)
+        config, meta, state, tensors = read_fit_files(path)
+        if lm is None or tokenizer is None:
+            from .base import load_base_model
 
-        return load_fit(path, device=device, lm=lm, tokenizer=tokenizer)
+            lm, tokenizer = load_base_model(config.model)
+        bora = cls(config, lm, tokenizer, meta["tasks"], meta["num_docs"], device=device,
+                   task_sizes=meta.get("task_sizes"))
+        restore_fit_(bora, path, meta, state, tensors)
+        return bora

@@ -6,7 +6,8 @@
 >>> guide_value("theta_B:m_decentered", natural, glob="Theta_B:m", tau=4.0)[0].flatten().tolist()   # z = (theta - Theta) tau^1/2
 [2.0, 2.0]
 
-The mapping works on **natural coordinates**: every fit folder holds ``estimates.safetensors``, the
+The mapping works on **natural coordinates**: every fit folder holds ``estimates.safetensors``
+(:func:`bora.fitfolder.natural_estimates`), the
 point estimate of every adapter site (``Theta_A:<m>``, ``Theta_B:<m>``, ``theta_A:<m>``, ``theta_B:<m>``
 with a leading task dim) and of every tau site, whatever guide produced it. A target guide site is
 then
@@ -32,15 +33,10 @@ import torch
 from torch.distributions import transform_to
 
 from .config import ConfigError
+from .fitfolder import check_base, read_fit_files, read_laplace
+from .io import read_safetensors
 
-__all__ = ["natural_estimates", "guide_value", "warm_start_"]
-
-
-def natural_estimates(bora) -> dict[str, torch.Tensor]:
-    """The point estimate of every adapter and tau site in natural coordinates (what a fit folder stores)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in bora.point().items()
-            if not k.endswith("_decentered") and k.partition(":")[0] in ("Theta_A", "Theta_B", "theta_A", "theta_B",
-                                                                          "tau")}
+__all__ = ["guide_value", "warm_start_"]
 
 
 def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optional[str] = None,
@@ -90,8 +86,6 @@ def warm_start_(bora, source) -> dict:
     Typical use: ``bora fit --guide meanfield --init-from MAP_DIR`` (after ``bora laplace MAP_DIR`` the
     scales start at the Laplace posterior's). Tasks are matched by name; the base model and adapter
     settings must agree. Returns ``{"copied", "derived", "kept"}`` lists of site names."""
-    from .io import check_base, read_fit_files, read_laplace, read_safetensors
-
     source = Path(source)
     config, meta, state, tensors = read_fit_files(source)
     mine = bora.config
