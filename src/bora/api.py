@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import BoraConfig, ConfigError
-from .data import TokenizedSplit, load_documents, split_documents, tokenize_splits
+from .data import TokenizedSplit, load_documents, split_documents
 from .evaluate import evaluate
 from .fisher import task_fisher
 from .fitfolder import read_fit_files, restore_fit_, save_fit
@@ -34,6 +34,7 @@ from .laplace import HierarchicalLaplace, laplace_from_point
 from .model import BoraModel
 from .prefix import FrozenPrefix
 from .tau import EmpiricalBayesTau
+from .view import load_data
 
 __all__ = ["Bora", "resolve_device", "load_data"]
 
@@ -45,14 +46,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
     return d
-
-
-def load_data(config: BoraConfig, tokenizer, tasks: Optional[Sequence[str]] = None, *,
-              splits=None) -> dict[str, TokenizedSplit]:
-    """Load, split and tokenize the configured documents: ``{"train", "val", "test"}``."""
-    if splits is None:
-        splits = split_documents(load_documents(config.data), config.data, tasks=tasks)
-    return tokenize_splits(splits, tokenizer, config.data)
 
 
 class Bora:
