@@ -19,8 +19,8 @@ TRAIN, VAL = (30, 12, 6), (10, 6, 4)
 def config(mode="learned", **fit):
     f = dict(epochs=6, batch_size=8, lr=2e-2, fisher_docs=8, patience=0, warmup=0.0)
     f.update(fit)
-    return BoraConfig(model="tiny", adapter=AdapterConfig(rank=2, targets=("q_proj", "v_proj", "o_proj"), layers=(-2, -1)),
-                      prior=PriorConfig(tau_mode=mode, tau=10.0), fit=FitConfig(**f))
+    adapter = AdapterConfig(rank=2, targets=("q_proj", "v_proj", "o_proj"), layers=(-2, -1))
+    return BoraConfig(model="tiny", adapter=adapter, prior=PriorConfig(tau_mode=mode, tau=10.0), fit=FitConfig(**f))
 
 
 def fitted(mode="learned", lm=None, **fit):
@@ -39,7 +39,9 @@ def test_short_map_fit_lowers_every_tasks_heldout_loss(mode):
     tasks = train.tasks if mode != "shared" else ()
     for t in tasks:
         assert after[t]["nll"] < before[t]["nll"] - 0.05, (t, before[t], after[t])
-    mean = lambda d: sum(v["nll"] for v in d.values()) / len(d)
+    def mean(d):
+        return sum(v["nll"] for v in d.values()) / len(d)
+
     assert mean(after) < mean(before) - 0.05
     assert res.history[0]["step"] == 0 and res.steps > 0
     assert res.history[0]["val_nll"] == pytest.approx(

@@ -127,7 +127,8 @@ def test_evaluate_point_and_both_bmas_match_direct_computations():
     assert docs["tokens"] == [len(x) - 1 for x in split.input_ids] and docs["task_ids"] == split.task_ids.tolist()
     # document-level BMA (the headline): -log mean_s p(doc | adapter_s), from the model's own loglik
     ll = post.doc_loglik(split).double()
-    torch.testing.assert_close(torch.tensor(docs["nll_bma_doc"], dtype=torch.float64), -log_mean_exp(ll, 0), atol=2e-4, rtol=1e-6)
+    torch.testing.assert_close(torch.tensor(docs["nll_bma_doc"], dtype=torch.float64), -log_mean_exp(ll, 0),
+                               atol=2e-4, rtol=1e-6)
     tok = torch.tensor(docs["tokens"]).double()
     for t in split.tasks:
         sel = split.task_ids == split.tasks.index(t)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import BoraConfig, ConfigError
+from .coupling import guide_of
 from .data import TokenizedSplit, load_documents, split_documents
 from .evaluate import evaluate
 from .fisher import task_fisher
@@ -69,8 +70,8 @@ class Bora:
                                guide_kind=config.fit.guide)
         # learned tau: empirical Bayes (Laplace evidence) for point fits, variational EM for mean-field fits in
         # the centred form; a non-centred mean-field fit keeps tau as a variational site
-        eb = config.fit.guide in ("map", "laplace") or not self.model.noncentred
-        self.tau = EmpiricalBayesTau(self.model) if config.prior.tau_mode == "learned" and eb else None
+        eb = guide_of(config.fit).point or not self.model.noncentred
+        self.tau = EmpiricalBayesTau(self.model) if self.model.coupling.learned and eb else None
         target = self.tau.model if self.tau is not None else self.model
         self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
         self.laplace: Optional[HierarchicalLaplace] = None
@@ -130,7 +131,7 @@ class Bora:
         val_feed = self._as_feed(val) if val is not None else None
         self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
                           progress=progress, checkpoint=checkpoint, resume=resume)
-        if self.config.fit.guide == "laplace":
+        if guide_of(self.config.fit).laplace:
             self.fit_laplace_(train_feed, progress=progress)
         return self.result
 
@@ -156,13 +157,9 @@ class Bora:
         return self.model.params_from_values(self.point())
 
     def tau_estimate(self) -> Optional[dict[str, float]]:
-        mode = self.config.prior.tau_mode
-        if mode == "fixed":
-            return {"tau": self.config.prior.tau}
-        if mode == "independent":
-            return {"tau": 0.0}
-        if mode == "shared":
-            return {"tau": float("inf")}
+        fixed = self.model.coupling.tau_value(self.config.prior)
+        if fixed is not None:
+            return {"tau": fixed}
         if self.tau is not None:
             return self.tau.as_dict()
         return {k: float(v) for k, v in self.point().items() if k.startswith("tau")}

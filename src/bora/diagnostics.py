@@ -246,7 +246,8 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
     """InferenceData of a fit given its :class:`~bora.fisher.TaskFisher` (see the module docstring)."""
     model = bora.model
     keys = list(model.shapes)
-    mode = bora.config.prior.tau_mode
+    coupling = model.coupling
+    mode = coupling.name
     F, F_mod, coords = fisher_means(fisher.fisher, keys)
     taus, devs, globs, pools, gammas, dws, dw_mods = [], [], [], [], [], [], []
     pool_cache: dict = {}
@@ -256,7 +257,7 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
         params = model.params_from_values(values)
         glob = model.global_from_values(values)
         d, g = adapter_norms(params, glob, keys, model.num_tasks)
-        tau_m = tau_per_module(mode, keys, tau_vals, bora.config.prior.tau)
+        tau_m = tau_per_module(coupling, keys, tau_vals, bora.config.prior.tau)
         taus.append(tau_m)
         devs.append(d)
         globs.append(g)
@@ -279,9 +280,9 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
         train = getattr(train, "split", None)
     docs = fisher.sizes.numpy() if train is None else train.task_sizes().numpy()
     tokens = (np.full(model.num_tasks, -1) if train is None else train.task_tokens().numpy())
-    per_module = mode == "learned" and bora.config.prior.tau_per_module
+    per_module = coupling.learned and bora.config.prior.tau_per_module
     attrs = {"tau_mode": mode, "guide": bora.config.fit.guide, "model": bora.config.model,
-             "reference": {"independent": "task_mean", "shared": "none"}.get(mode, "global"),
+             "reference": coupling.reference,
              "draws_from": "posterior" if n_draws > 1 else "point_estimate",
              "tau_per_module": int(per_module)}
     return to_inference_data(tasks=bora.tasks, modules=keys, tau=np.stack(taus), deviation=np.stack(devs),

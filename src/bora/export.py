@@ -200,7 +200,8 @@ def export_adapters(bora, path, *, task: Optional[str] = None, global_adapter: b
     adapters = {folder: (adapter_estimate(bora, task=t, values=vals), {**info, "task": t, "global": False})
                 for t, folder in index.items()}
     if glob:
-        adapters[glob] = (adapter_estimate(bora, global_adapter=True, values=vals), {**info, "task": None, "global": True})
+        adapters[glob] = (adapter_estimate(bora, global_adapter=True, values=vals),
+                          {**info, "task": None, "global": True})
     if kind in ("missing", "empty"):  # one new folder: write it whole, then rename it into place
         tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
         try:

@@ -183,7 +183,8 @@ def save_fit(bora, path) -> Path:
         write_json(tmp / "state.json", {"tau": bora.tau.as_dict() if bora.tau is not None else None,
                                         "result": bora.result.to_dict() if bora.result is not None else None})
         write_json(tmp / "metrics.json", bora.metrics)
-        save_safetensors(natural_estimates(bora), tmp / "estimates.safetensors", metadata={"format": str(FORMAT_VERSION)})
+        save_safetensors(natural_estimates(bora), tmp / "estimates.safetensors",
+                         metadata={"format": str(FORMAT_VERSION)})
         if getattr(bora, "laplace", None) is not None:
             write_laplace(bora.laplace, tmp / "laplace.safetensors")
         # tasks.json (the marker of a complete fit) last

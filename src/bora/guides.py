@@ -21,6 +21,8 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from torch.distributions import transform_to
 
+from .coupling import guide_of
+
 __all__ = ["make_guide", "point_values", "set_scales_", "param_groups"]
 
 
@@ -30,11 +32,9 @@ def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=Non
     For the mean-field guide, ``init_scale`` is the initial posterior sd of the global sites and tau;
     the non-centred task sites ``z_t`` start at their prior sd, 1 (see :func:`set_scales_`)."""
     target = model if target is None else target
-    if kind in ("map", "laplace"):  # a Laplace posterior is built around the MAP point after the fit
+    if guide_of(kind).point:  # a Laplace posterior is built around the MAP point after the fit
         return AutoDelta(target, init_loc_fn=model.init_loc)
-    if kind == "meanfield":
-        return AutoNormal(target, init_loc_fn=model.init_loc, init_scale=init_scale)
-    raise ValueError(f"unknown guide {kind!r}; choose 'map', 'laplace' or 'meanfield'")
+    return AutoNormal(target, init_loc_fn=model.init_loc, init_scale=init_scale)
 
 
 @torch.no_grad()

@@ -334,16 +334,16 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
     model = bora.model
     split = _new_task_split(bora, docs, name)
     point = bora.point()
-    mode = model.prior.tau_mode
+    coupling = model.coupling
     glob = model.global_from_values(point)
-    if mode == "shared":
+    if not coupling.has_tasks:
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in glob.items()}
     tau = tau_by_key(bora, point)
     dev = bora.device
     shared_A = model.shared_A_from_values(point) if model.shared_A else None
     mean, sd, z = {}, {}, {}
     for k, (sa, sb) in model.shapes.items():
-        if mode == "independent":
+        if not coupling.has_global:
             mean[k] = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
             sd[k] = float(model.prior.global_scale)
             z0 = (model.init_A[k] / sd[k], torch.zeros(sb, device=dev))

@@ -42,6 +42,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .coupling import coupling_of
+
 __all__ = ["pooling_factor", "effective_parameters", "precision_sums", "pooling_from_sums", "delta_w_ratio",
            "delta_w_sq_distances", "gain_kept", "shrinkage", "fisher_means", "tau_per_module", "adapter_norms",
            "spearman"]
@@ -71,7 +73,7 @@ def _scalar(x) -> float:
 
 
 def _taus_for(tau, key: str, n: int) -> list[float]:
-    """``n`` prior precisions for the ``n`` tensors of ``key`` from a scalar, ``{key: scalar}`` or ``{key: (t_1, ..)}``."""
+    """``n`` prior precisions for the ``n`` tensors of ``key``: a scalar, ``{key: scalar}`` or ``{key: (t_1, ..)}``."""
     t = tau[key] if isinstance(tau, Mapping) else tau
     if isinstance(t, (tuple, list)):
         if len(t) != n:
@@ -160,7 +162,7 @@ def _expand_task(x: torch.Tensor, T: int) -> torch.Tensor:
 def delta_w_sq_distances(adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                          reference: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None,
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """``(d2 [T, M], g2 [M])``: ``||B_t A_t - Theta_B Theta_A||_F^2`` per task and module, and ``||Theta_B Theta_A||_F^2``.
+    """``(d2 [T, M], g2 [M])``: ``||B_t A_t - Theta_B Theta_A||_F^2`` per task and module; ``||Theta_B Theta_A||_F^2``.
 
     ``adapters``: ``key -> (A, B)`` with ``A [T, r, in]`` or ``[r, in]`` (shared by the tasks) and
     ``B [T, out, r]`` or ``[out, r]`` (at least one with a task dim); ``reference``: the global
@@ -247,18 +249,17 @@ def fisher_means(fisher: Mapping[str, tuple[torch.Tensor, torch.Tensor]], keys: 
     return S.sum(1) / c.sum(), S / c, c
 
 
-def tau_per_module(tau_mode: str, keys: Sequence[str], tau_values: Mapping[str, float],
+def tau_per_module(tau_mode, keys: Sequence[str], tau_values: Mapping[str, float],
                    fixed_tau: Optional[float] = None) -> np.ndarray:
-    """Prior precision of every module ``[M]`` from a tau estimate (``{"tau": v}`` or ``{"tau:<key>": v}``)."""
-    if tau_mode == "independent":
-        return np.zeros(len(keys))
-    if tau_mode == "shared":
-        return np.full(len(keys), np.inf)
-    if tau_mode == "fixed" and fixed_tau is not None:
-        return np.full(len(keys), float(fixed_tau))
-    if "tau" in tau_values:
-        return np.full(len(keys), float(tau_values["tau"]))
-    return np.array([float(tau_values[f"tau:{k}"]) for k in keys])
+    """Prior precision of every module ``[M]`` from a tau estimate (``{"tau": v}`` or ``{"tau:<key>": v}``).
+
+    ``tau_mode``: a :class:`~bora.coupling.Coupling` or its name (:meth:`bora.coupling.Coupling.tau_per_module`).
+
+    >>> tau_per_module("shared", ["q", "v"], {}).tolist(), tau_per_module("learned", ["q"], {"tau": 3.0}).tolist()
+    ([inf, inf], [3.0])
+    """
+    coupling = coupling_of(tau_mode) if isinstance(tau_mode, str) else tau_mode
+    return coupling.tau_per_module(keys, tau_values, fixed_tau)
 
 
 def adapter_norms(params: Mapping[str, tuple[torch.Tensor, torch.Tensor]],

@@ -23,16 +23,17 @@
 True
 
 A :class:`Posterior` holds ``S`` adapter sets drawn from the guide (a mean-field fit), the Laplace
-posterior (a Laplace fit) or ``S`` copies of the point estimate (a MAP fit: every "sample" is the MAP adapter and every epistemic
-quantity is zero). Sample ``k`` is drawn with its own seed derived from ``(seed, k)``, so the
-same ``(seed, k)`` always gives the same adapters — across processes, :meth:`Posterior.evaluate`,
+posterior (a Laplace fit) or ``S`` copies of the point estimate (a MAP fit: every "sample" is the MAP
+adapter and every epistemic quantity is zero). Sample ``k`` is drawn with its own seed derived from
+``(seed, k)``, so the same ``(seed, k)`` always gives the same adapters — across processes, :meth:`Posterior.evaluate`,
 ``bora sample``, ``bora export --estimate sample --sample-index k`` and ``bora report``
 (:func:`bora.seeding.sample_seed`).
 
 * :meth:`Posterior.doc_loglik` / :meth:`Posterior.bma_loglik`: per-document log-likelihood under
   every sample, and the Bayesian-model-average (log-mean-exp over samples) — the posterior
   predictive probability of the whole document;
-* :meth:`Posterior.evaluate` (:func:`bora.evaluate.evaluate_posterior`): point estimate and BMA side by side. Two BMAs, labelled apart:
+* :meth:`Posterior.evaluate` (:func:`bora.evaluate.evaluate_posterior`): point estimate and BMA side by
+  side. Two BMAs, labelled apart:
   ``bma_doc``, the document-level posterior predictive (the headline BMA NLL and perplexity), and
   ``bma_token``, the mean of the samples' next-token probabilities (top-1 accuracy, ECE, Brier
   score, predictive entropy and mutual information). Per task, the perplexity's posterior spread
@@ -54,6 +55,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from .config import ConfigError
+from .coupling import guide_of
 from .data import TokenizedSplit
 from .evaluate import doc_loglik, evaluate_posterior
 from .feed import Feed
@@ -87,7 +89,7 @@ class Posterior:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.laplace = getattr(bora, "laplace", None)
-        self.is_point = bora.config.fit.guide != "meanfield" and self.laplace is None
+        self.is_point = guide_of(bora.config.fit).point and self.laplace is None
         self._values: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ samples
@@ -124,16 +126,16 @@ class Posterior:
 
         'shared' gives the global adapter itself; 'independent' a draw from the ``Normal(0, s)`` prior."""
         vals = self.values(k)
-        mode = self.model.prior.tau_mode
+        coupling = self.model.coupling
         glob = self.model.global_from_values(vals)
-        if mode == "shared":
+        if not coupling.has_tasks:
             return {key: (A.clone(), B.clone()) for key, (A, B) in glob.items()}
         tau = tau_by_key(self.bora, vals)
         g = torch.Generator().manual_seed(sample_seed(self.seed, k, task_code(name)))
         shared_A = self.model.shared_A_from_values(vals) if self.model.shared_A else None
         out = {}
         for key, shapes in self.model.shapes.items():
-            if mode == "independent":
+            if not coupling.has_global:
                 mean, sd = [torch.zeros(sh) for sh in shapes], float(self.model.prior.global_scale)
             else:
                 mean, sd = [x.cpu() for x in glob[key]], float(tau[key]) ** -0.5
@@ -208,7 +210,7 @@ class Posterior:
 
 def tau_by_key(bora, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
     """Per adapter key: the prior precision of task adapters around the global one (``None``: independent)."""
-    if bora.model.prior.tau_mode == "independent":
+    if not bora.model.coupling.has_global:
         return {k: None for k in bora.model.shapes}
     vals = {**(bora.tau.values if bora.tau is not None else {}), **values}
     return {k: torch.tensor(t) for k, t in bora.model.tau_by_key(vals).items()}

@@ -161,8 +161,8 @@ def write_report(bora: FitView, out_dir, *, train=None, test=None, fisher_docs: 
     return report
 
 
-def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_docs, draws, seed, hdi_prob, independent,
-                  progress) -> dict:
+def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_docs, draws, seed, hdi_prob,
+                  independent, progress) -> dict:
     t0 = time.perf_counter()
     cache: dict = {}
 
@@ -222,7 +222,8 @@ def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_
     for i, t in enumerate(tasks):
         per_task[t] = {"train_docs": table["train_docs"][i], "train_tokens": table["train_tokens"][i],
                        "fisher": table["fisher"][i],
-                       "pooling_factor": table["pooling_factor"][i], "pooling_factor_hdi": _hdi(table, "pooling_factor", i),
+                       "pooling_factor": table["pooling_factor"][i],
+                       "pooling_factor_hdi": _hdi(table, "pooling_factor", i),
                        "effective_parameters": table["effective_parameters"][i],
                        "effective_parameters_hdi": _hdi(table, "effective_parameters", i),
                        "delta_w_ratio": table["delta_w_ratio"][i], "delta_w_ratio_hdi": _hdi(table, "delta_w_ratio", i),

@@ -3,7 +3,8 @@
 >>> from bora.warmstart import guide_value
 >>> import torch
 >>> natural = {"Theta_B:m": torch.zeros(2, 1), "theta_B:m": torch.ones(3, 2, 1)}
->>> guide_value("theta_B:m_decentered", natural, glob="Theta_B:m", tau=4.0)[0].flatten().tolist()   # z = (theta - Theta) tau^1/2
+>>> z = guide_value("theta_B:m_decentered", natural, glob="Theta_B:m", tau=4.0)   # z = (theta - Theta) tau^1/2
+>>> z[0].flatten().tolist()
 [2.0, 2.0]
 
 The mapping works on **natural coordinates**: every fit folder holds ``estimates.safetensors``
@@ -33,6 +34,7 @@ import torch
 from torch.distributions import transform_to
 
 from .config import ConfigError
+from .coupling import coupling_of, guide_of
 from .fitfolder import check_base, read_fit_files, read_laplace
 from .io import read_safetensors
 
@@ -73,7 +75,7 @@ def _derive(natural: dict, model, src_tasks: list, tasks: tuple) -> tuple[dict, 
 
 
 def _source_tau(config, natural: Mapping[str, torch.Tensor], state: Mapping) -> dict[str, float]:
-    if config.prior.tau_mode == "fixed":
+    if coupling_of(config.prior).fixed:
         return {"tau": float(config.prior.tau)}
     out = {k: float(v) for k, v in natural.items() if k.partition(":")[0] == "tau"}
     out.update({k: float(v) for k, v in ((state or {}).get("tau") or {}).items()})
@@ -99,7 +101,7 @@ def warm_start_(bora, source) -> dict:
     src_tasks = list(meta.get("tasks", []))
     model = bora.model
     missing = [t for t in bora.tasks if t not in src_tasks]
-    if missing and model.has_tasks and config.prior.tau_mode != "shared":
+    if missing and model.has_tasks and coupling_of(config.prior).has_tasks:
         raise ConfigError(f"--init-from fit lacks task(s) {missing[:3]} of this fit")
     natural, derived = _derive(read_safetensors(source / "estimates.safetensors"), model, src_tasks, bora.tasks)
     src_tau = _source_tau(config, natural, state)
@@ -160,7 +162,7 @@ def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_k
             t = tau_key[key]
             couple = F.sum(0) if noncentred else len(tasks) * t
             return (1.0 / lap.global_scale ** 2 + couple + torch.zeros_like(F[0])).rsqrt()
-    if config.fit.guide == "meanfield" and f"scales.{name}_unconstrained" in tensors:
+    if not guide_of(config.fit).point and f"scales.{name}_unconstrained" in tensors:
         u = tensors[f"scales.{name}_unconstrained"]
         if name.startswith("theta_"):
             u = u[[src_tasks.index(t) for t in tasks]]
