@@ -76,3 +76,14 @@ def test_lower_layers_do_not_import_the_api():
     for low in ("io", "fitfolder", "diagnostics", "pooling", "model", "posterior", "coupling"):
         if low in graph:
             assert "api" not in graph[low], f"bora.{low} imports bora.api"
+
+
+def test_importing_bora_changes_no_pyro_setting():
+    import subprocess
+    import sys
+
+    code = ("import pyro; before = pyro.settings.get('module_local_params'); "
+            "import bora, bora.api, bora.cli, bora.report, bora.guides, bora.infer; "
+            "assert pyro.settings.get('module_local_params') == before is False, 'changed'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
