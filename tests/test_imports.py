@@ -87,3 +87,13 @@ def test_importing_bora_changes_no_pyro_setting():
             "assert pyro.settings.get('module_local_params') == before is False, 'changed'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_readme_layout_table_lists_every_module():
+    import re
+
+    readme = (PKG.parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| module | concept |"):]
+    table = table[:table.index("\n\n")]
+    listed = set(re.findall(r"`bora\.(\w+)`", table))
+    assert listed == MODULES, (sorted(MODULES - listed), sorted(listed - MODULES))
