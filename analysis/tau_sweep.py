@@ -168,10 +168,12 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     for s in ["base model"] + fits:
         o = ov[s]
         tau = "" if not math.isfinite(o["tau"]) and s == "base model" else f"{o['tau']:.4g}"
-        bi = f"{wins(s, 'independent')}/{len(tasks)}" if s not in ("independent", "base model") and "independent" in by else ""
+        bi = (f"{wins(s, 'independent')}/{len(tasks)}"
+              if s not in ("independent", "base model") and "independent" in by else "")
         bs = f"{wins(s, 'shared')}/{len(tasks)}" if s not in ("shared", "base model") and "shared" in by else ""
         st = f"{o['steps']} ({o['best_step']})" if "steps" in o else ""
-        lines.append(f"| {s} | {tau} | {o['test']['ppl_task_mean']:.3f} | {o['test']['ppl_token']:.3f} | {bi} | {bs} | {st} |")
+        lines.append(f"| {s} | {tau} | {o['test']['ppl_task_mean']:.3f} | {o['test']['ppl_token']:.3f} | {bi} | {bs} "
+                     f"| {st} |")
     learned = "learned (MAP, evidence)"
     notes = []
     if best_grid and learned in ov:
@@ -245,7 +247,8 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
 
     meta = {"command": " ".join(argv), "versions": _versions(), "wall_seconds": result["wall_seconds"],
             "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
-            "overall": ov, "bootstrap": result.get("bootstrap"), "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
+            "overall": ov, "bootstrap": result.get("bootstrap"),
+            "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
     from bora.io import write_json
 
     write_json(out / "meta.json", meta)

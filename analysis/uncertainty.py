@@ -22,7 +22,6 @@ and the AUROC of telling each group from the seen documents by their MI. Writes 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -122,8 +121,10 @@ def write(out: Path, result: dict, argv) -> None:
              f"Fit: `{result['fit']}` (guide `{result['guide']}`, Laplace posterior: {result['laplace']}); "
              f"{result['samples']} posterior samples, seed {result['seed']}.", "",
              "| test split | point (MAP) | posterior |", "|---|---|---|",
-             f"| NLL per token (posterior: document-level BMA) | {t['point_nll_token']:.4f} | {t['bma_doc_nll_token']:.4f} |",
-             f"| perplexity exp(mean per-task NLL) | {t['point_ppl_task_mean']:.3f} | {t['bma_doc_ppl_task_mean']:.3f} |",
+             f"| NLL per token (posterior: document-level BMA) | {t['point_nll_token']:.4f} "
+             f"| {t['bma_doc_nll_token']:.4f} |",
+             f"| perplexity exp(mean per-task NLL) | {t['point_ppl_task_mean']:.3f} "
+             f"| {t['bma_doc_ppl_task_mean']:.3f} |",
              f"| ECE, 15 bins (posterior: token-level BMA) | {t['point_ece']:.4f} | {t['bma_token_ece']:.4f} |",
              f"| Brier (token-level BMA) | {t['point_brier']:.4f} | {t['bma_token_brier']:.4f} |", "",
              "| documents | n | mean MI per token (nats) | AUROC vs seen |", "|---|---|---|---|"]

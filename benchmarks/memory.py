@@ -9,8 +9,8 @@ and running ``--steps`` optimiser steps (``peak_rss_mb``), the peak before the v
 ``peak_rss_mb`` is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this program's own
 address space. ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is reported too (``ru_maxrss_mb``) but
 is not used: Linux carries it over fork and exec, so a child started by a large parent (the runner,
-about 1 GB) reports at least the parent's size. Both agree when this script is started from a shell. Variant ``lm`` builds
-the LM, runs one no-grad forward pass and stops: the floor every variant shares.
+about 1 GB) reports at least the parent's size. Both agree when this script is started from a shell.
+Variant ``lm`` builds the LM, runs one no-grad forward pass and stops: the floor every variant shares.
 Every variant imports the same modules (torch, transformers, peft, pyro, bora), so the
 differences are what the variants themselves allocate.
 """
@@ -32,7 +32,8 @@ import common as C  # noqa: E402
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", required=True, choices=["lm", "plain", "map", "meanfield", "hand_map", "hand_mf", "loop"])
+    ap.add_argument("--variant", required=True,
+                    choices=["lm", "plain", "map", "meanfield", "hand_map", "hand_mf", "loop"])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--smollm2", action="store_true", help="use the real SmolLM2-135M instead of --preset")
     ap.add_argument("--tasks", type=int, default=64)

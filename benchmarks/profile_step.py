@@ -48,12 +48,10 @@ def cprofile_groups(stats: pstats.Stats, total: float) -> dict:
 
 def time_pieces(v: C.BoraStep, n: int) -> dict:
     """Separate timings of the pieces of a bora step (no backward through the LM)."""
-    import pyro
     from pyro import poutine
 
     guide = v.bora.guide
     model = v.model
-    target = v.bora.tau.model if v.bora.tau is not None else model
     batch = v.batch
     res = {}
 
@@ -149,7 +147,8 @@ def main(argv=None):
     lm = C.make_lm(a.preset)
     batch = C.make_batch(lm.config.vocab_size, a.tasks, min(a.distinct, a.tasks), batch_size=a.batch_size,
                          seq_len=a.seq_len)
-    vs = {k: C.make_variant(k, C.shared_copy(lm), batch, a.tasks, tau_mode=a.tau_mode, targets=C.parse_targets(a.targets))
+    vs = {k: C.make_variant(k, C.shared_copy(lm), batch, a.tasks, tau_mode=a.tau_mode,
+                            targets=C.parse_targets(a.targets))
           for k in a.variants.split(",")}
     times = C.interleave({k: v.step for k, v in vs.items()}, warmup=2, repeats=a.repeats)
     summ = C.summarize(times, "plain" if "plain" in vs else None)

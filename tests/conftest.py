@@ -99,6 +99,7 @@ def write_jsonl(path, sizes=(20, 10, 6), seed=0):
     with open(path, "w") as f:
         for t, n in enumerate(sizes):
             for _ in range(n):
-                words = [f"w{t}" if i % 2 == 0 else f"w{rng.randrange(5, VOCAB - 2)}" for i in range(rng.randrange(5, 12))]
+                words = [f"w{t}" if i % 2 == 0 else f"w{rng.randrange(5, VOCAB - 2)}"
+                         for i in range(rng.randrange(5, 12))]
                 f.write(json.dumps({"text": " ".join(words), "speaker": f"spk{t}"}) + "\n")
     return path

@@ -88,8 +88,8 @@ def test_resume_refusals(setup, capsys, tmp_path):
         (["fit", "--resume", str(tmp_path)], "no checkpoint"),
         (["fit", "--resume", str(tmp_path), "--lr", "0.1"], "remove --lr"),
         (["fit", "--resume", str(tmp_path), "--output", str(tmp_path / "other")], "--output must be omitted"),
-        (["fit", "--model", str(model), "--data", str(data), "--checkpoint-every", "-1", "--output", str(tmp_path / "x")],
-         "checkpoint_every must be"),
+        (["fit", "--model", str(model), "--data", str(data), "--checkpoint-every", "-1",
+          "--output", str(tmp_path / "x")], "checkpoint_every must be"),
     ]
     for args, msg in cases:
         assert main(args) == 2

@@ -323,7 +323,8 @@ def test_hub_name_errors_are_one_line(monkeypatch):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    with pytest.raises(ConfigError, match=r"^could not load dataset 'owner/name' \(split 'test'\): RuntimeError: boom$"):
+    want = r"^could not load dataset 'owner/name' \(split 'test'\): RuntimeError: boom$"
+    with pytest.raises(ConfigError, match=want):
         load_documents(DataConfig(source="owner/name", split="test"))
     assert calls == [("owner/name", "test")]
 

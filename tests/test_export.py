@@ -52,7 +52,8 @@ def test_peft_round_trip_matches_bora_logits(tmp_path, make_base, targets):
         torch.testing.assert_close(got[m[rows]], want[rows][m[rows]], atol=1e-5, rtol=0)
         assert (got - plain[rows])[m[rows]].abs().max() > 1e-2  # the adapter is not trivially zero
     # the global adapter
-    glob = {key: (A, B) for key, (A, B) in bora.model.global_from_values(bora.posterior(k + 1, seed=3).values(k)).items()}
+    values = bora.posterior(k + 1, seed=3).values(k)
+    glob = {key: (A, B) for key, (A, B) in bora.model.global_from_values(values).items()}
     with torch.no_grad(), bora.adapters.use(glob, None):
         want_g = bora.lm(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(peft_logits(base, paths["_global"], ids, mask)[m], want_g[m], atol=1e-5, rtol=0)

@@ -20,7 +20,7 @@ from bora.cli import main
 from bora.config import BoraConfig, ConfigError, DataConfig, FitConfig
 from bora.data import load_documents
 from bora.export import export_adapters
-from bora.io import save_fit
+from bora.fitfolder import save_fit
 
 from conftest import tiny_model_dir, write_jsonl
 

@@ -8,7 +8,6 @@ import torch
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
 from bora.export import adapter_estimate
-from bora.io import load_fit
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 
@@ -35,7 +34,7 @@ def test_laplace_is_attached_saved_and_sampled_consistently(tmp_path):
     assert (F >= 0).all() and (F > 0).any()
     torch.testing.assert_close(sd, (F + tau).rsqrt())  # (F + tau)^-1/2: the data only shrink the prior sd
     bora.save(tmp_path / "fit")
-    again = load_fit(tmp_path / "fit", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
+    again = Bora.load(tmp_path / "fit", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
     torch.testing.assert_close(again.laplace.task_sd(key, 1), sd)
     post, post2 = bora.posterior(3, seed=5), again.posterior(3, seed=5)
     assert not post.is_point

@@ -10,11 +10,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
 
 from bora.api import Bora
 from bora.cli import main
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.guides import AutoNormal  # module-local parameters, as in a bora fit
 
 from conftest import TinyTokenizer, task_data, tiny_llama, tiny_model_dir, write_jsonl
 

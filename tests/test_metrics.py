@@ -90,3 +90,32 @@ def test_log_mean_exp():
     assert log_mean_exp(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(math.log(2.0))
     x = torch.tensor([[-1000.0, -1001.0]], dtype=torch.float64)  # stable far below exp's range
     assert log_mean_exp(x, 1).item() == pytest.approx(-1000.0 + math.log((1 + math.exp(-1)) / 2))
+
+
+def test_ece_on_a_hand_made_example():
+    conf = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55, 0.25, 0.25])
+    hit = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    # bins: 0.95 -> acc 0.75 (|0.2| x 4), 0.55 -> acc 0.5 (|0.05| x 2), 0.25 -> acc 0 (|0.25| x 2)
+    want = (4 * 0.2 + 2 * 0.05 + 2 * 0.25) / 8
+    assert expected_calibration_error(conf, hit, n_bins=15) == pytest.approx(want)
+    # perfectly calibrated bins give 0; one bin holds everything when n_bins=1
+    assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == pytest.approx(0.0)
+    assert expected_calibration_error(conf, hit, n_bins=1) == pytest.approx(abs(conf.mean() - hit.float().mean()))
+    # right-closed bins: a confidence exactly on an edge goes to the lower bin
+    assert expected_calibration_error(torch.tensor([0.25, 0.26]), torch.tensor([False, True]),
+                                      n_bins=4) == pytest.approx((0.25 + 0.74) / 2, abs=1e-6)
+
+
+def test_brier_and_entropy():
+    labels = torch.tensor([2, 0, 1])
+    onehot = torch.nn.functional.one_hot(labels, 4).float()
+    assert torch.equal(brier(onehot, labels), torch.zeros(3))
+    probs = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), -1)
+    torch.testing.assert_close(brier(probs, labels), (probs - onehot).square().sum(-1))
+    assert brier(torch.tensor([[0.0, 1.0]]), torch.tensor([0])).item() == pytest.approx(2.0)
+    assert entropy(torch.full((5,), 0.2)).item() == pytest.approx(math.log(5))
+    assert entropy(torch.tensor([1.0, 0.0])).item() == 0.0
+    m = TokenMetrics()
+    m.add(onehot, labels)
+    r = m.result()
+    assert r["nll"] == 0.0 and r["accuracy"] == 1.0 and r["brier"] == 0.0 and r["ece"] == 0.0

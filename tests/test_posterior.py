@@ -1,7 +1,6 @@
-"""Posterior API: reproducible samples, BMA likelihood, uncertainty, metrics, generation, new tasks."""
+"""Posterior API: reproducible samples, BMA likelihood and evaluation, uncertainty, generation, new tasks."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -9,8 +8,8 @@ import torch
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 from bora.data import collate
-from bora.metrics import TokenMetrics, brier, entropy, expected_calibration_error
-from bora.posterior import token_log_probs
+from bora.evaluate import token_log_probs
+from bora.metrics import brier, expected_calibration_error
 
 from conftest import VOCAB, TinyTokenizer, task_data, tiny_llama
 
@@ -25,36 +24,6 @@ def make(guide="meanfield", mode="fixed", init_scale=0.2, lm=None, layers=(-2, -
                      prior=PriorConfig(tau_mode=mode, tau=tau), fit=FitConfig(**f))
     train = task_data((8, 6, 4), seed=1)
     return Bora(cfg, lm or tiny_llama(), TinyTokenizer(), train.tasks, len(train)), train
-
-
-# ----------------------------------------------------------------------------- metrics
-def test_ece_on_a_hand_made_example():
-    conf = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55, 0.25, 0.25])
-    hit = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
-    # bins: 0.95 -> acc 0.75 (|0.2| x 4), 0.55 -> acc 0.5 (|0.05| x 2), 0.25 -> acc 0 (|0.25| x 2)
-    want = (4 * 0.2 + 2 * 0.05 + 2 * 0.25) / 8
-    assert expected_calibration_error(conf, hit, n_bins=15) == pytest.approx(want)
-    # perfectly calibrated bins give 0; one bin holds everything when n_bins=1
-    assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == pytest.approx(0.0)
-    assert expected_calibration_error(conf, hit, n_bins=1) == pytest.approx(abs(conf.mean() - hit.float().mean()))
-    # right-closed bins: a confidence exactly on an edge goes to the lower bin
-    assert expected_calibration_error(torch.tensor([0.25, 0.26]), torch.tensor([False, True]),
-                                      n_bins=4) == pytest.approx((0.25 + 0.74) / 2, abs=1e-6)
-
-
-def test_brier_and_entropy():
-    labels = torch.tensor([2, 0, 1])
-    onehot = torch.nn.functional.one_hot(labels, 4).float()
-    assert torch.equal(brier(onehot, labels), torch.zeros(3))
-    probs = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), -1)
-    torch.testing.assert_close(brier(probs, labels), (probs - onehot).square().sum(-1))
-    assert brier(torch.tensor([[0.0, 1.0]]), torch.tensor([0])).item() == pytest.approx(2.0)
-    assert entropy(torch.full((5,), 0.2)).item() == pytest.approx(math.log(5))
-    assert entropy(torch.tensor([1.0, 0.0])).item() == 0.0
-    m = TokenMetrics()
-    m.add(onehot, labels)
-    r = m.result()
-    assert r["nll"] == 0.0 and r["accuracy"] == 1.0 and r["brier"] == 0.0 and r["ece"] == 0.0
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -127,7 +96,8 @@ def test_evaluate_point_and_both_bmas_match_direct_computations():
     assert docs["tokens"] == [len(x) - 1 for x in split.input_ids] and docs["task_ids"] == split.task_ids.tolist()
     # document-level BMA (the headline): -log mean_s p(doc | adapter_s), from the model's own loglik
     ll = post.doc_loglik(split).double()
-    torch.testing.assert_close(torch.tensor(docs["nll_bma_doc"], dtype=torch.float64), -log_mean_exp(ll, 0), atol=2e-4, rtol=1e-6)
+    torch.testing.assert_close(torch.tensor(docs["nll_bma_doc"], dtype=torch.float64), -log_mean_exp(ll, 0),
+                               atol=2e-4, rtol=1e-6)
     tok = torch.tensor(docs["tokens"]).double()
     for t in split.tasks:
         sel = split.task_ids == split.tasks.index(t)

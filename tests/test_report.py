@@ -9,7 +9,7 @@ import pytest
 
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora import diagnostics as D
+from bora import pooling
 from bora.diagnostics import load_idata
 from bora.report import PLOTS, main_report, write_report
 
@@ -70,11 +70,11 @@ def test_write_report_in_memory(tmp_path, guide):
     check_report(tmp_path / "report", train.tasks, draws)
     assert rep["perplexity_source"] == "evaluated"
     assert rep["spearman_between"] == ["train_tokens", "pooling_factor"]
-    assert rep["spearman"] == pytest.approx(D.spearman(train.task_tokens().numpy(),
+    assert rep["spearman"] == pytest.approx(pooling.spearman(train.task_tokens().numpy(),
                                                        [rep["per_task"][t]["pooling_factor"] for t in train.tasks]))
     for t in train.tasks:
         d = rep["per_task"][t]
-        want = D.gain_kept(math.log(d["base_ppl"]), math.log(d["fit_ppl"]), indep[t])
+        want = pooling.gain_kept(math.log(d["base_ppl"]), math.log(d["fit_ppl"]), indep[t])
         assert (math.isnan(want) and math.isnan(d["gain_kept"])) or d["gain_kept"] == pytest.approx(float(want))
     assert "gain kept" in (tmp_path / "report" / "index.md").read_text()
     if guide == "meanfield":  # posterior draws of the adapters: the function-space deviation has an interval

@@ -9,7 +9,7 @@ import torch
 
 from bora.config import FitConfig
 from bora.fisher import task_fisher
-from bora.guides import make_guide, point_values, set_scales_
+from bora.guides import make_guide, point_values
 from bora.infer import fit
 from bora.laplace import HierarchicalLaplace
 from bora.tau import EmpiricalBayesTau

@@ -201,7 +201,8 @@ def build(kind, lm, batch, T, tau_mode, targets=C.TARGETS):
         return NoVal(C.make_variant("map" if kind == "map_noval" else "meanfield", lm, batch, T, tau_mode=tau_mode,
                                     targets=targets))
     guide = "map" if kind == "map_fast" else "meanfield"
-    b = C.Bora(C.bora_config(guide, tau_mode=tau_mode, targets=targets), lm, C.Tok(), [f"task{t}" for t in range(T)], 4096)
+    b = C.Bora(C.bora_config(guide, tau_mode=tau_mode, targets=targets), lm, C.Tok(),
+               [f"task{t}" for t in range(T)], 4096)
     fast_prior(b.model)
     target = b.tau.model if b.tau is not None else b.model
     if guide == "map":

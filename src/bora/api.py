@@ -17,22 +17,26 @@ and reuse them across fits that share the base model and the first adapted layer
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .config import BoraConfig, ConfigError
-from .data import TokenizedSplit, load_documents, split_documents, tokenize_splits
+from .coupling import guide_of
+from .data import TokenizedSplit, load_documents, split_documents
 from .evaluate import evaluate
 from .fisher import task_fisher
+from .fitfolder import read_fit_files, restore_fit_, save_fit
 from .feed import Feed
 from .guides import make_guide, point_values, set_scales_
-from .infer import FitResult, fit
+from .infer import FitResult, fit, fit_new_task
 from .inject import AdapterSet, inject_adapters_
 from .laplace import HierarchicalLaplace, laplace_from_point
 from .model import BoraModel
 from .prefix import FrozenPrefix
 from .tau import EmpiricalBayesTau
+from .view import load_data
 
 __all__ = ["Bora", "resolve_device", "load_data"]
 
@@ -44,14 +48,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
     return d
-
-
-def load_data(config: BoraConfig, tokenizer, tasks: Optional[Sequence[str]] = None, *,
-              splits=None) -> dict[str, TokenizedSplit]:
-    """Load, split and tokenize the configured documents: ``{"train", "val", "test"}``."""
-    if splits is None:
-        splits = split_documents(load_documents(config.data), config.data, tasks=tasks)
-    return tokenize_splits(splits, tokenizer, config.data)
 
 
 class Bora:
@@ -76,8 +72,8 @@ class Bora:
                                guide_kind=config.fit.guide)
         # learned tau: empirical Bayes (Laplace evidence) for point fits, variational EM for mean-field fits in
         # the centred form; a non-centred mean-field fit keeps tau as a variational site
-        eb = config.fit.guide in ("map", "laplace") or not self.model.noncentred
-        self.tau = EmpiricalBayesTau(self.model) if config.prior.tau_mode == "learned" and eb else None
+        eb = guide_of(config.fit).point or not self.model.noncentred
+        self.tau = EmpiricalBayesTau(self.model) if self.model.coupling.learned and eb else None
         target = self.tau.model if self.tau is not None else self.model
         self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
         self.laplace: Optional[HierarchicalLaplace] = None
@@ -137,7 +133,7 @@ class Bora:
         val_feed = self._as_feed(val) if val is not None else None
         self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
                           progress=progress, checkpoint=checkpoint, resume=resume)
-        if self.config.fit.guide == "laplace":
+        if guide_of(self.config.fit).laplace:
             t0 = time.perf_counter()
             self.fit_laplace_(train_feed, progress=progress)
             self.result.seconds_posterior = time.perf_counter() - t0
@@ -165,13 +161,9 @@ class Bora:
         return self.model.params_from_values(self.point())
 
     def tau_estimate(self) -> Optional[dict[str, float]]:
-        mode = self.config.prior.tau_mode
-        if mode == "fixed":
-            return {"tau": self.config.prior.tau}
-        if mode == "independent":
-            return {"tau": 0.0}
-        if mode == "shared":
-            return {"tau": float("inf")}
+        fixed = self.model.coupling.tau_value(self.config.prior)
+        if fixed is not None:
+            return {"tau": fixed}
         if self.tau is not None:
             return self.tau.as_dict()
         return {k: float(v) for k, v in self.point().items() if k.startswith("tau")}
@@ -195,9 +187,7 @@ class Bora:
         return warm_start_(self, path)
 
     def fit_new_task(self, docs, *, steps: int = 100, lr: float = 0.05, **kw) -> dict:
-        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.posterior.fit_new_task`)."""
-        from .posterior import fit_new_task
-
+        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.infer.fit_new_task`)."""
         return fit_new_task(self, docs, steps=steps, lr=lr, **kw)
 
     def remove_adapters_(self):
@@ -206,14 +196,22 @@ class Bora:
 
         return remove_adapters_(self.adapters)
 
-    # ------------------------------------------------------------------ io
+    # ------------------------------------------------------------------ fit folders (bora.fitfolder)
     def save(self, path) -> None:
-        from .io import save_fit
-
+        """Write this fit to the folder ``path`` atomically (:func:`bora.fitfolder.save_fit`)."""
         save_fit(self, path)
 
     @classmethod
     def load(cls, path, *, device=None, lm=None, tokenizer=None) -> "Bora":
-        from .io import load_fit
+        """The fit saved in folder ``path``; reads JSON and safetensors only (never unpickles), checks the
+        checksums and that the base model (``lm``, or the one named in its config) is the one it was fitted on."""
+        path = Path(path)
+        config, meta, state, tensors = read_fit_files(path)
+        if lm is None or tokenizer is None:
+            from .base import load_base_model
 
-        return load_fit(path, device=device, lm=lm, tokenizer=tokenizer)
+            lm, tokenizer = load_base_model(config.model, device=resolve_device(device), quantize=config.quantize)
+        bora = cls(config, lm, tokenizer, meta["tasks"], meta["num_docs"], device=device,
+                   task_sizes=meta.get("task_sizes"))
+        restore_fit_(bora, path, meta, state, tensors)
+        return bora

@@ -264,7 +264,8 @@ def load_checkpoint(root) -> Checkpoint:
     folder = ck / name
     run = read_json(folder / "run.json")
     if not isinstance(run, dict) or run.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"checkpoint {folder} has another format ({run.get('format') if isinstance(run, dict) else None!r};"
+        fmt = run.get("format") if isinstance(run, dict) else None
+        raise ConfigError(f"checkpoint {folder} has another format ({fmt!r};"
                           f" this bora reads {CHECKPOINT_FORMAT})")
     if run.get("sha256") != file_sha256(folder / "state.safetensors"):
         raise ConfigError(f"corrupt checkpoint {folder}: state.safetensors checksum mismatch")

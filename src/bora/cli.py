@@ -335,7 +335,7 @@ def _fit(args, argv) -> int:
     from .distributed import is_main
     from .checkpoint import Checkpointer, data_fingerprint
     from .infer import NumericalError
-    from .io import base_fingerprint, save_fit
+    from .fitfolder import base_fingerprint, save_fit
 
     every = CheckpointConfig(every=args.checkpoint_every).every
     out, ck, config = _fit_output(args, argv)
@@ -467,7 +467,7 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
 
 def _cmd_laplace(args) -> int:
     from .api import Bora, load_data
-    from .io import write_laplace
+    from .fitfolder import write_laplace
 
     if args.docs is not None and args.docs < 1:
         raise ConfigError("--docs must be >= 1")

@@ -90,8 +90,8 @@ class _JsonConfig:
         except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
             if isinstance(e, ConfigError):
                 raise
-            raise ConfigError(f"{cls.__name__}: invalid value ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                              ) from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{cls.__name__}: invalid value ({why})") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -227,9 +227,11 @@ class FitConfig(_JsonConfig):
     schedule: str = _f("cosine", "Learning-rate schedule after warm-up: 'cosine' or 'constant'.")
     warmup: float = _f(0.05, "Fraction of steps for linear learning-rate warm-up.")
     clip_norm: float = _f(1.0, "Clip the gradient's global norm (computed on the per-token loss) to this; 0 disables.")
-    eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many steps (default: once per epoch).")
+    eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many "
+                                         "steps (default: once per epoch).")
     patience: int = _f(2, "Early stopping: stop after this many validations without improvement (0 disables).")
-    fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, shrinkage).")
+    fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, "
+                              "shrinkage).")
     tau_curvature: str = _f(
         "pass", "Where a learned-tau MAP fit's tau update gets each task's Fisher: 'steps' (accumulated from the "
         "training steps' per-document gradients since the last update: nearly free) or 'pass' (a separate "
@@ -253,11 +255,13 @@ class FitConfig(_JsonConfig):
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
         _check(self.steps is None or (isinstance(self.steps, int) and self.steps > 0),
                f"steps must be a positive integer, got {self.steps!r}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"batch_size must be >= 1, got {self.batch_size!r}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         _check(self.scale_lr > 0, f"scale_lr must be > 0, got {self.scale_lr!r}")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(self.schedule in ("cosine", "constant"), f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        _check(self.schedule in ("cosine", "constant"),
+               f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup!r}")
         _check(self.clip_norm >= 0, "clip_norm must be >= 0")
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1")
@@ -318,7 +322,8 @@ class DataConfig(_JsonConfig):
         _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                and self.val_fraction + self.test_fraction < 1,
                "val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
-        _check(isinstance(self.max_length, int) and self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}")
+        _check(isinstance(self.max_length, int) and self.max_length >= 2,
+               f"max_length must be >= 2, got {self.max_length!r}")
         _check(self.duplicates in ("keep", "drop"), f"duplicates must be 'keep' or 'drop', got {self.duplicates!r}")
         _check(self.long_documents in ("truncate", "chunk"),
                f"long_documents must be 'truncate' or 'chunk', got {self.long_documents!r}")

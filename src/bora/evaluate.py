@@ -215,3 +215,118 @@ def paired_bootstrap(nll_a, nll_b, tokens, task_ids, *, tasks: Optional[Sequence
     return {"a": float(ppl[0]), "b": float(ppl[1]), "diff": float(ppl[0] - ppl[1]), "lo": float(lo),
             "hi": float(hi), "level": level, "resamples": resamples, "seed": seed,
             "frac_a_lower": float((d_r < 0).mean()), "per_task": per_task}
+
+
+# ---------------------------------------------------------------------- posterior predictive (BMA)
+__all__ += ["token_log_probs", "evaluate_posterior"]
+
+
+def token_log_probs(model, batch: dict, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token log-probabilities on the scored positions of ``batch``: ``(log_probs [n, V], labels [n], rows [n])``.
+
+    The same computation as :meth:`bora.model.BoraModel.loglik` (frozen-prefix cache, head on scored
+    positions only) but keeping the whole distribution; ``rows`` is each token's row in the batch.
+    """
+    logits, labels, rows = model.scored_logits(batch, params)
+    return torch.log_softmax(logits, -1), labels, rows
+
+
+def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, level: float = 0.9,
+                       bootstrap: int = 1000, progress: bool = False) -> dict:
+    """Point estimate vs Bayesian model average on ``data`` under ``post`` (a :class:`~bora.posterior.Posterior`).
+
+    With posterior and test-set intervals.
+
+    Returns a dict with
+
+    * ``point``: the point estimate (:func:`bora.evaluate.summarize`'s ``per_task`` / ``overall``
+      NLL and perplexity, plus ``tokens``: :class:`bora.metrics.TokenMetrics` of its next-token
+      predictions: NLL, top-1 accuracy, ECE, Brier, entropy; MI is 0);
+    * ``bma_doc``: the **document-level posterior predictive**, the headline BMA: each document's
+      NLL is ``-log mean_s p(doc | adapter_s)`` (``per_task`` / ``overall`` as for ``point``);
+    * ``bma_token``: the **token-level BMA**, ``p_bar = mean_s p_s`` of the samples' next-token
+      distributions: ``per_task`` / ``overall`` NLL and ``tokens`` (accuracy, ECE, Brier, predictive
+      entropy, mean sample entropy and mutual information ``mean_s KL(p_s || p_bar)`` per token,
+      in float64). ECE / Brier / accuracy need one categorical prediction per token, so they use it;
+    * ``posterior_spread[task]``: ``{"lo", "median", "hi", "level"}``, quantiles over samples of the
+      task's perplexity under each sample: the posterior spread of a plug-in quantity on these
+      documents (not test-set uncertainty);
+    * ``test_interval``: ``{"point": ..., "bma_doc": ...}``, each :func:`bora.evaluate.bootstrap_ppl`
+      (``bootstrap`` resamples of documents within each task, ``level`` percentile intervals of
+      per-task perplexity and ``ppl_task_mean``; seeded with the posterior's seed): how much the
+      numbers would move on another test set of the same size;
+    * ``documents``: per-document lists ``task_ids``, ``tokens``, ``nll_point``, ``nll_bma_doc``,
+      ``nll_bma_token`` (NLL sums) and ``mutual_information`` (mean MI per token of the document),
+      e.g. for :func:`bora.evaluate.paired_bootstrap` or an MI-based out-of-distribution score;
+    * ``samples``, ``seed``, ``point_fit`` (every sample is the point estimate).
+    """
+    from tqdm.auto import tqdm
+
+    from .metrics import SampleAverager, TokenMetrics, log_mean_exp
+
+    bora, model = post.bora, post.model
+    feed = post._feed(data)
+    split = feed.split
+    n = len(split)
+    S = post._compute_samples
+    model.adapters.train(False)
+    point_params = bora.params()
+    sample_params = [] if post.is_point else [post.params(k) for k in range(S)]
+    nll_point = torch.zeros(n, dtype=torch.float64)
+    nll_tok_bma = torch.zeros(n, dtype=torch.float64)
+    mi_doc = torch.zeros(n, dtype=torch.float64)
+    ll_s = torch.zeros(S, n, dtype=torch.float64)
+    toks = torch.zeros(n, dtype=torch.long)
+    m_point, m_bma = TokenMetrics(n_bins), TokenMetrics(n_bins)
+    order = torch.argsort(split.lengths, stable=True)
+    chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    for idx in tqdm(chunks, desc="posterior evaluation", disable=not progress, leave=False):
+        b = feed.batch(idx)
+        logp, labels, rows = token_log_probs(model, b, point_params)
+        doc = idx.to(rows.device)[rows].cpu()
+        nll_tok = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().cpu()
+        nll_point.index_add_(0, doc, nll_tok)
+        toks.index_add_(0, doc, torch.ones_like(doc))
+        m_point.add(logp.exp(), labels)
+        avg = SampleAverager()
+        for k in range(S):
+            lp = logp if post.is_point else token_log_probs(model, b, sample_params[k])[0]
+            ll_s[k].index_add_(0, doc, lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().cpu())
+            avg.add(lp)
+        p_bar = avg.probs()
+        mi = avg.mutual_information()
+        nll_tok_bma.index_add_(0, doc, -p_bar.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                               .clamp_min(1e-300).log().cpu())
+        mi_doc.index_add_(0, doc, mi.cpu())
+        m_bma.add(p_bar, labels, expected_entropy=avg.expected_entropy(), mi=mi)
+        del avg, p_bar
+    if post.is_point and post.num_samples > 1:
+        ll_s = ll_s.expand(post.num_samples, -1)
+    tids, tasks = split.task_ids, split.tasks
+    point = summarize(nll_point, toks, tids, tasks)
+    point["tokens"] = m_point.result()
+    bma_token = summarize(nll_tok_bma, toks, tids, tasks)
+    bma_token["tokens"] = m_bma.result()
+    nll_doc = -log_mean_exp(ll_s, 0)
+    bma_doc = summarize(nll_doc, toks, tids, tasks)
+    # per-task perplexity of every sample -> posterior spread of the plug-in perplexity
+    T = len(tasks)
+    tok_t = torch.zeros(T, dtype=torch.float64).index_add_(0, tids, toks.double())
+    nll_st = torch.zeros(ll_s.shape[0], T, dtype=torch.float64).index_add_(1, tids, -ll_s) / tok_t.clamp_min(1)
+    ppl_st = nll_st.exp()
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    spread = {}
+    for t, name in enumerate(tasks):
+        if tok_t[t] > 0:
+            col = ppl_st[:, t]
+            spread[name] = {"lo": float(col.quantile(lo_q)), "hi": float(col.quantile(hi_q)),
+                            "median": float(col.median()), "level": level}
+    boot = dict(tasks=tasks, resamples=bootstrap, level=level, seed=post.seed)
+    test_interval = {"point": bootstrap_ppl(nll_point, toks, tids, **boot),
+                     "bma_doc": bootstrap_ppl(nll_doc, toks, tids, **boot)}
+    documents = {"task_ids": tids.tolist(), "tokens": toks.tolist(), "nll_point": nll_point.tolist(),
+                 "nll_bma_doc": nll_doc.tolist(), "nll_bma_token": nll_tok_bma.tolist(),
+                 "mutual_information": (mi_doc / toks.clamp_min(1)).tolist()}
+    return {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point, "point": point,
+            "bma_doc": bma_doc, "bma_token": bma_token, "posterior_spread": spread, "test_interval": test_interval,
+            "documents": documents}

@@ -124,7 +124,7 @@ def _write_folder(bora, adapter, path: Path, info: dict) -> None:
 
 def write_peft_adapter(bora, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path, *,
                        info: Optional[dict] = None) -> Path:
-    """Write one 2-D adapter ``key -> (A, B)`` (e.g. from :func:`bora.posterior.fit_new_task`) as a PEFT folder."""
+    """Write one 2-D adapter ``key -> (A, B)`` (e.g. from :func:`bora.infer.fit_new_task`) as a PEFT folder."""
     path = Path(path)
     check_output(path, "export")
     _write_folder(bora, adapter, path, dict(info or {}))
@@ -200,7 +200,8 @@ def export_adapters(bora, path, *, task: Optional[str] = None, global_adapter: b
     adapters = {folder: (adapter_estimate(bora, task=t, values=vals), {**info, "task": t, "global": False})
                 for t, folder in index.items()}
     if glob:
-        adapters[glob] = (adapter_estimate(bora, global_adapter=True, values=vals), {**info, "task": None, "global": True})
+        adapters[glob] = (adapter_estimate(bora, global_adapter=True, values=vals),
+                          {**info, "task": None, "global": True})
     if kind in ("missing", "empty"):  # one new folder: write it whole, then rename it into place
         tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
         try:

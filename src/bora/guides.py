@@ -1,9 +1,17 @@
 """Guides: the only thing that differs between a MAP fit and a mean-field variational fit.
 
->>> import torch
->>> from bora.guides import make_guide      # doctest: +SKIP
->>> guide = make_guide(model, "map")        # AutoDelta, starts exactly at the base model  # doctest: +SKIP
->>> guide = make_guide(model, "meanfield", init_scale=1e-3)   # AutoNormal                # doctest: +SKIP
+>>> import pyro
+>>> import pyro.distributions as dist
+>>> from bora.guides import AutoNormal
+>>> def model(): pyro.sample("x", dist.Normal(0.0, 1.0))
+>>> guide = AutoNormal(model)
+>>> guide() and sorted(name for name, _ in guide.named_parameters())   # parameters live in the guide ...
+['locs.x_unconstrained', 'scales.x_unconstrained']
+>>> pyro.settings.get("module_local_params"), "AutoNormal.locs.x" in pyro.get_param_store()   # ... not globally
+(False, False)
+
+``make_guide(model, "map")`` (:class:`AutoDelta`, starts exactly at the base model) or ``make_guide(model,
+"meanfield", init_scale=1e-3)`` (:class:`AutoNormal`) builds the guide of a :class:`~bora.model.BoraModel`.
 
 Both guides use :meth:`bora.model.BoraModel.init_loc`: every task's ``A`` starts at one shared
 random matrix and every ``B`` at zero, so every adapter product ``B A`` is zero and the first loss
@@ -11,17 +19,45 @@ equals the base model's. (Pyro's default ``init_to_median`` would draw adapters 
 the norm of the base weights; ``init_to_mean`` puts ``A = B = 0`` on a zero-gradient saddle.)
 The mean-field guide's initial scale defaults to 1e-3 so that sampled adapters start near the
 base model (AutoNormal's default 0.1 gives sampled products larger than the base weights).
+
+bora's :class:`AutoDelta` and :class:`AutoNormal` are Pyro's, with Pyro's ``module_local_params``
+setting switched on only while they are built and called: their parameters are their own (never in
+Pyro's global param store), and importing or using bora leaves the setting, hence every other Pyro
+module of the process, alone.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import pyro
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.infer import autoguide
 from torch.distributions import transform_to
 
-__all__ = ["make_guide", "point_values", "set_scales_", "param_groups"]
+from .coupling import guide_of
+
+__all__ = ["make_guide", "point_values", "set_scales_", "param_groups", "AutoDelta", "AutoNormal"]
+
+
+class _ModuleLocal:
+    """Build and call a Pyro module with ``module_local_params`` on, restoring the setting afterwards."""
+
+    def __init__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            super().__init__(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)
+
+
+class AutoDelta(_ModuleLocal, autoguide.AutoDelta):
+    """Pyro's ``AutoDelta`` (MAP point estimates) with module-local parameters (see the module docstring)."""
+
+
+class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
+    """Pyro's ``AutoNormal`` (mean-field) with module-local parameters (see the module docstring)."""
 
 
 def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=None):
@@ -30,11 +66,9 @@ def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=Non
     For the mean-field guide, ``init_scale`` is the initial posterior sd of the global sites and tau;
     the non-centred task sites ``z_t`` start at their prior sd, 1 (see :func:`set_scales_`)."""
     target = model if target is None else target
-    if kind in ("map", "laplace"):  # a Laplace posterior is built around the MAP point after the fit
+    if guide_of(kind).point:  # a Laplace posterior is built around the MAP point after the fit
         return AutoDelta(target, init_loc_fn=model.init_loc)
-    if kind == "meanfield":
-        return AutoNormal(target, init_loc_fn=model.init_loc, init_scale=init_scale)
-    raise ValueError(f"unknown guide {kind!r}; choose 'map', 'laplace' or 'meanfield'")
+    return AutoNormal(target, init_loc_fn=model.init_loc, init_scale=init_scale)
 
 
 @torch.no_grad()

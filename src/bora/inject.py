@@ -105,7 +105,7 @@ class AdapterSet:
     def shapes(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
         """``key -> ((r, in), (out, r))``: the shapes of A and B."""
         r = self.config.rank
-        return {k: ((r, l.in_features), (l.out_features, r)) for k, l in self.layers.items()}
+        return {k: ((r, layer.in_features), (layer.out_features, r)) for k, layer in self.layers.items()}
 
     def num_parameters(self) -> int:
         return sum(a[0] * a[1] + b[0] * b[1] for a, b in self.shapes().values())

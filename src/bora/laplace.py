@@ -36,7 +36,7 @@ which :mod:`bora.fisher` already gets exactly from one batched backward per batc
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 

@@ -26,7 +26,7 @@ Bayesian model averages, and bora labels them apart:
   below are computed from it, because they need one categorical prediction per token;
 * the **document-level posterior predictive** ``log mean_s p(doc | adapter_s)``
   (:func:`log_mean_exp` of whole-document log-likelihoods; ``bma_doc`` in
-  :func:`bora.posterior.evaluate_posterior`). This is the headline BMA NLL: it is the predictive
+  :func:`bora.evaluate.evaluate_posterior`). This is the headline BMA NLL: it is the predictive
   probability of the document under the posterior, where every sample explains the whole document.
 
 The entropy of the token-level BMA splits into the mean entropy of the samples (aleatoric) plus

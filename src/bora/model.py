@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig
+from .coupling import Coupling, coupling_of, guide_of
 from .distributions import IsotropicNormal
 from .inject import AdapterSet
 from .prefix import FrozenPrefix
@@ -107,13 +108,18 @@ class BoraModel:
         return len(self.tasks)
 
     @property
+    def coupling(self) -> Coupling:
+        """The coupling of the task adapters (:mod:`bora.coupling`), from ``prior.tau_mode``."""
+        return coupling_of(self.prior)
+
+    @property
     def has_global(self) -> bool:
         """Whether a global ``Theta_B`` exists (every coupling but 'independent')."""
-        return self.prior.tau_mode != "independent"
+        return self.coupling.has_global
 
     @property
     def has_tasks(self) -> bool:
-        return self.prior.tau_mode != "shared"
+        return self.coupling.has_tasks
 
     @property
     def shared_A(self) -> bool:
@@ -126,8 +132,8 @@ class BoraModel:
         model is fitted with a mean-field guide)."""
         p = self.prior.parameterisation
         if p == "auto":
-            p = "centred" if self.guide_kind == "meanfield" else "noncentred"
-        return p == "noncentred" and self.prior.tau_mode in ("fixed", "learned")
+            p = "noncentred" if guide_of(self.guide_kind).point else "centred"
+        return p == "noncentred" and self.coupling.has_tau
 
     def task_factors(self) -> tuple[int, ...]:
         """Which adapter factors are task-level: ``(1,)`` (B only) or ``(0, 1)`` (A and B)."""
@@ -143,7 +149,7 @@ class BoraModel:
 
     def tau_groups(self) -> dict[str, list[str]]:
         """``tau site name -> adapter keys`` it governs (empty unless tau_mode is 'learned')."""
-        if self.prior.tau_mode != "learned":
+        if not self.coupling.learned:
             return {}
         if self.prior.tau_per_module:
             return {f"tau:{k}": [k] for k in self.shapes}
@@ -153,10 +159,9 @@ class BoraModel:
         """Per adapter key, the precision tying a task to the global adapter: 0 for 'independent', inf for
         'shared', the configured value for 'fixed', and the tau site's value in ``values`` for 'learned'
         (the configured starting value if ``values`` lacks it)."""
-        mode = self.prior.tau_mode
-        if mode in ("independent", "shared", "fixed"):
-            t = {"independent": 0.0, "shared": math.inf, "fixed": float(self.prior.tau)}[mode]
-            return {k: t for k in self.shapes}
+        t = self.coupling.tau_value(self.prior)
+        if t is not None:
+            return {k: float(t) for k in self.shapes}
         values = values or {}
         out = {}
         for name, keys in self.tau_groups().items():
@@ -171,7 +176,7 @@ class BoraModel:
     def _tau(self) -> dict[str, torch.Tensor]:
         """Per-adapter-key precision (a tensor), sampling the tau sites when learned."""
         P = self.prior
-        if P.tau_mode == "fixed":
+        if self.coupling.fixed:
             t = torch.tensor(float(P.tau), device=self.device)
             return {k: t for k in self.shapes}
         out = {}
@@ -208,7 +213,7 @@ class BoraModel:
             glob[k] = (orthonormal_rows(GA) if self.shared_A else GA, GB)
         if not self.has_tasks:
             return glob
-        tau = self._tau() if P.tau_mode in ("fixed", "learned") else None
+        tau = self._tau() if self.coupling.has_tau else None
         T = self.num_tasks
         out = {}
         with pyro.plate("tasks", T, dim=-1):

@@ -26,6 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from .coupling import COUPLINGS
+
 __all__ = ["pooling_forest", "shrinkage_vs_size", "tau_plot", "training_curve", "perplexity_bars",
            "deviation_heatmap", "FOREST_VARS"]
 
@@ -224,8 +226,8 @@ def tau_plot(tau: np.ndarray, path, *, modules: Optional[Sequence[str]] = None, 
     ax = fig.subplots()
     if not np.all(np.isfinite(tau)) or np.all(tau == 0):
         v = tau.flat[0]
-        what = {"shared": "shared adapter (tau = inf: every task uses the global adapter)",
-                "independent": "independent adapters (tau = 0: no coupling between tasks)"}.get(mode, f"tau = {v}")
+        limit = COUPLINGS[mode].description if mode in COUPLINGS else None
+        what = limit or f"tau = {v}"
         _note(ax, what)
         ax.set_title(f"prior precision τ ({mode or 'fixed'})")
         ax.set_xticks([])

@@ -14,7 +14,7 @@ From a saved fit (``bora report FIT_DIR`` on the command line)::
     write_report(bora, "out", independent="runs/independent")     # adds the "gain kept" column
 
 The folder holds ``index.md`` (every plot with a one-line explanation, and a per-task table of
-the pooling summaries of :mod:`bora.diagnostics` with their HDIs when the fit has posterior draws,
+the pooling summaries of :mod:`bora.pooling` with their HDIs when the fit has posterior draws,
 each column explained in one line), ``summary.md`` / ``summary.csv`` (``az.summary`` of tau, the
 pooling summaries, the coordinate-averaged shrinkage, deviation and global norms),
 ``diagnostics.nc`` (the full InferenceData), ``report.json`` (per-task numbers and the Spearman
@@ -39,6 +39,8 @@ import numpy as np
 from . import diagnostics as D
 from . import plots
 from .io import check_output, make_temp_dir, replace_dir, write_json
+from .pooling import gain_kept, spearman
+from .view import FitView, fit_splits
 
 __all__ = ["write_report", "main_report", "markdown_table", "PLOTS", "COLUMNS"]
 
@@ -103,7 +105,7 @@ def _num(x) -> float:
         return math.nan
 
 
-def _perplexities(bora, tasks, test, load, progress: bool) -> tuple[list, list, str]:
+def _perplexities(bora: FitView, tasks, test, load, progress: bool) -> tuple[list, list, str]:
     """Per-task test perplexity (base, fit): from ``bora.metrics['test']`` or evaluated now."""
     m = (bora.metrics or {}).get("test") or {}
     if test is None and isinstance(m.get("base"), dict) and isinstance(m.get("fit"), dict):
@@ -133,16 +135,16 @@ def _hdi(table: dict, var: str, i: int) -> list:
     return [table[var + "_lo"][i], table[var + "_hi"][i]]
 
 
-def write_report(bora, out_dir, *, train=None, test=None, fisher_docs: Optional[int] = None, draws: int = 200,
+def write_report(bora: FitView, out_dir, *, train=None, test=None, fisher_docs: Optional[int] = None, draws: int = 200,
                  seed: int = 0, hdi_prob: float = 0.94, independent: Union[None, str, Path, Mapping] = None,
                  progress: bool = True) -> dict:
     """Write the report folder for ``bora`` (a fitted :class:`~bora.api.Bora`); returns ``report.json``'s content.
 
     ``train`` / ``test`` are :class:`~bora.data.TokenizedSplit` (default: reloaded with
-    :func:`bora.api.load_data`); the test split is only needed when ``bora.metrics`` has no test
+    :func:`bora.view.fit_splits`); the test split is only needed when ``bora.metrics`` has no test
     evaluation. ``draws`` posterior draws are used when the fit has a posterior (a MAP point
     estimate has one). ``independent``: an independent fit's per-task test NLL (``{task: nll}``, or
-    its fit folder) for the "gain kept" column (:func:`bora.diagnostics.gain_kept`).
+    its fit folder) for the "gain kept" column (:func:`bora.pooling.gain_kept`).
     The folder is written into a temporary sibling and renamed into place; an existing ``out_dir``
     must be empty or an earlier bora report (anything else is refused with a ConfigError).
     """
@@ -159,24 +161,22 @@ def write_report(bora, out_dir, *, train=None, test=None, fisher_docs: Optional[
     return report
 
 
-def _write_report(bora, out: Path, shown: Path, *, train, test, fisher_docs, draws, seed, hdi_prob, independent,
-                  progress) -> dict:
+def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_docs, draws, seed, hdi_prob,
+                  independent, progress) -> dict:
     t0 = time.perf_counter()
     cache: dict = {}
 
     def load():
         if "data" not in cache:
-            from .api import load_data
-
             if progress:
                 print("loading and tokenizing the fit's data", flush=True)
-            cache["data"] = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
+            cache["data"] = fit_splits(bora)
         return cache["data"]
 
     if train is None:
         train = load()["train"]
     idata = D.diagnose(bora, train=train, fisher_docs=fisher_docs, draws=draws, seed=seed, progress=progress)
-    with D._quiet_arviz():
+    with D.quiet_arviz():
         idata.to_netcdf(str(out / "diagnostics.nc"))
 
     table = D.task_table(idata, hdi_prob=hdi_prob)
@@ -185,7 +185,7 @@ def _write_report(bora, out: Path, shown: Path, *, train, test, fisher_docs, dra
     use_tokens = bool(np.all(tokens > 0))
     sizes = tokens if use_tokens else np.asarray(table["train_docs"], dtype=float)
     size_name = "train_tokens" if use_tokens else "train_docs"
-    rho = D.spearman(sizes, table["pooling_factor"])
+    rho = spearman(sizes, table["pooling_factor"])
 
     summ = D.summary(idata, hdi_prob=hdi_prob)
     summ.to_csv(out / "summary.csv")
@@ -196,7 +196,7 @@ def _write_report(bora, out: Path, shown: Path, *, train, test, fisher_docs, dra
 
     base_ppl, fit_ppl, ppl_src = _perplexities(bora, tasks, test, load, progress)
     indep = _independent_nll(independent, tasks)
-    kept = (D.gain_kept([math.log(v) for v in base_ppl], [math.log(v) for v in fit_ppl], indep).tolist()
+    kept = (gain_kept([math.log(v) for v in base_ppl], [math.log(v) for v in fit_ppl], indep).tolist()
             if indep is not None else None)
     post = idata.posterior
     tau_draws = post["tau"].values.reshape(post.sizes["chain"] * post.sizes["draw"], -1)
@@ -222,7 +222,8 @@ def _write_report(bora, out: Path, shown: Path, *, train, test, fisher_docs, dra
     for i, t in enumerate(tasks):
         per_task[t] = {"train_docs": table["train_docs"][i], "train_tokens": table["train_tokens"][i],
                        "fisher": table["fisher"][i],
-                       "pooling_factor": table["pooling_factor"][i], "pooling_factor_hdi": _hdi(table, "pooling_factor", i),
+                       "pooling_factor": table["pooling_factor"][i],
+                       "pooling_factor_hdi": _hdi(table, "pooling_factor", i),
                        "effective_parameters": table["effective_parameters"][i],
                        "effective_parameters_hdi": _hdi(table, "effective_parameters", i),
                        "delta_w_ratio": table["delta_w_ratio"][i], "delta_w_ratio_hdi": _hdi(table, "delta_w_ratio", i),
@@ -243,7 +244,7 @@ def _write_report(bora, out: Path, shown: Path, *, train, test, fisher_docs, dra
     return report
 
 
-def _index_md(bora, report: dict, tasks, history) -> str:
+def _index_md(bora: FitView, report: dict, tasks, history) -> str:
     tau = ", ".join(f"{k} = {v:.4g}" for k, v in report["tau"].items()) or "n/a"
     rho = report["spearman"]
     r = "n/a" if not math.isfinite(rho) else f"{rho:+.3f}"

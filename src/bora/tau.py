@@ -46,7 +46,8 @@ from pyro import poutine
 
 from .fisher import TaskFisher
 
-__all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments", "EmpiricalBayesTau", "rescale_decentered_"]
+__all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments", "EmpiricalBayesTau",
+           "rescale_decentered_"]
 
 
 def _dlog_evidence(u: float, S: float, F: torch.Tensor, a: float, b: float) -> float:
@@ -92,7 +93,7 @@ class EmpiricalBayesTau:
     """
 
     def __init__(self, model):
-        if model.prior.tau_mode != "learned":
+        if not model.coupling.learned:
             raise ValueError("empirical-Bayes tau needs tau_mode='learned'")
         self.base_model = model
         self.values = {name: torch.tensor(float(model.prior.tau), device=model.device)

@@ -3,10 +3,12 @@
 >>> from bora.warmstart import guide_value
 >>> import torch
 >>> natural = {"Theta_B:m": torch.zeros(2, 1), "theta_B:m": torch.ones(3, 2, 1)}
->>> guide_value("theta_B:m_decentered", natural, glob="Theta_B:m", tau=4.0)[0].flatten().tolist()   # z = (theta - Theta) tau^1/2
+>>> z = guide_value("theta_B:m_decentered", natural, glob="Theta_B:m", tau=4.0)   # z = (theta - Theta) tau^1/2
+>>> z[0].flatten().tolist()
 [2.0, 2.0]
 
-The mapping works on **natural coordinates**: every fit folder holds ``estimates.safetensors``, the
+The mapping works on **natural coordinates**: every fit folder holds ``estimates.safetensors``
+(:func:`bora.fitfolder.natural_estimates`), the
 point estimate of every adapter site (``Theta_A:<m>``, ``Theta_B:<m>``, ``theta_A:<m>``, ``theta_B:<m>``
 with a leading task dim) and of every tau site, whatever guide produced it. A target guide site is
 then
@@ -32,15 +34,11 @@ import torch
 from torch.distributions import transform_to
 
 from .config import ConfigError
+from .coupling import coupling_of, guide_of
+from .fitfolder import check_base, read_fit_files, read_laplace
+from .io import read_safetensors
 
-__all__ = ["natural_estimates", "guide_value", "warm_start_"]
-
-
-def natural_estimates(bora) -> dict[str, torch.Tensor]:
-    """The point estimate of every adapter and tau site in natural coordinates (what a fit folder stores)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in bora.point().items()
-            if not k.endswith("_decentered") and k.partition(":")[0] in ("Theta_A", "Theta_B", "theta_A", "theta_B",
-                                                                          "tau")}
+__all__ = ["guide_value", "warm_start_"]
 
 
 def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optional[str] = None,
@@ -77,7 +75,7 @@ def _derive(natural: dict, model, src_tasks: list, tasks: tuple) -> tuple[dict, 
 
 
 def _source_tau(config, natural: Mapping[str, torch.Tensor], state: Mapping) -> dict[str, float]:
-    if config.prior.tau_mode == "fixed":
+    if coupling_of(config.prior).fixed:
         return {"tau": float(config.prior.tau)}
     out = {k: float(v) for k, v in natural.items() if k.partition(":")[0] == "tau"}
     out.update({k: float(v) for k, v in ((state or {}).get("tau") or {}).items()})
@@ -90,8 +88,6 @@ def warm_start_(bora, source) -> dict:
     Typical use: ``bora fit --guide meanfield --init-from MAP_DIR`` (after ``bora laplace MAP_DIR`` the
     scales start at the Laplace posterior's). Tasks are matched by name; the base model and adapter
     settings must agree. Returns ``{"copied", "derived", "kept"}`` lists of site names."""
-    from .io import check_base, read_fit_files, read_laplace, read_safetensors
-
     source = Path(source)
     config, meta, state, tensors = read_fit_files(source)
     mine = bora.config
@@ -105,7 +101,7 @@ def warm_start_(bora, source) -> dict:
     src_tasks = list(meta.get("tasks", []))
     model = bora.model
     missing = [t for t in bora.tasks if t not in src_tasks]
-    if missing and model.has_tasks and config.prior.tau_mode != "shared":
+    if missing and model.has_tasks and coupling_of(config.prior).has_tasks:
         raise ConfigError(f"--init-from fit lacks task(s) {missing[:3]} of this fit")
     natural, derived = _derive(read_safetensors(source / "estimates.safetensors"), model, src_tasks, bora.tasks)
     src_tau = _source_tau(config, natural, state)
@@ -166,7 +162,7 @@ def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_k
             t = tau_key[key]
             couple = F.sum(0) if noncentred else len(tasks) * t
             return (1.0 / lap.global_scale ** 2 + couple + torch.zeros_like(F[0])).rsqrt()
-    if config.fit.guide == "meanfield" and f"scales.{name}_unconstrained" in tensors:
+    if not guide_of(config.fit).point and f"scales.{name}_unconstrained" in tensors:
         u = tensors[f"scales.{name}_unconstrained"]
         if name.startswith("theta_"):
             u = u[[src_tasks.index(t) for t in tasks]]

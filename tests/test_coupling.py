@@ -1,0 +1,40 @@
+"""The coupling and guide-kind objects cover every configured name and say what each site asks."""
+
+import math
+
+import pytest
+
+from bora.config import GUIDES, TAU_MODES, FitConfig, PriorConfig
+from bora.coupling import COUPLINGS, GUIDE_KINDS, coupling_of, guide_of
+
+
+def test_every_configured_name_has_one_object():
+    assert set(COUPLINGS) == set(TAU_MODES)
+    assert set(GUIDE_KINDS) == set(GUIDES)
+    with pytest.raises(ValueError, match="unknown tau_mode"):
+        coupling_of("sometimes")
+    with pytest.raises(ValueError, match="unknown guide"):
+        guide_of("hmc")
+
+
+@pytest.mark.parametrize("mode,glob,tasks,has_tau,learned,tau,reference", [
+    ("independent", False, True, False, False, 0.0, "task_mean"),
+    ("fixed", True, True, True, False, 250.0, "global"),
+    ("learned", True, True, True, True, None, "global"),
+    ("shared", True, False, False, False, math.inf, "none"),
+])
+def test_couplings(mode, glob, tasks, has_tau, learned, tau, reference):
+    prior = PriorConfig(tau_mode=mode, tau=250.0)
+    c = coupling_of(prior)
+    assert (c.has_global, c.has_tasks, c.has_tau, c.learned, c.tau_value(prior), c.reference) == (
+        glob, tasks, has_tau, learned, tau, reference)
+    assert c.fixed == (mode == "fixed")
+    got = c.tau_per_module(["q", "v"], {"tau": 7.0}, fixed_tau=250.0).tolist()
+    assert got == [tau if tau is not None else 7.0] * 2
+    if learned:
+        assert c.tau_per_module(["q", "v"], {"tau:q": 1.0, "tau:v": 2.0}).tolist() == [1.0, 2.0]
+
+
+def test_guide_kinds():
+    assert [(g, guide_of(FitConfig(guide=g)).point, guide_of(g).laplace) for g in ("map", "laplace", "meanfield")] == [
+        ("map", True, False), ("laplace", True, True), ("meanfield", False, False)]
