@@ -152,10 +152,13 @@ def render(rows: dict, command: str, epochs: float) -> str:
         other = r["wall"] - r["seconds_steps"] - r["seconds_validation"] - r["seconds_tau"] - r["seconds_posterior"]
         tau = "" if not r["tau"] else ", ".join(f"{v:.4g}" for v in r["tau"].values())
         ratio = f"{r['wall'] / ref:.3f}" if ref else ""
-        out.append(f"| {name} | {r['wall']:.1f} | {ratio} | {r['seconds_steps']:.1f} | {r['seconds_validation']:.1f} | "
-                   f"{r['seconds_tau']:.1f} | {r['seconds_posterior']:.1f} | {other:.1f} | {r['val_ppl']:.3f} | {tau} |")
+        cells = [name, f"{r['wall']:.1f}", ratio, *(f"{r[k]:.1f}" for k in ("seconds_steps", "seconds_validation",
+                                                                            "seconds_tau", "seconds_posterior")),
+                 f"{other:.1f}", f"{r['val_ppl']:.3f}", tau]
+        out.append("| " + " | ".join(cells) + " |")
     if "learned" in rows and "fixed" in rows:
-        out += ["", f"learned tau (cheap curvature) / fixed tau: {rows['learned']['wall'] / rows['fixed']['wall']:.3f}"]
+        ratio = rows["learned"]["wall"] / rows["fixed"]["wall"]
+        out += ["", f"learned tau (cheap curvature) / fixed tau: {ratio:.3f}"]
     if "learned_pass" in rows and "fixed" in rows:
         out += [f"learned tau (separate Fisher pass) / fixed tau: "
                 f"{rows['learned_pass']['wall'] / rows['fixed']['wall']:.3f}"]

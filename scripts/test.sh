@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up, then run the default test suite (the slow marker is excluded by pyproject's addopts;
+# Set up, lint (ruff), then run the default test suite (the slow marker is excluded by pyproject's addopts;
 # run `pytest -m slow` for those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+python -m ruff check src tests benchmarks analysis examples
 python -m pytest "$@"

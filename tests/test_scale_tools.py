@@ -29,7 +29,8 @@ def test_per_task_values_match_the_injected_adapters():
     for r, hierarchy in ((4, "B"), (8, "AB")):
         adapters = inject_adapters_(lm, AdapterConfig(rank=r, layers=None))
         model = BoraModel(lm, adapters, ["a", "b"], 4, PriorConfig(hierarchy=hierarchy))
-        per_task = sum(model.shapes[k][i][0] * model.shapes[k][i][1] for k in model.shapes for i in model.task_factors())
+        per_task = sum(model.shapes[k][i][0] * model.shapes[k][i][1]
+                       for k in model.shapes for i in model.task_factors())
         assert memory_scale.per_task_values(shapes, r, hierarchy) == per_task
         glob = sum(a[0] * a[1] + b[0] * b[1] for a, b in model.shapes.values())
         assert memory_scale.global_values(shapes, r) == glob

@@ -108,8 +108,8 @@ class StepFisher:
         self.weight.zero_()
 
     def state_dict(self) -> dict:
-        return {"used": self.used.clone(), "weight": self.weight.clone(), **{f"{k}.{i}": F.clone() for k, pair in self.fisher.items()
-                                              for i, F in enumerate(pair)}}
+        tensors = {f"{k}.{i}": F.clone() for k, pair in self.fisher.items() for i, F in enumerate(pair)}
+        return {"used": self.used.clone(), "weight": self.weight.clone(), **tensors}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.used.copy_(state["used"])
