@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import dataclasses
 import os
 import platform
 import resource
@@ -34,12 +35,14 @@ ROOT = os.path.dirname(HERE)
 if os.path.join(ROOT, "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-import bora  # noqa: E402  (sets pyro module_local_params)
+import bora  # noqa: E402,F401
 import pyro  # noqa: E402
 from pyro.infer import Trace_ELBO  # noqa: E402
 
 from bora.api import Bora  # noqa: E402
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig  # noqa: E402
+from bora.guides import param_groups  # noqa: E402
+from bora.step import TrainStep, make_optimizer, make_scheduler  # noqa: E402
 from bora.inject import inject_adapters_  # noqa: E402
 from bora.model import BoraModel  # noqa: E402
 
@@ -280,26 +283,28 @@ class BoraStep(Variant):
         target = bora_obj.tau.model if bora_obj.tau is not None else bora_obj.model
         pyro.set_rng_seed(0)
         self.elbo = Trace_ELBO(num_particles=1, max_plate_nesting=1)(target, bora_obj.guide)
-        self.params = [p for p in bora_obj.guide.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
+        cfg = bora_obj.config.fit
+        groups = param_groups(bora_obj.guide, cfg.lr, cfg.scale_lr)
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = make_optimizer(groups, cfg)  # what fit uses (fused AdamW where available)
+        self.sched = make_scheduler(self.opt, dataclasses.replace(cfg, schedule="constant", warmup=0.0), total=1)
         # fit divides by the training split's token count (a constant)
         self.ntok_total = ntok_total or num_docs * (batch["input_ids"].shape[1] - 1)
+        # the step bora.infer.fit runs (Pyro's argument checks on the first step only, as in fit)
+        self.train_step = TrainStep(lambda b: self.elbo(b) / self.ntok_total, self.params, self.opt, self.sched,
+                                    clip_norm=cfg.clip_norm, pyro_checks=pyro.distributions.is_validation_enabled())
+        self.k = 0
         self.batch = batch
 
     def step(self, batch=None):
         batch = self.batch if batch is None else batch
         model = self.model
         model.adapters.train(True)
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.elbo(batch) / self.ntok_total
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        self.opt.step()
-        self.sched.step()
+        self.k += 1
+        loss, _ = self.train_step(batch, self.k)
         model.adapters.train(False)
         sync(self.device)
-        self.last_loss = float(loss.detach())
+        self.last_loss = float(loss)
 
 
 class Hand(Variant):

@@ -80,7 +80,8 @@ def run_plain(lm, tok, data, epochs: float, adapter_names) -> dict:
     from bora.config import AdapterConfig, FitConfig
     from bora.data import BatchStream, collate
     from bora.evaluate import summarize
-    from bora.infer import _adamw, _lr_lambda, num_steps
+    from bora.infer import num_steps
+    from bora.step import make_optimizer, make_scheduler
 
     fit, ad = FitConfig(epochs=epochs, patience=0), AdapterConfig()
     train, val = data["train"], data["val"]
@@ -89,9 +90,9 @@ def run_plain(lm, tok, data, epochs: float, adapter_names) -> dict:
     model = get_peft_model(lm, LoraConfig(r=ad.rank, lora_alpha=ad.alpha, lora_dropout=0.0,
                                           target_modules=list(adapter_names)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _adamw(params, fit)
+    opt = make_optimizer(params, fit)
     total = num_steps(fit, len(train))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(fit, total))
+    sched = make_scheduler(opt, fit, total)
     per_epoch = math.ceil(len(train) / fit.batch_size)
     stream = BatchStream(len(train), fit.batch_size, torch.Generator().manual_seed(fit.seed))
 

@@ -5,11 +5,12 @@
 >>> result.history[-1]["val_ppl"]              # doctest: +SKIP
 
 One loop serves every guide: the ELBO is a module (``Trace_ELBO()(model, guide)``) whose
-parameters are the guide's own (``pyro.settings.module_local_params``), optimised with a plain
-torch AdamW, warm-up + cosine schedule and gradient clipping. For AutoDelta the ELBO is the
-negative log joint (MAP). The loss is divided by the number of training tokens, so clipping acts on a size-independent
-gradient; the history keeps this loss (``train_loss``, which includes the prior's density) and the
-minibatches' mean next-token NLL (``train_nll``, also shown on the progress bar).
+parameters are the guide's own (bora's guides keep them module-local, :mod:`bora.guides`), optimised
+by :class:`bora.step.TrainStep` (the one optimiser step bora has: AdamW, warm-up + cosine schedule,
+gradient clipping, NaN/inf checks). For AutoDelta the ELBO is the negative log joint (MAP). The loss
+is divided by the number of training tokens, so clipping acts on a size-independent gradient; the
+history keeps this loss (``train_loss``, which includes the prior's density) and the minibatches'
+mean next-token NLL (``train_nll``, also shown on the progress bar).
 
 Every ``eval_every`` steps the guide's point estimate is validated (per-task perplexity; the
 criterion is the mean per-task NLL) and, for a learned tau in a MAP fit, tau is re-estimated by
@@ -31,7 +32,6 @@ step applies it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -53,17 +53,10 @@ from .evaluate import evaluate
 from .feed import Feed
 from .fisher import task_fisher
 from .guides import param_groups, point_values
+from .step import NumericalError, TrainStep, make_optimizer, make_scheduler
 from .tau import EmpiricalBayesTau
 
 __all__ = ["FitResult", "fit", "num_steps", "NumericalError"]
-
-
-class NumericalError(ConfigError):
-    """The loss or gradient became NaN or infinite at ``step`` (nothing from that step was applied)."""
-
-    def __init__(self, step: int, what: str, value: float):
-        super().__init__(f"the {what} is {value} at step {step}")
-        self.step, self.what, self.value = step, what, value
 
 
 @dataclass
@@ -92,28 +85,6 @@ def num_steps(cfg: FitConfig, num_docs: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
     return max(1, math.ceil(cfg.epochs * math.ceil(num_docs / cfg.batch_size)))
-
-
-def _lr_lambda(cfg: FitConfig, total: int) -> Callable[[int], float]:
-    warm = int(cfg.warmup * total)
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        prog = (step - warm) / max(1, total - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
-
-    return f
-
-
-def _adamw(params, cfg: FitConfig) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where the device has one (one kernel for every task tensor)."""
-    try:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
@@ -159,8 +130,10 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     elbo = data_parallel(Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target, guide))
     groups = param_groups(guide, cfg.lr, cfg.scale_lr)
     params = [p for g in groups for p in g["params"]]
-    opt = _adamw(groups, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    opt = make_optimizer(groups, cfg)
+    sched = make_scheduler(opt, cfg, total)
+    train_step = TrainStep(lambda b: elbo(b) / n_tokens, params, opt, sched, clip_norm=cfg.clip_norm,
+                           pyro_checks=check_args)
 
     res = FitResult(tau=tau.as_dict() if tau is not None else None)
     best_state, bad = None, 0
@@ -260,27 +233,12 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             pending = None
             t0 = time.perf_counter()
             model.adapters.train(True)
-            opt.zero_grad(set_to_none=True)
-            # Pyro's argument checks run on the first step only: afterwards they would re-check
-            # every element of every adapter tensor on every step for shapes that cannot change.
-            recording = contextlib.nullcontext()
+            recording = None
             if curv is not None:  # a document's log-likelihood enters this loss with weight N w / (b n_tokens)
                 w = float(batch.get("loglik_scale", 1.0)) * len(train) / (len(batch["index"]) * n_tokens)
                 curv.begin_step(w, batch["task_ids"], cfg.num_particles)
                 recording = model.adapters.record_task_grads(curv.sink)
-            with pyro.validation_enabled(check_args and step == 1), recording:
-                loss = elbo(batch) / n_tokens
-                if not bool(torch.isfinite(loss.detach())):
-                    raise NumericalError(step, "loss", float(loss.detach()))
-                loss.backward()
-            if cfg.clip_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not bool(torch.isfinite(norm)):
-                raise NumericalError(step, "gradient norm", float(norm))
-            opt.step()
-            sched.step()
+            loss, _ = train_step(batch, step, backward_context=recording)
             if variational_tau:  # variational EM: tau at its M-step value under the current q (cheap)
                 tau.update_variational_(guide)
             model.adapters.train(False)
@@ -408,9 +366,14 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
     bs = batch_size or bora.config.fit.batch_size
     N = len(split)
     n_tok = max(1, split.num_tokens())
-    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    clip = bora.config.fit.clip_norm
+
+    def loss_fn(idx):
+        ll = model.loglik(feed.batch(idx), theta()).sum() * (N / len(idx))
+        lp = -0.5 * sum(zA.square().sum() + zB.square().sum() for zA, zB in z.values())
+        return -(ll + lp) / n_tok
+
+    train_step = TrainStep(loss_fn, params, torch.optim.Adam(params, lr=lr), clip_norm=bora.config.fit.clip_norm)
 
     def stream():
         while True:
@@ -420,16 +383,8 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
     model.adapters.train(True)
     try:
         with seeded(dev, sample_seed(seed, 0x7E3)):
-            for _ in range(steps):
-                idx = next(it)
-                ll = model.loglik(feed.batch(idx), theta()).sum() * (N / len(idx))
-                lp = -0.5 * sum(zA.square().sum() + zB.square().sum() for zA, zB in z.values())
-                loss = -(ll + lp) / n_tok
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-                opt.step()
+            for k in range(1, steps + 1):
+                train_step(next(it), k)
     finally:
         model.adapters.train(False)
     with torch.no_grad():
