@@ -224,3 +224,29 @@ def test_step_zero_is_the_base_model(kind, mode, hierarchy):
             sampled = model.params_from_values(guide())  # latent values: completed inside
             ll = model.loglik(b, sampled)
         assert (ll - base).abs().max() < 1e-2 * base.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loglik_equals_transformers_labels_loss_and_ignores_padding(arch):
+    """Per-document log-likelihood against transformers' own ``labels=`` loss, document by document,
+    with adapters set and in right-padded batches (padding must change nothing)."""
+    from conftest import tiny_gpt2
+
+    lm = tiny_llama() if arch == "llama" else tiny_gpt2()
+    targets = ("q_proj", "v_proj") if arch == "llama" else ("c_attn",)
+    adapters = inject_adapters_(lm, AdapterConfig(rank=2, targets=targets, layers=(-2, -1)))
+    model = BoraModel(lm, adapters, ("a", "b", "c"), 42, PriorConfig(tau_mode="fixed", tau=50.0))
+    split = task_data((4, 3, 2), seed=5)
+    g = torch.Generator().manual_seed(1)
+    params = {k: (torch.randn(T, *sa, generator=g) * 0.3, torch.randn(T, *sb, generator=g) * 0.3)
+              for k, (sa, sb) in model.shapes.items()}
+    idx = torch.arange(len(split))
+    batched = model.loglik(batch_of(split, idx), params)  # documents of different lengths: padded
+    for i in idx.tolist():
+        one = batch_of(split, [i])
+        ids = one["input_ids"]
+        with torch.no_grad(), adapters.use(params, one["task_ids"]):
+            mean_nll = lm(input_ids=ids, labels=ids).loss  # transformers shifts and averages itself
+        want = -float(mean_nll) * (ids.shape[1] - 1)
+        assert float(model.loglik(one, params)[0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert float(batched[i]) == pytest.approx(want, rel=1e-5, abs=1e-4)
