@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick         # smoke run of every section (about 2-3 minutes)
     python benchmarks/run.py --sections step,memory --tasks 64
     python benchmarks/run.py --device cuda   # GPU mode: bf16 autocast, 0.5B-class random-init Llama
-    python benchmarks/run.py --sections fit  # whole fits on the embedded default vs plain PEFT (fit_bench.py)
+    python benchmarks/run.py --sections fit --merge   # + whole fits on the embedded default vs plain PEFT
 
 Every timing section builds its variants in one process on one random-init LM (frozen weights shared
 by all variants) and interleaves them: each round runs every variant once, in a fresh random order,
@@ -502,6 +502,11 @@ def render(res: dict, a) -> str:
         s.append(f"- {'MET' if g['met'] else 'NOT MET'}: {g['goal']} — measured **{g['value']:.3f}**"
                  + (f" ({g['detail']})" if g.get("detail") else ""))
     s.append("")
+    if "fit" in res:
+        import fit_bench
+
+        s.append(fit_bench.render(res["fit"]["rows"], "python benchmarks/run.py --sections fit --merge",
+                                  a.fit_epochs))
     s.append("## GPU mode\n")
     if torch.device(a.device).type == "cuda":
         s.append("This run used the GPU mode.\n")
