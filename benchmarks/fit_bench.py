@@ -78,7 +78,7 @@ def run_plain(lm, tok, data, epochs: float, adapter_names) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from bora.config import AdapterConfig, FitConfig
-    from bora.data import BatchStream, collate
+    from bora.batching import BatchStream, collate
     from bora.evaluate import summarize
     from bora.infer import num_steps
     from bora.step import make_optimizer, make_scheduler

@@ -270,7 +270,7 @@ def _prefix_split(n_docs, n_tasks, vocab, max_len, seed):
 
 def section_prefix(a) -> dict:
     """Epoch time of a MAP fit adapting the top layers, with and without the frozen-prefix cache."""
-    from bora.data import batches
+    from bora.batching import batches
 
     preset = "prefix" if a.preset == "small" else a.preset
     lm = C.make_lm(preset, a.seed, a.device)

@@ -7,7 +7,7 @@ from pyro.infer import Trace_ELBO
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
 from bora.curvature import StepFisher
-from bora.data import batches
+from bora.batching import batches
 from bora.fisher import task_fisher
 from bora.feed import Feed
 

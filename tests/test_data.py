@@ -10,12 +10,10 @@ import torch
 
 from bora import shakespeare
 from bora.config import ConfigError, DataConfig
+from bora.batching import batches, collate, distinct_task_batches
 from bora.data import (
     Splits,
     TokenizedSplit,
-    batches,
-    collate,
-    distinct_task_batches,
     load_documents,
     split_documents,
     tokenize_split,

@@ -7,7 +7,7 @@ import torch
 from pyro import poutine
 
 from bora.config import AdapterConfig, PriorConfig
-from bora.data import collate
+from bora.batching import collate
 from bora.guides import make_guide, point_values
 from bora.inject import inject_adapters_
 from bora.model import BoraModel, site_names

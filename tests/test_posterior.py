@@ -7,7 +7,7 @@ import torch
 
 from bora.api import Bora
 from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.data import collate
+from bora.batching import collate
 from bora.evaluate import token_log_probs
 from bora.metrics import brier, expected_calibration_error
 

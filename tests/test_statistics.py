@@ -141,7 +141,7 @@ def test_task_fisher_equals_a_per_document_autograd_loop():
     tf = task_fisher(model, params, feed, max_per_task=4, generator=gen)
     # reference: the same subsample, one autograd call per document, scaled by n_t / used_t
     gen = torch.Generator().manual_seed(0)
-    from bora.data import distinct_task_batches
+    from bora.batching import distinct_task_batches
 
     rows = torch.cat(list(distinct_task_batches(feed.split, 4, generator=gen)))
     key = model.key

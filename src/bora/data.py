@@ -1,7 +1,7 @@
-"""Documents, deterministic per-task splits, tokenisation and batching.
+"""Documents, deterministic per-task splits and tokenisation (minibatches: :mod:`bora.batching`).
 
 >>> from bora.config import DataConfig
->>> from bora.data import load_documents, split_documents, tokenize_split, collate, batches
+>>> from bora.data import load_documents, split_documents, tokenize_split
 >>> cfg = DataConfig(source="shakespeare", tasks=("hamlet/HAMLET", "hamlet/Ghost"))
 >>> docs = load_documents(cfg)                    # [{"text": ..., "task": "hamlet/HAMLET"}, ...]
 >>> splits = split_documents(docs, cfg)
@@ -11,6 +11,7 @@
 True
 >>> # with a Hugging Face tokenizer ``tok``:
 >>> # train = tokenize_split(splits.train, splits.tasks, tok, cfg.max_length, cfg.long_documents)
+>>> # from bora.batching import batches, collate
 >>> # for index in batches(train, 16, shuffle=True, generator=torch.Generator().manual_seed(0)):
 >>> #     batch = collate(train, index, pad_id=tok.pad_token_id or 0)   # input_ids, attention_mask, task_ids, index
 
@@ -19,8 +20,8 @@ Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see
 text and a task column, a local dataset folder or a hub dataset name (read with ``datasets.load_dataset(name,
 split=cfg.split)``). Every user error is a one-line :class:`~bora.config.ConfigError`.
 
-Local JSON, JSON-lines, CSV and TSV files are read by bora itself (UTF-8, with or without a BOM), so
-every problem names the file and line: an empty file, invalid JSON, a line that is not a JSON
+Local JSON, JSON-lines, CSV and TSV files are read by bora itself (:mod:`bora.readers`; UTF-8, with
+or without a BOM), so every problem names the file and line: an empty file, invalid JSON, a line that is not a JSON
 object, bytes that are not UTF-8, a CSV row with the wrong number of fields or an unterminated
 quote, a text that is not a string, a row with a text but no task, a task whose documents are all
 empty or whitespace. Documented behaviour: rows with a missing or blank text are skipped; numeric
@@ -37,20 +38,17 @@ adding or removing other tasks never reshuffles a task. Task sizes are left uneq
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .config import ConfigError, DataConfig
+from .readers import looks_like_path, preview, read_hub, read_local
 
 __all__ = [
     "load_documents",
@@ -59,177 +57,9 @@ __all__ = [
     "TokenizedSplit",
     "tokenize_split",
     "tokenize_splits",
-    "collate",
-    "batches",
-    "BatchStream",
-    "distinct_task_batches",
 ]
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 _TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call
-
-
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
-
-
-def _preview(items, k: int = 8) -> str:
-    items = list(items)
-    s = ", ".join(repr(x) for x in items[:k])
-    return s + (f", ... ({len(items)} in all)" if len(items) > k else "")
-
-
-def _looks_like_path(source: str) -> bool:
-    """A missing ``source`` is reported as a missing file (not tried on the hub) if it looks like a path.
-
-    Hub names look like ``name`` or ``owner/name``, so one inner '/' alone does not make a path."""
-    p = Path(source)
-    return (
-        source.startswith((".", "/", "~"))
-        or p.suffix.lower() in _BUILDERS
-        or p.suffix.lower() == ".txt"
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-        or (os.altsep is not None and os.altsep != "/" and os.altsep in source)
-    )
-
-
-class _Table:
-    """Columns of a data source, plus where row ``i`` came from (for error messages)."""
-
-    def __init__(self, columns: list, get, where):
-        self.column_names = list(columns)
-        self._get = get
-        self.where = where
-
-    def __getitem__(self, col: str) -> list:
-        return self._get(col)
-
-
-def _decode(raw: bytes, path: Path) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ConfigError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
-                          "save the file as UTF-8") from None
-
-
-def _rows_table(rows: list, lines: list, path: Path, unit: str = "line") -> _Table:
-    columns: dict = {}
-    for r in rows:
-        for k in r:
-            columns.setdefault(k, None)
-    return _Table(list(columns), lambda col: [r.get(col) for r in rows], lambda i: f"{path} {unit} {lines[i]}")
-
-
-def _read_json(path: Path, raw: bytes) -> _Table:
-    """A JSON array of objects, an object of equal-length columns, or JSON lines (one object per line)."""
-    text = _decode(raw, path)
-    if path.suffix.lower() == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
-                raise ConfigError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        else:
-            if isinstance(obj, list):
-                for i, r in enumerate(obj):
-                    if not isinstance(r, dict):
-                        raise ConfigError(f"{path} item {i + 1}: expected a JSON object, got {type(r).__name__}")
-                return _rows_table(obj, list(range(1, len(obj) + 1)), path, "item")
-            if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
-                n = {len(v) for v in obj.values()}
-                if len(n) != 1:
-                    raise ConfigError(f"{path}: the columns of a JSON object of columns must have equal lengths")
-                rows = [{k: v[i] for k, v in obj.items()} for i in range(n.pop())]
-                return _rows_table(rows, list(range(1, len(rows) + 1)), path, "row")
-            if isinstance(obj, dict):  # one JSON line
-                return _rows_table([obj], [1], path)
-            raise ConfigError(f"{path}: expected JSON objects (a list of them, or one per line), got "
-                              f"{type(obj).__name__}")
-    rows, lines = [], []
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} line {i}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(r, dict):
-            raise ConfigError(f"{path} line {i}: expected a JSON object, got {type(r).__name__}")
-        rows.append(r)
-        lines.append(i)
-    return _rows_table(rows, lines, path)
-
-
-def _read_csv(path: Path, raw: bytes, delimiter: str) -> _Table:
-    """CSV/TSV with a header row (RFC 4180 quoting: a quoted field may hold the delimiter, quotes and newlines).
-    Empty cells are missing values."""
-    text = _decode(raw, path)
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # enormous documents are documents too
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    try:
-        header = next(reader, None)
-        if header is None or not any(h.strip() for h in header):
-            raise ConfigError(f"{path}: no header row")
-        if len(set(header)) != len(header):
-            dup = next(h for h in header if header.count(h) > 1)
-            raise ConfigError(f"{path} line 1: duplicate column name {dup!r}")
-        rows, lines = [], []
-        start = reader.line_num + 1
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
-                start = reader.line_num + 1
-                continue
-            if len(row) != len(header):
-                raise ConfigError(f"{path} line {start}: {len(row)} fields, but the header has {len(header)} "
-                                  "(quote fields that contain the delimiter)")
-            rows.append({h: (v if v != "" else None) for h, v in zip(header, row)})
-            lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise ConfigError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
-    return _Table(header, lambda col: [r[col] for r in rows], lambda i: f"{path} line {lines[i]}")
-
-
-def _read_local(path: Path):
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        raise ConfigError(f"{path}: a .txt file has no task column; use a JSONL/CSV/Parquet file with text and task columns")
-    if suffix not in _BUILDERS:
-        raise ConfigError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {sorted(_BUILDERS)}")
-    if suffix != ".parquet":
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"could not read data file {path}: {e.strerror}") from None
-        if not raw.strip():
-            raise ConfigError(f"data file {path} is empty")
-        if suffix in (".jsonl", ".json"):
-            return _read_json(path, raw)
-        return _read_csv(path, raw, "\t" if suffix == ".tsv" else ",")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 - any reader failure is a user data problem
-        raise ConfigError(f"could not read data file {path}: {_first_line(e)}") from None
-    return _Table(ds.column_names, lambda col: ds[col], lambda i: f"{path} row {i + 1}")
-
-
-def _read_hub(name: str, split: str):
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"could not load dataset {name!r} (split {split!r}): {_first_line(e)}") from None
-    if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
-        raise ConfigError(f"dataset {name!r} split {split!r} did not load as a single table")
-    return _Table(ds.column_names, lambda col: ds[col], lambda i: f"dataset {name!r} row {i + 1}")
 
 
 def load_documents(cfg: DataConfig) -> list[dict]:
@@ -250,13 +80,13 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     else:
         path = Path(source).expanduser()
         if path.is_dir():  # a local dataset folder: let `datasets` infer its files
-            ds = _read_hub(str(path), cfg.split)
+            ds = read_hub(str(path), cfg.split)
         elif path.exists():
-            ds = _read_local(path)
-        elif _looks_like_path(source):
+            ds = read_local(path)
+        elif looks_like_path(source):
             raise ConfigError(f"data file not found: {source}")
         else:
-            ds = _read_hub(source, cfg.split)
+            ds = read_hub(source, cfg.split)
         where = repr(source)
         columns = list(ds.column_names)
         for role, col in (("text", cfg.text_column), ("task", cfg.task_column)):
@@ -304,7 +134,7 @@ def load_documents(cfg: DataConfig) -> list[dict]:
         have = Counter(d["task"] for d in docs)
         for t in wanted:
             if not have.get(t):
-                raise ConfigError(f"task {t!r} has no documents in {where}; available tasks: {_preview(sorted(have))}")
+                raise ConfigError(f"task {t!r} has no documents in {where}; available tasks: {preview(sorted(have))}")
         keep = set(wanted)
         docs = [d for d in docs if d["task"] in keep]
     if not docs:
@@ -369,7 +199,7 @@ def split_documents(docs: Sequence[dict], cfg: DataConfig, tasks: Optional[Seque
             raise ConfigError(f"duplicate task names in {task_tuple}")
         unknown = sorted(set(groups) - set(task_tuple))
         if unknown:
-            raise ConfigError(f"documents of task {unknown[0]!r} are not among the given tasks {_preview(task_tuple)}")
+            raise ConfigError(f"documents of task {unknown[0]!r} are not among the given tasks {preview(task_tuple)}")
     if not task_tuple:
         raise ConfigError("no documents to split")
     part = [""] * len(docs)
@@ -434,7 +264,7 @@ class TokenizedSplit:
 
     def subset(self, index) -> "TokenizedSplit":
         """Rows ``index`` (sequence of ints, LongTensor or boolean mask), same ``tasks``."""
-        idx = _as_index(index, len(self))
+        idx = row_index(index, len(self))
         return TokenizedSplit(
             input_ids=[self.input_ids[i] for i in idx.tolist()],
             task_ids=self.task_ids[idx],
@@ -443,7 +273,7 @@ class TokenizedSplit:
         )
 
 
-def _as_index(index, n: int) -> torch.Tensor:
+def row_index(index, n: int) -> torch.Tensor:
     idx = torch.as_tensor(index)
     if idx.dtype == torch.bool:
         if idx.numel() != n:
@@ -475,7 +305,7 @@ def tokenize_split(
     task_id = {t: i for i, t in enumerate(tasks)}
     for d in docs:
         if d["task"] not in task_id:
-            raise ConfigError(f"document of task {d['task']!r} but tasks are {_preview(tasks)}")
+            raise ConfigError(f"document of task {d['task']!r} but tasks are {preview(tasks)}")
     texts = [d["text"] for d in docs]
     ids: list[list[int]] = []
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
@@ -507,98 +337,3 @@ def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig) -> dict[str, Tok
         name: tokenize_split(getattr(splits, name), splits.tasks, tokenizer, cfg.max_length, cfg.long_documents)
         for name in ("train", "val", "test")
     }
-
-
-def collate(split: TokenizedSplit, index, pad_id: int = 0) -> dict:
-    """Right-padded batch of rows ``index``: ``input_ids`` and ``attention_mask`` (1 real, 0 pad)
-    LongTensors ``[N, Lmax]``, ``task_ids`` ``[N]`` and ``index`` ``[N]`` (rows of ``split``)."""
-    idx = _as_index(index, len(split))
-    seqs = [split.input_ids[i] for i in idx.tolist()]
-    lmax = max((len(s) for s in seqs), default=0)
-    input_ids = torch.full((len(seqs), lmax), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), lmax), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        input_ids[r, : len(s)] = s
-        mask[r, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "task_ids": split.task_ids[idx], "index": idx}
-
-
-def batches(
-    split: TokenizedSplit,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    generator: Optional[torch.Generator] = None,
-    drop_last: bool = False,
-) -> Iterator[torch.Tensor]:
-    """One epoch of row-index LongTensors. With ``shuffle`` the order is a uniform random
-    permutation (no length sorting), so every minibatch is a uniform sample without replacement."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        b = order[start:start + batch_size]
-        if drop_last and len(b) < batch_size:
-            return
-        yield b
-
-
-class BatchStream:
-    """Endless shuffled epochs of row indices: exactly the batches of ``batches(split, batch_size,
-    shuffle=True, generator=generator)`` epoch after epoch, with a position that can be saved and
-    restored (:meth:`state_dict`; the generator's own state is saved separately)."""
-
-    def __init__(self, n: int, batch_size: int, generator: Optional[torch.Generator] = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if n < 1:
-            raise ConfigError("no documents to draw batches from")
-        self.n, self.batch_size, self.generator = int(n), batch_size, generator
-        self.order: Optional[torch.Tensor] = None
-        self.pos = 0
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self.order is None or self.pos >= self.n:
-            self.order = torch.randperm(self.n, generator=self.generator)
-            self.pos = 0
-        b = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return b
-
-    def state_dict(self) -> dict:
-        return {"order": None if self.order is None else self.order.clone(), "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        order = state["order"]
-        if order is not None and (order.dim() != 1 or len(order) != self.n):
-            raise ConfigError(f"batch stream state is for {len(order)} documents, not {self.n}")
-        self.order = None if order is None else order.clone().to(torch.long)
-        self.pos = int(state["pos"])
-
-
-def distinct_task_batches(
-    split: TokenizedSplit,
-    max_per_task: Optional[int],
-    generator: Optional[torch.Generator] = None,
-) -> Iterator[torch.Tensor]:
-    """Row-index LongTensors in which every task appears at most once (round robin over tasks).
-
-    Covers ``max_per_task`` rows per task (a uniform random subset, drawn with ``generator``, when a
-    task has more; all rows when None), so batch ``k`` holds the ``k``-th chosen row of every task
-    that has one. Rows within a task keep their order in ``split``."""
-    if max_per_task is not None and (not isinstance(max_per_task, int) or max_per_task < 1):
-        raise ConfigError(f"max_per_task must be a positive integer or None, got {max_per_task!r}")
-    chosen: list[torch.Tensor] = []
-    for t in range(len(split.tasks)):
-        idx = (split.task_ids == t).nonzero().reshape(-1)
-        if max_per_task is not None and len(idx) > max_per_task:
-            pick = torch.randperm(len(idx), generator=generator)[:max_per_task]
-            idx = idx[pick.sort().values]
-        chosen.append(idx)
-    rounds = max((len(c) for c in chosen), default=0)
-    for k in range(rounds):
-        yield torch.stack([c[k] for c in chosen if len(c) > k])

@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from .data import TokenizedSplit, collate
+from .data import TokenizedSplit
+from .batching import collate
 from .prefix import FrozenPrefix
 
 __all__ = ["Feed"]

@@ -10,7 +10,7 @@
 For task ``t`` with documents ``d``, ``F_t = sum_d g_d**2`` where ``g_d`` is the gradient of document
 ``d``'s log-likelihood with respect to ``theta_t`` at the given point.
 Per-document gradients come from one batched backward pass per batch in which every task appears
-at most once (:func:`bora.data.distinct_task_batches`): the gradient of the batch's summed
+at most once (:func:`bora.batching.distinct_task_batches`): the gradient of the batch's summed
 log-likelihood with respect to row ``t`` of the task tensors is then exactly that task's
 document gradient. In a data-parallel run (:mod:`bora.distributed`) each rank takes every
 ``N``-th batch and the sums are all-reduced. With ``max_per_task`` only a random subset of ``n_t`` of a task's ``N_t``
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import distinct_task_batches
+from .batching import distinct_task_batches
 from .distributed import all_reduce_sum_, world
 from .feed import Feed
 

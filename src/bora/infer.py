@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .checkpoint import rng_state, set_rng_state_
 from .config import ConfigError, FitConfig
 from .curvature import StepFisher
-from .data import BatchStream
+from .batching import BatchStream
 from .distributed import data_parallel, shard_rows
 from .evaluate import evaluate
 from .feed import Feed
@@ -321,7 +321,7 @@ def fit_new_task(bora, docs, *, steps: int = 100, lr: float = 0.05, batch_size: 
 
     'shared' returns the global adapter (a task adapter equals it); 'independent' uses the
     ``Normal(0, s)`` prior and starts from the fit's initial point."""
-    from .data import batches
+    from .batching import batches
     from .posterior import tau_by_key
     from .seeding import sample_seed, seeded
 
