@@ -57,7 +57,8 @@ def global_values(shapes, r: int) -> int:
 BEYOND = [
     "## Past one GPU's memory", "",
     "What bora supports today:",
-    "- the default top-4-layer adapters (1B, rank 8: about 11 MiB of MAP state per task, so ~1,000 tasks in 12 GiB of state, about 2.3x that at the peak of a step on CPU);",
+    "- the default top-4-layer adapters (1B, rank 8: about 11 MiB of MAP state per task, so ~1,000 tasks in 12 GiB "
+    "of state, about 2.3x that at the peak of a step on CPU);",
     "- data-parallel fits (`torchrun`, README \"Many GPUs\"): they split the *documents*, not the tasks; every rank "
     "holds every task's adapters and optimiser state, so per-GPU adapter memory is the single-GPU figure above;",
     "- a 4-/8-bit frozen base (`--load-in-4bit`/`--load-in-8bit`), which shrinks the base model, not the adapters.", "",
@@ -146,9 +147,11 @@ def main(argv=None) -> None:
         ratios = []
         for v in ("map", "meanfield"):
             a_, b_ = [r for r in rows if r["variant"] == v]
-            ratios.append((b_["peak_rss_mb"] - a_["peak_rss_mb"]) / (b_["tasks"] - a_["tasks"]) / (n * BYTES[v] / 2**20))
+            slope = (b_["peak_rss_mb"] - a_["peak_rss_mb"]) / (b_["tasks"] - a_["tasks"])
+            ratios.append(slope / (n * BYTES[v] / 2**20))
         lines += ["", f"The measured growth per task is {min(ratios):.2f}-{max(ratios):.2f}x the optimiser state the "
-                  "table counts. The likely reason (not profiled): during a step bora also holds every task's adapter in natural coordinates "
+                  "table counts. The likely reason (not profiled): during a step bora also holds every task's "
+                  "adapter in natural coordinates "
                   "(theta_t = Theta + tau^-1/2 z_t), its gradient and the prior's elementwise temporaries, each "
                   "T x values x 4 B. Budget that factor on the table's figures for peak memory."]
         lines += ["", f"Per-task trainable values computed from the shapes: {n:,} (memory.py counts "

@@ -234,9 +234,9 @@ class FitConfig(_JsonConfig):
                               "shrinkage).")
     tau_curvature: str = _f(
         "steps", "Where a learned-tau MAP fit's tau update gets each task's Fisher: 'steps' (accumulated from the "
-        "training steps' per-document gradients since the last update: nearly free; tau within 4.3% of 'pass' on "
-        "the embedded default) or 'pass' (a separate forward-backward pass over fisher_docs documents per task "
-        "at the current point).")
+        "training steps' per-document gradients since the last update: nearly free; tau within 4.3 percent of "
+        "'pass' on the embedded default; the likelihood must run through bora's adapter layers) or 'pass' (a "
+        "separate forward-backward pass over fisher_docs documents per task at the current point).")
     laplace_docs: Optional[int] = _f(
         64, "Training documents per task for the Laplace posterior's curvature ('laplace'; a task's Fisher is "
         "scaled to all its documents; None: every document).")

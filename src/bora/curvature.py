@@ -37,6 +37,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from .config import ConfigError
 from .distributed import all_reduce_sum_
 from .fisher import TaskFisher
 
@@ -90,6 +91,10 @@ class StepFisher:
 
     def task_fisher(self) -> TaskFisher:
         """The accumulated Fisher as a :class:`~bora.fisher.TaskFisher` (summed over data-parallel ranks)."""
+        recorded = any(bool(pair[i].any()) for pair in self.fisher.values() for i in self.factors)
+        if int(self.used.sum()) > 0 and not recorded:
+            raise ConfigError("tau_curvature='steps' recorded no per-document gradients: the model's likelihood does "
+                              "not run through bora's adapter layers; use tau_curvature='pass'")
         fisher = {k: tuple(F.clone() for F in pair) for k, pair in self.fisher.items()}
         used, weight = self.used.clone(), self.weight.clone()
         all_reduce_sum_(*(F for pair in fisher.values() for F in pair), used, weight)

@@ -1,4 +1,4 @@
-"""Reading a local data file or a dataset into columns, with one-line errors that name the file and line.
+r"""Reading a local data file or a dataset into columns, with one-line errors that name the file and line.
 
 >>> import json, tempfile, pathlib
 >>> from bora.readers import read_local
