@@ -37,7 +37,8 @@ from torch.distributions import transform_to
 
 from .coupling import guide_of
 
-__all__ = ["make_guide", "point_values", "set_scales_", "param_groups", "AutoDelta", "AutoNormal"]
+__all__ = ["make_guide", "point_values", "guide_params", "saved_scales", "set_locs_",
+           "set_scales_", "param_groups", "AutoDelta", "AutoNormal"]
 
 
 class _ModuleLocal:
@@ -84,16 +85,50 @@ def _site_of(param_name: str) -> str:
     return name[: -len("_unconstrained")] if name.endswith("_unconstrained") else name
 
 
+def guide_params(guide) -> dict[str, dict[str, torch.nn.Parameter]]:
+    """The guide's parameters by site: ``{site: {"loc": p, "scale": p}}`` (``"scale"`` only for mean-field).
+
+    The one place that knows how Pyro's autoguides name their parameters: AutoDelta keeps a site's
+    value as ``<site>_unconstrained``, AutoNormal its location and scale as ``locs.<site>_unconstrained``
+    and ``scales.<site>_unconstrained``; all are unconstrained (``loc`` through the site's support
+    transform, ``scale`` through ``guide.scale_constraint``). Everything else in bora goes through this
+    mapping, :func:`set_locs_` and :func:`set_scales_`."""
+    out: dict[str, dict[str, torch.nn.Parameter]] = {}
+    for pname, p in guide.named_parameters():
+        role = "scale" if pname.startswith("scales.") else "loc"
+        out.setdefault(_site_of(pname), {})[role] = p
+    return out
+
+
+def saved_scales(state) -> dict[str, torch.Tensor]:
+    """Posterior sds by site from a saved mean-field guide's state (``guide.safetensors``), through the same
+    naming as :func:`guide_params` and AutoNormal's default ``scale_constraint`` (softplus), which bora keeps."""
+    positive = transform_to(autoguide.AutoNormal.scale_constraint)
+    return {_site_of(k): positive(u) for k, u in state.items() if k.startswith("scales.")}
+
+
+@torch.no_grad()
+def set_locs_(guide, values: dict) -> list[str]:
+    """Set each guide site's location (MAP value or mean-field mean) to ``values[site]``, given in the site's
+    own (constrained) coordinates; returns the sites set."""
+    params, done = guide_params(guide), []
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        if name in values and name in params:
+            p = params[name]["loc"]
+            v = torch.as_tensor(values[name], dtype=p.dtype, device=p.device)
+            p.copy_(transform_to(site["fn"].support).inv(v).expand(p.shape))
+            done.append(name)
+    return done
+
+
 @torch.no_grad()
 def set_scales_(guide, scales: dict) -> list[str]:
     """Set a mean-field (AutoNormal) guide's posterior sd per site: ``{site: float or tensor}``; returns the
     sites set. A MAP guide has no scales (nothing is set)."""
     done = []
-    for pname, p in guide.named_parameters():
-        if not pname.startswith("scales."):
-            continue
-        site = _site_of(pname)
-        if site in scales:
+    for site, roles in guide_params(guide).items():
+        p = roles.get("scale")
+        if p is not None and site in scales:
             value = torch.as_tensor(scales[site], dtype=p.dtype, device=p.device).expand(p.shape)
             p.copy_(transform_to(guide.scale_constraint).inv(value.clamp_min(1e-8)))
             done.append(site)

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-from torch.distributions import transform_to
 
 from .config import ConfigError
 from .coupling import coupling_of, guide_of
 from .fitfolder import check_base, read_fit_files, read_laplace
+from .guides import saved_scales, set_locs_, set_scales_
 from .io import read_safetensors
 
 __all__ = ["guide_value", "warm_start_"]
@@ -117,8 +117,8 @@ def warm_start_(bora, source) -> dict:
     globs = {site: g for k in model.shapes for _, site, g in model.task_sites(k)}
     lap = read_laplace(source / "laplace.safetensors") if (source / "laplace.safetensors").exists() else None
     guide = bora.guide
-    sd = guide.state_dict()
-    meanfield = any(k.startswith("locs.") for k in sd)
+    meanfield = not guide_of(mine.fit).point
+    locs, scales = {}, {}
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         if name.partition(":")[0] == "tau" and bora.tau is not None:
             continue
@@ -131,16 +131,15 @@ def warm_start_(bora, source) -> dict:
         if tuple(v.shape) != tuple(site["value"].shape):
             raise ConfigError(f"--init-from: site {name} has shape {tuple(v.shape)} in the source, "
                               f"{tuple(site['value'].shape)} here")
-        u = transform_to(site["fn"].support).inv(v.to(bora.device, torch.float32)).detach()
-        sd[f"locs.{name}_unconstrained" if meanfield else f"{name}_unconstrained"] = u
+        locs[name] = v.to(bora.device, torch.float32)
         report["derived" if base in derived else "copied"].append(name)
         if meanfield:
             scale = _source_scale(name, base, key, lap, tensors, config, src_tasks, bora.tasks, tau_key,
                                   noncentred=model.noncentred)
-            if scale is not None and scale.shape == sd[f"scales.{name}_unconstrained"].shape:
-                sd[f"scales.{name}_unconstrained"] = transform_to(guide.scale_constraint).inv(
-                    scale.clamp_min(1e-8)).to(bora.device)
-    guide.load_state_dict(sd)
+            if scale is not None and tuple(scale.shape) == tuple(site["value"].shape):
+                scales[name] = scale.to(bora.device)
+    set_locs_(guide, locs)
+    set_scales_(guide, scales)
     return report
 
 
@@ -162,9 +161,7 @@ def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_k
             t = tau_key[key]
             couple = F.sum(0) if noncentred else len(tasks) * t
             return (1.0 / lap.global_scale ** 2 + couple + torch.zeros_like(F[0])).rsqrt()
-    if not guide_of(config.fit).point and f"scales.{name}_unconstrained" in tensors:
-        u = tensors[f"scales.{name}_unconstrained"]
-        if name.startswith("theta_"):
-            u = u[[src_tasks.index(t) for t in tasks]]
-        return torch.nn.functional.softplus(u)
-    return None
+    scale = saved_scales(tensors).get(name) if not guide_of(config.fit).point else None
+    if scale is not None and name.startswith("theta_"):
+        scale = scale[[src_tasks.index(t) for t in tasks]]
+    return scale
