@@ -7,8 +7,8 @@
 >>> guide = AutoNormal(model)
 >>> guide() and sorted(name for name, _ in guide.named_parameters())   # parameters live in the guide ...
 ['locs.x_unconstrained', 'scales.x_unconstrained']
->>> pyro.settings.get("module_local_params"), "AutoNormal.locs.x" in pyro.get_param_store()   # ... not globally
-(False, False)
+>>> pyro.settings.get("module_local_params")   # ... and Pyro's global setting is left as it was
+False
 
 ``make_guide(model, "map")`` (:class:`AutoDelta`, starts exactly at the base model) or ``make_guide(model,
 "meanfield", init_scale=1e-3)`` (:class:`AutoNormal`) builds the guide of a :class:`~bora.model.BoraModel`.
