@@ -38,7 +38,6 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .config import ConfigError
-from .distributed import all_reduce_sum_
 from .fisher import TaskFisher
 
 __all__ = ["StepFisher"]
@@ -96,14 +95,8 @@ class StepFisher:
             raise ConfigError("tau_curvature='steps' recorded no per-document gradients: the model's likelihood does "
                               "not run through bora's adapter layers; use tau_curvature='pass'")
         fisher = {k: tuple(F.clone() for F in pair) for k, pair in self.fisher.items()}
-        used, weight = self.used.clone(), self.weight.clone()
-        all_reduce_sum_(*(F for pair in fisher.values() for F in pair), used, weight)
         # N_t times the (recency-weighted) mean over the task's documents seen
-        c = torch.where(weight > 0, self.task_sizes.double() / weight.clamp_min(1e-300), 0.0).float()
-        for pair in fisher.values():
-            for F in pair:
-                F.mul_(c.to(F.device).view(-1, *([1] * (F.dim() - 1))))
-        return TaskFisher(fisher=fisher, used=used, sizes=self.task_sizes.clone())
+        return TaskFisher.from_sums(fisher, self.used.clone(), self.task_sizes.clone(), self.weight.clone())
 
     def reset_(self) -> None:
         for pair in self.fisher.values():

@@ -39,6 +39,19 @@ class TaskFisher:
     used: torch.Tensor  # documents used per task, [T]
     sizes: torch.Tensor  # documents per task, [T]
 
+    @classmethod
+    def from_sums(cls, fisher: dict, used: torch.Tensor, sizes: torch.Tensor,
+                  weight: Optional[torch.Tensor] = None) -> "TaskFisher":
+        """Sum ``fisher`` (squared per-document gradients, in place) and ``used`` over data-parallel ranks,
+        then scale each task's sums by ``N_t / n_t`` (``n_t``: the documents used, or their ``weight``)."""
+        weight = used.double() if weight is None else weight
+        all_reduce_sum_(*(X for pair in fisher.values() for X in pair), used, weight)
+        c = torch.where(weight > 0, sizes.double() / weight.clamp_min(1e-300), 0.0).float()
+        for pair in fisher.values():
+            for X in pair:
+                X.mul_(c.to(X.device).view(-1, *([1] * (X.dim() - 1))))
+        return cls(fisher=fisher, used=used, sizes=sizes)
+
 
 def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.Tensor:
     """Per-document log-likelihood of next tokens drawn from the model itself (labels ~ p(. | context))."""
@@ -91,11 +104,4 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
             if gB is not None:
                 FB.add_(gB.square())
         used += torch.bincount(b["task_ids"].cpu(), minlength=T)
-    all_reduce_sum_(*(X for pair in Fs.values() for X in pair), used)  # data-parallel ranks: sum the shards
-    sizes = feed.split.task_sizes().long()
-    c = (sizes.double() / used.clamp_min(1).double()).to(torch.float32)
-    for X, Y in Fs.values():
-        cc = c.to(X.device).view(T, 1, 1)
-        X.mul_(cc)
-        Y.mul_(cc)
-    return TaskFisher(fisher=Fs, used=used, sizes=sizes)
+    return TaskFisher.from_sums(Fs, used, feed.split.task_sizes().long())
