@@ -135,6 +135,7 @@ def run(args) -> dict:
     docs["_tokens"] = [int(len(x)) - 1 for x in test_split.input_ids]
     docs["_task_ids"] = test_split.task_ids.tolist()
     return {"rows": rows, "overall": overall, "docs": docs, "wall_seconds": wall, "tasks": list(train.tasks),
+            "structure": {"hierarchy": args.hierarchy, "parameterisation": args.parameterisation},
             "sizes": {k: {"docs": len(v), "tokens": v.num_tokens()} for k, v in data.items()},
             "config": base_cfg.to_dict()}
 
@@ -246,6 +247,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     plt.close(fig)
 
     meta = {"command": " ".join(argv), "versions": _versions(), "wall_seconds": result["wall_seconds"],
+            "structure": result.get("structure"),
             "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
             "overall": ov, "bootstrap": result.get("bootstrap"),
             "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
@@ -268,7 +270,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=Path("analysis/results"))
     p.add_argument("--hierarchy", default="B", choices=["B", "AB"], help="task-level LoRA factors of every fit")
-    p.add_argument("--parameterisation", default="auto", choices=["auto", "noncentred", "centred"])
+    p.add_argument("--parameterisation", default="auto", choices=["auto", "noncentred", "offset", "centred"])
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these settings (first word of the name: independent shared tau=1000 learned)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps (default: per epoch)")

@@ -33,3 +33,25 @@ def test_tau_sweep_smoke(tmp_path):
     for f in ("per_task.csv", "table.md", "ppl_vs_tau.png", "gain_vs_size.png", "meta.json"):
         assert (tmp_path / f).stat().st_size > 0
     assert "| learned (MAP, evidence) |" in (tmp_path / "table.md").read_text()
+
+
+def test_combine_seeds_and_parameterisations(tmp_path):
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    sweep = load("tau_sweep")
+    sweep.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path / "s0")])
+    sweep.main(["--tiny", "--epochs", "0.5", "--quiet", "--seed", "1", "--only", "shared", "learned",
+                "--parameterisation", "offset", "--out", str(tmp_path / "s1")])
+    out = load("combine").main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "sum.md")])
+    assert out["seeds"] == [0, 1]
+    assert set(out["ppl"]["shared"]) == {0, 1} and set(out["ppl"]["learned [offset]"]) == {1}
+    assert set(out["ppl"]["learned [noncentred]"]) == {0} and "tau=100 [noncentred]" in out["ppl"]
+    pairs = {(c["a"], c["b"]): c for c in out["comparisons"]}
+    assert pairs[("learned [offset]", "shared")]["seeds"] == [1]  # only the seeds both settings have
+    c = pairs[("learned [noncentred]", "tau=100 [noncentred]")]
+    assert c["lo"] <= c["diff"] <= c["hi"] and c["per_seed"] == [c["diff"]]
+    assert "| learned [offset] |" in (tmp_path / "sum.md").read_text()

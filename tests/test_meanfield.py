@@ -178,6 +178,42 @@ def test_warm_start_copies_map_estimates(tmp_path):
         other.init_from(tmp_path / "map")
 
 
+def test_offset_fits_save_load_and_warm_start_across_parameterisations(tmp_path):
+    """The offset form (theta_t = Theta + delta_t): a MAP fit reloads exactly, a non-centred fit warm-starts
+    it at the same adapters, and a mean-field guide's delta scales start at the prior sd tau^-1/2."""
+    from bora.fitfolder import natural_estimates
+
+    lm = tiny_llama()
+    train, val = task_data(TRAIN, seed=1), task_data(VAL, seed=2)
+    off_cfg = config("map")
+    off_cfg = off_cfg.replace(prior=off_cfg.prior.replace(parameterisation="offset"))
+    off = Bora(off_cfg, copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    assert off.model.parameterisation == "offset"
+    assert any("_offset" in k for k in off.guide.state_dict())
+    res = off.fit(train, val, progress=False)
+    assert math.isfinite(res.history[-1]["val_nll"]) and off.tau is not None
+    off.save(tmp_path / "off")
+    assert not any(k.endswith("_offset") for k in natural_estimates(off))
+    back = Bora.load(tmp_path / "off", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
+    assert back.evaluate(val)["overall"]["nll_task_mean"] == off.evaluate(val)["overall"]["nll_task_mean"]
+
+    non = Bora(config("map"), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    non.fit(train, val, progress=False)
+    non.save(tmp_path / "non")
+    warm = Bora(off_cfg, copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    assert warm.init_from(tmp_path / "non")["kept"] == []
+    for name, v in non.point().items():
+        if not name.endswith("_decentered"):
+            torch.testing.assert_close(warm.point()[name], v)
+
+    mf_cfg = config("meanfield")
+    mf = Bora(mf_cfg.replace(prior=mf_cfg.prior.replace(parameterisation="offset")), copy.deepcopy(lm),
+              TinyTokenizer(), train.tasks, len(train))
+    key = next(iter(mf.model.shapes))
+    _, scale = mf.guide._get_loc_and_scale(f"theta_B:{key}_offset")
+    torch.testing.assert_close(scale.detach(), torch.full_like(scale, 10.0 ** -0.5))
+
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_meanfield_fit_evaluate_export_sample(tmp_path, capsys):
     model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")

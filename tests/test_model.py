@@ -102,7 +102,28 @@ def test_noncentred_is_the_same_model_up_to_the_jacobian(hierarchy):
     torch.testing.assert_close(lp_n, lp_c - 0.5 * D * torch.log(torch.tensor(50.0)), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("parameterisation", ["noncentred", "centred"])
+@pytest.mark.parametrize("hierarchy", ["B", "AB"])
+def test_offset_is_the_same_model_with_no_jacobian(hierarchy):
+    """theta_t = Theta + delta_t: a translation, so the joint density at the same adapters is unchanged."""
+    split = task_data()
+    b = batch_of(split, [0, 5, 30, 40])
+    cen = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="centred")
+    off = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="offset")
+    vals = random_values(cen)
+    dvals = {k: v for k, v in vals.items() if not k.startswith("theta_")}
+    for k in off.shapes:
+        for _, site, glob in off.task_sites(k):
+            dvals[site + "_offset"] = vals[site] - vals[glob]
+    full = off.complete(dvals)
+    for k in off.shapes:
+        for _, site, _ in off.task_sites(k):
+            torch.testing.assert_close(full[site], vals[site])
+    lp_c = poutine.trace(poutine.condition(cen, data=vals)).get_trace(b).log_prob_sum()
+    lp_o = poutine.trace(poutine.condition(off, data=dvals)).get_trace(b).log_prob_sum()
+    torch.testing.assert_close(lp_o, lp_c, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("parameterisation", ["noncentred", "offset", "centred"])
 @pytest.mark.parametrize("hierarchy", ["B", "AB"])
 @pytest.mark.parametrize("per_module", [False, True])
 def test_trace_structure(per_module, hierarchy, parameterisation):
@@ -121,8 +142,11 @@ def test_trace_structure(per_module, hierarchy, parameterisation):
             assert node["fn"].batch_shape == ()
         elif name.startswith("theta_"):
             assert plates == {"tasks"} and node["value"].shape[0] == T
-            # the latent is z (non-centred) or theta itself (centred); theta is then a deterministic site
-            assert name.endswith("_decentered") == (parameterisation == "noncentred") or node["is_observed"]
+            # the latent is z (non-centred), delta (offset) or theta itself (centred); theta is then deterministic
+            suffix = {"noncentred": "_decentered", "offset": "_offset"}.get(parameterisation)
+            latent = suffix is None or name.endswith(suffix)
+            assert not name.endswith(("_decentered", "_offset")) or latent
+            assert node["is_observed"] == (not latent), name
         elif name == "loglik":
             assert plates == {"data"}
     assert ("theta_A" in seen) == (hierarchy == "AB") and "theta_B" in seen

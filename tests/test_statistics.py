@@ -26,7 +26,7 @@ def _map_fit(model, feed, cfg, tau=None):
     return guide, res, point
 
 
-@pytest.mark.parametrize("parameterisation", ["noncentred", "centred"])
+@pytest.mark.parametrize("parameterisation", ["noncentred", "offset", "centred"])
 def test_fit_recovers_type_two_tau_with_theta_estimated(parameterisation):
     """infer.fit's alternation (optimiser steps at fixed tau, Laplace-evidence update at each validation)
     lands on the maximiser of the exact marginal likelihood with Theta estimated (profiled)."""

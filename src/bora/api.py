@@ -71,8 +71,8 @@ class Bora:
                                prefix=self.prefix, init_seed=config.fit.seed, autocast_dtype=autocast,
                                guide_kind=config.fit.guide)
         # learned tau: empirical Bayes (Laplace evidence) for point fits, variational EM for mean-field fits in
-        # the centred form; a non-centred mean-field fit keeps tau as a variational site
-        eb = guide_of(config.fit).point or not self.model.noncentred
+        # the centred form; a non-centred or offset mean-field fit keeps tau as a variational site
+        eb = guide_of(config.fit).point or self.model.parameterisation == "centred"
         self.tau = EmpiricalBayesTau(self.model) if self.model.coupling.learned and eb else None
         target = self.tau.model if self.tau is not None else self.model
         self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
@@ -106,9 +106,13 @@ class Bora:
                  "index": torch.zeros(1, dtype=torch.long, device=self.device)}
         with torch.no_grad():
             self.guide(dummy)
-        # non-centred task sites start at their prior sd (1): the posterior of an uninformed coordinate
-        set_scales_(self.guide, {site + "_decentered": 1.0 for k in self.model.shapes
-                                 for _, site, _ in self.model.task_sites(k)} if self.model.noncentred else {})
+        # non-centred / offset task sites start at their prior sd (1 / tau^-1/2): the posterior of an
+        # uninformed coordinate (only mean-field guides have scales)
+        p = self.model.parameterisation
+        prior_sd = {"noncentred": ("_decentered", 1.0),
+                    "offset": ("_offset", float(self.config.prior.tau) ** -0.5)}.get(p)
+        set_scales_(self.guide, {site + prior_sd[0]: prior_sd[1] for k in self.model.shapes
+                                 for _, site, _ in self.model.task_sites(k)} if prior_sd else {})
 
     @property
     def pad_id(self) -> int:

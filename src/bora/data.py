@@ -15,9 +15,9 @@ True
 >>> # for index in batches(train, 16, shuffle=True, generator=torch.Generator().manual_seed(0)):
 >>> #     batch = collate(train, index, pad_id=tok.pad_token_id or 0)   # input_ids, attention_mask, task_ids, index
 
-Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see
-:mod:`bora.shakespeare`), a local ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file with a
-text and a task column, a local dataset folder or a hub dataset name (read with ``datasets.load_dataset(name,
+Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see :mod:`bora.shakespeare`),
+``"fortunes"`` (the second embedded corpus, see :mod:`bora.fortunes`), a local
+``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file with a text and a task column, a local dataset folder or a hub dataset name (read with ``datasets.load_dataset(name,
 split=cfg.split)``). Every user error is a one-line :class:`~bora.config.ConfigError`.
 
 Local JSON, JSON-lines, CSV and TSV files are read by bora itself (:mod:`bora.readers`; UTF-8, with
@@ -77,6 +77,11 @@ def load_documents(cfg: DataConfig) -> list[dict]:
 
         docs = load_shakespeare(cfg.tasks)
         where = "the shakespeare source"
+    elif source == "fortunes":
+        from .fortunes import load_fortunes
+
+        docs = load_fortunes(cfg.tasks)
+        where = "the fortunes source"
     else:
         path = Path(source).expanduser()
         if path.is_dir():  # a local dataset folder: let `datasets` infer its files

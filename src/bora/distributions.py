@@ -1,4 +1,4 @@
-"""Priors for adapter matrices: a Normal with one scalar scale over each matrix.
+"""Priors for adapter matrices: a Normal with one scalar scale over each matrix, and its offset form.
 
 >>> import torch
 >>> from bora.distributions import IsotropicNormal
@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import math
 
-import torch
+import pyro
+import pyro.distributions as dist
 from pyro.distributions import TorchDistribution, constraints
+from pyro.infer.reparam.reparam import Reparam
+import torch
 
-__all__ = ["IsotropicNormal"]
+__all__ = ["IsotropicNormal", "OffsetReparam"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -68,3 +71,30 @@ class IsotropicNormal(TorchDistribution):
         n = self.event_shape.numel()
         sq = (value - self.loc).square().sum((-2, -1))
         return -0.5 * sq / self.scale.square() - n * (self.scale.log() + _HALF_LOG_2PI)
+
+
+class OffsetReparam(Reparam):
+    """Reparameterise ``x ~ N(loc, scale)`` as ``x = loc + delta`` with ``delta ~ N(0, scale)`` (site
+    ``<name>_offset``; ``x`` becomes deterministic). A translation: the joint density is unchanged (no
+    Jacobian), ``loc`` receives the likelihood's gradient through ``x`` (as in the non-centred form)
+    and ``delta`` lives in natural units (as in the centred form), so a new ``scale`` moves nothing.
+
+    >>> import pyro
+    >>> from pyro import poutine
+    >>> def model():
+    ...     return pyro.sample("x", IsotropicNormal(torch.ones(2, 3), torch.tensor(0.5)))
+    >>> tr = poutine.trace(poutine.reparam(model, config={"x": OffsetReparam()})).get_trace()
+    >>> torch.equal(tr.nodes["x"]["value"], 1.0 + tr.nodes["x_offset"]["value"])
+    True
+    """
+
+    def apply(self, msg):
+        name, fn, value = msg["name"], msg["fn"], msg["value"]
+        fn, event_dim = self._unwrap(fn)
+        zero = torch.zeros_like(fn.loc)
+        offset = None if value is None else value - fn.loc
+        offset = pyro.sample(f"{name}_offset", self._wrap(type(fn)(zero, fn.scale), event_dim), obs=offset,
+                             infer={"is_observed": msg["is_observed"]})
+        if value is None:
+            value = fn.loc + offset
+        return {"fn": dist.Delta(value, event_dim=event_dim).mask(False), "value": value, "is_observed": True}

@@ -164,9 +164,9 @@ def check_finite(bora) -> None:
 
 def natural_estimates(bora) -> dict[str, torch.Tensor]:
     """The point estimate of every adapter and tau site in natural coordinates (what a fit folder stores)."""
+    natural = ("Theta_A", "Theta_B", "theta_A", "theta_B", "tau")
     return {k: v.detach().to("cpu").contiguous() for k, v in bora.point().items()
-            if not k.endswith("_decentered") and k.partition(":")[0] in ("Theta_A", "Theta_B", "theta_A", "theta_B",
-                                                                          "tau")}
+            if not k.endswith(("_decentered", "_offset")) and k.partition(":")[0] in natural}
 
 
 def save_fit(bora, path) -> Path:

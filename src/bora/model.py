@@ -29,7 +29,9 @@ the same code path):
   has no task sites and every task uses the global adapter. Non-centred (the default for point fits),
   each task site is reparameterised by Pyro's ``LocScaleReparam`` as ``Theta + tau^-1/2 z`` with
   ``z ~ Normal(0, 1)`` (site ``theta_B:<m>_decentered``; ``theta_B:<m>`` becomes deterministic), the
-  same model; :meth:`BoraModel.complete` maps a guide's values back to natural coordinates;
+  same model; ``offset`` writes it as ``Theta + delta`` with ``delta ~ Normal(0, tau^-1/2)`` (site
+  ``theta_B:<m>_offset``, :class:`~bora.distributions.OffsetReparam`); :meth:`BoraModel.complete` maps a
+  guide's values back to natural coordinates;
 * in ``plate("data", N, subsample=batch["index"])``: ``factor("loglik", log p(doc | theta_task(doc)))``,
   the sum of the document's next-token log-probabilities (padding masked), so a uniform minibatch
   gives an unbiased estimate of the full-data log-likelihood (the plate scales by ``N / batch``).
@@ -52,7 +54,7 @@ from torch import nn
 
 from .config import PriorConfig
 from .coupling import Coupling, coupling_of, guide_of
-from .distributions import IsotropicNormal
+from .distributions import IsotropicNormal, OffsetReparam
 from .inject import AdapterSet
 from .prefix import FrozenPrefix
 
@@ -127,13 +129,18 @@ class BoraModel:
         return self.prior.hierarchy == "B"
 
     @property
-    def noncentred(self) -> bool:
-        """Whether the task sites are non-centred (``parameterisation``; 'auto' is non-centred unless the
-        model is fitted with a mean-field guide)."""
+    def parameterisation(self) -> str:
+        """How the task sites are parameterised: 'centred', 'noncentred' or 'offset' ('auto' resolved:
+        non-centred for point fits, centred for mean-field; always 'centred' without a tau)."""
         p = self.prior.parameterisation
         if p == "auto":
             p = "noncentred" if guide_of(self.guide_kind).point else "centred"
-        return p == "noncentred" and self.coupling.has_tau
+        return p if self.coupling.has_tau else "centred"
+
+    @property
+    def noncentred(self) -> bool:
+        """Whether the task sites are ``Theta + tau^-1/2 z`` (guide sites ``<name>_decentered``)."""
+        return self.parameterisation == "noncentred"
 
     def task_factors(self) -> tuple[int, ...]:
         """Which adapter factors are task-level: ``(1,)`` (B only) or ``(0, 1)`` (A and B)."""
@@ -190,10 +197,13 @@ class BoraModel:
 
     def reparam_config(self) -> dict:
         """Pyro reparameterisers of the task sites: non-centred ``theta_t = Theta + tau^-1/2 z_t`` with
-        ``z_t ~ Normal(0, 1)`` (site ``<name>_decentered``), or none for the centred form."""
-        if not self.noncentred:
+        ``z_t ~ Normal(0, 1)`` (site ``<name>_decentered``), offset ``theta_t = Theta + delta_t`` (site
+        ``<name>_offset``), or none for the centred form."""
+        p = self.parameterisation
+        if p == "centred":
             return {}
-        return {site: LocScaleReparam(centered=0.0) for k in self.shapes for _, site, _ in self.task_sites(k)}
+        return {site: LocScaleReparam(centered=0.0) if p == "noncentred" else OffsetReparam()
+                for k in self.shapes for _, site, _ in self.task_sites(k)}
 
     def sample_adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Sample every adapter site; returns ``key -> (A, B)`` with a leading task dim on the task-level
@@ -288,7 +298,7 @@ class BoraModel:
         """``init_loc_fn`` for autoguides: shared random A, zero B, tau at its configured value."""
         name = site["name"]
         kind, _, key = name.partition(":")
-        if name.endswith("_decentered"):  # non-centred z_t = 0: every task starts at the global adapter
+        if name.endswith(("_decentered", "_offset")):  # z_t = 0 / delta_t = 0: every task starts at the global one
             return torch.zeros(site["fn"].shape(), device=self.device)
         if kind == "Theta_A":
             return self.init_A[key].clone()
@@ -303,10 +313,11 @@ class BoraModel:
     def complete(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every adapter site's value in natural coordinates from a guide's latent values.
 
-        ``values`` holds the guide's sites (for the non-centred form ``theta_B:<m>_decentered``, not
-        ``theta_B:<m>``) plus tau when it is learned; the result adds the task adapters ``theta_*``
-        (``Theta + tau^-1/2 z``). Costs no LM pass."""
-        if not self.noncentred or all(site in values for k in self.shapes for _, site, _ in self.task_sites(k)):
+        ``values`` holds the guide's sites (for the non-centred form ``theta_B:<m>_decentered``, for the
+        offset form ``theta_B:<m>_offset``, not ``theta_B:<m>``) plus tau when it is learned; the result adds
+        the task adapters ``theta_*`` (``Theta + tau^-1/2 z`` or ``Theta + delta``). Costs no LM pass."""
+        sites = [site for k in self.shapes for _, site, _ in self.task_sites(k)]
+        if self.parameterisation == "centred" or all(site in values for site in sites):
             return dict(values)
         missing = [n for n in self.tau_groups() if n not in values]
         if missing:

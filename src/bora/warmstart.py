@@ -15,6 +15,7 @@ then
 
 * a natural site: its value (task rows matched by task name);
 * a non-centred site ``theta_*:<m>_decentered``: ``z = (theta - Theta) tau^1/2`` with the target's tau.
+* an offset site ``theta_*:<m>_offset``: ``delta = theta - Theta``.
 
 Missing sites are derived where the structure allows (task adapters of a 'shared' source: its global
 adapter; the global adapter of an 'independent' source: the mean of its task adapters), otherwise left
@@ -49,6 +50,11 @@ def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optiona
         if base not in natural or glob not in natural or tau is None:
             return None
         return (natural[base] - natural[glob]) * math.sqrt(tau)
+    if site.endswith("_offset"):
+        base = site[: -len("_offset")]
+        if base not in natural or glob not in natural:
+            return None
+        return natural[base] - natural[glob]
     return natural.get(site)
 
 
@@ -122,8 +128,8 @@ def warm_start_(bora, source) -> dict:
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         if name.partition(":")[0] == "tau" and bora.tau is not None:
             continue
-        key = name.partition(":")[2].removesuffix("_decentered")
-        base = name.removesuffix("_decentered")
+        key = name.partition(":")[2].removesuffix("_decentered").removesuffix("_offset")
+        base = name.removesuffix("_decentered").removesuffix("_offset")
         v = guide_value(name, natural, glob=globs.get(base), tau=tau_key.get(key))
         if v is None:
             report["kept"].append(name)
@@ -135,7 +141,7 @@ def warm_start_(bora, source) -> dict:
         report["derived" if base in derived else "copied"].append(name)
         if meanfield:
             scale = _source_scale(name, base, key, lap, tensors, config, src_tasks, bora.tasks, tau_key,
-                                  noncentred=model.noncentred)
+                                  noncentred=model.parameterisation != "centred")
             if scale is not None and tuple(scale.shape) == tuple(site["value"].shape):
                 scales[name] = scale.to(bora.device)
     set_locs_(guide, locs)
