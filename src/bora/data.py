@@ -18,7 +18,8 @@ True
 Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see :mod:`bora.shakespeare`),
 ``"fortunes"`` (the second embedded corpus, see :mod:`bora.fortunes`), a local
 ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file with a text and a task column, a local dataset
-folder or a hub dataset name (read with ``datasets.load_dataset(name, split=cfg.split)``). Every user error is a one-line :class:`~bora.config.ConfigError`.
+folder or a hub dataset name (read with ``datasets.load_dataset(name, split=cfg.split)``). Every user error is
+a one-line :class:`~bora.config.ConfigError`.
 
 Local JSON, JSON-lines, CSV and TSV files are read by bora itself (:mod:`bora.readers`; UTF-8, with
 or without a BOM), so every problem names the file and line: an empty file, invalid JSON, a line that is not a JSON
