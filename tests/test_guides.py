@@ -30,3 +30,33 @@ def test_locs_and_scales_by_site_round_trip():
             torch.testing.assert_close(sd["w"], torch.tensor([0.1, 0.2, 0.3]))
         else:
             assert set_scales_(guide, {"w": 0.1}) == []  # a MAP guide has no scales
+
+
+def test_map_guide_masks_its_zero_log_density_and_keeps_the_elbo():
+    import pyro.distributions as dist
+    from pyro import poutine
+    from pyro.infer import Trace_ELBO, autoguide
+    from pyro.poutine.util import site_is_subsample
+
+    from bora.guides import AutoDelta
+
+    data = torch.randn(5)
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("tasks", 3):
+            theta = pyro.sample("theta", dist.Normal(loc, 0.5))
+        with pyro.plate("data", 5):
+            pyro.sample("y", dist.Normal(theta.sum(), 1.0), obs=data)
+
+    ours, stock = AutoDelta(model), autoguide.AutoDelta(model)
+    ours(), stock()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            dict(stock.named_parameters())[name].copy_(p)
+    tr = poutine.trace(ours).get_trace()
+    sites = [n for n in tr.nodes.values() if n["type"] == "sample" and not site_is_subsample(n)]
+    assert len(sites) == 2 and all(node["fn"]._mask is False for node in sites)
+    assert float(tr.log_prob_sum()) == 0.0
+    elbo = Trace_ELBO()
+    torch.testing.assert_close(elbo.differentiable_loss(model, ours), elbo.differentiable_loss(model, stock))
