@@ -145,12 +145,13 @@ def test_warm_start_copies_map_estimates(tmp_path):
     m.fit_laplace_(train)
     m.save(tmp_path / "map")
     mf = Bora(config("meanfield"), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
-    assert not mf.model.noncentred and m.model.noncentred  # 'auto': the two fits use different coordinates
+    # 'auto': the two fits use different coordinates
+    assert mf.model.parameterisation == "centred" and m.model.parameterisation == "offset"
     report = mf.init_from(tmp_path / "map")
     assert report["kept"] == [] and "tau" in report["copied"]
     point_map, point_mf = m.point(), mf.point()
     for name, v in point_map.items():
-        if not name.endswith("_decentered"):
+        if not name.endswith(("_decentered", "_offset")):
             torch.testing.assert_close(point_mf[name], v)
     assert mf.tau_estimate()["tau"] == pytest.approx(m.tau_estimate()["tau"])
     # the scales start at the source's Laplace posterior: (F + tau)^-1/2 per task coordinate
@@ -188,7 +189,8 @@ def test_offset_fits_save_load_and_warm_start_across_parameterisations(tmp_path)
     off_cfg = config("map")
     off_cfg = off_cfg.replace(prior=off_cfg.prior.replace(parameterisation="offset"))
     off = Bora(off_cfg, copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
-    assert off.model.parameterisation == "offset"
+    assert off.model.parameterisation == "offset" == Bora(config("map"), copy.deepcopy(lm), TinyTokenizer(),
+                                                           train.tasks, len(train)).model.parameterisation  # 'auto'
     assert any("_offset" in k for k in off.guide.state_dict())
     res = off.fit(train, val, progress=False)
     assert math.isfinite(res.history[-1]["val_nll"]) and off.tau is not None
@@ -197,7 +199,10 @@ def test_offset_fits_save_load_and_warm_start_across_parameterisations(tmp_path)
     back = Bora.load(tmp_path / "off", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
     assert back.evaluate(val)["overall"]["nll_task_mean"] == off.evaluate(val)["overall"]["nll_task_mean"]
 
-    non = Bora(config("map"), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    non_cfg = config("map")
+    non = Bora(non_cfg.replace(prior=non_cfg.prior.replace(parameterisation="noncentred")), copy.deepcopy(lm),
+               TinyTokenizer(), train.tasks, len(train))
+    assert non.model.parameterisation == "noncentred"
     non.fit(train, val, progress=False)
     non.save(tmp_path / "non")
     warm = Bora(off_cfg, copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))

@@ -193,7 +193,7 @@ class PriorConfig(_JsonConfig):
         "How task sites are parameterised for inference (same joint density): 'noncentred' "
         "(theta_t = Theta + tau^-1/2 z_t, z_t ~ Normal(0, 1): well conditioned for any tau), 'offset' "
         "(theta_t = Theta + delta_t, delta_t ~ Normal(0, tau^-1/2): Theta gets the shared gradient and delta_t "
-        "moves in natural units), 'centred' (theta_t sampled directly) or 'auto' (non-centred for MAP/Laplace "
+        "moves in natural units), 'centred' (theta_t sampled directly) or 'auto' (offset for MAP/Laplace "
         "fits, centred for mean-field fits, whose learned tau takes the variational M-step, defined in the "
         "centred form).",
     )

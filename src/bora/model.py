@@ -26,12 +26,12 @@ the same code path):
   ``tau:<m>`` per module);
 * in ``plate("tasks", T)``: ``theta_B:<m> ~ Normal(Theta_B:<m>, tau^-1/2)`` (and ``theta_A`` for
   ``hierarchy='AB'``); ``independent`` draws them from ``Normal(0, s)`` with no global ``B``, ``shared``
-  has no task sites and every task uses the global adapter. Non-centred (the default for point fits),
-  each task site is reparameterised by Pyro's ``LocScaleReparam`` as ``Theta + tau^-1/2 z`` with
-  ``z ~ Normal(0, 1)`` (site ``theta_B:<m>_decentered``; ``theta_B:<m>`` becomes deterministic), the
-  same model; ``offset`` writes it as ``Theta + delta`` with ``delta ~ Normal(0, tau^-1/2)`` (site
-  ``theta_B:<m>_offset``, :class:`~bora.distributions.OffsetReparam`); :meth:`BoraModel.complete` maps a
-  guide's values back to natural coordinates;
+  has no task sites and every task uses the global adapter. In the offset form (the default for point
+  fits) each task site is reparameterised as ``Theta + delta`` with ``delta ~ Normal(0, tau^-1/2)`` (site
+  ``theta_B:<m>_offset``, :class:`~bora.distributions.OffsetReparam`; ``theta_B:<m>`` becomes
+  deterministic), the same model; non-centred, Pyro's ``LocScaleReparam`` writes it as
+  ``Theta + tau^-1/2 z`` with ``z ~ Normal(0, 1)`` (site ``theta_B:<m>_decentered``);
+  :meth:`BoraModel.complete` maps a guide's values back to natural coordinates;
 * in ``plate("data", N, subsample=batch["index"])``: ``factor("loglik", log p(doc | theta_task(doc)))``,
   the sum of the document's next-token log-probabilities (padding masked), so a uniform minibatch
   gives an unbiased estimate of the full-data log-likelihood (the plate scales by ``N / batch``).
@@ -131,10 +131,10 @@ class BoraModel:
     @property
     def parameterisation(self) -> str:
         """How the task sites are parameterised: 'centred', 'noncentred' or 'offset' ('auto' resolved:
-        non-centred for point fits, centred for mean-field; always 'centred' without a tau)."""
+        offset for point fits, centred for mean-field; always 'centred' without a tau)."""
         p = self.prior.parameterisation
         if p == "auto":
-            p = "noncentred" if guide_of(self.guide_kind).point else "centred"
+            p = "offset" if guide_of(self.guide_kind).point else "centred"
         return p if self.coupling.has_tau else "centred"
 
     @property
