@@ -1,7 +1,7 @@
 """The paper's tau trade-off on a true test split, and bora's learned tau against a grid search.
 
     python analysis/tau_sweep.py                       # embedded default (SmolLM2 + 16 Shakespeare speakers)
-    python analysis/tau_sweep.py --taus 10 100 1000 10000 --epochs 3 --out analysis/results
+    python analysis/tau_sweep.py --data fortunes --seed 1     # the second corpus, another fitting seed
     python analysis/tau_sweep.py --tiny --epochs 1     # seconds: smoke run on a random-init tiny model
 
 Fits ``independent``, ``shared``, every fixed tau of ``--taus`` and the learned tau (MAP with the
@@ -268,7 +268,8 @@ def main(argv=None) -> dict:
     p.add_argument("--meanfield", action="store_true", help="also fit learned tau with the mean-field guide")
     p.add_argument("--tiny", action="store_true", help="tiny random model and 3 small tasks (smoke run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, default=Path("analysis/results"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: analysis/results/<data>/s<seed>; 'tiny' for --tiny)")
     p.add_argument("--hierarchy", default="B", choices=["B", "AB"], help="task-level LoRA factors of every fit")
     p.add_argument("--parameterisation", default="auto", choices=["auto", "noncentred", "offset", "centred"])
     p.add_argument("--only", nargs="+", default=None,
@@ -277,6 +278,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every fit")
     args = p.parse_args(argv)
     result = run(args)
+    if args.out is None:
+        corpus = "tiny" if args.tiny else (args.data or "shakespeare")
+        args.out = Path("analysis/results") / corpus / f"s{args.seed}"
     write_outputs(args.out, result, ["python", "analysis/tau_sweep.py"] + argv)
     print((args.out / "table.md").read_text())
     return result

@@ -45,3 +45,17 @@ def test_load_documents_fortunes_splits_every_task():
     for part in ("train", "val", "test"):
         assert {d["task"] for d in getattr(splits, part)} == {"magic", "tao"}
     assert sum(len(getattr(splits, p)) for p in ("train", "val", "test")) == 30 + 82
+
+
+def test_cli_unknown_category_is_one_error_line(tmp_path, capsys):
+    from conftest import tiny_model_dir
+
+    from bora.cli import main
+
+    model = tiny_model_dir(tmp_path / "model")
+    capsys.readouterr()
+    rc = main(["fit", "--model", str(model), "--data", "fortunes", "--tasks", "startrek", "nope", "--quiet",
+               "--device", "cpu", "--output", str(tmp_path / "fit")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("bora: error: unknown fortune category 'nope'")
+    assert not (tmp_path / "fit").exists()
