@@ -112,6 +112,7 @@ def run(args) -> dict:
         tau = bora.tau_estimate()
         tau_value = float(next(iter(tau.values()))) if tau else math.nan
         overall[name] = {"tau": tau_value, "test": test["overall"], "steps": res.steps, "best_step": res.best_step,
+                         "parameterisation": bora.model.parameterisation,
                          "best_val_nll": res.best_val_nll, "seconds": time.perf_counter() - t0,
                          "step_seconds": res.step_seconds}
         for t, task in enumerate(train.tasks):

@@ -43,9 +43,10 @@ def test_combine_seeds_and_parameterisations(tmp_path):
         return mod
 
     sweep = load("tau_sweep")
-    sweep.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path / "s0")])
+    sweep.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--parameterisation", "noncentred",
+                "--out", str(tmp_path / "s0")])
     sweep.main(["--tiny", "--epochs", "0.5", "--quiet", "--seed", "1", "--only", "shared", "learned",
-                "--parameterisation", "offset", "--out", str(tmp_path / "s1")])
+                "--out", str(tmp_path / "s1")])  # 'auto': offset
     out = load("combine").main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "sum.md")])
     assert out["seeds"] == [0, 1]
     assert set(out["ppl"]["shared"]) == {0, 1} and set(out["ppl"]["learned [offset]"]) == {1}
