@@ -1,5 +1,6 @@
 """The Pyro model: structure, closed-form log joint, special cases, minibatch scaling, init point."""
 
+import math
 
 import pyro.distributions as dist
 import pytest
@@ -78,49 +79,32 @@ def test_log_joint_equals_closed_form(mode, hierarchy):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("parameterisation", ["noncentred", "offset"])
 @pytest.mark.parametrize("hierarchy", ["B", "AB"])
-def test_noncentred_is_the_same_model_up_to_the_jacobian(hierarchy):
-    """theta_t = Theta + tau^-1/2 z_t: the same adapters and likelihood, density in z-coordinates =
-    density in theta-coordinates - (D/2) log tau (D task-level coordinates)."""
+def test_reparameterised_forms_are_the_same_model(hierarchy, parameterisation):
+    """The same adapters and likelihood in every form. Non-centred, theta_t = Theta + tau^-1/2 z_t: density
+    in z-coordinates = density in theta-coordinates - (D/2) log tau (D task-level coordinates); offset,
+    theta_t = Theta + delta_t: a translation, the density is unchanged."""
     split = task_data()
     b = batch_of(split, [0, 5, 30, 40])
     cen = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="centred")
-    non = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="noncentred")
+    rep = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation=parameterisation)
     vals = random_values(cen)
-    zvals = {k: v for k, v in vals.items() if not k.startswith("theta_")}
+    latent = {k: v for k, v in vals.items() if not k.startswith("theta_")}
+    scale, suffix = (50.0 ** 0.5, "_decentered") if parameterisation == "noncentred" else (1.0, "_offset")
     D = 0
-    for k in non.shapes:
-        for _, site, glob in non.task_sites(k):
-            zvals[site + "_decentered"] = (vals[site] - vals[glob]) * 50.0 ** 0.5
+    for k in rep.shapes:
+        for _, site, glob in rep.task_sites(k):
+            latent[site + suffix] = (vals[site] - vals[glob]) * scale
             D += vals[site].numel()
-    full = non.complete(zvals)
-    for k in non.shapes:
-        for _, site, _ in non.task_sites(k):
+    full = rep.complete(latent)
+    for k in rep.shapes:
+        for _, site, _ in rep.task_sites(k):
             torch.testing.assert_close(full[site], vals[site])
     lp_c = poutine.trace(poutine.condition(cen, data=vals)).get_trace(b).log_prob_sum()
-    lp_n = poutine.trace(poutine.condition(non, data=zvals)).get_trace(b).log_prob_sum()
-    torch.testing.assert_close(lp_n, lp_c - 0.5 * D * torch.log(torch.tensor(50.0)), rtol=1e-5, atol=1e-3)
-
-
-@pytest.mark.parametrize("hierarchy", ["B", "AB"])
-def test_offset_is_the_same_model_with_no_jacobian(hierarchy):
-    """theta_t = Theta + delta_t: a translation, so the joint density at the same adapters is unchanged."""
-    split = task_data()
-    b = batch_of(split, [0, 5, 30, 40])
-    cen = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="centred")
-    off = build("fixed", n_docs=len(split), hierarchy=hierarchy, parameterisation="offset")
-    vals = random_values(cen)
-    dvals = {k: v for k, v in vals.items() if not k.startswith("theta_")}
-    for k in off.shapes:
-        for _, site, glob in off.task_sites(k):
-            dvals[site + "_offset"] = vals[site] - vals[glob]
-    full = off.complete(dvals)
-    for k in off.shapes:
-        for _, site, _ in off.task_sites(k):
-            torch.testing.assert_close(full[site], vals[site])
-    lp_c = poutine.trace(poutine.condition(cen, data=vals)).get_trace(b).log_prob_sum()
-    lp_o = poutine.trace(poutine.condition(off, data=dvals)).get_trace(b).log_prob_sum()
-    torch.testing.assert_close(lp_o, lp_c, rtol=1e-5, atol=1e-3)
+    lp_r = poutine.trace(poutine.condition(rep, data=latent)).get_trace(b).log_prob_sum()
+    jacobian = 0.5 * D * math.log(50.0) if parameterisation == "noncentred" else 0.0
+    torch.testing.assert_close(lp_r, lp_c - jacobian, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("parameterisation", ["noncentred", "offset", "centred"])
