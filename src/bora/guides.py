@@ -83,7 +83,8 @@ def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=Non
     """An autoguide for ``target`` (default ``model``; e.g. the tau-conditioned model for MAP).
 
     For the mean-field guide, ``init_scale`` is the initial posterior sd of the global sites and tau;
-    the non-centred task sites ``z_t`` start at their prior sd, 1 (see :func:`set_scales_`)."""
+    non-centred task sites ``z_t`` start at their prior sd, 1, offset ones ``delta_t`` at ``tau^-1/2`` (see
+    :func:`set_scales_`)."""
     target = model if target is None else target
     if guide_of(kind).point:  # a Laplace posterior is built around the MAP point after the fit
         return AutoDelta(target, init_loc_fn=model.init_loc)

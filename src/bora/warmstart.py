@@ -162,7 +162,7 @@ def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_k
         if kind.startswith("Theta_") and lap.has_global:
             # q(Theta) of the mean-field target given its task sites (not Laplace's marginal, which is the vague
             # hyperprior wherever the data say little): the prior plus the coupling to the T task adapters
-            # (centred), or plus every task's likelihood curvature (non-centred: Theta enters the likelihood)
+            # (centred), or plus every task's likelihood curvature (non-centred or offset: Theta enters the likelihood)
             F = lap.task[key][factor]
             t = tau_key[key]
             couple = F.sum(0) if noncentred else len(tasks) * t
