@@ -4,13 +4,14 @@
         --out analysis/results/shakespeare/summary.md
 
 Every run folder must hold the ``meta.json`` and ``test_doc_nll.json`` that ``tau_sweep.py`` writes, on
-the same data and test split (checked). A setting with task-level adapters is named with the
-parameterisation its fits used (``learned [offset]``, ``tau=100 [noncentred]``); ``independent`` and
-``shared`` have none. Per setting the table gives the test perplexity (exp of the mean per-task NLL) of
-every seed and their mean. Comparisons are paired document bootstraps (:func:`bora.evaluate.paired_bootstrap`,
-documents resampled within each task) on the *seed-averaged* per-document NLL of the seeds both settings
-share, with the per-seed differences beside them: the interval is the test-set noise of the comparison of
-the two fitting procedures, averaged over their seeds.
+the same data, test split and fit settings (checked: only the seed and the parameterisation may
+differ). A setting with task-level adapters is named with the parameterisation its fits used
+(``learned [offset]``, ``tau=100 [noncentred]``); ``independent`` and ``shared`` have none. Per setting
+the table gives the test perplexity (exp of the mean per-task NLL) of every seed and their mean.
+Comparisons are paired document bootstraps (:func:`bora.evaluate.paired_bootstrap`, documents
+resampled within each task) on the *seed-averaged* per-document NLL of the seeds both settings share,
+with the per-seed differences beside them: the interval is the test-set noise of the comparison of the
+two fitting procedures, averaged over their seeds.
 """
 
 from __future__ import annotations
@@ -50,11 +51,14 @@ def load_runs(folders: list[Path]) -> tuple[dict, dict, dict]:
     for folder in folders:
         meta = json.loads((folder / "meta.json").read_text())
         nll = json.loads((folder / "test_doc_nll.json").read_text())
-        key = (meta["tasks"], nll["_tokens"], nll["_task_ids"], meta["config"]["data"])
+        fit = {k: v for k, v in meta["config"]["fit"].items() if k != "seed"}
+        key = (meta["tasks"], nll["_tokens"], nll["_task_ids"], meta["config"]["data"], fit,
+               (meta.get("structure") or {}).get("hierarchy"))
         if ref is None:
             ref = key
         elif key != ref:
-            sys.exit(f"combine: {folder} was run on other data or another test split than {folders[0]}")
+            sys.exit(f"combine: {folder} was run on other data, another test split or other fit settings than "
+                     f"{folders[0]} (only the seed and the parameterisation may differ)")
         seed = int(meta["config"]["fit"]["seed"])
         for name, o in meta["overall"].items():
             if name == "base model":

@@ -225,7 +225,8 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     for s, mk in ((learned, "*"), ("learned (mean-field)", "D")):
         if s in ov:
             ax.plot([ov[s]["tau"]], [ov[s]["test"]["ppl_task_mean"]], mk, ms=13, color="C3", label=s)
-    ax.set_xscale("log")
+    if any(0 < float(ov[s]["tau"]) < math.inf for s in grid + [learned] if s in ov):
+        ax.set_xscale("log")
     ax.set_xlabel("tau (prior precision of task adapters around the global adapter)")
     ax.set_ylabel("test perplexity, exp(mean per-task NLL)")
     ax.legend(fontsize=8)

@@ -4,6 +4,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,8 @@ def test_combine_seeds_and_parameterisations(tmp_path):
     c = pairs[("learned [noncentred]", "tau=100 [noncentred]")]
     assert c["lo"] <= c["diff"] <= c["hi"] and c["per_seed"] == [c["diff"]]
     assert "| learned [offset] |" in (tmp_path / "sum.md").read_text()
+    # runs with other fit settings (here the learning rate) are not seeds of the same procedure
+    sweep.main(["--tiny", "--epochs", "0.5", "--quiet", "--lr", "1e-3", "--only", "shared",
+                "--out", str(tmp_path / "lr")])
+    with pytest.raises(SystemExit, match="other fit settings"):
+        load("combine").main([str(tmp_path / "s1"), str(tmp_path / "lr")])
