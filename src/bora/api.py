@@ -25,6 +25,7 @@ import torch
 from .config import BoraConfig, ConfigError
 from .coupling import guide_of
 from .data import TokenizedSplit, load_documents, split_documents
+from .distributions import LATENT_SUFFIX
 from .evaluate import evaluate
 from .fisher import task_fisher
 from .fitfolder import read_fit_files, restore_fit_, save_fit
@@ -109,10 +110,10 @@ class Bora:
         # non-centred / offset task sites start at their prior sd (1 / tau^-1/2): the posterior of an
         # uninformed coordinate (only mean-field guides have scales)
         p = self.model.parameterisation
-        prior_sd = {"noncentred": ("_decentered", 1.0),
-                    "offset": ("_offset", float(self.config.prior.tau) ** -0.5)}.get(p)
-        set_scales_(self.guide, {site + prior_sd[0]: prior_sd[1] for k in self.model.shapes
-                                 for _, site, _ in self.model.task_sites(k)} if prior_sd else {})
+        if p in LATENT_SUFFIX:
+            sd = 1.0 if p == "noncentred" else float(self.config.prior.tau) ** -0.5
+            set_scales_(self.guide, {site + LATENT_SUFFIX[p]: sd for k in self.model.shapes
+                                     for _, site, _ in self.model.task_sites(k)})
 
     @property
     def pad_id(self) -> int:

@@ -20,6 +20,7 @@ tasks and millions of adapter values this is most of the cost of the prior in a 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -27,9 +28,22 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.infer.reparam.reparam import Reparam
 import torch
 
-__all__ = ["IsotropicNormal", "OffsetReparam"]
+__all__ = ["IsotropicNormal", "OffsetReparam", "LATENT_SUFFIX", "natural_site"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+# the guide-site suffix of each reparameterised form of a task site (Pyro's LocScaleReparam names its
+# auxiliary site "<name>_decentered", OffsetReparam "<name>_offset")
+LATENT_SUFFIX = {"noncentred": "_decentered", "offset": "_offset"}
+
+
+def natural_site(name: str) -> tuple[str, Optional[str]]:
+    """``(natural site name, parameterisation)`` of a guide site: ``("theta_B:m", "offset")`` for
+    ``"theta_B:m_offset"``, ``(name, None)`` for a site in natural coordinates."""
+    for parameterisation, suffix in LATENT_SUFFIX.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], parameterisation
+    return name, None
 
 
 class IsotropicNormal(TorchDistribution):
@@ -93,8 +107,8 @@ class OffsetReparam(Reparam):
         fn, event_dim = self._unwrap(fn)
         zero = torch.zeros_like(fn.loc)
         offset = None if value is None else value - fn.loc
-        offset = pyro.sample(f"{name}_offset", self._wrap(type(fn)(zero, fn.scale), event_dim), obs=offset,
-                             infer={"is_observed": msg["is_observed"]})
+        offset = pyro.sample(name + LATENT_SUFFIX["offset"], self._wrap(type(fn)(zero, fn.scale), event_dim),
+                             obs=offset, infer={"is_observed": msg["is_observed"]})
         if value is None:
             value = fn.loc + offset
         return {"fn": dist.Delta(value, event_dim=event_dim).mask(False), "value": value, "is_observed": True}

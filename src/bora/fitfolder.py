@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .config import BoraConfig, ConfigError
+from .distributions import natural_site
 from .io import (check_output, file_sha256, fsync_tree, json_safe, make_temp_dir, read_json, read_safetensors,
                  replace_dir, save_safetensors, write_json)
 
@@ -166,7 +167,7 @@ def natural_estimates(bora) -> dict[str, torch.Tensor]:
     """The point estimate of every adapter and tau site in natural coordinates (what a fit folder stores)."""
     natural = ("Theta_A", "Theta_B", "theta_A", "theta_B", "tau")
     return {k: v.detach().to("cpu").contiguous() for k, v in bora.point().items()
-            if not k.endswith(("_decentered", "_offset")) and k.partition(":")[0] in natural}
+            if natural_site(k)[1] is None and k.partition(":")[0] in natural}
 
 
 def save_fit(bora, path) -> Path:

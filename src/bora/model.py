@@ -54,7 +54,7 @@ from torch import nn
 
 from .config import PriorConfig
 from .coupling import Coupling, coupling_of, guide_of
-from .distributions import IsotropicNormal, OffsetReparam
+from .distributions import IsotropicNormal, OffsetReparam, natural_site
 from .inject import AdapterSet
 from .prefix import FrozenPrefix
 
@@ -298,7 +298,7 @@ class BoraModel:
         """``init_loc_fn`` for autoguides: shared random A, zero B, tau at its configured value."""
         name = site["name"]
         kind, _, key = name.partition(":")
-        if name.endswith(("_decentered", "_offset")):  # z_t = 0 / delta_t = 0: every task starts at the global one
+        if natural_site(name)[1] is not None:  # z_t = 0 / delta_t = 0: every task starts at the global adapter
             return torch.zeros(site["fn"].shape(), device=self.device)
         if kind == "Theta_A":
             return self.init_A[key].clone()

@@ -44,6 +44,7 @@ from typing import Mapping, Optional
 import torch
 from pyro import poutine
 
+from .distributions import natural_site
 from .fisher import TaskFisher
 
 __all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments", "EmpiricalBayesTau",
@@ -186,9 +187,10 @@ def rescale_decentered_(guide, factors: Mapping[str, float], optimizer: Optional
     forget ``optimizer``'s state for them."""
     for pname, p in guide.named_parameters():
         site = pname[: -len("_unconstrained")] if pname.endswith("_unconstrained") else pname
-        if not site.endswith("_decentered"):
+        base, parameterisation = natural_site(site)
+        if parameterisation != "noncentred":
             continue
-        key = site.partition(":")[2][: -len("_decentered")]
+        key = base.partition(":")[2]
         c = factors.get(key)
         if c is None or c == 1.0:
             continue

@@ -35,6 +35,7 @@ import torch
 
 from .config import ConfigError
 from .coupling import coupling_of, guide_of
+from .distributions import natural_site
 from .fitfolder import check_base, read_fit_files, read_laplace
 from .guides import saved_scales, set_locs_, set_scales_
 from .io import read_safetensors
@@ -45,17 +46,13 @@ __all__ = ["guide_value", "warm_start_"]
 def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optional[str] = None,
                 tau: Optional[float] = None) -> Optional[torch.Tensor]:
     """The value of guide site ``site`` from natural values (``None`` if they lack it)."""
-    if site.endswith("_decentered"):
-        base = site[: -len("_decentered")]
-        if base not in natural or glob not in natural or tau is None:
-            return None
-        return (natural[base] - natural[glob]) * math.sqrt(tau)
-    if site.endswith("_offset"):
-        base = site[: -len("_offset")]
-        if base not in natural or glob not in natural:
-            return None
-        return natural[base] - natural[glob]
-    return natural.get(site)
+    base, parameterisation = natural_site(site)
+    if parameterisation is None:
+        return natural.get(site)
+    if base not in natural or glob not in natural or (parameterisation == "noncentred" and tau is None):
+        return None
+    delta = natural[base] - natural[glob]
+    return delta * math.sqrt(tau) if parameterisation == "noncentred" else delta
 
 
 def _derive(natural: dict, model, src_tasks: list, tasks: tuple) -> tuple[dict, list]:
@@ -128,8 +125,8 @@ def warm_start_(bora, source) -> dict:
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         if name.partition(":")[0] == "tau" and bora.tau is not None:
             continue
-        key = name.partition(":")[2].removesuffix("_decentered").removesuffix("_offset")
-        base = name.removesuffix("_decentered").removesuffix("_offset")
+        base = natural_site(name)[0]
+        key = base.partition(":")[2]
         v = guide_value(name, natural, glob=globs.get(base), tau=tau_key.get(key))
         if v is None:
             report["kept"].append(name)
@@ -141,7 +138,7 @@ def warm_start_(bora, source) -> dict:
         report["derived" if base in derived else "copied"].append(name)
         if meanfield:
             scale = _source_scale(name, base, key, lap, tensors, config, src_tasks, bora.tasks, tau_key,
-                                  noncentred=model.parameterisation != "centred")
+                                  global_in_likelihood=model.parameterisation != "centred")
             if scale is not None and tuple(scale.shape) == tuple(site["value"].shape):
                 scales[name] = scale.to(bora.device)
     set_locs_(guide, locs)
@@ -150,7 +147,7 @@ def warm_start_(bora, source) -> dict:
 
 
 def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_key, *,
-                  noncentred: bool = False) -> Optional[torch.Tensor]:
+                  global_in_likelihood: bool = False) -> Optional[torch.Tensor]:
     """The posterior sd of guide site ``name`` from the source's Laplace posterior or mean-field scales."""
     kind = base.partition(":")[0]
     factor = 0 if kind.endswith("_A") else 1
@@ -158,14 +155,14 @@ def _source_scale(name, base, key, lap, tensors, config, src_tasks, tasks, tau_k
         order = [src_tasks.index(t) for t in tasks]
         if kind.startswith("theta_"):
             sd = lap.task_sd(key, factor)[order]
-            return sd * math.sqrt(tau_key[key]) if name.endswith("_decentered") else sd
+            return sd * math.sqrt(tau_key[key]) if natural_site(name)[1] == "noncentred" else sd
         if kind.startswith("Theta_") and lap.has_global:
             # q(Theta) of the mean-field target given its task sites (not Laplace's marginal, which is the vague
             # hyperprior wherever the data say little): the prior plus the coupling to the T task adapters
             # (centred), or plus every task's likelihood curvature (non-centred or offset: Theta enters the likelihood)
             F = lap.task[key][factor]
             t = tau_key[key]
-            couple = F.sum(0) if noncentred else len(tasks) * t
+            couple = F.sum(0) if global_in_likelihood else len(tasks) * t
             return (1.0 / lap.global_scale ** 2 + couple + torch.zeros_like(F[0])).rsqrt()
     scale = saved_scales(tensors).get(name) if not guide_of(config.fit).point else None
     if scale is not None and name.startswith("theta_"):
