@@ -3,6 +3,7 @@ text from outside the training distribution, on a saved fit with a posterior (La
 
     python analysis/uncertainty.py runs/shakespeare --samples 8 --out analysis/results/uncertainty
     python analysis/uncertainty.py RUN --unseen othello/OTHELLO --docs 60
+    python analysis/uncertainty.py runs/shakespeare --predictive linear --out analysis/results/uncertainty/linear
 
 For every group it computes, per document, the mean per-token mutual information between the next token and
 the adapter (``mean_s KL(p_s || p_bar)``, the epistemic part of the predictive uncertainty) under ``S``
@@ -66,7 +67,7 @@ def run(args) -> dict:
     bora = Bora.load(args.fit, device="cpu")
     if bora.config.fit.guide == "map" and bora.laplace is None:
         sys.exit("bora: error: this MAP fit has no posterior; run `bora laplace FIT_DIR` first")
-    post = bora.posterior(args.samples, seed=args.seed)
+    post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
     data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
     test = data["test"]
     res = post.evaluate(test, batch_size=4, progress=not args.quiet)
@@ -92,7 +93,7 @@ def run(args) -> dict:
                          "auroc_vs_seen": None if name == "seen" else auroc(groups["seen"], mi)}
     p, bd, bt = res["point"], res["bma_doc"], res["bma_token"]
     return {"fit": str(args.fit), "guide": bora.config.fit.guide, "laplace": bora.laplace is not None,
-            "samples": args.samples, "seed": args.seed, "unseen": args.unseen,
+            "samples": args.samples, "seed": args.seed, "predictive": args.predictive, "unseen": args.unseen,
             "test": {"point_nll_token": p["tokens"]["nll"], "bma_doc_nll_token": bd["overall"]["nll_token"],
                      "point_ppl_task_mean": p["overall"]["ppl_task_mean"],
                      "bma_doc_ppl_task_mean": bd["overall"]["ppl_task_mean"],
@@ -119,7 +120,8 @@ def write(out: Path, result: dict, argv) -> None:
     t = result["test"]
     lines = ["# Posterior uncertainty on the embedded default", "",
              f"Fit: `{result['fit']}` (guide `{result['guide']}`, Laplace posterior: {result['laplace']}); "
-             f"{result['samples']} posterior samples, seed {result['seed']}.", "",
+             f"{result['samples']} posterior samples, seed {result['seed']}, "
+             f"{result.get('predictive', 'sample')} predictive.", "",
              "| test split | point (MAP) | posterior |", "|---|---|---|",
              f"| NLL per token (posterior: document-level BMA) | {t['point_nll_token']:.4f} "
              f"| {t['bma_doc_nll_token']:.4f} |",
@@ -143,6 +145,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--docs", type=int, default=60, help="documents per group")
     p.add_argument("--unseen", default="othello/OTHELLO", help="a Shakespeare speaker not in the fit")
+    p.add_argument("--predictive", choices=("linear", "sample"), default="sample",
+                   help="linearised (GLM) predictive at the point estimate, or the network at each sampled adapter")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("analysis/results/uncertainty"))
     args = p.parse_args(argv)

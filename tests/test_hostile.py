@@ -352,3 +352,21 @@ def test_quiet_silences_datasets(env, tmp_path, capsys):
     rc = main(["fit", "--model", str(tmp_path / "nomodel"), "--data", str(path), "--quiet", "-o", str(tmp_path / "o")])
     assert rc == 2
     assert capsys.readouterr().err.count("\n") == 1  # no "Generating train split" progress bar
+
+
+def test_a_fit_saved_before_a_setting_existed_still_loads(env, tmp_path):
+    """A config.json without a setting added to bora later (what an older version wrote, with its checksum over
+    what it wrote) loads with the setting's default; an edited setting is still refused."""
+    from bora.fitfolder import config_sha256
+
+    f = copy_fit(env, tmp_path)
+    edit_json(f / "config.json", lambda c: c["fit"].pop("laplace_structure"))
+    old = json.loads((f / "config.json").read_text())
+    edit_json(f / "tasks.json", lambda m: m["checksums"].update(config=config_sha256(old)))
+    b = Bora.load(f, device="cpu")
+    assert b.config.fit.laplace_structure == "diag"
+    want = Bora.load(env["fit"], device="cpu").point()
+    assert all(torch.equal(v, want[k]) for k, v in b.point().items())
+    edit_json(f / "config.json", lambda c: c["fit"].update(lr=0.5))
+    with pytest.raises(ConfigError, match="was edited"):
+        Bora.load(f, device="cpu")

@@ -3,10 +3,12 @@ posterior consumer with the same draw for the same (seed, k)."""
 
 import copy
 
+import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.laplace import HierarchicalLaplace
 from bora.export import adapter_estimate
 
 from conftest import TinyTokenizer, task_data, tiny_llama
@@ -58,3 +60,54 @@ def test_map_guide_has_no_posterior_and_sampled_fisher_differs_from_empirical():
     emp = bora.fit_laplace_(train, labels="empirical").task[key][1]
     smp = bora.fit_laplace_(train, labels="sampled").task[key][1]
     assert emp.shape == smp.shape and (emp > 0).any() and (smp > 0).any() and not torch.allclose(emp, smp)
+
+
+def test_lowrank_curvature_is_the_documents_gradients(tmp_path):
+    """structure='lowrank': per task, the columns G_t are its documents' gradients, so diag(G_t G_t^T) is the
+    diagonal Fisher; saved and reloaded with the draws unchanged; 'diag' keeps no gradients."""
+    lm = tiny_llama()
+    bora, train, _ = _fit(copy.deepcopy(lm), guide="map")
+    lap = bora.fit_laplace_(train, structure="lowrank")
+    assert lap.structure == "lowrank" and len(lap.gradients) == len(bora.tasks)
+    for t, G in enumerate(lap.gradients):
+        F = torch.cat([lap.task[k][i][t].flatten() for k in lap.task for i in sorted(lap.task[k])])
+        torch.testing.assert_close(G.square().sum(1), F, rtol=1e-2, atol=1e-9)   # G is kept in bfloat16
+        assert G.shape[1] == int(train.task_sizes()[t])          # every document (fewer than laplace_docs)
+    bora.save(tmp_path / "fit")
+    again = Bora.load(tmp_path / "fit", lm=copy.deepcopy(lm), tokenizer=TinyTokenizer())
+    assert again.laplace.structure == "lowrank"
+    key = next(iter(bora.model.shapes))
+    draw, redraw = bora.posterior(2, seed=3).params(1)[key][1], again.posterior(2, seed=3).params(1)[key][1]
+    torch.testing.assert_close(redraw, draw)
+    assert bora.fit_laplace_(train, structure="diag").gradients is None
+    with pytest.raises(ConfigError, match="structure"):
+        bora.fit_laplace_(train, structure="kfac")
+
+
+def test_lowrank_draws_have_the_exact_covariance():
+    """A draw of task t's coordinates is N(point, (D + G_t G_t^T)^-1), D the prior precision per module."""
+    torch.manual_seed(0)
+    G = [torch.randn(8, 3).bfloat16().float(), torch.randn(8, 2).bfloat16().float()]  # 2 tasks; modules a, b
+
+    def fisher(t):
+        return G[t].square().sum(1)
+
+    task = {"a": {1: torch.stack([fisher(t)[:6].view(2, 3) for t in range(2)])},
+            "b": {1: torch.stack([fisher(t)[6:].view(1, 2) for t in range(2)])}}
+    lap = HierarchicalLaplace(task, {"a": 2.0, "b": 5.0}, global_scale=1.0, has_global=True, sample_global=False,
+                              gradients=G)
+    point = {"theta_B:a": torch.zeros(2, 2, 3), "theta_B:b": torch.zeros(2, 1, 2)}
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    X = torch.stack([torch.cat([d["theta_B:a"][1].flatten(), d["theta_B:b"][1].flatten()])
+                     for d in (lap.sample(None, point, gen) for _ in range(n))]).double()
+    want = torch.linalg.inv(torch.diag(torch.tensor([2.0] * 6 + [5.0] * 2)).double() + G[1].double() @ G[1].double().T)
+    err = (X.T @ X / n - want).abs().max()
+    assert err < 5 * float(want.diagonal().max()) * (2 / n) ** 0.5     # Monte-Carlo error of a covariance
+    # the diagonal structure ignores the correlations: its covariance is diag(1 / (D + F))
+    diag = HierarchicalLaplace(task, {"a": 2.0, "b": 5.0}, global_scale=1.0, has_global=True, sample_global=False)
+    assert torch.allclose(diag.task_sd("a", 1)[1].flatten() ** 2,
+                          1 / (2.0 + fisher(1)[:6]))
+    assert (want - torch.diag(want.diagonal())).abs().max() > 0.05   # the low-rank posterior is correlated
+    with pytest.raises(ValueError, match="one \\[8, n_t\\] matrix per task"):
+        HierarchicalLaplace(task, {"a": 2.0, "b": 5.0}, global_scale=1.0, has_global=True, gradients=G[:1])

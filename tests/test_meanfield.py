@@ -2,8 +2,10 @@
 warm start from a MAP fit, and the command line (fit --guide meanfield, evaluate --samples, export, sample)."""
 
 import copy
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -166,6 +168,13 @@ def test_warm_start_copies_map_estimates(tmp_path):
                                                                          abs=1e-5)
     # a mean-field source is resumed: locs and scales
     mf.save(tmp_path / "mf")
+    # analysis/meanfield_scales.py compares the saved scales with the source's Laplace sds: equal at the warm start
+    spec = importlib.util.spec_from_file_location("mfs", Path(__file__).parents[1] / "analysis" / "meanfield_scales.py")
+    mfs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mfs)
+    cmp = mfs.compare(tmp_path / "mf", tmp_path / "map")
+    assert cmp["ratio_q10"] == pytest.approx(1.0, rel=1e-3) and cmp["ratio_q90"] == pytest.approx(1.0, rel=1e-3)
+    assert cmp["coordinates"] == sum(m.laplace.task_sd(k, 1).numel() for k in m.model.shapes)
     again = Bora(config("meanfield"), copy.deepcopy(lm), TinyTokenizer(), tuple(reversed(train.tasks)), len(train))
     again.init_from(tmp_path / "mf")  # tasks are matched by name
     a, b = mf.guide.state_dict(), again.guide.state_dict()

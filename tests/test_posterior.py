@@ -81,13 +81,14 @@ def test_token_log_probs_match_the_model_loglik():
     assert logp.shape[-1] == VOCAB
 
 
-def test_evaluate_point_and_both_bmas_match_direct_computations():
+@pytest.mark.parametrize("predictive", ["linear", "sample"])
+def test_evaluate_point_and_both_bmas_match_direct_computations(predictive):
     from bora.cli import format_posterior_table
     from bora.evaluate import bootstrap_ppl
     from bora.metrics import log_mean_exp, mutual_information
 
     bora, split = make()
-    post = bora.posterior(3, seed=0)
+    post = bora.posterior(3, seed=0, predictive=predictive)
     res = post.evaluate(split, batch_size=5, bootstrap=200)
     want = bora.evaluate(split)
     for t in split.tasks:
@@ -115,7 +116,10 @@ def test_evaluate_point_and_both_bmas_match_direct_computations():
     # token-level BMA and MI per document, from the samples' next-token log-probabilities
     b = bora.feed(split).batch(torch.arange(len(split)))
     with torch.no_grad():
-        lps = [token_log_probs(bora.model, b, post.params(k)) for k in range(3)]
+        lps = [token_log_probs(bora.model, b, *post.predictive_args(k)) for k in range(3)]
+    if predictive == "sample":  # the sampled predictive runs the network at each drawn adapter
+        assert all(post.predictive_args(k)[1] is None and post.predictive_args(k)[0] == post.params(k)
+                   for k in range(3))
     rows, labels = lps[0][2], lps[0][1]
     lp = torch.stack([x[0] for x in lps]).double()
     p_bar = lp.exp().mean(0)

@@ -33,7 +33,7 @@ from .feed import Feed
 from .guides import make_guide, point_values, set_scales_
 from .infer import FitResult, fit, fit_new_task
 from .inject import AdapterSet, inject_adapters_
-from .laplace import HierarchicalLaplace, laplace_from_point
+from .laplace import HierarchicalLaplace, laplace_from_point, task_layout
 from .model import BoraModel
 from .prefix import FrozenPrefix
 from .tau import EmpiricalBayesTau
@@ -145,14 +145,20 @@ class Bora:
         return self.result
 
     def fit_laplace_(self, train, *, docs: Optional[int] = None, labels: Optional[str] = None,
-                     seed: Optional[int] = None, progress: bool = False) -> HierarchicalLaplace:
-        """Attach a diagonal Laplace posterior around the current point estimate (:mod:`bora.laplace`),
-        with curvature from ``docs`` training documents per task (default: ``fit.laplace_docs``, all)."""
+                     structure: Optional[str] = None, seed: Optional[int] = None,
+                     progress: bool = False) -> HierarchicalLaplace:
+        """Attach a Laplace posterior around the current point estimate (:mod:`bora.laplace`), with
+        curvature from ``docs`` training documents per task (default: ``fit.laplace_docs``, all) and
+        ``structure`` ``'lowrank'`` or ``'diag'`` (default: ``fit.laplace_structure``)."""
         cfg = self.config.fit
+        structure = structure or cfg.laplace_structure
+        if structure not in ("lowrank", "diag"):
+            raise ConfigError(f"structure must be 'lowrank' or 'diag', got {structure!r}")
         feed = self._as_feed(train)
         gen = torch.Generator().manual_seed(cfg.seed + 0x1A9 if seed is None else seed)
+        keep = task_layout(self.model) if structure == "lowrank" and self.model.has_tasks else None
         tf = task_fisher(self.model, self.params(), feed, max_per_task=docs or cfg.laplace_docs, generator=gen,
-                         labels=labels or cfg.laplace_labels, progress=progress)
+                         labels=labels or cfg.laplace_labels, progress=progress, gradients=keep)
         self.laplace = laplace_from_point(self.model, tf, self.model.tau_by_key(self.point()))
         return self.laplace
 
@@ -179,11 +185,13 @@ class Bora:
                         self.config.fit.eval_batch_size)
 
     # ------------------------------------------------------------------ posterior (bora.posterior)
-    def posterior(self, num_samples: int = 8, *, seed: int = 0):
-        """``num_samples`` adapter sets from the fit's posterior (:class:`bora.posterior.Posterior`)."""
+    def posterior(self, num_samples: int = 8, *, seed: int = 0, predictive: str = "sample"):
+        """``num_samples`` adapter sets from the fit's posterior (:class:`bora.posterior.Posterior`);
+        ``predictive``: ``"sample"`` (the network run at each sampled adapter, the default) or ``"linear"``
+        (the network linearised at the point estimate, :mod:`bora.linearize`) for likelihoods and BMA predictions."""
         from .posterior import Posterior
 
-        return Posterior(self, num_samples, seed=seed)
+        return Posterior(self, num_samples, seed=seed, predictive=predictive)
 
     def init_from(self, path) -> dict:
         """Warm start: set the guide to the estimates of the saved fit ``path`` (:func:`bora.warmstart.warm_start_`)."""

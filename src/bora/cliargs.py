@@ -16,8 +16,8 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, AdapterConfig, BoraConfig, CheckpointConfig, ConfigError,
-                     DataConfig, FitConfig, PriorConfig)
+from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, PREDICTIVE_HELP, PREDICTIVES, AdapterConfig, BoraConfig,
+                     CheckpointConfig, ConfigError, DataConfig, FitConfig, PriorConfig)
 
 __all__ = ["build_parser", "config_from_args", "explicit_flags"]
 
@@ -48,6 +48,7 @@ _FLAGS = {
     "num_particles": (FitConfig, "num_particles", int),
     "laplace_docs": (FitConfig, "laplace_docs", int),
     "laplace_labels": (FitConfig, "laplace_labels", str),
+    "laplace_structure": (FitConfig, "laplace_structure", str),
     "init_scale": (FitConfig, "init_scale", float),
     "seed": (FitConfig, "seed", int),
     "text_column": (DataConfig, "text_column", str),
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = list(GUIDES)
         if name == "tau_curvature":
             kw["choices"] = ["steps", "pass"]
+        if name == "laplace_structure":
+            kw["choices"] = ["lowrank", "diag"]
         if name == "hierarchy":
             kw["choices"] = list(HIERARCHIES)
         if name == "parameterisation":
@@ -126,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="Which split to evaluate.")
     e.add_argument("--samples", type=int, default=1,
-                   help="Posterior samples for the Bayesian-model-average column (mean-field fits; 1: point "
-                        "estimate only).")
+                   help="Posterior samples for the Bayesian-model-average column (Laplace or mean-field fits; 1: "
+                        "point estimate only).")
     e.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples.")
+    e.add_argument("--predictive", choices=PREDICTIVES, default="sample", help=PREDICTIVE_HELP)
     e.add_argument("--batch-size", type=int, default=8, help="Documents per batch for the token-level metrics.")
     e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     e.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -143,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     r.add_argument("--quiet", action="store_true", help="No progress bars.")
 
-    la = sub.add_parser("laplace", help="add a diagonal Laplace posterior to a saved MAP fit (laplace.safetensors)")
+    la = sub.add_parser("laplace", help="add a Laplace posterior to a saved MAP fit (laplace.safetensors)")
     la.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit' (guide 'map' or 'laplace').")
     la.add_argument("--docs", type=int, default=None, help=FitConfig.help("laplace_docs"))
     la.add_argument("--labels", choices=["sampled", "empirical"], default=None, help=FitConfig.help("laplace_labels"))
+    la.add_argument("--structure", choices=["lowrank", "diag"], default=None, help=FitConfig.help("laplace_structure"))
     la.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     la.add_argument("--quiet", action="store_true", help="No progress bars.")
 
@@ -161,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--samples", type=int, default=4, help="Posterior samples = continuations.")
     sm.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate per continuation.")
     sm.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples (and of token sampling).")
+    sm.add_argument("--predictive", choices=PREDICTIVES, default="sample",
+                    help=PREDICTIVE_HELP + " Used for the uncertainty numbers; each continuation is generated with "
+                         "its sampled adapter.")
     sm.add_argument("--do-sample", action="store_true", help="Sample tokens instead of greedy decoding.")
     sm.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --do-sample).")
     sm.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (with --do-sample).")

@@ -156,7 +156,7 @@ def cmd_evaluate(args) -> int:
     print(format_table(base, fitted, title=args.split))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
-    post = bora.posterior(args.samples, seed=args.seed)
+    post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
     res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet)
     print()
     print(format_posterior_table(res, title=args.split))
@@ -174,7 +174,8 @@ def cmd_laplace(args) -> int:
         raise ConfigError("a Laplace posterior is built around a MAP fit; this fit is mean-field")
     train = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)["train"]
     feed = bora.feed(train, progress=not args.quiet, desc="caching frozen layers (train)")
-    lap = bora.fit_laplace_(feed, docs=args.docs, labels=args.labels, progress=not args.quiet)
+    lap = bora.fit_laplace_(feed, docs=args.docs, labels=args.labels, structure=args.structure,
+                            progress=not args.quiet)
     write_laplace(lap, args.fit_dir / "laplace.safetensors")
     sd = lap.median_task_sd()
     taus = sorted(set(lap.tau.values()))
@@ -191,7 +192,7 @@ def cmd_sample(args) -> int:
     if args.samples < 1 or args.max_new_tokens < 1:
         raise ConfigError("--samples and --max-new-tokens must be >= 1")
     bora = Bora.load(args.fit_dir, device=args.device)
-    post = bora.posterior(args.samples, seed=args.seed)
+    post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
     seen = args.task in bora.tasks
     kind = ("the point estimate (MAP fit: all samples identical)" if post.is_point and seen
             else f"{args.samples} posterior samples ({bora.config.fit.guide})")

@@ -41,8 +41,9 @@ __all__ = ["doc_loglik", "summarize", "evaluate", "bootstrap_ppl", "paired_boots
 
 
 @torch.no_grad()
-def doc_loglik(model, params, feed: Feed, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-document log-likelihood sums and scored-token counts, on CPU.
+def doc_loglik(model, params, feed: Feed, batch_size: int = 32, direction=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document log-likelihood sums and scored-token counts, on CPU (``direction``: of the network
+    linearised at ``params``, :meth:`bora.model.BoraModel.scored_logits`).
 
     In a data-parallel run each rank scores every ``N``-th document and the sums are all-reduced,
     so every rank returns the whole split's numbers."""
@@ -55,7 +56,7 @@ def doc_loglik(model, params, feed: Feed, batch_size: int = 32) -> tuple[torch.T
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         b = feed.batch(idx)
-        ll[idx] = model.loglik(b, params).float().cpu()
+        ll[idx] = model.loglik(b, params, direction).float().cpu()
         tok[idx] = b["attention_mask"][:, 1:].sum(-1).cpu()
     all_reduce_sum_(ll, tok)
     return ll, tok
@@ -221,13 +222,14 @@ def paired_bootstrap(nll_a, nll_b, tokens, task_ids, *, tasks: Optional[Sequence
 __all__ += ["token_log_probs", "evaluate_posterior"]
 
 
-def token_log_probs(model, batch: dict, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_log_probs(model, batch: dict, params, direction=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities on the scored positions of ``batch``: ``(log_probs [n, V], labels [n], rows [n])``.
 
     The same computation as :meth:`bora.model.BoraModel.loglik` (frozen-prefix cache, head on scored
     positions only) but keeping the whole distribution; ``rows`` is each token's row in the batch.
+    ``direction``: linearised at ``params`` (:meth:`bora.model.BoraModel.scored_logits`).
     """
-    logits, labels, rows = model.scored_logits(batch, params)
+    logits, labels, rows = model.scored_logits(batch, params, direction)
     return torch.log_softmax(logits, -1), labels, rows
 
 
@@ -258,7 +260,9 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     * ``documents``: per-document lists ``task_ids``, ``tokens``, ``nll_point``, ``nll_bma_doc``,
       ``nll_bma_token`` (NLL sums) and ``mutual_information`` (mean MI per token of the document),
       e.g. for :func:`bora.evaluate.paired_bootstrap` or an MI-based out-of-distribution score;
-    * ``samples``, ``seed``, ``point_fit`` (every sample is the point estimate).
+    * ``samples``, ``seed``, ``point_fit`` (every sample is the point estimate), ``predictive``
+      (``"linear"``: each sample's predictions are the network linearised at the point estimate,
+      :mod:`bora.linearize`; ``"sample"``: the network run at the sampled adapter).
     """
     from tqdm.auto import tqdm
 
@@ -271,7 +275,7 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     S = post._compute_samples
     model.adapters.train(False)
     point_params = bora.params()
-    sample_params = [] if post.is_point else [post.params(k) for k in range(S)]
+    sample_args = [] if post.is_point else [post.predictive_args(k) for k in range(S)]
     nll_point = torch.zeros(n, dtype=torch.float64)
     nll_tok_bma = torch.zeros(n, dtype=torch.float64)
     mi_doc = torch.zeros(n, dtype=torch.float64)
@@ -290,7 +294,7 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
         m_point.add(logp.exp(), labels)
         avg = SampleAverager()
         for k in range(S):
-            lp = logp if post.is_point else token_log_probs(model, b, sample_params[k])[0]
+            lp = logp if post.is_point else token_log_probs(model, b, *sample_args[k])[0]
             ll_s[k].index_add_(0, doc, lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().cpu())
             avg.add(lp)
         p_bar = avg.probs()
@@ -327,6 +331,7 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     documents = {"task_ids": tids.tolist(), "tokens": toks.tolist(), "nll_point": nll_point.tolist(),
                  "nll_bma_doc": nll_doc.tolist(), "nll_bma_token": nll_tok_bma.tolist(),
                  "mutual_information": (mi_doc / toks.clamp_min(1)).tolist()}
-    return {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point, "point": point,
+    return {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point,
+            "predictive": post.predictive, "point": point,
             "bma_doc": bma_doc, "bma_token": bma_token, "posterior_spread": spread, "test_interval": test_interval,
             "documents": documents}

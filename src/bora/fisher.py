@@ -19,6 +19,7 @@ documents is used and the sum is scaled by ``N_t / n_t`` (unbiased).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,8 @@ class TaskFisher:
     fisher: dict  # key -> (F_A [T, r, in], F_B [T, out, r])
     used: torch.Tensor  # documents used per task, [T]
     sizes: torch.Tensor  # documents per task, [T]
+    # with ``gradients=...``: per task, its documents' gradients as columns ``[P_t, n_t]`` (scaled by sqrt(N_t / n_t))
+    gradients: Optional[list] = None
 
     @classmethod
     def from_sums(cls, fisher: dict, used: torch.Tensor, sizes: torch.Tensor,
@@ -67,13 +70,18 @@ def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.T
 
 def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = False,
-                labels: str = "empirical") -> TaskFisher:
+                labels: str = "empirical", gradients: Optional[dict] = None) -> TaskFisher:
     """Diagonal Fisher of each task's log-likelihood with respect to its adapter at ``params``.
 
     ``labels='empirical'`` uses the documents' own next tokens (the empirical Fisher);
     ``'sampled'`` draws every next token from the model's predictive distribution at ``params``
     (one Monte-Carlo sample of the true Fisher, which is the Gauss-Newton matrix of the softmax
-    likelihood: positive and unbiased even where the fit is poor)."""
+    likelihood: positive and unbiased even where the fit is poor).
+
+    ``gradients``: ``{key: [factor, ...]}`` (0: ``A``, 1: ``B``) also keeps every used document's
+    gradient with respect to those factors of its own task, flattened and concatenated in that order,
+    as the columns of ``TaskFisher.gradients[t]`` (``[P, n_t]``, scaled by ``sqrt(N_t / n_t)``), so that
+    ``G_t G_t^T`` is the task's full (not only diagonal) Fisher estimate and its diagonal is ``fisher``."""
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
     label_seed = None
@@ -91,6 +99,21 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     model.adapters.train(False)
     batches = list(enumerate(distinct_task_batches(feed.split, max_per_task, generator=generator)))
     rank, size = world()
+    cols = None
+    if gradients is not None:
+        # column j of task t is the j-th batch (in the global order) holding one of t's documents: the same slot
+        # on every rank, so the ranks' columns are summed into place
+        width = sum(params[k][i].shape[-2] * params[k][i].shape[-1] for k, fs in gradients.items() for i in fs)
+        n_t = torch.zeros(T, dtype=torch.long)
+        for _, idx in batches:
+            n_t += torch.bincount(feed.split.task_ids[idx], minlength=T)
+        cols = [torch.zeros(width, int(n)) for n in n_t]
+        slot = torch.zeros(T, dtype=torch.long)
+        slots = []
+        for _, idx in batches:
+            tids = feed.split.task_ids[idx]
+            slots.append(slot[tids].clone())
+            slot[tids] += 1
     for k, idx in tqdm(batches[rank::size], desc="per-task Fisher", disable=not progress, leave=False):
         b = feed.batch(idx)
         if labels == "empirical":
@@ -98,10 +121,26 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
         else:
             ll = _sampled_loglik(model, b, leaves, torch.Generator().manual_seed(label_seed + k)).sum()
         grads = torch.autograd.grad(ll, flat, allow_unused=True)  # a factor the likelihood ignores has none
-        for (k, (FA, FB)), gA, gB in zip(Fs.items(), grads[0::2], grads[1::2]):
+        for (key, (FA, FB)), gA, gB in zip(Fs.items(), grads[0::2], grads[1::2]):
             if gA is not None:
                 FA.add_(gA.square())
             if gB is not None:
                 FB.add_(gB.square())
+        if cols is not None:
+            by_key = dict(zip(Fs, zip(grads[0::2], grads[1::2])))
+            g = torch.cat([_or_zeros(by_key[key][i], leaves[key][i]).flatten(1)
+                           for key, fs in gradients.items() for i in fs], 1).detach().cpu()
+            for t, j in zip(b["task_ids"].cpu().tolist(), slots[k].tolist()):
+                cols[t][:, j] = g[t]
         used += torch.bincount(b["task_ids"].cpu(), minlength=T)
-    return TaskFisher.from_sums(Fs, used, feed.split.task_sizes().long())
+    tf = TaskFisher.from_sums(Fs, used, feed.split.task_sizes().long())
+    if cols is not None:
+        all_reduce_sum_(*cols)
+        sizes = feed.split.task_sizes().double()
+        tf.gradients = [c.mul_(math.sqrt(float(sizes[t]) / c.shape[1]) if c.shape[1] else 0.0)
+                        for t, c in enumerate(cols)]
+    return tf
+
+
+def _or_zeros(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad

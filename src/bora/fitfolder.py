@@ -82,9 +82,11 @@ def base_fingerprint(bora) -> dict:
             "weights_sha256": h.hexdigest()}
 
 
-def config_sha256(config: BoraConfig) -> str:
-    """Checksum of the sections that define the fitted parameters (adapter, prior, fit)."""
-    d = config.to_dict()
+def config_sha256(config) -> str:
+    """Checksum of the sections that define the fitted parameters (adapter, prior, fit), of a
+    :class:`BoraConfig` or of a config as stored (a JSON dict: settings added to bora later, absent
+    from an older file, then do not change its checksum)."""
+    d = config.to_dict() if isinstance(config, BoraConfig) else config
     return hashlib.sha256(json.dumps({k: d[k] for k in ("adapter", "prior", "fit")}, sort_keys=True).encode()
                           ).hexdigest()
 
@@ -142,7 +144,7 @@ def read_fit_files(path) -> tuple[BoraConfig, dict, dict, dict]:
     if not guide_file.exists():
         raise ConfigError(f"not a bora fit folder (missing guide.safetensors): {path}")
     sums = meta.get("checksums") or {}
-    if sums.get("config") and sums["config"] != config_sha256(config):
+    if sums.get("config") and sums["config"] != config_sha256(json.loads(text)):
         raise ConfigError(f"{path / 'config.json'} was edited after the fit was saved (its adapter, prior or fit "
                           "settings no longer match the fitted parameters)")
     if sums.get("guide.safetensors") and sums["guide.safetensors"] != file_sha256(guide_file):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .linearize import linearized
 from .metrics import SampleAverager
 from .seeding import sample_seed, seeded
 
@@ -64,9 +65,13 @@ def token_uncertainty(post, task: str, input_ids: torch.Tensor) -> dict[str, tor
     S = post._compute_samples
     avg = SampleAverager()
     model.adapters.train(False)
+    def logits_at(adapter):
+        with model.adapters.use(adapter, None), model._autocast():
+            return model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
     for k in range(S):
-        with model.adapters.use(post.task_adapter(k, task), None), model._autocast():
-            logits = model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        adapter, direction = post.task_predictive_args(k, task)
+        logits = logits_at(adapter) if direction is None else linearized(logits_at, adapter, direction)
         avg.add(F.log_softmax(logits[:, :-1].float(), -1))
     p_bar = avg.probs()
     nll = -p_bar.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).clamp_min(1e-300).log()

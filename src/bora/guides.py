@@ -27,20 +27,32 @@ module of the process, alone.
 
 bora's :class:`AutoDelta` also masks its Delta sites: a MAP guide's log-density is identically 0, and
 masking skips computing ``log(x == v)`` over every adapter entry at every step (the ELBO is unchanged).
+bora's :class:`AutoNormal` draws every real-valued site directly (Pyro's draws an auxiliary
+``<site>_unconstrained`` and adds a Delta site with the identity transform's zero log-Jacobian) and
+scores the draw with the noise it was made from: the same draws for the same seed, the same ELBO and
+gradients (tested), one site instead of two per adapter; models with a constrained site (a positive
+tau) keep Pyro's form.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import ExitStack
 from typing import Optional
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.infer import autoguide
+from torch.distributions.utils import _standard_normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import transform_to
 
 from .coupling import guide_of
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 __all__ = ["make_guide", "point_values", "guide_params", "saved_scales", "set_locs_",
            "set_scales_", "param_groups", "AutoDelta", "AutoNormal"]
@@ -75,8 +87,62 @@ class AutoDelta(_ModuleLocal, autoguide.AutoDelta):
             return super().forward(*args, **kwargs)
 
 
+def _is_real(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+class _DiagNormal(dist.TorchDistribution):
+    """``Normal(loc, scale)`` with its rightmost ``event_dim`` dims an event; the log-density of its own
+    last draw reuses that draw's standard-normal noise (no subtraction and division over every entry)."""
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, event_dim: int):
+        self.loc, self.scale = loc, scale
+        self._last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        cut = loc.dim() - event_dim
+        super().__init__(loc.shape[:cut], loc.shape[cut:], validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def rsample(self, sample_shape=torch.Size()):
+        if sample_shape:
+            raise NotImplementedError("one draw per call (bora vectorises particles with plates)")
+        eps = _standard_normal(self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)  # as Normal.rsample
+        value = self.loc + eps * self.scale
+        self._last = (value, eps)
+        return value
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        eps = self._last[1] if self._last is not None and value is self._last[0] else (value - self.loc) / self.scale
+        lp = -0.5 * eps.square() - self.scale.log() - _LOG_SQRT_2PI
+        return lp.sum(tuple(range(-len(self.event_shape), 0))) if self.event_shape else lp
+
+
 class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
-    """Pyro's ``AutoNormal`` (mean-field) with module-local parameters (see the module docstring)."""
+    """Pyro's ``AutoNormal`` (mean-field) with module-local parameters and real-valued sites drawn directly
+    (see the module docstring)."""
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if not all(_is_real(site["fn"].support) for _, site in self.prototype_trace.iter_stochastic_nodes()):
+            return super().forward(*args, **kwargs)  # a constrained site: Pyro's auxiliary-variable form
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                loc, scale = self._get_loc_and_scale(name)
+                result[name] = pyro.sample(name, _DiagNormal(loc, scale, site["fn"].event_dim))
+        return result
 
 
 def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=None):

@@ -56,6 +56,7 @@ from .config import PriorConfig
 from .coupling import Coupling, coupling_of, guide_of
 from .distributions import IsotropicNormal, OffsetReparam, natural_site
 from .inject import AdapterSet
+from .linearize import linearized
 from .prefix import FrozenPrefix
 
 __all__ = ["BoraModel", "Params", "site_names", "orthonormal_rows"]
@@ -251,14 +252,24 @@ class BoraModel:
         return (not special and getattr(self.lm, "base_model", None) is not None
                 and self.lm.base_model is not self.lm and self.lm.get_output_embeddings() is not None)
 
-    def scored_logits(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scored_logits(self, batch: Mapping[str, torch.Tensor], params: Optional[Params],
+                      direction: Optional[Params] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-token logits on the scored positions: ``(logits [n, V], labels [n], rows [n])``.
 
         ``rows`` is each scored token's document (row) in the batch. The LM head (the largest
         matmul of a small LM) runs only on scored, non-padding positions, so padding costs nothing
-        there; ``params=None`` is the base model.
+        there; ``params=None`` is the base model. With ``direction`` (adapters' shapes) the logits
+        are those of the network linearised at ``params``, one step along ``direction``
+        (:func:`bora.linearize.linearized`: the GLM predictive at ``params + direction``).
         """
+        if direction is not None:
+            aux = {}
+
+            def logits_at(p):
+                logits, aux["labels"], aux["rows"] = self.scored_logits(batch, p)
+                return logits
+
+            return linearized(logits_at, params, direction), aux["labels"], aux["rows"]
         ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = batch.get("hidden")
         if hidden is not None and self.prefix is None:
@@ -275,9 +286,11 @@ class BoraModel:
         rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(scored)[scored]
         return logits.float(), labels, rows
 
-    def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params]) -> torch.Tensor:
-        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model."""
-        logits, labels, rows = self.scored_logits(batch, params)
+    def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params],
+               direction: Optional[Params] = None) -> torch.Tensor:
+        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model
+        (``direction``: linearised, as in :meth:`scored_logits`)."""
+        logits, labels, rows = self.scored_logits(batch, params, direction)
         nll = F.cross_entropy(logits, labels, reduction="none")
         n = batch["input_ids"].shape[0]
         return -torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)

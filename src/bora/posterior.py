@@ -54,12 +54,13 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .config import ConfigError
+from .config import PREDICTIVES, ConfigError
 from .coupling import guide_of
 from .data import TokenizedSplit
 from .evaluate import doc_loglik, evaluate_posterior
 from .feed import Feed
 from .generate import encode, generate, token_uncertainty
+from .linearize import tangent
 from .metrics import log_mean_exp
 from .seeding import sample_seed, seeded, task_code
 
@@ -81,9 +82,12 @@ def _stack(adapters) -> Adapter:
 class Posterior:
     """``num_samples`` posterior adapter sets of a :class:`~bora.api.Bora` (see the module docstring)."""
 
-    def __init__(self, bora, num_samples: int = 8, *, seed: int = 0):
+    def __init__(self, bora, num_samples: int = 8, *, seed: int = 0, predictive: str = "sample"):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if predictive not in PREDICTIVES:
+            raise ConfigError(f"predictive must be one of {', '.join(PREDICTIVES)}, got {predictive!r}")
+        self.predictive = predictive
         self.bora = bora
         self.model = bora.model
         self.num_samples = int(num_samples)
@@ -91,6 +95,7 @@ class Posterior:
         self.laplace = getattr(bora, "laplace", None)
         self.is_point = guide_of(bora.config.fit).point and self.laplace is None
         self._values: dict[int, dict] = {}
+        self._point: Optional[dict] = None
 
     # ------------------------------------------------------------------ samples
     def values(self, k: int) -> dict[str, torch.Tensor]:
@@ -110,6 +115,19 @@ class Posterior:
         """Adapters of every fitted task in sample ``k``: ``key -> (A [T, r, in], B [T, out, r])``."""
         return self.model.params_from_values(self.values(k))
 
+    def predictive_args(self, k: int) -> tuple[dict, Optional[dict]]:
+        """``(params, direction)`` that give sample ``k``'s predictions (:meth:`bora.model.BoraModel.scored_logits`):
+        ``(params(k), None)`` for the sampled predictive, ``(point, params(k) - point)`` for the linearised one."""
+        if self.predictive == "sample" or self.is_point:
+            return self.params(k), None
+        point = self._point_params()
+        return point, tangent(self.params(k), point)
+
+    def _point_params(self) -> dict:
+        if self._point is None:
+            self._point = self.bora.params()
+        return self._point
+
     def tau(self, k: int) -> dict[str, Optional[torch.Tensor]]:
         """Per adapter key, the precision tying a task to the global adapter in sample ``k``
         (``None`` for 'independent', ``inf`` for 'shared')."""
@@ -125,13 +143,16 @@ class Posterior:
         """Sample ``k``'s prior-predictive adapter for a task not in the fit: ``Normal(Theta, tau^-1/2)``.
 
         'shared' gives the global adapter itself; 'independent' a draw from the ``Normal(0, s)`` prior."""
-        vals = self.values(k)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, k, task_code(name)))
+        return self._new_task(self.values(k), g)
+
+    def _new_task(self, vals: dict, g: Optional[torch.Generator]) -> Adapter:
+        """A new task's adapter given the site values ``vals``: drawn with ``g``, or its mean (``g=None``)."""
         coupling = self.model.coupling
         glob = self.model.global_from_values(vals)
         if not coupling.has_tasks:
             return {key: (A.clone(), B.clone()) for key, (A, B) in glob.items()}
         tau = tau_by_key(self.bora, vals)
-        g = torch.Generator().manual_seed(sample_seed(self.seed, k, task_code(name)))
         shared_A = self.model.shared_A_from_values(vals) if self.model.shared_A else None
         out = {}
         for key, shapes in self.model.shapes.items():
@@ -144,7 +165,8 @@ class Posterior:
                 if shared_A is not None and i == 0:  # every task uses the global A
                     pair.append(shared_A[key].clone())
                 else:
-                    pair.append((mean[i] + sd * torch.randn(sh, generator=g)).to(self.bora.device))
+                    noise = 0.0 if g is None else sd * torch.randn(sh, generator=g)
+                    pair.append((mean[i] + noise).to(self.bora.device))
             out[key] = tuple(pair)
         return out
 
@@ -153,6 +175,20 @@ class Posterior:
         if task in self.bora.tasks:
             return _take_task(self.params(k), self.bora.tasks.index(task))
         return self.new_task_adapter(k, task)
+
+    def point_task_adapter(self, task: str) -> Adapter:
+        """``task``'s adapter at the point estimate (for a task not in the fit: the mean of its prior
+        predictive, the global adapter): where the linearised predictive expands."""
+        if task in self.bora.tasks:
+            return _take_task(self._point_params(), self.bora.tasks.index(task))
+        return self._new_task(self.bora.point(), None)
+
+    def task_predictive_args(self, k: int, task: str) -> tuple[Adapter, Optional[Adapter]]:
+        """``(adapter, direction)`` of sample ``k`` for ``task``, as :meth:`predictive_args` per task."""
+        if self.predictive == "sample" or self.is_point:
+            return self.task_adapter(k, task), None
+        point = self.point_task_adapter(task)
+        return point, tangent(self.task_adapter(k, task), point)
 
     def task_adapters(self, task: str) -> Adapter:
         """``task``'s adapter in every sample, stacked: ``key -> (A [S, r, in], B [S, out, r])``."""
@@ -176,7 +212,10 @@ class Posterior:
         feed = self._feed(data)
         bs = batch_size or self.bora.config.fit.eval_batch_size
         self.model.adapters.train(False)
-        rows = [doc_loglik(self.model, self.params(k), feed, bs)[0] for k in range(self._compute_samples)]
+        rows = []
+        for k in range(self._compute_samples):
+            params, direction = self.predictive_args(k)
+            rows.append(doc_loglik(self.model, params, feed, bs, direction)[0])
         ll = torch.stack(rows)
         return ll.expand(self.num_samples, -1).clone() if self.is_point else ll
 

@@ -44,7 +44,7 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
     S = res["samples"]
     bma = S > 1
     p, bd, bt = res["point"], res["bma_doc"], res["bma_token"]
-    head = f"BMA (S={S})"
+    head = f"BMA (S={S}" + (", linearised)" if res.get("predictive") == "linear" else ")")
     w = 50
     rows = [
         ("NLL per token (BMA: document-level)", p["overall"]["nll_token"], bd["overall"]["nll_token"], ".4f"),
@@ -60,8 +60,9 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
     ]
     label = f"{title} ({p['tokens']['tokens']} tokens)"
     lines = [f"{label:<{w}}  {'point':>10}" + (f"  {head:>12}" if bma else "")]
+    cw = max(12, len(head))
     for name, a, c, fmt in rows:
-        lines.append(f"{name:<{w}}  {a:>10{fmt}}" + (f"  {c:>12{fmt}}" if bma else ""))
+        lines.append(f"{name:<{w}}  {a:>10{fmt}}" + (f"  {c:>{cw}{fmt}}" if bma else ""))
     if res.get("point_fit") and bma:
         lines.append("(MAP fit: every posterior sample is the point estimate, so the BMA equals it)")
     if bma:
