@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 
-def compare(mf_dir: Path, map_dir: Path) -> dict:
+def compare(mf_dir: Path, map_dir: Path, load=None) -> dict:
+    """The comparison (a dict); ``load(path) -> Bora`` loads a fit (default: ``Bora.load(path, device="cpu")``)."""
     import torch
     from torch.distributions import transform_to
 
@@ -23,7 +24,8 @@ def compare(mf_dir: Path, map_dir: Path) -> dict:
     from bora.distributions import natural_site
     from bora.guides import guide_params
 
-    mf, mp = Bora.load(mf_dir, device="cpu"), Bora.load(map_dir, device="cpu")
+    load = load or (lambda path: Bora.load(path, device="cpu"))
+    mf, mp = load(mf_dir), load(map_dir)
     if mf.config.fit.guide != "meanfield":
         sys.exit(f"bora: error: {mf_dir} is not a mean-field fit")
     if mp.laplace is None:

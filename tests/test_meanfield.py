@@ -172,7 +172,8 @@ def test_warm_start_copies_map_estimates(tmp_path):
     spec = importlib.util.spec_from_file_location("mfs", Path(__file__).parents[1] / "analysis" / "meanfield_scales.py")
     mfs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mfs)
-    cmp = mfs.compare(tmp_path / "mf", tmp_path / "map")
+    cmp = mfs.compare(tmp_path / "mf", tmp_path / "map",
+                      load=lambda path: Bora.load(path, lm=copy.deepcopy(lm), tokenizer=TinyTokenizer()))
     assert cmp["ratio_q10"] == pytest.approx(1.0, rel=1e-3) and cmp["ratio_q90"] == pytest.approx(1.0, rel=1e-3)
     assert cmp["coordinates"] == sum(m.laplace.task_sd(k, 1).numel() for k in m.model.shapes)
     again = Bora(config("meanfield"), copy.deepcopy(lm), TinyTokenizer(), tuple(reversed(train.tasks)), len(train))
