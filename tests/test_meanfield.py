@@ -247,6 +247,9 @@ def test_cli_meanfield_fit_evaluate_export_sample(tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("BMA (S=4)", "expected calibration error", "Brier score", "mutual information", "interval"):
         assert row in out
+    assert main(["evaluate", str(tmp_path / "mf"), "--samples", "2", "--predictive", "linear", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert "BMA (S=2, linearised)" in capsys.readouterr().out
 
     assert main(["export", str(tmp_path / "mf"), "--all", "--output", str(tmp_path / "peft"), "--device", "cpu"]) == 0
     index = json.loads((tmp_path / "peft" / "index.json").read_text())

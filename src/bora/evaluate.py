@@ -268,13 +268,13 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
 
     from .metrics import SampleAverager, TokenMetrics, log_mean_exp
 
-    bora, model = post.bora, post.model
+    model = post.model
     feed = post._feed(data)
     split = feed.split
     n = len(split)
     S = post._compute_samples
     model.adapters.train(False)
-    point_params = bora.params()
+    point_params = post.point_params()
     sample_args = [] if post.is_point else [post.predictive_args(k) for k in range(S)]
     nll_point = torch.zeros(n, dtype=torch.float64)
     nll_tok_bma = torch.zeros(n, dtype=torch.float64)

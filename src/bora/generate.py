@@ -65,6 +65,7 @@ def token_uncertainty(post, task: str, input_ids: torch.Tensor) -> dict[str, tor
     S = post._compute_samples
     avg = SampleAverager()
     model.adapters.train(False)
+
     def logits_at(adapter):
         with model.adapters.use(adapter, None), model._autocast():
             return model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits

@@ -21,7 +21,11 @@ hierarchy is given the global ``A`` (``hierarchy='B'``) this is exact:
   1 / (F_ti + tau))`` with ``lambda_ti = tau / (F_ti + tau)`` (its pooling factor);
 
 so a draw is ``Theta ~ N(Theta_hat, P^-1)`` followed by the task coordinates (bora's fits hold
-``Theta`` at its estimate by default: :func:`laplace_from_point`).
+``Theta`` at its estimate by default: :func:`laplace_from_point`). 'independent' fits
+have no ``Theta`` (``theta_ti ~ N(theta_hat_ti, 1/(F_ti + 1/s^2))``), 'shared' fits only a global
+adapter (precision ``1/s^2 + sum_t F_ti``). The global ``A`` of ``hierarchy='B'``, informed by
+every task's data, and tau (an empirical-Bayes or fixed hyperparameter) are held at their
+estimates. Saved beside the fit as ``laplace.safetensors`` (the curvature per task site).
 
 **Low-rank curvature (``laplace_structure='lowrank'``; the default is ``'diag'``).** The diagonal treats every
 coordinate as independent. A language model's per-document gradients are strongly correlated, so a
@@ -34,16 +38,12 @@ With that Fisher each task's posterior is ``N(theta_hat_t, (D + G_t G_t^T)^-1)``
 precision per module): exact in the directions the documents span, the prior elsewhere, sampled
 through the eigendecomposition of the small ``n_t x n_t`` matrix ``W^T W``, ``W = D^-1/2 G_t``
 (``n_t`` is at most ``laplace_docs``). The cost is storage: ``n_t`` vectors of the task's size
-per task (bfloat16), e.g. 233 MB for the embedded default's 16 tasks x 64 documents x 166k
-coordinates. The diagonal ``F`` (``diag(G_t G_t^T)``) still gives the pooling summaries and the global
+per task (bfloat16), e.g. 233 MB for the embedded default's 16 tasks x up to 64 documents
+x 166k coordinates. The diagonal ``F`` (``diag(G_t G_t^T)``) still gives the pooling summaries and the global
 adapter's precision. On the embedded default it does not change the predictive (document-level BMA
 4.521 vs 4.528 nats/token with the linearised predictive; mean MI 0.197 vs 0.196,
 ``analysis/README.md``): a test document's gradient lies almost entirely outside the span of the
-task's training documents' gradients, where both posteriors are the prior, so it is not the default. 'independent' fits
-have no ``Theta`` (``theta_ti ~ N(theta_hat_ti, 1/(F_ti + 1/s^2))``), 'shared' fits only a global
-adapter (precision ``1/s^2 + sum_t F_ti``). The global ``A`` of ``hierarchy='B'``, informed by
-every task's data, and tau (an empirical-Bayes or fixed hyperparameter) are held at their
-estimates. Saved beside the fit as ``laplace.safetensors`` (the curvature per task site).
+task's training documents' gradients, where both posteriors are the prior, so it is not the default.
 
 Why not a library: ``laplace-torch``, ``curvlinops`` and ``backpack`` compute curvature for the
 parameters of an ``nn.Module`` under a standard loss; bora's adapters are not module parameters

@@ -120,10 +120,11 @@ class Posterior:
         ``(params(k), None)`` for the sampled predictive, ``(point, params(k) - point)`` for the linearised one."""
         if self.predictive == "sample" or self.is_point:
             return self.params(k), None
-        point = self._point_params()
+        point = self.point_params()
         return point, tangent(self.params(k), point)
 
-    def _point_params(self) -> dict:
+    def point_params(self) -> dict:
+        """The fit's point-estimate adapters (computed once): where the linearised predictive expands."""
         if self._point is None:
             self._point = self.bora.params()
         return self._point
@@ -180,7 +181,7 @@ class Posterior:
         """``task``'s adapter at the point estimate (for a task not in the fit: the mean of its prior
         predictive, the global adapter): where the linearised predictive expands."""
         if task in self.bora.tasks:
-            return _take_task(self._point_params(), self.bora.tasks.index(task))
+            return _take_task(self.point_params(), self.bora.tasks.index(task))
         return self._new_task(self.bora.point(), None)
 
     def task_predictive_args(self, k: int, task: str) -> tuple[Adapter, Optional[Adapter]]:
