@@ -243,8 +243,9 @@ class FitConfig(_JsonConfig):
                               "shrinkage).")
     tau_curvature: str = _f(
         "steps", "Where a learned-tau MAP fit's tau update gets each task's Fisher: 'steps' (accumulated from the "
-        "training steps' per-document gradients since the last update: nearly free; tau within 4.3 percent of "
-        "'pass' on the embedded default; the likelihood must run through bora's adapter layers) or 'pass' (a "
+        "training steps' per-document gradients since the last update: nearly free; tau within 0.2-8.5 percent of "
+        "'pass' at the same adapters on the embedded default; the likelihood must run through bora's adapter layers) "
+        "or 'pass' (a "
         "separate forward-backward pass over fisher_docs documents per task at the current point).")
     laplace_docs: Optional[int] = _f(
         64, "Training documents per task for the Laplace posterior's curvature ('laplace'; a task's Fisher is "
