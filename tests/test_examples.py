@@ -63,3 +63,36 @@ def test_combine_seeds_and_parameterisations(tmp_path):
                 "--out", str(tmp_path / "lr")])
     with pytest.raises(SystemExit, match="other fit settings"):
         load("combine").main([str(tmp_path / "s1"), str(tmp_path / "lr")])
+
+
+def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
+    """analysis/posterior_scale.py and analysis/gradient_span.py on a tiny saved fit (the embedded default's
+    commands with a tiny model): scale 0 is the MAP; variance ratios lie in (0, 1]."""
+    from bora.cli import main as bora_main
+
+    from conftest import tiny_model_dir, write_jsonl
+
+    model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
+    fit = tmp_path / "fit"
+    assert bora_main(["fit", "--model", str(model), "--data", str(data), "--task-column", "speaker", "--targets",
+                      "q_proj", "v_proj", "--layers", "-1", "--rank", "2", "--steps", "6", "--batch-size", "4",
+                      "--lr", "0.02", "--tau-mode", "fixed", "--tau", "10", "--output", str(fit), "--quiet",
+                      "--device", "cpu"]) == 0
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    res = load("posterior_scale").main([str(fit), "--samples", "3", "--scales", "0", "1", "--out", str(tmp_path)])
+    for split in ("val", "test"):
+        assert res["rows"][split]["0.0"][0] == pytest.approx(res["rows"][split]["map"][0], abs=1e-6)
+        assert res["rows"][split]["1.0"][0] != res["rows"][split]["map"][0]
+    span = load("gradient_span").main([str(fit), "--docs", "4", "--quiet", "--out", str(tmp_path)])["summary"]
+    assert set(span) == {"train lowrank", "train diag", "test lowrank", "test diag"}
+    for row in span.values():
+        assert 0 < row["q25"] <= row["median"] <= row["q75"] <= 1 + 1e-6
+    # the low-rank posterior pins down its own training documents' directions more than the diagonal does
+    assert span["train lowrank"]["median"] < span["train diag"]["median"]
+    assert (tmp_path / "posterior_scale.md").exists() and (tmp_path / "gradient_span.md").exists()
