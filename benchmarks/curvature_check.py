@@ -6,7 +6,8 @@
 Runs one learned-tau MAP fit whose tau updates use today's estimator, the separate pass
 (``tau_curvature='pass'``: ``fisher_docs`` documents per task at the current point), while
 step accumulators (``tau_curvature='steps'``: the plain sum since the last update, and
-recency-weighted ones with a memory of 1/2, 1/4 and 1/8 epoch) record the same training steps. At
+recency-weighted ones with a memory of 1/2, 1/4 and 1/8 epoch, and the plain sum rescaled by each recency
+accumulator's pooled total) record the same training steps. At
 every update each accumulator's Fisher is turned into a tau with the same ``S``, so the estimators
 are compared on identical adapters. Prints one JSON line per update (relative difference of each
 accumulator's tau to the pass's) and the largest absolute difference of each; ``--json`` saves them.
@@ -93,16 +94,26 @@ def main(argv=None) -> dict:
                 S, F = bora.tau.statistics(point, ref, keys)
                 row = {"update": len(rows) + 1, "tau_pass": evidence_tau(S, F, P.tau_shape, P.tau_rate),
                        "time": time.perf_counter() - t0}
-                for label, e in self.extras.items():
-                    _, Fe = bora.tau.statistics(point, e.task_fisher(), keys)
+                fishers = {label: bora.tau.statistics(point, e.task_fisher(), keys)[1]
+                           for label, e in self.extras.items()}
+                for label, Fe in fishers.items():
                     row[label] = evidence_tau(S, Fe, P.tau_shape, P.tau_rate) / row["tau_pass"] - 1
+                # the epoch sum rescaled by one scalar: how much larger the recent steps' Fisher is, pooled over
+                # every task and coordinate (per-task recency starves small tasks; a pooled ratio does not)
+                total = float(fishers["epoch sum"].sum())
+                for label, Fe in fishers.items():
+                    if label != "epoch sum" and total > 0:
+                        scaled = fishers["epoch sum"] * (float(Fe.sum()) / total)
+                        row[f"epoch sum x pooled ratio of {label}"] = (
+                            evidence_tau(S, scaled, P.tau_shape, P.tau_rate) / row["tau_pass"] - 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             return ref
 
     infer_mod.StepFisher = Probe
     res = bora.fit(feeds["train"], feeds["val"], progress=False)
-    worst = {label: max((abs(r[label]) for r in rows), default=float("nan")) for label in memories}
+    labels = [k for k in (rows[0] if rows else {}) if k not in ("update", "tau_pass", "time")]
+    worst = {label: max((abs(r[label]) for r in rows if label in r), default=float("nan")) for label in labels}
     out = {"updates": rows, "max_abs_rel_diff": worst, "final_tau": res.tau, "best_step": res.best_step,
            "steps": res.steps, "config": bora.config.to_dict(), "reference_fisher_docs": docs}
     print(json.dumps({"max_abs_rel_diff": worst, "final_tau": res.tau}))
