@@ -24,7 +24,7 @@ def run(args) -> dict:
 
     from bora.api import Bora, load_data
     from bora.fisher import task_fisher
-    from bora.laplace import task_layout
+    from bora.laplace import HierarchicalLaplace, task_layout
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -33,17 +33,13 @@ def run(args) -> dict:
         sys.exit("bora: error: this fit has no task-level adapters")
     data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
     lap = bora.fit_laplace_(data["train"], docs=args.docs, structure="lowrank", progress=not args.quiet)
-    F = [torch.cat([lap.task[k][i][t].flatten() for k, i, _ in lap._layout()]) for t in range(len(bora.tasks))]
+    diag = HierarchicalLaplace(lap.task, lap.tau, global_scale=lap.global_scale, has_global=lap.has_global)
     test = task_fisher(bora.model, bora.params(), bora.feed(data["test"]), labels="sampled",
                        generator=torch.Generator().manual_seed(args.seed), gradients=task_layout(bora.model))
 
     def ratios(G, t):
-        d, Q, lam = lap._whitened_eig(t)
-        prior_var = (G * d[:, None]).square().sum(0)                      # g^T D^-1 g
-        W = G * d[:, None]
-        low = prior_var - ((Q.T @ W).square() * (lam / (1 + lam))[:, None]).sum(0)
-        diag = (G.square() / (F[t] + d.pow(-2))[:, None]).sum(0)          # sum_i g_i^2 / (F_i + tau)
-        return (low / prior_var), (diag / prior_var)
+        prior_var = lap.task_variance(t, G, prior=True)
+        return lap.task_variance(t, G) / prior_var, diag.task_variance(t, G) / prior_var
 
     out = {"train": {"lowrank": [], "diag": []}, "test": {"lowrank": [], "diag": []}}
     for t in range(len(bora.tasks)):

@@ -109,5 +109,12 @@ def test_lowrank_draws_have_the_exact_covariance():
     assert torch.allclose(diag.task_sd("a", 1)[1].flatten() ** 2,
                           1 / (2.0 + fisher(1)[:6]))
     assert (want - torch.diag(want.diagonal())).abs().max() > 0.05   # the low-rank posterior is correlated
+    # g^T Sigma g of any direction, exactly; the diagonal posterior's with its own covariance; the prior's
+    probe = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(lap.task_variance(1, probe), (probe * (want @ probe)).sum(0))
+    diag_cov = torch.diag(1 / (torch.tensor([2.0] * 6 + [5.0] * 2) + fisher(1))).double()
+    torch.testing.assert_close(diag.task_variance(1, probe), (probe * (diag_cov @ probe)).sum(0))
+    prior_cov = torch.diag(torch.tensor([2.0] * 6 + [5.0] * 2).double() ** -1)
+    torch.testing.assert_close(lap.task_variance(1, probe, prior=True), (probe * (prior_cov @ probe)).sum(0))
     with pytest.raises(ValueError, match="one \\[8, n_t\\] matrix per task"):
         HierarchicalLaplace(task, {"a": 2.0, "b": 5.0}, global_scale=1.0, has_global=True, gradients=G[:1])

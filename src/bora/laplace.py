@@ -209,6 +209,21 @@ class HierarchicalLaplace:
                     draws[site][t] += piece.view_as(draws[site][t]).to(draws[site].device)
         out.update(draws)
 
+    def task_variance(self, t: int, G: torch.Tensor, *, prior: bool = False) -> torch.Tensor:
+        """``g^T Sigma_t g`` for every column ``g`` of ``G`` (``[P, n]``, task ``t``'s coordinates in the order of
+        ``gradients``): the linearised posterior variance of a quantity with gradient ``g`` (e.g. a document's
+        log-likelihood); ``prior=True``: under the prior alone, ``g^T D^-1 g``. ``[n]``, float64."""
+        G = G.double()
+        d = self._prior_vector().double().rsqrt()
+        if prior:
+            return (G * d[:, None]).square().sum(0)
+        if self.gradients is None:
+            F = torch.cat([self.task[k][i][t].flatten() for k, i, _ in self._layout()]).double()
+            return (G.square() / (F + d.pow(-2))[:, None]).sum(0)
+        _, Q, lam = self._whitened_eig(t)
+        W = G * d[:, None]
+        return W.square().sum(0) - ((Q.double().T @ W).square() * (lam.double() / (1 + lam.double()))[:, None]).sum(0)
+
     def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
         return list(vec.split([self.task[k][i][0].numel() for k, i, _ in self._layout()]))
 
