@@ -104,16 +104,13 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
         # column j of task t is the j-th batch (in the global order) holding one of t's documents: the same slot
         # on every rank, so the ranks' columns are summed into place
         width = sum(params[k][i].shape[-2] * params[k][i].shape[-1] for k, fs in gradients.items() for i in fs)
-        n_t = torch.zeros(T, dtype=torch.long)
-        for _, idx in batches:
-            n_t += torch.bincount(feed.split.task_ids[idx], minlength=T)
-        cols = [torch.zeros(width, int(n)) for n in n_t]
-        slot = torch.zeros(T, dtype=torch.long)
+        slot = torch.zeros(T, dtype=torch.long)  # ends as the number of documents per task
         slots = []
         for _, idx in batches:
             tids = feed.split.task_ids[idx]
             slots.append(slot[tids].clone())
             slot[tids] += 1
+        cols = [torch.zeros(width, int(n)) for n in slot]
     for k, idx in tqdm(batches[rank::size], desc="per-task Fisher", disable=not progress, leave=False):
         b = feed.batch(idx)
         if labels == "empirical":
