@@ -1,6 +1,7 @@
 """Tiny random-init models and synthetic multi-task data for fast tests."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ VOCAB = 48
 # Tiny models gain nothing from intra-op threads, and oversubscribed OpenMP threads make a
 # shared 2-core machine many times slower: keep the tests single-threaded.
 torch.set_num_threads(1)
+
+# precision='auto' runs bf16 on CPUs with AMX; pin the tests' arithmetic to fp32 whatever CPU runs them, in
+# this process and in the ones it starts (tests of bf16 itself ask for precision='bf16')
+os.environ["BORA_CPU_BF16"] = "0"
 
 
 def tiny_llama(layers: int = 3, seed: int = 0):

@@ -25,6 +25,7 @@ import torch
 from .config import BoraConfig, ConfigError
 from .coupling import guide_of
 from .data import TokenizedSplit, load_documents, split_documents
+from .device import autocast_dtype, resolve_device
 from .distributions import LATENT_SUFFIX
 from .evaluate import evaluate
 from .fisher import task_fisher
@@ -42,15 +43,6 @@ from .view import load_data
 __all__ = ["Bora", "resolve_device", "load_data"]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return d
-
-
 class Bora:
     """A base LM with hierarchical LoRA adapters, its Pyro model, guide and (optionally) tau estimator."""
 
@@ -66,8 +58,9 @@ class Bora:
         self.task_sizes = list(task_sizes) if task_sizes is not None else None
         self.adapters: AdapterSet = inject_adapters_(self.lm, config.adapter)
         first = self.adapters.first_layer
-        self.prefix = FrozenPrefix(self.lm, first) if (config.fit.cache_prefix and first) else None
-        autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        autocast = autocast_dtype(config.fit.precision, self.device)
+        self.prefix = FrozenPrefix(self.lm, first, autocast_dtype=autocast) if (config.fit.cache_prefix and first) \
+            else None
         self.model = BoraModel(self.lm, self.adapters, self.tasks, self.num_docs, config.prior,
                                prefix=self.prefix, init_seed=config.fit.seed, autocast_dtype=autocast,
                                guide_kind=config.fit.guide)

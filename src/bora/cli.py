@@ -75,6 +75,9 @@ def _quiet_libraries(quiet: bool):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from .device import keep_freed_memory
+
+    keep_freed_memory()
     try:
         with _quiet_libraries(bool(getattr(args, "quiet", False))):
             return _run(args, argv)

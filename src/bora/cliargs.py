@@ -16,8 +16,8 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, PREDICTIVE_HELP, PREDICTIVES, AdapterConfig, BoraConfig,
-                     CheckpointConfig, ConfigError, DataConfig, FitConfig, PriorConfig)
+from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, PRECISIONS, PREDICTIVE_HELP, PREDICTIVES, AdapterConfig,
+                     BoraConfig, CheckpointConfig, ConfigError, DataConfig, FitConfig, PriorConfig)
 
 __all__ = ["build_parser", "config_from_args", "explicit_flags"]
 
@@ -50,6 +50,7 @@ _FLAGS = {
     "laplace_labels": (FitConfig, "laplace_labels", str),
     "laplace_structure": (FitConfig, "laplace_structure", str),
     "init_scale": (FitConfig, "init_scale", float),
+    "precision": (FitConfig, "precision", str),
     "seed": (FitConfig, "seed", int),
     "text_column": (DataConfig, "text_column", str),
     "task_column": (DataConfig, "task_column", str),
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = ["steps", "pass"]
         if name == "laplace_structure":
             kw["choices"] = ["lowrank", "diag"]
+        if name == "precision":
+            kw["choices"] = list(PRECISIONS)
         if name == "hierarchy":
             kw["choices"] = list(HIERARCHIES)
         if name == "parameterisation":

@@ -33,6 +33,7 @@ __all__ = [
     "PARAMETERISATIONS",
     "PREDICTIVES",
     "PREDICTIVE_HELP",
+    "PRECISIONS",
 ]
 
 TAU_MODES = ("fixed", "learned", "independent", "shared")
@@ -41,6 +42,7 @@ HIERARCHIES = ("B", "AB")
 QUANTIZE = ("none", "8bit", "4bit")
 PARAMETERISATIONS = ("auto", "noncentred", "offset", "centred")
 PREDICTIVES = ("linear", "sample")
+PRECISIONS = ("auto", "fp32", "bf16")
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "
                    "at the sampled adapter.")
@@ -266,6 +268,11 @@ class FitConfig(_JsonConfig):
         True, "Compute the frozen layers below the lowest adapted layer once per document and reuse them."
     )
     eval_batch_size: int = _f(32, "Documents per batch when evaluating.")
+    precision: str = _f(
+        "auto", "Arithmetic of the LM's forward and backward passes: 'bf16' (bfloat16 autocast: matmuls in bfloat16, "
+        "adapter parameters, optimiser state, Pyro sites and the log-softmax stay float32), 'fp32', or 'auto' "
+        "(bf16 on CUDA and on CPUs with bfloat16 matrix units (Intel AMX), fp32 elsewhere). On the embedded "
+        "default's AMX CPU bf16 is 2-4x faster per matmul and moves test perplexity by about 0.1 percent.")
 
     def __post_init__(self):
         _check(self.guide in GUIDES, f"guide must be one of {GUIDES}, got {self.guide!r}")
@@ -295,6 +302,7 @@ class FitConfig(_JsonConfig):
                f"laplace_structure must be 'lowrank' or 'diag', got {self.laplace_structure!r}")
         _check(self.init_scale > 0, "init_scale must be > 0")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

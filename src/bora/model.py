@@ -54,6 +54,7 @@ from torch import nn
 
 from .config import PriorConfig
 from .coupling import Coupling, coupling_of, guide_of
+from .device import autocast
 from .distributions import IsotropicNormal, OffsetReparam, natural_site
 from .inject import AdapterSet
 from .linearize import linearized
@@ -241,9 +242,7 @@ class BoraModel:
 
     # ----------------------------------------------------------------- likelihood
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def _head_only_on_tokens(self) -> bool:
         """Whether logits can be computed as ``lm_head(hidden)`` on scored positions only."""

@@ -28,11 +28,12 @@ computed by the model's own forward.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
+from .device import autocast
 from .inject import decoder_layers
 
 __all__ = ["FrozenPrefix"]
@@ -56,10 +57,12 @@ def _replace_hidden(args, kwargs, hidden):
 
 
 class FrozenPrefix:
-    """Capture and re-inject the hidden states entering decoder layer ``first_layer``."""
+    """Capture and re-inject the hidden states entering decoder layer ``first_layer`` (computed under
+    ``autocast_dtype`` autocast when given, as the layers above run: :mod:`bora.device`)."""
 
-    def __init__(self, lm: nn.Module, first_layer: int):
+    def __init__(self, lm: nn.Module, first_layer: int, *, autocast_dtype: Optional[torch.dtype] = None):
         self.lm = lm
+        self.autocast_dtype = autocast_dtype
         _, self.layers = decoder_layers(lm)
         if not 0 < first_layer < len(self.layers):
             raise ValueError(f"first_layer must be in 1..{len(self.layers) - 1}, got {first_layer}")
@@ -76,7 +79,8 @@ class FrozenPrefix:
 
         handle = self.layers[self.first_layer].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with autocast(input_ids.device, self.autocast_dtype):
+                self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Stop:
             pass
         finally:
