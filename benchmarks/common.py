@@ -146,15 +146,21 @@ def autocast(device):
 def token_nll_sum(causal_lm, batch, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum of next-token NLLs of ``batch`` (or of its ``rows``) for a transformers causal LM.
 
-    Mirrors :meth:`bora.model.BoraModel.loglik`: the decoder runs on the whole sequences and the LM
-    head only on the scored positions, so the baseline does exactly the LM work bora does."""
+    Mirrors :meth:`bora.likelihood.LMLikelihood.loglik`: the decoder runs on the whole sequences and the LM
+    head only on the scored positions, through bora's chunked head and NLL (:func:`bora.head.chunked_nll`) when
+    the head is frozen and bias-free, so the baseline does exactly the LM work bora does."""
+    from bora.head import chunked_nll
+
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if rows is not None:
         ids, mask = ids[rows], mask[rows]
     scored = mask[:, 1:].bool() & mask[:, :-1].bool()
-    h = causal_lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = causal_lm.lm_head(h[:, :-1][scored])
-    return F.cross_entropy(logits.float(), ids[:, 1:][scored], reduction="sum")
+    h = causal_lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][scored]
+    head, labels = causal_lm.lm_head, ids[:, 1:][scored]
+    if head.bias is None and not head.weight.requires_grad:
+        W = head.weight if not torch.is_autocast_enabled(h.device.type) else head.weight.to(torch.bfloat16)
+        return chunked_nll(h, W, labels).sum()
+    return F.cross_entropy(head(h).float(), labels, reduction="sum")
 
 
 def adapter_layers(num_layers: int, top: Optional[int]) -> Optional[tuple]:
@@ -258,11 +264,14 @@ class Loop(Variant):
 
 
 def bora_config(guide: str, *, layers=None, tau_mode: str = "learned", cache_prefix: bool = False,
-                rank=RANK, alpha=ALPHA, targets=TARGETS, init_scale: float = 1e-3) -> BoraConfig:
+                rank=RANK, alpha=ALPHA, targets=TARGETS, init_scale: float = 1e-3, device="cpu") -> BoraConfig:
+    # the arithmetic of the baselines: float32 on CPU (bora's default would run bf16 on an AMX CPU), bf16 on CUDA
+    precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     return BoraConfig(
         adapter=AdapterConfig(rank=rank, alpha=alpha, targets=tuple(targets), layers=layers),
         prior=PriorConfig(tau_mode=tau_mode),
-        fit=FitConfig(guide=guide, lr=LR, clip_norm=CLIP, init_scale=init_scale, cache_prefix=cache_prefix),
+        fit=FitConfig(guide=guide, lr=LR, clip_norm=CLIP, init_scale=init_scale, cache_prefix=cache_prefix,
+                      precision=precision),
     )
 
 
@@ -276,7 +285,7 @@ class BoraStep(Variant):
         self.name = guide
         if bora_obj is None:
             bora_obj = Bora(bora_config(guide, layers=layers, tau_mode=tau_mode, cache_prefix=cache_prefix,
-                                        targets=targets), lm, Tok(),
+                                        targets=targets, device=device), lm, Tok(),
                             [f"task{t}" for t in range(num_tasks)], num_docs, device=device)
         self.bora = bora_obj
         self.model = bora_obj.model

@@ -40,7 +40,7 @@ VARIANTS = ("plain", "fixed", "learned", "learned_pass", "meanfield", "laplace")
 def bora_config(variant: str, epochs: float):
     from bora.config import BoraConfig, FitConfig, PriorConfig
 
-    fit = dict(epochs=epochs, patience=0)
+    fit = dict(epochs=epochs, patience=0, precision="fp32")  # the plain PEFT run's arithmetic
     prior = {}
     if variant == "fixed":
         fit["guide"], prior = "map", dict(tau_mode="fixed", tau=1000.0)

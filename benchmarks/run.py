@@ -279,7 +279,8 @@ def section_prefix(a) -> dict:
     layers = tuple(range(-a.prefix_top, 0))
     runs = {}
     for cache in (True, False):
-        cfg = C.bora_config("map", layers=layers, tau_mode=a.tau_mode, cache_prefix=cache, targets=a.targets)
+        cfg = C.bora_config("map", layers=layers, tau_mode=a.tau_mode, cache_prefix=cache, targets=a.targets,
+                            device=a.device)
         b = C.Bora(cfg, C.shared_copy(lm), C.Tok(), split.tasks, len(split), device=a.device)
         feed = b.feed(split)
         st = C.BoraStep(None, None, len(split.tasks), "map", bora_obj=b, device=a.device, num_docs=len(split),

@@ -95,3 +95,22 @@ def test_keep_freed_memory_applies_on_glibc():
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
+
+
+def test_cpu_bf16_runs_the_attention_core_in_float32_and_restores_the_model(monkeypatch):
+    calls = []
+    real = bora.device._sdpa_float32_core
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        out, w = real(module, query, key, value, attention_mask, **kw)
+        calls.append((query.dtype, out.dtype))
+        return out, w
+
+    monkeypatch.setattr(bora.device, "_sdpa_float32_core", spy)
+    train = task_data((8, 6, 4), seed=3)
+    b = Bora(_config("bf16"), tiny_llama(), TinyTokenizer(), train.tasks, len(train), device="cpu")
+    feed = b.feed(train)
+    ll = b.model.loglik(feed.batch(torch.arange(len(train))), b.params())
+    assert torch.isfinite(ll).all()
+    assert calls and all(q == o for q, o in calls)  # the core ran in float32 and handed back the caller's dtype
+    assert b.lm.config._attn_implementation == "sdpa"  # restored after the pass

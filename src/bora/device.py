@@ -62,11 +62,52 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op context for ``None``."""
+def autocast(device: torch.device, dtype: Optional[torch.dtype], lm=None):
+    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op context for ``None``.
+
+    With ``lm`` (a transformers model using PyTorch's SDPA attention) under bfloat16 on a CPU, the attention
+    core (``softmax(q k^T) v``) runs in float32 inside it: PyTorch's CPU flash-attention backward is about 2.3x
+    slower in bfloat16 than in float32 at the embedded default's shapes (16 x 9 heads x 64 tokens x 64: 17.4 ms
+    against 7.7 ms for forward and backward), while the projections around it stay in bfloat16."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+    if lm is not None and device.type == "cpu" and dtype != torch.float32:
+        stack.enter_context(_float32_attention(lm))
+    return stack
+
+
+_FP32_SDPA = "bora_sdpa_float32_core"
+
+
+def _sdpa_float32_core(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(dtype), weights
+
+
+@contextlib.contextmanager
+def _float32_attention(lm):
+    """Within this context ``lm``'s SDPA attention runs its core in float32 (no-op for other attention)."""
+    config = getattr(lm, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_FP32_SDPA, _sdpa_float32_core)  # a bora-named entry; the same every time
+    AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)
+    config._attn_implementation = _FP32_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4

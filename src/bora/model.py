@@ -1,4 +1,5 @@
-"""The hierarchical LoRA model: priors over global and per-task adapters, and the LM likelihood.
+"""The hierarchical LoRA model: priors over global and per-task adapters, and the LM likelihood (inherited from
+:class:`bora.likelihood.LMLikelihood`).
 
 >>> import pyro, torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -39,7 +40,6 @@ the same code path):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -49,27 +49,22 @@ from pyro import poutine
 from pyro.infer.reparam import LocScaleReparam
 from pyro.poutine.util import site_is_subsample
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig
 from .coupling import Coupling, coupling_of, guide_of
-from .device import autocast
 from .distributions import IsotropicNormal, OffsetReparam, natural_site
 from .inject import AdapterSet
-from .linearize import linearized
+from .likelihood import LMLikelihood, Params
 from .prefix import FrozenPrefix
 
 __all__ = ["BoraModel", "Params", "site_names", "orthonormal_rows"]
-
-Params = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
 
 def site_names(key: str) -> dict[str, str]:
     return {"GA": f"Theta_A:{key}", "GB": f"Theta_B:{key}", "TA": f"theta_A:{key}", "TB": f"theta_B:{key}"}
 
 
-class BoraModel:
+class BoraModel(LMLikelihood):
     """Callable Pyro model ``model(batch)``; the LM is plain torch code and never enters the param store."""
 
     def __init__(
@@ -87,16 +82,12 @@ class BoraModel:
     ):
         if len(tasks) < 1:
             raise ValueError("need at least one task")
-        self.lm = lm
-        self.adapters = adapters
+        super().__init__(lm, adapters, prefix=prefix, autocast_dtype=autocast_dtype)
         self.tasks = tuple(tasks)
         self.num_docs = int(num_docs)
         self.prior = prior
         self.guide_kind = guide_kind
-        self.prefix = prefix
-        self.autocast_dtype = autocast_dtype
         self.last_nll = float("nan")
-        self.device = next(lm.parameters()).device
         self.shapes = adapters.shapes()
         # Shared random A (as in LoRA: kaiming-uniform with bound 1/sqrt(in)); B starts at 0 so that
         # every adapter product B A is exactly zero at initialisation: step 0 is the base model.
@@ -239,60 +230,6 @@ class BoraModel:
                     pair[i] = pyro.sample(site, d)
                 out[k] = tuple(pair)
         return out
-
-    # ----------------------------------------------------------------- likelihood
-    def _autocast(self):
-        return autocast(self.device, self.autocast_dtype)
-
-    def _head_only_on_tokens(self) -> bool:
-        """Whether logits can be computed as ``lm_head(hidden)`` on scored positions only."""
-        cfg = getattr(self.lm, "config", None)
-        special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
-        return (not special and getattr(self.lm, "base_model", None) is not None
-                and self.lm.base_model is not self.lm and self.lm.get_output_embeddings() is not None)
-
-    def scored_logits(self, batch: Mapping[str, torch.Tensor], params: Optional[Params],
-                      direction: Optional[Params] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Next-token logits on the scored positions: ``(logits [n, V], labels [n], rows [n])``.
-
-        ``rows`` is each scored token's document (row) in the batch. The LM head (the largest
-        matmul of a small LM) runs only on scored, non-padding positions, so padding costs nothing
-        there; ``params=None`` is the base model. With ``direction`` (adapters' shapes) the logits
-        are those of the network linearised at ``params``, one step along ``direction``
-        (:func:`bora.linearize.linearized`: the GLM predictive at ``params + direction``).
-        """
-        if direction is not None:
-            aux = {}
-
-            def logits_at(p):
-                logits, aux["labels"], aux["rows"] = self.scored_logits(batch, p)
-                return logits
-
-            return linearized(logits_at, params, direction), aux["labels"], aux["rows"]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        hidden = batch.get("hidden")
-        if hidden is not None and self.prefix is None:
-            raise ValueError("batch carries cached hidden states but the model has no prefix")
-        resume = self.prefix.resume(hidden) if hidden is not None else contextlib.nullcontext()
-        scored = mask[:, 1:].bool() & mask[:, :-1].bool()
-        labels = ids[:, 1:][scored]
-        with self.adapters.use(params, batch["task_ids"] if params is not None else None), resume, self._autocast():
-            if self._head_only_on_tokens():
-                h = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                logits = self.lm.get_output_embeddings()(h[:, :-1][scored])
-            else:
-                logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
-        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(scored)[scored]
-        return logits.float(), labels, rows
-
-    def loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params],
-               direction: Optional[Params] = None) -> torch.Tensor:
-        """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model
-        (``direction``: linearised, as in :meth:`scored_logits`)."""
-        logits, labels, rows = self.scored_logits(batch, params, direction)
-        nll = F.cross_entropy(logits, labels, reduction="none")
-        n = batch["input_ids"].shape[0]
-        return -torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
 
     # ----------------------------------------------------------------- the model
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:

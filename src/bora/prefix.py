@@ -79,7 +79,7 @@ class FrozenPrefix:
 
         handle = self.layers[self.first_layer].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            with autocast(input_ids.device, self.autocast_dtype):
+            with autocast(input_ids.device, self.autocast_dtype, self.lm):
                 self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Stop:
             pass
