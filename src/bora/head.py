@@ -31,7 +31,7 @@ import torch
 
 __all__ = ["chunked_nll", "CHUNK_ELEMENTS"]
 
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in float32)
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in float32)
 
 
 class _ChunkedNLL(torch.autograd.Function):
