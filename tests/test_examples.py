@@ -96,3 +96,9 @@ def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
     # the low-rank posterior pins down its own training documents' directions more than the diagonal does
     assert span["train lowrank"]["median"] < span["train diag"]["median"]
     assert (tmp_path / "posterior_scale.md").exists() and (tmp_path / "gradient_span.md").exists()
+    gain = load("bma_gain").main([str(fit), "--draws", "2", "--samples", "4", "--out", str(tmp_path)])
+    assert len(gain["rows"]) == 3 and all(r["realised"] > 0 and r["expected"] > 0 for r in gain["rows"])
+    assert gain["mean_gain"] == pytest.approx(gain["mean_realised"] - gain["mean_expected"])
+    c = gain["sampled"]
+    assert c["half_var"] > 0 and c["bma_lme"] >= c["cost"] - 1e-9  # Jensen: log mean exp >= mean log
+    assert (tmp_path / "bma_gain.md").exists()
