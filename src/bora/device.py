@@ -11,14 +11,15 @@ torch.bfloat16
 bfloat16 matrix units torch can use (Intel AMX: :func:`cpu_has_bf16_matmul`), float32 elsewhere. Under
 autocast the matmuls of the frozen base, the adapters and the LM head run in bfloat16, while the adapter
 parameters, their gradients, the optimiser state, the Pyro sites and the log-softmax stay float32
-(:meth:`bora.model.BoraModel.scored_logits` upcasts the logits). On a 2-core AMX CPU a ``[1024 x 576] @
-[576 x 49152]`` product (the LM head of the embedded default) takes 66 ms in bfloat16 against 264 ms in
-float32.
+(:mod:`bora.likelihood` upcasts the logits; :func:`bora.head.chunked_nll` takes the log-sum-exp in float32).
+On a 2-core AMX CPU a ``[1024 x 576] @ [576 x 49152]`` product (the LM head of the embedded default) takes
+66 ms in bfloat16 against 264 ms in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -91,6 +92,16 @@ def _sdpa_float32_core(module, query, key, value, attention_mask, **kwargs):
     return out.to(dtype), weights
 
 
+@functools.cache
+def _register_float32_attention() -> None:
+    """Register bora's float32-core SDPA with transformers (once; under a bora-specific name)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_FP32_SDPA, lambda *args, **kw: _sdpa_float32_core(*args, **kw))
+    AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)
+
+
 @contextlib.contextmanager
 def _float32_attention(lm):
     """Within this context ``lm``'s SDPA attention runs its core in float32 (no-op for other attention)."""
@@ -98,11 +109,7 @@ def _float32_attention(lm):
     if getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_FP32_SDPA, _sdpa_float32_core)  # a bora-named entry; the same every time
-    AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)
+    _register_float32_attention()
     config._attn_implementation = _FP32_SDPA
     try:
         yield

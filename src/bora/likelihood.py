@@ -83,14 +83,15 @@ class LMLikelihood:
                 return logits
 
             return linearized(logits_at, params, direction), aux["labels"], aux["rows"]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self._head_only_on_tokens():
+            h, labels, rows = self._scored_hidden(batch, params)
+            with self._autocast():
+                logits = self.lm.get_output_embeddings()(h)
+            return logits.float(), labels, rows
         scored, labels, rows = self._scored(batch)
         with self._run(batch, params):
-            if self._head_only_on_tokens():
-                h = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                logits = self.lm.get_output_embeddings()(h[:, :-1][scored])
-            else:
-                logits = self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
+            logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).logits[:, :-1][scored]
         return logits.float(), labels, rows
 
     @staticmethod
