@@ -8,6 +8,11 @@ the posterior itself; ``c -> 0``: the MAP; ``c^2`` is a posterior temperature) a
 ``exp(mean over tasks of the per-task NLL per token)``. If some ``c`` gave a lower validation NLL than the MAP it
 would be the width to use; the sweep shows whether one does. Writes ``posterior_scale.json`` / ``.md`` to
 ``--out``.
+
+``--estimator tilted`` scores the same quantity with :mod:`bora.tilted` instead of the plain log-mean-exp: importance
+sampling from the scaled posterior (diagonal Laplace, ``sd -> c sd``, the same draws) tilted by each document's
+gradient, which removes the bias the plain estimate has when a document's log-likelihood varies by nats over the
+draws. Run both at a width where the plain estimate is reliable to check one against the other.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ def run(args) -> dict:
     from bora.api import Bora, load_data
     from bora.evaluate import doc_loglik
     from bora.metrics import log_mean_exp
+    from bora.tilted import TiltedPredictive, tilted_log_mean_exp
 
     t0 = time.perf_counter()
     bora = Bora.load(args.fit, device="cpu")
@@ -33,7 +39,8 @@ def run(args) -> dict:
     data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
     post = bora.posterior(args.samples, seed=args.seed)
     point = bora.params()
-    samples = [post.params(k) for k in range(args.samples)]
+    lap = bora.laplace
+    samples = [] if args.estimator == "tilted" else [post.params(k) for k in range(args.samples)]
     T = len(bora.tasks)
     rows = {}
     for split in ("val", "test"):
@@ -49,14 +56,38 @@ def run(args) -> dict:
         ll0, tok = doc_loglik(bora.model, point, feed, bora.config.fit.eval_batch_size)
         rows[split] = {"map": ppl(-ll0, tok)}
         for c in args.scales:
+            if args.estimator == "tilted":
+                bora.laplace = scaled(lap, c)
+                tp = TiltedPredictive(bora.posterior(args.samples, seed=args.seed))
+                est = torch.zeros(len(tok), dtype=torch.float64)
+                order = torch.argsort(data[split].lengths, stable=True)
+                for i in range(0, len(order), bora.config.fit.eval_batch_size):
+                    idx = order[i:i + bora.config.fit.eval_batch_size]
+                    with torch.no_grad():
+                        est[idx] = tilted_log_mean_exp(*tp.log_weights(feed.batch(idx), range(args.samples)))[0]
+                rows[split][str(c)] = ppl(-est, tok)
+                continue
             lls = []
             for s in samples:
                 moved = {k: tuple(p + c * (x - p) for p, x in zip(point[k], s[k])) for k in point}
                 lls.append(doc_loglik(bora.model, moved, feed, bora.config.fit.eval_batch_size)[0])
             rows[split][str(c)] = ppl(-log_mean_exp(torch.stack(lls).double(), 0), tok)
     return {"fit": str(args.fit), "samples": args.samples, "seed": args.seed, "scales": args.scales,
+            "estimator": args.estimator,
             "structure": bora.laplace.structure if bora.laplace is not None else None,
             "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def scaled(lap, c: float):
+    """The diagonal Laplace posterior with every task sd multiplied by ``c`` (curvature ``(F + tau) / c^2 - tau``)."""
+    from bora.laplace import HierarchicalLaplace
+
+    if lap is None or lap.structure != "diag" or lap.sample_global or not 0 < c:
+        sys.exit("bora: error: --estimator tilted needs a diagonal Laplace posterior and scales > 0")
+    task = {k: {i: (F + lap._prior_prec(k)) / c ** 2 - lap._prior_prec(k) for i, F in fs.items()}
+            for k, fs in lap.task.items()}
+    return HierarchicalLaplace(task, lap.tau, global_scale=lap.global_scale, has_global=lap.has_global,
+                               sample_global=False)
 
 
 def write(out: Path, res: dict, argv) -> None:
@@ -66,7 +97,8 @@ def write(out: Path, res: dict, argv) -> None:
     write_json(out / "posterior_scale.json", res)
     lines = ["# Width of the posterior vs the MAP: document-level BMA", "",
              f"Fit `{res['fit']}`, {res['samples']} posterior samples (seed {res['seed']}), Laplace structure "
-             f"`{res['structure']}`. Entries: NLL per token (mean over tasks) / perplexity.", "",
+             f"`{res['structure']}`, estimator `{res.get('estimator', 'plain')}`. Entries: NLL per token (mean over "
+             "tasks) / perplexity.", "",
              "| scale c | validation | test |", "|---|---|---|"]
     for key in ["map"] + [str(c) for c in res["scales"]]:
         name = "MAP (c = 0)" if key == "map" else key
@@ -83,6 +115,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    p.add_argument("--estimator", choices=["plain", "tilted"], default="plain",
+                   help="document-level BMA: plain log-mean-exp, or importance sampling tilted by the gradient")
     p.add_argument("--out", type=Path, default=Path("analysis/results/uncertainty"))
     args = p.parse_args(argv)
     if args.samples < 1 or any(c < 0 for c in args.scales):

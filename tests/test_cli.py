@@ -33,6 +33,13 @@ def test_fit_then_evaluate(setup, capsys):
     assert rc == 0
     want = metrics["test"]["fit"]["overall"]["ppl_task_mean"]
     assert f"{want:>9.3f}" in again  # evaluate reproduces the fit's test perplexity
+    # a Laplace fit (the default guide): the document-level BMA by the tilted estimator, the plain one beside it
+    assert main(["evaluate", str(out), "--samples", "3", "--quiet", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "plain log-mean-exp over samples" in text and "effective sample size median" in text
+    assert main(["evaluate", str(out), "--samples", "3", "--doc-estimator", "plain", "--quiet", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "BMA (S=3)" in text and "plain log-mean-exp" not in text
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -89,6 +89,13 @@ def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
     for split in ("val", "test"):
         assert res["rows"][split]["0.0"][0] == pytest.approx(res["rows"][split]["map"][0], abs=1e-6)
         assert res["rows"][split]["1.0"][0] != res["rows"][split]["map"][0]
+    # the tilted estimator of the same quantity (diagonal Laplace: the default structure), at a narrowed width
+    tilted = load("posterior_scale").main([str(fit), "--samples", "3", "--scales", "0.5", "--estimator", "tilted",
+                                           "--out", str(tmp_path / "tilted")])
+    assert tilted["estimator"] == "tilted"
+    assert "estimator `tilted`" in (tmp_path / "tilted" / "posterior_scale.md").read_text()
+    for split in ("val", "test"):
+        assert abs(tilted["rows"][split]["0.5"][0] - res["rows"][split]["map"][0]) < 0.1
     span = load("gradient_span").main([str(fit), "--docs", "4", "--quiet", "--out", str(tmp_path)])["summary"]
     assert set(span) == {"train lowrank", "train diag", "test lowrank", "test diag"}
     for row in span.values():

@@ -116,5 +116,8 @@ def test_lowrank_draws_have_the_exact_covariance():
     torch.testing.assert_close(diag.task_variance(1, probe), (probe * (diag_cov @ probe)).sum(0))
     prior_cov = torch.diag(torch.tensor([2.0] * 6 + [5.0] * 2).double() ** -1)
     torch.testing.assert_close(lap.task_variance(1, probe, prior=True), (probe * (prior_cov @ probe)).sum(0))
+    # Sigma_t G, exactly (the tilted estimator's proposal shift), for both structures
+    torch.testing.assert_close(lap.task_cov_times(1, probe), want @ probe)
+    torch.testing.assert_close(diag.task_cov_times(1, probe), diag_cov @ probe)
     with pytest.raises(ValueError, match="one \\[8, n_t\\] matrix per task"):
         HierarchicalLaplace(task, {"a": 2.0, "b": 5.0}, global_scale=1.0, has_global=True, gradients=G[:1])

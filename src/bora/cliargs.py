@@ -16,8 +16,8 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from .config import (GUIDES, HIERARCHIES, PARAMETERISATIONS, PRECISIONS, PREDICTIVE_HELP, PREDICTIVES, AdapterConfig,
-                     BoraConfig, CheckpointConfig, ConfigError, DataConfig, FitConfig, PriorConfig)
+from .config import (DOC_ESTIMATORS, GUIDES, HIERARCHIES, PARAMETERISATIONS, PRECISIONS, PREDICTIVE_HELP, PREDICTIVES,
+                     AdapterConfig, BoraConfig, CheckpointConfig, ConfigError, DataConfig, FitConfig, PriorConfig)
 
 __all__ = ["build_parser", "config_from_args", "explicit_flags"]
 
@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "point estimate only).")
     e.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples.")
     e.add_argument("--predictive", choices=PREDICTIVES, default="sample", help=PREDICTIVE_HELP)
+    e.add_argument("--doc-estimator", choices=DOC_ESTIMATORS, default="auto",
+                   help="Estimator of the document-level BMA: 'tilted' (importance sampling from the posterior "
+                        "tilted by each document's gradient, Laplace fits; one extra backward and S extra "
+                        "forward passes), 'plain' (log-mean-exp over the samples: biased low when a document's "
+                        "log-likelihood varies by nats over the posterior) or 'auto' (tilted where it applies).")
     e.add_argument("--batch-size", type=int, default=8, help="Documents per batch for the token-level metrics.")
     e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     e.add_argument("--quiet", action="store_true", help="No progress bars.")

@@ -157,7 +157,7 @@ def cmd_evaluate(args) -> int:
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
     post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
-    res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet)
+    res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet, doc_estimator=args.doc_estimator)
     print()
     print(format_posterior_table(res, title=args.split))
     return 0

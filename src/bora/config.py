@@ -42,6 +42,7 @@ HIERARCHIES = ("B", "AB")
 QUANTIZE = ("none", "8bit", "4bit")
 PARAMETERISATIONS = ("auto", "noncentred", "offset", "centred")
 PREDICTIVES = ("linear", "sample")
+DOC_ESTIMATORS = ("auto", "tilted", "plain")  # the document-level BMA's estimator (bora.tilted)
 PRECISIONS = ("auto", "fp32", "bf16")
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .config import DOC_ESTIMATORS, ConfigError
 from .distributed import all_reduce_sum_, world
 from .feed import Feed
 
@@ -234,7 +235,7 @@ def token_log_probs(model, batch: dict, params, direction=None) -> tuple[torch.T
 
 
 def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, level: float = 0.9,
-                       bootstrap: int = 1000, progress: bool = False) -> dict:
+                       bootstrap: int = 1000, progress: bool = False, doc_estimator: str = "auto") -> dict:
     """Point estimate vs Bayesian model average on ``data`` under ``post`` (a :class:`~bora.posterior.Posterior`).
 
     With posterior and test-set intervals.
@@ -245,7 +246,14 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
       NLL and perplexity, plus ``tokens``: :class:`bora.metrics.TokenMetrics` of its next-token
       predictions: NLL, top-1 accuracy, ECE, Brier, entropy; MI is 0);
     * ``bma_doc``: the **document-level posterior predictive**, the headline BMA: each document's
-      NLL is ``-log mean_s p(doc | adapter_s)`` (``per_task`` / ``overall`` as for ``point``);
+      NLL is ``-log E_post p(doc | adapter)`` (``per_task`` / ``overall`` as for ``point``), estimated by
+      ``doc_estimator``: ``"tilted"``, importance sampling from the posterior tilted by each document's
+      gradient (:mod:`bora.tilted`; Laplace posteriors; exact where the log-likelihood is linear in the
+      adapter), or ``"plain"``, ``-log mean_s p(doc | adapter_s)`` over the samples (biased low by about
+      ``var_s / (2 S)`` of a document's log-likelihood, far more when that variance is several nats^2);
+      ``"auto"``: tilted where it applies. ``doc_estimator`` says which was used, ``bma_doc_plain``
+      is always the plain estimate and ``tilted_ess`` (tilted only) the effective sample size of the
+      documents' importance weights (median, 10% quantile, fraction below ``S / 2``);
     * ``bma_token``: the **token-level BMA**, ``p_bar = mean_s p_s`` of the samples' next-token
       distributions: ``per_task`` / ``overall`` NLL and ``tokens`` (accuracy, ECE, Brier, predictive
       entropy, mean sample entropy and mutual information ``mean_s KL(p_s || p_bar)`` per token,
@@ -258,7 +266,8 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
       per-task perplexity and ``ppl_task_mean``; seeded with the posterior's seed): how much the
       numbers would move on another test set of the same size;
     * ``documents``: per-document lists ``task_ids``, ``tokens``, ``nll_point``, ``nll_bma_doc``,
-      ``nll_bma_token`` (NLL sums) and ``mutual_information`` (mean MI per token of the document),
+      ``nll_bma_doc_plain``, ``nll_bma_token`` (NLL sums), ``mutual_information`` (mean MI per token of
+      the document) and, tilted only, ``ess`` (the importance weights' effective sample size),
       e.g. for :func:`bora.evaluate.paired_bootstrap` or an MI-based out-of-distribution score;
     * ``samples``, ``seed``, ``point_fit`` (every sample is the point estimate), ``predictive``
       (``"linear"``: each sample's predictions are the network linearised at the point estimate,
@@ -267,7 +276,15 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     from tqdm.auto import tqdm
 
     from .metrics import SampleAverager, TokenMetrics, log_mean_exp
+    from .tilted import TiltedPredictive, tilted_log_mean_exp, unsupported
 
+    if doc_estimator not in DOC_ESTIMATORS:
+        raise ConfigError(f"doc_estimator must be one of {', '.join(DOC_ESTIMATORS)}, got {doc_estimator!r}")
+    reason = unsupported(post)
+    if doc_estimator == "tilted" and reason is not None:
+        raise ConfigError(f"the tilted document-level estimator does not apply: {reason}")
+    use = doc_estimator == "tilted" or (doc_estimator == "auto" and reason is None and post.num_samples > 1)
+    tilted = TiltedPredictive(post) if use else None
     model = post.model
     feed = post._feed(data)
     split = feed.split
@@ -280,6 +297,9 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     nll_tok_bma = torch.zeros(n, dtype=torch.float64)
     mi_doc = torch.zeros(n, dtype=torch.float64)
     ll_s = torch.zeros(S, n, dtype=torch.float64)
+    if tilted is not None:
+        t_ll, t_lin = torch.zeros(S, n, dtype=torch.float64), torch.zeros(S, n, dtype=torch.float64)
+        t_quad = torch.zeros(n, dtype=torch.float64)
     toks = torch.zeros(n, dtype=torch.long)
     m_point, m_bma = TokenMetrics(n_bins), TokenMetrics(n_bins)
     order = torch.argsort(split.lengths, stable=True)
@@ -304,6 +324,8 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
         mi_doc.index_add_(0, doc, mi.cpu())
         m_bma.add(p_bar, labels, expected_entropy=avg.expected_entropy(), mi=mi)
         del avg, p_bar
+        if tilted is not None:
+            t_ll[:, idx], t_lin[:, idx], t_quad[idx] = tilted.log_weights(b, range(S))
     if post.is_point and post.num_samples > 1:
         ll_s = ll_s.expand(post.num_samples, -1)
     tids, tasks = split.task_ids, split.tasks
@@ -311,8 +333,14 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     point["tokens"] = m_point.result()
     bma_token = summarize(nll_tok_bma, toks, tids, tasks)
     bma_token["tokens"] = m_bma.result()
-    nll_doc = -log_mean_exp(ll_s, 0)
-    bma_doc = summarize(nll_doc, toks, tids, tasks)
+    nll_plain = -log_mean_exp(ll_s, 0)
+    bma_doc_plain = summarize(nll_plain, toks, tids, tasks)
+    ess = None
+    if tilted is not None:
+        est, ess = tilted_log_mean_exp(t_ll, t_lin, t_quad)
+        nll_doc, bma_doc = -est, summarize(-est, toks, tids, tasks)
+    else:
+        nll_doc, bma_doc = nll_plain, bma_doc_plain
     # per-task perplexity of every sample -> posterior spread of the plug-in perplexity
     T = len(tasks)
     tok_t = torch.zeros(T, dtype=torch.float64).index_add_(0, tids, toks.double())
@@ -329,9 +357,15 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     test_interval = {"point": bootstrap_ppl(nll_point, toks, tids, **boot),
                      "bma_doc": bootstrap_ppl(nll_doc, toks, tids, **boot)}
     documents = {"task_ids": tids.tolist(), "tokens": toks.tolist(), "nll_point": nll_point.tolist(),
-                 "nll_bma_doc": nll_doc.tolist(), "nll_bma_token": nll_tok_bma.tolist(),
+                 "nll_bma_doc": nll_doc.tolist(), "nll_bma_doc_plain": nll_plain.tolist(),
+                 "nll_bma_token": nll_tok_bma.tolist(),
                  "mutual_information": (mi_doc / toks.clamp_min(1)).tolist()}
-    return {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point,
-            "predictive": post.predictive, "point": point,
-            "bma_doc": bma_doc, "bma_token": bma_token, "posterior_spread": spread, "test_interval": test_interval,
-            "documents": documents}
+    out = {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point,
+           "predictive": post.predictive, "doc_estimator": "plain" if tilted is None else "tilted", "point": point,
+           "bma_doc": bma_doc, "bma_doc_plain": bma_doc_plain, "bma_token": bma_token, "posterior_spread": spread,
+           "test_interval": test_interval, "documents": documents}
+    if ess is not None:
+        documents["ess"] = ess.tolist()
+        out["tilted_ess"] = {"median": float(ess.median()), "q10": float(ess.quantile(0.1)),
+                             "below_half": float((ess < S / 2).double().mean())}
+    return out

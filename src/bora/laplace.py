@@ -224,6 +224,24 @@ class HierarchicalLaplace:
         W = G * d[:, None]
         return W.square().sum(0) - ((Q.double().T @ W).square() * (lam.double() / (1 + lam.double()))[:, None]).sum(0)
 
+    def task_cov_times(self, t: int, G: torch.Tensor) -> torch.Tensor:
+        """``Sigma_t G``: task ``t``'s posterior covariance given ``Theta`` times every column of ``G`` (``[P, n]``, its
+        coordinates in the order of :meth:`layout`), ``[P, n]`` float64 (e.g. the mean shift of a proposal tilted
+        by a document's gradient, :mod:`bora.tilted`)."""
+        G = G.double()
+        d = self._prior_vector().double().rsqrt()
+        if self.gradients is None:
+            F = torch.cat([self.task[k][i][t].flatten() for k, i, _ in self._layout()]).double()
+            return G / (F + d.pow(-2))[:, None]
+        _, Q, lam = self._whitened_eig(t)
+        Q, lam = Q.double(), lam.double()
+        W = G * d[:, None]
+        return d[:, None] * (W - Q @ ((lam / (1 + lam))[:, None] * (Q.T @ W)))
+
+    def layout(self) -> list[tuple[str, int]]:
+        """``(adapter key, factor)`` of every block of a task's coordinate vector, in order."""
+        return [(k, i) for k, i, _ in self._layout()]
+
     def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
         return list(vec.split([self.task[k][i][0].numel() for k, i, _ in self._layout()]))
 

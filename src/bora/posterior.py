@@ -226,10 +226,10 @@ class Posterior:
 
     @torch.no_grad()
     def evaluate(self, data, *, batch_size: int = 8, n_bins: int = 15, level: float = 0.9,
-                 bootstrap: int = 1000, progress: bool = False) -> dict:
+                 bootstrap: int = 1000, progress: bool = False, doc_estimator: str = "auto") -> dict:
         """Point estimate and BMA predictive on ``data``; see :func:`bora.evaluate.evaluate_posterior`."""
         return evaluate_posterior(self, data, batch_size=batch_size, n_bins=n_bins, level=level,
-                                  bootstrap=bootstrap, progress=progress)
+                                  bootstrap=bootstrap, progress=progress, doc_estimator=doc_estimator)
 
     # ------------------------------------------------------------------ free text (bora.generate)
     def encode(self, text: str) -> torch.Tensor:

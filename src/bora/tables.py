@@ -39,15 +39,19 @@ def format_table(base: dict, fitted: dict, *, title: str = "test") -> str:
 def format_posterior_table(res: dict, *, title: str = "test") -> str:
     """Point estimate vs Bayesian model average: likelihood, accuracy, calibration, uncertainty; per task.
 
-    The BMA NLL and perplexities are the document-level posterior predictive (``bma_doc``); accuracy,
+    The BMA NLL and perplexities are the document-level posterior predictive (``bma_doc``, with the plain
+    estimate beside it when the tilted estimator was used); accuracy,
     ECE, Brier, entropy and mutual information are of the token-level BMA (``bma_token``)."""
     S = res["samples"]
     bma = S > 1
     p, bd, bt = res["point"], res["bma_doc"], res["bma_token"]
     head = f"BMA (S={S}" + (", linearised)" if res.get("predictive") == "linear" else ")")
     w = 50
+    tilted = res.get("doc_estimator") == "tilted"
     rows = [
         ("NLL per token (BMA: document-level)", p["overall"]["nll_token"], bd["overall"]["nll_token"], ".4f"),
+        *([("  the same, plain log-mean-exp over samples", p["overall"]["nll_token"],
+            res["bma_doc_plain"]["overall"]["nll_token"], ".4f")] if tilted and bma else []),
         ("perplexity: exp(mean per-task NLL)", p["overall"]["ppl_task_mean"], bd["overall"]["ppl_task_mean"], ".3f"),
         ("perplexity: token-weighted", p["overall"]["ppl_token"], bd["overall"]["ppl_token"], ".3f"),
         ("token-level BMA: NLL per token", p["tokens"]["nll"], bt["tokens"]["nll"], ".4f"),
@@ -65,6 +69,12 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
         lines.append(f"{name:<{w}}  {a:>10{fmt}}" + (f"  {c:>{cw}{fmt}}" if bma else ""))
     if res.get("point_fit") and bma:
         lines.append("(MAP fit: every posterior sample is the point estimate, so the BMA equals it)")
+    if tilted and bma:
+        e = res["tilted_ess"]
+        lines.append(f"(document-level BMA by importance sampling from the posterior tilted by each document's "
+                     f"gradient, bora.tilted: effective sample size median {e['median']:.1f}, 10% quantile "
+                     f"{e['q10']:.1f} of {S}; the plain log-mean-exp is biased low when a document's "
+                     "log-likelihood varies by nats)")
     if bma:
         iv, ti = res["posterior_spread"], res["test_interval"]["bma_doc"]
         names = list(iv)
