@@ -89,7 +89,8 @@ def test_evaluate_point_and_both_bmas_match_direct_computations(predictive):
 
     bora, split = make()
     post = bora.posterior(3, seed=0, predictive=predictive)
-    res = post.evaluate(split, batch_size=5, bootstrap=200)
+    res = post.evaluate(split, batch_size=5, bootstrap=200, doc_estimator="plain")  # (tilted: tests/test_tilted.py)
+    assert res["doc_estimator"] == "plain" and res["bma_doc"] == res["bma_doc_plain"]
     want = bora.evaluate(split)
     for t in split.tasks:
         assert res["point"]["per_task"][t]["nll"] == pytest.approx(want["per_task"][t]["nll"], abs=1e-5)

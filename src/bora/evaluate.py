@@ -247,13 +247,14 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
       predictions: NLL, top-1 accuracy, ECE, Brier, entropy; MI is 0);
     * ``bma_doc``: the **document-level posterior predictive**, the headline BMA: each document's
       NLL is ``-log E_post p(doc | adapter)`` (``per_task`` / ``overall`` as for ``point``), estimated by
-      ``doc_estimator``: ``"tilted"``, importance sampling from the posterior tilted by each document's
-      gradient (:mod:`bora.tilted`; Laplace posteriors; exact where the log-likelihood is linear in the
-      adapter), or ``"plain"``, ``-log mean_s p(doc | adapter_s)`` over the samples (biased low by about
+      ``doc_estimator``: ``"tilted"``, importance sampling from the equal mixture of the posterior and
+      the posterior tilted by each document's gradient (:mod:`bora.tilted`; Laplace and centred
+      mean-field posteriors; ``2 S`` draws: the ``S`` samples and ``S`` tilted copies), or ``"plain"``,
+      ``-log mean_s p(doc | adapter_s)`` over the samples (biased low by about
       ``var_s / (2 S)`` of a document's log-likelihood, far more when that variance is several nats^2);
       ``"auto"``: tilted where it applies. ``doc_estimator`` says which was used, ``bma_doc_plain``
       is always the plain estimate and ``tilted_ess`` (tilted only) the effective sample size of the
-      documents' importance weights (median, 10% quantile, fraction below ``S / 2``);
+      documents' ``2 S`` importance weights (median, 10% quantile, fraction below ``S``);
     * ``bma_token``: the **token-level BMA**, ``p_bar = mean_s p_s`` of the samples' next-token
       distributions: ``per_task`` / ``overall`` NLL and ``tokens`` (accuracy, ECE, Brier, predictive
       entropy, mean sample entropy and mutual information ``mean_s KL(p_s || p_bar)`` per token,
@@ -276,7 +277,7 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     from tqdm.auto import tqdm
 
     from .metrics import SampleAverager, TokenMetrics, log_mean_exp
-    from .tilted import TiltedPredictive, tilted_log_mean_exp, unsupported
+    from .tilted import TiltedPredictive, mixture_log_mean_exp, unsupported
 
     if doc_estimator not in DOC_ESTIMATORS:
         raise ConfigError(f"doc_estimator must be one of {', '.join(DOC_ESTIMATORS)}, got {doc_estimator!r}")
@@ -337,7 +338,7 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     bma_doc_plain = summarize(nll_plain, toks, tids, tasks)
     ess = None
     if tilted is not None:
-        est, ess = tilted_log_mean_exp(t_ll, t_lin, t_quad)
+        est, ess = mixture_log_mean_exp(ll_s, t_ll, t_lin, t_quad)
         nll_doc, bma_doc = -est, summarize(-est, toks, tids, tasks)
     else:
         nll_doc, bma_doc = nll_plain, bma_doc_plain
@@ -367,5 +368,5 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
     if ess is not None:
         documents["ess"] = ess.tolist()
         out["tilted_ess"] = {"median": float(ess.median()), "q10": float(ess.quantile(0.1)),
-                             "below_half": float((ess < S / 2).double().mean())}
+                             "below_half": float((ess < S).double().mean())}
     return out

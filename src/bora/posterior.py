@@ -31,10 +31,12 @@ adapter and every epistemic quantity is zero). Sample ``k`` is drawn with its ow
 
 * :meth:`Posterior.doc_loglik` / :meth:`Posterior.bma_loglik`: per-document log-likelihood under
   every sample, and the Bayesian-model-average (log-mean-exp over samples) — the posterior
-  predictive probability of the whole document;
+  predictive probability of the whole document, by plain Monte Carlo;
 * :meth:`Posterior.evaluate` (:func:`bora.evaluate.evaluate_posterior`): point estimate and BMA side by
   side. Two BMAs, labelled apart:
-  ``bma_doc``, the document-level posterior predictive (the headline BMA NLL and perplexity), and
+  ``bma_doc``, the document-level posterior predictive (the headline BMA NLL and perplexity; for
+  Laplace and centred mean-field posteriors estimated by gradient-tilted importance sampling,
+  :mod:`bora.tilted`), and
   ``bma_token``, the mean of the samples' next-token probabilities (top-1 accuracy, ECE, Brier
   score, predictive entropy and mutual information). Per task, the perplexity's posterior spread
   over samples (``posterior_spread``) and its test-set interval from a document bootstrap
@@ -221,7 +223,9 @@ class Posterior:
         return ll.expand(self.num_samples, -1).clone() if self.is_point else ll
 
     def bma_loglik(self, data, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Per-document Bayesian-model-average log-likelihood ``log mean_s p(doc | adapter_s)``, ``[N]``."""
+        """Per-document Bayesian-model-average log-likelihood ``log mean_s p(doc | adapter_s)``, ``[N]``: plain
+        Monte Carlo, biased low when a document's log-likelihood varies by nats over the samples
+        (:meth:`evaluate` uses the gradient-tilted estimate of :mod:`bora.tilted` where it applies)."""
         return log_mean_exp(self.doc_loglik(data, batch_size).double(), 0).float()
 
     @torch.no_grad()

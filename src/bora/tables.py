@@ -71,10 +71,10 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
         lines.append("(MAP fit: every posterior sample is the point estimate, so the BMA equals it)")
     if tilted and bma:
         e = res["tilted_ess"]
-        lines.append(f"(document-level BMA by importance sampling from the posterior tilted by each document's "
-                     f"gradient, bora.tilted: effective sample size median {e['median']:.1f}, 10% quantile "
-                     f"{e['q10']:.1f} of {S}; the plain log-mean-exp is biased low when a document's "
-                     "log-likelihood varies by nats)")
+        lines.append(f"(document-level BMA by importance sampling, bora.tilted: the {S} samples and {S} copies "
+                     f"shifted along each document's gradient; effective sample size median {e['median']:.1f}, "
+                     f"10% quantile {e['q10']:.1f} of {2 * S}. The plain log-mean-exp is biased low when a "
+                     "document's log-likelihood varies by nats over the samples)")
     if bma:
         iv, ti = res["posterior_spread"], res["test_interval"]["bma_doc"]
         names = list(iv)
