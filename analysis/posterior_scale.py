@@ -31,7 +31,7 @@ def run(args) -> dict:
     from bora.api import Bora, load_data
     from bora.evaluate import doc_loglik
     from bora.metrics import log_mean_exp
-    from bora.tilted import TiltedPredictive, mixture_log_mean_exp
+    from bora.tilted import tilted_bma_loglik
 
     t0 = time.perf_counter()
     bora = Bora.load(args.fit, device="cpu")
@@ -59,20 +59,9 @@ def run(args) -> dict:
         for c in args.scales:
             if args.estimator == "tilted":
                 bora.laplace = scaled(lap, c)
-                post_c = bora.posterior(args.samples, seed=args.seed)
-                tp = TiltedPredictive(post_c)
-                n = len(tok)
-                t_ll = torch.zeros(args.samples, n, dtype=torch.float64)
-                t_lin = torch.zeros(args.samples, n, dtype=torch.float64)
-                t_quad = torch.zeros(n, dtype=torch.float64)
-                order = torch.argsort(data[split].lengths, stable=True)
-                for i in range(0, len(order), bora.config.fit.eval_batch_size):
-                    idx = order[i:i + bora.config.fit.eval_batch_size]
-                    with torch.no_grad():
-                        w = tp.log_weights(feed.batch(idx), range(args.samples))
-                    t_ll[:, idx], t_lin[:, idx], t_quad[idx] = w
-                ll_post = post_c.doc_loglik(feed).double()  # the same draws, unshifted
-                rows[split][str(c)] = ppl(-mixture_log_mean_exp(ll_post, t_ll, t_lin, t_quad)[0], tok)
+                est = tilted_bma_loglik(bora.posterior(args.samples, seed=args.seed), feed,
+                                        bora.config.fit.eval_batch_size)[0]
+                rows[split][str(c)] = ppl(-est, tok)
                 continue
             lls = []
             for s in samples:

@@ -9,7 +9,8 @@ import torch
 from bora.guides import guide_params
 from bora.metrics import log_mean_exp
 from bora.api import Bora
-from bora.tilted import TiltedPredictive, mixture_log_mean_exp, tilted_log_mean_exp, unsupported
+from bora.tilted import (TiltedPredictive, mixture_log_mean_exp, tilted_bma_loglik, tilted_log_mean_exp,
+                         unsupported)
 
 from conftest import TinyTokenizer, tiny_llama
 from test_laplace import _fit
@@ -160,6 +161,10 @@ def test_tilted_bma_agrees_with_plain_monte_carlo_with_many_draws(laplace_fit):
     # over seeds against 20000 draws; plain Monte Carlo with the same 64 draws errs as much at this small spread)
     assert (tilted - ref).abs().max() < 0.1 and (tilted - ref).abs().mean() < 0.04
     assert (ref - point).abs().mean() > 0.05        # the posterior predictive differs from the point estimate
+    # the same estimate without the token-level metrics (analysis/posterior_scale.py --estimator tilted)
+    alone, ess = tilted_bma_loglik(bora.posterior(64, seed=0), bora.feed(val), batch_size=4)
+    torch.testing.assert_close(alone, tilted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ess, torch.tensor(res["documents"]["ess"], dtype=torch.float64), atol=1e-2, rtol=1e-3)
     # the plain estimate is the same samples' log-mean-exp; a MAP fit or 'plain' reports it as the headline
     plain = bora.posterior(64, seed=0).evaluate(val, bootstrap=10, doc_estimator="plain")
     assert plain["doc_estimator"] == "plain" and "tilted_ess" not in plain

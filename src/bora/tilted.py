@@ -53,7 +53,7 @@ import torch
 
 from .metrics import log_mean_exp
 
-__all__ = ["tilted_log_mean_exp", "mixture_log_mean_exp", "TiltedPredictive", "unsupported",
+__all__ = ["tilted_log_mean_exp", "mixture_log_mean_exp", "tilted_bma_loglik", "TiltedPredictive", "unsupported",
            "task_covariance"]
 
 
@@ -226,3 +226,19 @@ class TiltedPredictive:
             eps = self._flat(self._rows(self.post.params(k), tids)) - point_rows
             lins.append(alpha * (G * eps).sum(1))
         return torch.stack(lls), torch.stack(lins), alpha.square() * quad
+
+
+@torch.no_grad()
+def tilted_bma_loglik(post, feed, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(d) [N], effective sample sizes [N])``: every document's document-level BMA under ``post`` by
+    :func:`mixture_log_mean_exp` (its ``S`` samples and ``S`` tilted copies), without the token-level metrics of
+    :func:`bora.evaluate.evaluate_posterior`. ``feed``: a :class:`~bora.feed.Feed` of the documents."""
+    tp = TiltedPredictive(post)
+    S, n = post.num_samples, len(feed)
+    t_ll, t_lin = torch.zeros(S, n, dtype=torch.float64), torch.zeros(S, n, dtype=torch.float64)
+    t_quad = torch.zeros(n, dtype=torch.float64)
+    order = torch.argsort(feed.split.lengths, stable=True)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        t_ll[:, idx], t_lin[:, idx], t_quad[idx] = tp.log_weights(feed.batch(idx), range(S))
+    return mixture_log_mean_exp(post.doc_loglik(feed, batch_size).double(), t_ll, t_lin, t_quad)
