@@ -137,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples.")
     e.add_argument("--predictive", choices=PREDICTIVES, default="sample", help=PREDICTIVE_HELP)
     e.add_argument("--doc-estimator", choices=DOC_ESTIMATORS, default="auto",
-                   help="Estimator of the document-level BMA: 'tilted' (importance sampling from the posterior "
-                        "tilted by each document's gradient, Laplace fits; one extra backward and S extra "
-                        "forward passes), 'plain' (log-mean-exp over the samples: biased low when a document's "
-                        "log-likelihood varies by nats over the posterior) or 'auto' (tilted where it applies).")
+                   help="Estimator of the document-level BMA: 'tilted' (importance sampling from the samples and "
+                        "copies shifted along each document's gradient; Laplace and centred mean-field fits; one "
+                        "forward-backward and S + 1 more forward passes), 'plain' (log-mean-exp over the samples: "
+                        "biased low when a document's log-likelihood varies by nats over the posterior) or 'auto' "
+                        "(tilted where it applies).")
     e.add_argument("--batch-size", type=int, default=8, help="Documents per batch for the token-level metrics.")
     e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     e.add_argument("--quiet", action="store_true", help="No progress bars.")
