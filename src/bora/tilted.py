@@ -62,12 +62,19 @@ def tilted_log_mean_exp(ll: torch.Tensor, lin: torch.Tensor, quad: torch.Tensor)
 
     ``ll [S, n]``: each document's log-likelihood at ``theta_hat + Sigma g + eps_s``; ``lin [S, n]``: ``g^T eps_s``;
     ``quad [n]``: ``g^T Sigma g``. Float64."""
+    _check_shapes(ll, lin, quad)
+    x = ll.double() - lin.double()
+    return log_mean_exp(x, 0) - 0.5 * quad.double(), _ess(x)
+
+
+def _check_shapes(ll: torch.Tensor, lin: torch.Tensor, quad: torch.Tensor) -> None:
     if ll.dim() != 2 or ll.shape != lin.shape or quad.shape != ll.shape[1:]:
         raise ValueError("ll and lin must be [S, n] and quad [n]")
-    x = ll.double() - lin.double()
-    est = log_mean_exp(x, 0) - 0.5 * quad.double()
-    ess = (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp()
-    return est, ess
+
+
+def _ess(x: torch.Tensor) -> torch.Tensor:
+    """Effective sample size ``(sum_s w_s)^2 / sum_s w_s^2`` of log-weights ``x [S, n]``, per column."""
+    return (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp()
 
 
 def mixture_log_mean_exp(ll_post: torch.Tensor, ll_tilt: torch.Tensor, lin: torch.Tensor,
@@ -82,12 +89,12 @@ def mixture_log_mean_exp(ll_post: torch.Tensor, ll_tilt: torch.Tensor, lin: torc
     ``p(d | theta) / (1/2 + e^r / 2)``. Float64."""
     if ll_post.shape != ll_tilt.shape:
         raise ValueError("ll_post and ll_tilt must both be [S, n]")
-    tilted_log_mean_exp(ll_tilt, lin, quad)  # checks the shapes
+    _check_shapes(ll_tilt, lin, quad)
     half = 0.5 * quad.double()
     r_post, r_tilt = lin.double() - half, lin.double() + half
     x = torch.cat([ll_post.double() - torch.logaddexp(torch.zeros_like(r_post), r_post),
                    ll_tilt.double() - torch.logaddexp(torch.zeros_like(r_tilt), r_tilt)]) + math.log(2.0)
-    return log_mean_exp(x, 0), (2 * torch.logsumexp(x, 0) - torch.logsumexp(2 * x, 0)).exp()
+    return log_mean_exp(x, 0), _ess(x)
 
 
 def unsupported(post) -> Optional[str]:
