@@ -7,7 +7,8 @@ Runs one learned-tau MAP fit whose tau updates use today's estimator, the separa
 (``tau_curvature='pass'``: ``fisher_docs`` documents per task at the current point), while
 step accumulators (``tau_curvature='steps'``: the plain sum since the last update, and
 recency-weighted ones with a memory of 1/2, 1/4 and 1/8 epoch, and the plain sum rescaled by each recency
-accumulator's pooled total) record the same training steps. At
+accumulator's pooled total, and the plain sum corrected by probe documents as ``tau_probe_docs`` does, with
+2, 4 and 8 probes per task and a global or per-module ratio) record the same training steps. At
 every update each accumulator's Fisher is turned into a tau with the same ``S``, so the estimators
 are compared on identical adapters. Prints one JSON line per update (relative difference of each
 accumulator's tau to the pass's) and the largest absolute difference of each; ``--json`` saves them.
@@ -26,6 +27,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny random model and data (smoke run)")
     ap.add_argument("--fisher-docs", type=int, default=None, help="documents per task of the reference pass")
+    ap.add_argument("--probe-docs", type=int, nargs="*", default=[2, 4, 8],
+                    help="probe documents per task of the probe-corrected step estimators")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -61,10 +64,15 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(cfg.fit.seed + 0x5F15)
     per_epoch = -(-len(data["train"]) // cfg.fit.batch_size)
     memories = {"epoch sum": None, **{f"memory {m:g} steps": m for m in (per_epoch / 2, per_epoch / 4, per_epoch / 8)}}
+    probes = {f"probe {k} docs {by}": (k, by) for k in a.probe_docs for by in ("global", "module")}
     rows = []
     t0 = time.perf_counter()
     import bora.infer as infer_mod
+    from bora.batching import distinct_task_batches
     from bora.curvature import StepFisher
+
+    probe_gen = torch.Generator().manual_seed(cfg.fit.seed + 0x9B0E)
+    kmax = max(a.probe_docs, default=0)
 
     class Probe(StepFisher):
         """Feeds several step accumulators; hands the fit the reference pass, so the fit follows today's estimator."""
@@ -72,24 +80,47 @@ def main(argv=None) -> dict:
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
             self.extras = {name: StepFisher(*args, **{**kw, "memory": m}) for name, m in memories.items()}
+            self.probed = {name: StepFisher(*args, **kw) for name in probes}
+
+        def _all(self):
+            return [*self.extras.values(), *self.probed.values()]
 
         def begin_step(self, *args, **kw):
-            for e in self.extras.values():
+            for e in self._all():
                 e.begin_step(*args, **kw)
 
         def sink(self, *args):
-            for e in self.extras.values():
+            for e in self._all():
                 e.sink(*args)
 
         def reset_(self):
-            for e in self.extras.values():
+            for e in self._all():
                 e.reset_()
+
+        def set_probe_(self, rows, num_docs):
+            """Nested probe sets (the first k of kmax per task); the fit itself keeps the reference pass."""
+            if not kmax:
+                return
+            batches = list(distinct_task_batches(feeds["train"].split, kmax, generator=probe_gen))
+            for name, (k, _) in probes.items():
+                self.probed[name].set_probe_(torch.cat(batches[:k]), num_docs)
+
+        def probe_rows(self):
+            return torch.zeros(0, dtype=torch.long)
 
         def task_fisher(self):
             point = bora.point()
-            ref = task_fisher(bora.model, bora.model.params_from_values(point), feeds["train"], max_per_task=docs,
-                              generator=gen)
+            params = bora.model.params_from_values(point)
+            ref = task_fisher(bora.model, params, feeds["train"], max_per_task=docs, generator=gen)
             P = bora.model.prior
+            corrected = {}
+            for name, (k, by) in probes.items():
+                e = self.probed[name]
+                tf = e.task_fisher()
+                end = task_fisher(bora.model, params, feeds["train"], rows=e.probe_rows())
+                for (key, i), r in e.probe_ratio(end, by).items():
+                    tf.fisher[key][i].mul_(r)
+                corrected[name] = tf
             for name, keys in bora.model.tau_groups().items():
                 S, F = bora.tau.statistics(point, ref, keys)
                 row = {"update": len(rows) + 1, "tau_pass": evidence_tau(S, F, P.tau_shape, P.tau_rate),
@@ -106,6 +137,9 @@ def main(argv=None) -> dict:
                         scaled = fishers["epoch sum"] * (float(Fe.sum()) / total)
                         row[f"epoch sum x pooled ratio of {label}"] = (
                             evidence_tau(S, scaled, P.tau_shape, P.tau_rate) / row["tau_pass"] - 1)
+                for label, tf in corrected.items():
+                    Fe = bora.tau.statistics(point, tf, keys)[1]
+                    row[label] = evidence_tau(S, Fe, P.tau_shape, P.tau_rate) / row["tau_pass"] - 1
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             return ref

@@ -100,17 +100,24 @@ def distinct_task_batches(
     split: TokenizedSplit,
     max_per_task: Optional[int],
     generator: Optional[torch.Generator] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> Iterator[torch.Tensor]:
     """Row-index LongTensors in which every task appears at most once (round robin over tasks).
 
     Covers ``max_per_task`` rows per task (a uniform random subset, drawn with ``generator``, when a
     task has more; all rows when None), so batch ``k`` holds the ``k``-th chosen row of every task
-    that has one. Rows within a task keep their order in ``split``."""
+    that has one. Rows within a task keep their order in ``split``. ``rows`` (indices) restricts the
+    choice to those rows."""
     if max_per_task is not None and (not isinstance(max_per_task, int) or max_per_task < 1):
         raise ConfigError(f"max_per_task must be a positive integer or None, got {max_per_task!r}")
     chosen: list[torch.Tensor] = []
+    allowed = None
+    if rows is not None:
+        allowed = torch.zeros(len(split), dtype=torch.bool)
+        allowed[torch.as_tensor(rows, dtype=torch.long).cpu()] = True
     for t in range(len(split.tasks)):
-        idx = (split.task_ids == t).nonzero().reshape(-1)
+        mine = split.task_ids == t
+        idx = (mine if allowed is None else mine & allowed).nonzero().reshape(-1)
         if max_per_task is not None and len(idx) > max_per_task:
             pick = torch.randperm(len(idx), generator=generator)[:max_per_task]
             idx = idx[pick.sort().values]

@@ -45,6 +45,7 @@ _FLAGS = {
     "patience": (FitConfig, "patience", int),
     "fisher_docs": (FitConfig, "fisher_docs", int),
     "tau_curvature": (FitConfig, "tau_curvature", str),
+    "tau_probe_docs": (FitConfig, "tau_probe_docs", int),
     "num_particles": (FitConfig, "num_particles", int),
     "laplace_docs": (FitConfig, "laplace_docs", int),
     "laplace_labels": (FitConfig, "laplace_labels", str),

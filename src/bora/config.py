@@ -246,10 +246,16 @@ class FitConfig(_JsonConfig):
                               "shrinkage).")
     tau_curvature: str = _f(
         "steps", "Where a learned-tau MAP fit's tau update gets each task's Fisher: 'steps' (accumulated from the "
-        "training steps' per-document gradients since the last update: nearly free; tau within 0.2-8.5 percent of "
-        "'pass' at the same adapters on the embedded default; the likelihood must run through bora's adapter layers) "
+        "training steps' per-document gradients since the last update, corrected by tau_probe_docs: nearly free; "
+        "tau within 1.4 percent of 'pass' at the same adapters on the embedded default; the likelihood must run "
+        "through bora's adapter layers) "
         "or 'pass' (a "
         "separate forward-backward pass over fisher_docs documents per task at the current point).")
+    tau_probe_docs: int = _f(
+        4, "With tau_curvature='steps': documents per task whose gradients one short pass re-measures at each tau "
+        "update, at the current point; the accumulated Fisher is scaled by how much smaller their squared gradients "
+        "are there than in the steps that saw them (a document's gradient shrinks once a step has fitted it). "
+        "0: no probe pass.")
     laplace_docs: Optional[int] = _f(
         64, "Training documents per task for the Laplace posterior's curvature ('laplace'; a task's Fisher is "
         "scaled to all its documents; None: every document).")
@@ -294,6 +300,8 @@ class FitConfig(_JsonConfig):
         _check(self.fisher_docs >= 1, "fisher_docs must be >= 1")
         _check(self.tau_curvature in ("steps", "pass"),
                f"tau_curvature must be 'steps' or 'pass', got {self.tau_curvature!r}")
+        _check(isinstance(self.tau_probe_docs, int) and self.tau_probe_docs >= 0,
+               f"tau_probe_docs must be a non-negative integer, got {self.tau_probe_docs!r}")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
                f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")

@@ -25,9 +25,19 @@ default) every document is seen about once, at parameters that move during the e
 the sum over the documents seen, scaled by ``N_t / n_t`` like the subsampled pass. With ``memory``
 (in steps) every step first multiplies the sums and the counts by ``exp(-1 / memory)``, so the
 estimate is ``N_t`` times a recency-weighted mean of the task's per-document squared gradients,
-dominated by the last ``memory`` steps' parameters. The estimate is
-validated against the separate pass in ``benchmarks/curvature_check.py``. Data-parallel ranks sum
-their accumulators when the Fisher is read.
+dominated by the last ``memory`` steps' parameters. Data-parallel ranks sum their accumulators when
+the Fisher is read.
+
+A step sees a document's gradient *before* fitting it, while the Fisher a tau update wants is at the
+current point, after every document's step: there a document's gradient is smaller (by most just after
+its step, so weighting recent steps more makes it worse). Probe documents measure the shrinkage:
+:meth:`StepFisher.set_probe_` marks a few documents per task (:func:`probe_documents`), their squared
+step gradients are also summed per task, and at the update one short pass
+(:func:`bora.fisher.task_fisher` with ``rows=probe_rows()``) re-measures them at the current point;
+:meth:`StepFisher.probe_ratio` is ``sum end / sum steps`` over them, by which the accumulated Fisher is
+scaled (``FitConfig.tau_probe_docs``, 4 by default). On the embedded default this moves tau from +0.3,
++8.5, +3.6, -4.0 percent of the separate 32-document pass at the same adapters to +0.2, +1.4, -0.3,
+-1.3 percent (``benchmarks/curvature_check.py``).
 """
 
 from __future__ import annotations
@@ -38,9 +48,11 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .config import ConfigError
+from .batching import distinct_task_batches
+from .distributed import all_reduce_sum_
 from .fisher import TaskFisher
 
-__all__ = ["StepFisher"]
+__all__ = ["StepFisher", "probe_documents"]
 
 
 class StepFisher:
@@ -60,16 +72,48 @@ class StepFisher:
         self.weight = torch.zeros(self.num_tasks, dtype=torch.float64)  # recency-weighted document count
         self._inv_weight = 0.0
         self._particles = 1
+        # probe documents (set_probe_): their squared step gradients summed per task, by adapter and factor
+        self.probe: Optional[torch.Tensor] = None  # bool [documents]
+        self.probe_seen: Optional[torch.Tensor] = None
+        self.probe_sums = {k: {i: torch.zeros(self.num_tasks, device=device) for i in self.factors} for k in shapes}
+        self._probe_pos: Optional[torch.Tensor] = None
 
     @classmethod
     def for_model(cls, model, task_sizes: torch.Tensor, memory: Optional[float] = None) -> "StepFisher":
         return cls(model.shapes, model.num_tasks, task_sizes, model.task_factors(), model.device, memory=memory)
 
-    def begin_step(self, loss_weight: float, task_ids: torch.Tensor, particles: int = 1) -> None:
+    def set_probe_(self, rows: torch.Tensor, num_docs: int) -> None:
+        """Mark training documents ``rows`` (indices among ``num_docs``) as probes: until the next call,
+        their step gradients are also summed per task (:meth:`probe_ratio`)."""
+        self.probe = torch.zeros(int(num_docs), dtype=torch.bool)
+        self.probe[torch.as_tensor(rows, dtype=torch.long).cpu()] = True
+        self.probe_seen = torch.zeros_like(self.probe)
+        for sums in self.probe_sums.values():
+            for v in sums.values():
+                v.zero_()
+
+    def probe_rows(self) -> torch.Tensor:
+        """The probe documents seen by a step since :meth:`set_probe_` (indices; on any data-parallel rank)."""
+        if self.probe_seen is None:
+            return torch.zeros(0, dtype=torch.long)
+        seen = self.probe_seen.long()
+        all_reduce_sum_(seen)
+        return seen.nonzero().reshape(-1)
+
+    def begin_step(self, loss_weight: float, task_ids: torch.Tensor, particles: int = 1,
+                   index: Optional[torch.Tensor] = None) -> None:
         """The next backward pass weighs each document's log-likelihood by ``loss_weight`` in every one
-        of ``particles`` ELBO particles (0: a placeholder row that counts for nothing)."""
+        of ``particles`` ELBO particles (0: a placeholder row that counts for nothing); ``index``: the
+        batch's document indices (needed for probes)."""
         self._inv_weight = 0.0 if loss_weight == 0 else 1.0 / (loss_weight * particles)
         self._particles = particles
+        self._probe_pos = None
+        if self.probe is not None and index is not None and loss_weight != 0:
+            index = index.cpu()
+            pos = self.probe[index].nonzero().reshape(-1)
+            if len(pos):
+                self.probe_seen[index[pos]] = True
+                self._probe_pos = pos.to(task_ids.device)
         if self.decay != 1.0:  # older documents count less (their gradients were at older parameters)
             self.weight.mul_(self.decay)
             for pair in self.fisher.values():
@@ -86,7 +130,11 @@ class StepFisher:
             return
         g = grad.detach().float() * self._inv_weight
         # each of the particles' backward passes brings the same documents once
-        self.fisher[key][factor].index_add_(0, task_ids, g.square().div_(self._particles))
+        sq = g.square().div_(self._particles)
+        self.fisher[key][factor].index_add_(0, task_ids, sq)
+        if self._probe_pos is not None:
+            pos = self._probe_pos
+            self.probe_sums[key][factor].index_add_(0, task_ids[pos], sq[pos].flatten(1).sum(1))
 
     def task_fisher(self) -> TaskFisher:
         """The accumulated Fisher as a :class:`~bora.fisher.TaskFisher` (summed over data-parallel ranks)."""
@@ -98,6 +146,28 @@ class StepFisher:
         # N_t times the (recency-weighted) mean over the task's documents seen
         return TaskFisher.from_sums(fisher, self.used.clone(), self.task_sizes.clone(), self.weight.clone())
 
+    def probe_ratio(self, end: TaskFisher, by: str = "global") -> dict:
+        """How much smaller the probe documents' squared gradients are at the current point (``end``: their
+        Fisher from :func:`bora.fisher.task_fisher` with ``rows=probe_rows()``) than in the steps that saw
+        them: ``sum end / sum steps`` over the probe documents, pooled over every task and coordinate
+        (``by='global'``) or per adapted module and factor (``by='module'``). Returns ``{(key, factor):
+        ratio}``."""
+        if by not in ("global", "module"):
+            raise ValueError(f"by must be 'global' or 'module', got {by!r}")
+        steps = {(k, i): v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}
+        all_reduce_sum_(*steps.values())
+        # end's sums were scaled by N_t / n_t (n_t: its probe documents); undo that
+        c = torch.where(end.sizes > 0, end.used.double() / end.sizes.double().clamp_min(1), 0.0).float()
+        ends = {(k, i): (end.fisher[k][i].flatten(1).sum(1) * c.to(end.fisher[k][i].device))
+                for k, i in steps}
+        if by == "global":
+            num = sum(float(v.sum()) for v in ends.values())
+            den = sum(float(v.sum()) for v in steps.values())
+            r = num / den if den > 0 else 1.0
+            return {key: r for key in steps}
+        return {key: (float(ends[key].sum()) / float(steps[key].sum()) if float(steps[key].sum()) > 0 else 1.0)
+                for key in steps}
+
     def reset_(self) -> None:
         for pair in self.fisher.values():
             for F in pair:
@@ -107,7 +177,11 @@ class StepFisher:
 
     def state_dict(self) -> dict:
         tensors = {f"{k}.{i}": F.clone() for k, pair in self.fisher.items() for i, F in enumerate(pair)}
-        return {"used": self.used.clone(), "weight": self.weight.clone(), **tensors}
+        probe = {}
+        if self.probe is not None:
+            probe = {"probe": self.probe.clone(), "probe_seen": self.probe_seen.clone(),
+                     **{f"probe.{k}.{i}": v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}}
+        return {"used": self.used.clone(), "weight": self.weight.clone(), **tensors, **probe}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.used.copy_(state["used"])
@@ -115,3 +189,15 @@ class StepFisher:
         for k, pair in self.fisher.items():
             for i, F in enumerate(pair):
                 F.copy_(state[f"{k}.{i}"])
+        if "probe" in state:
+            self.probe = state["probe"].clone().bool()
+            self.probe_seen = state["probe_seen"].clone().bool()
+            for k, sums in self.probe_sums.items():
+                for i, v in sums.items():
+                    v.copy_(state[f"probe.{k}.{i}"])
+
+
+def probe_documents(split, per_task: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``per_task`` random documents of every task of ``split`` (all of a smaller task's), as indices."""
+    rows = list(distinct_task_batches(split, per_task, generator=generator))
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)

@@ -70,7 +70,8 @@ def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.T
 
 def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = False,
-                labels: str = "empirical", gradients: Optional[dict] = None) -> TaskFisher:
+                labels: str = "empirical", gradients: Optional[dict] = None,
+                rows: Optional[torch.Tensor] = None) -> TaskFisher:
     """Diagonal Fisher of each task's log-likelihood with respect to its adapter at ``params``.
 
     ``labels='empirical'`` uses the documents' own next tokens (the empirical Fisher);
@@ -81,7 +82,10 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     ``gradients``: ``{key: [factor, ...]}`` (0: ``A``, 1: ``B``) also keeps every used document's
     gradient with respect to those factors of its own task, flattened and concatenated in that order,
     as the columns of ``TaskFisher.gradients[t]`` (``[P, n_t]``, scaled by ``sqrt(N_t / n_t)``), so that
-    ``G_t G_t^T`` is the task's full (not only diagonal) Fisher estimate and its diagonal is ``fisher``."""
+    ``G_t G_t^T`` is the task's full (not only diagonal) Fisher estimate and its diagonal is ``fisher``.
+
+    ``rows``: only these documents of ``feed`` (indices), e.g. the probe documents of
+    :class:`bora.curvature.StepFisher`."""
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
     label_seed = None
@@ -97,7 +101,7 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     used = torch.zeros(T, dtype=torch.long)
     flat = [t for pair in leaves.values() for t in pair]
     model.adapters.train(False)
-    batches = list(enumerate(distinct_task_batches(feed.split, max_per_task, generator=generator)))
+    batches = list(enumerate(distinct_task_batches(feed.split, max_per_task, generator=generator, rows=rows)))
     rank, size = world()
     cols = None
     if gradients is not None:

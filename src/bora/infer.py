@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import rng_state, set_rng_state_
 from .config import ConfigError, FitConfig
-from .curvature import StepFisher
+from .curvature import StepFisher, probe_documents
 from .batching import BatchStream
 from .distributed import data_parallel, shard_rows
 from .evaluate import evaluate
@@ -170,7 +170,16 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             if step > 0 and not variational_tau:
                 if curv is not None:
                     tf = curv.task_fisher()
+                    rows = curv.probe_rows()
+                    if len(rows):  # the probe documents' gradients at this point against the steps'
+                        end = task_fisher(model, model.params_from_values(point), train, rows=rows)
+                        ratio = curv.probe_ratio(end, by="module")
+                        for (key, i), r in ratio.items():
+                            tf.fisher[key][i].mul_(r)
+                        entry["fisher_probe_ratio"] = statistics.fmean(ratio.values())
                     curv.reset_()
+                    if cfg.tau_probe_docs:
+                        curv.set_probe_(probe_documents(train.split, cfg.tau_probe_docs, fisher_gen), len(train))
                 else:
                     tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
                                      generator=fisher_gen)
@@ -192,6 +201,8 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                 "running": {"loss": run_loss, "nll": run_nll, "n": run_n, "tokens": tok_count}}
 
     step = 0
+    if curv is not None and cfg.tau_probe_docs:
+        curv.set_probe_(probe_documents(train.split, cfg.tau_probe_docs, fisher_gen), len(train))
     if resume is None:
         validate(0, math.nan, math.nan)
         if checkpoint is not None:
@@ -236,7 +247,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             recording = None
             if curv is not None:  # a document's log-likelihood enters this loss with weight N w / (b n_tokens)
                 w = float(batch.get("loglik_scale", 1.0)) * len(train) / (len(batch["index"]) * n_tokens)
-                curv.begin_step(w, batch["task_ids"], cfg.num_particles)
+                curv.begin_step(w, batch["task_ids"], cfg.num_particles, index=batch["index"])
                 recording = model.adapters.record_task_grads(curv.sink)
             loss, _ = train_step(batch, step, backward_context=recording)
             if variational_tau:  # variational EM: tau at its M-step value under the current q (cheap)
