@@ -304,13 +304,28 @@ class BoraStep(Variant):
                                     clip_norm=cfg.clip_norm, pyro_checks=pyro.distributions.is_validation_enabled())
         self.k = 0
         self.batch = batch
+        self.num_docs = num_docs
+        # a learned-tau point fit also hands every step's per-document gradients to the tau update's Fisher
+        from pyro.infer.autoguide import AutoNormal
+
+        from bora.curvature import StepFisher
+
+        self.curv = None
+        if bora_obj.tau is not None and not isinstance(bora_obj.guide, AutoNormal) and cfg.tau_curvature == "steps":
+            sizes = torch.full((num_tasks,), max(1, num_docs // num_tasks), dtype=torch.long)
+            self.curv = StepFisher.for_model(self.model, sizes)
 
     def step(self, batch=None):
         batch = self.batch if batch is None else batch
         model = self.model
         model.adapters.train(True)
         self.k += 1
-        loss, _ = self.train_step(batch, self.k)
+        recording = None
+        if self.curv is not None:  # as bora.infer.fit does (no probe documents in a synthetic batch)
+            w = self.num_docs / (len(batch["task_ids"]) * self.ntok_total)
+            self.curv.begin_step(w, batch["task_ids"], 1, index=batch.get("index"))
+            recording = model.adapters.record_task_grads(self.curv.sink)
+        loss, _ = self.train_step(batch, self.k, backward_context=recording)
         model.adapters.train(False)
         sync(self.device)
         self.last_loss = float(loss)
