@@ -55,8 +55,9 @@ def test_step_gradients_give_the_exact_fisher_of_one_epoch(hierarchy):
 
 @pytest.mark.parametrize("by", ["global", "module"])
 def test_probe_ratio_compares_the_probe_documents_gradients_with_the_steps(by):
-    """At a fixed point the probes' step gradients are their gradients at the end: ratio 1. Steps that saw a
-    gradient half as large (a loss weighted twice) give ratio 4. Only probes a step saw are re-measured."""
+    """At a fixed point the probes' step gradients are their gradients at the end: ratio 1, also when the steps
+    saw every probe twice (two epochs between updates). Steps that saw a gradient half as large (a loss
+    weighted twice) give ratio 4. Only probes a step saw are re-measured."""
     bora, train = make()
     bora.fit(train, progress=False)
     model, feed = bora.model, Feed(train)
@@ -64,10 +65,10 @@ def test_probe_ratio_compares_the_probe_documents_gradients_with_the_steps(by):
     probes = probe_documents(train, 3, torch.Generator().manual_seed(0))
     assert torch.bincount(train.task_ids[probes]).tolist() == [3, 3, 3]
     ratios = []
-    for factor in (1.0, 2.0):
+    for factor, epochs in ((1.0, 1), (2.0, 1), (1.0, 2)):
         acc = StepFisher.for_model(model, train.task_sizes())
         acc.set_probe_(probes, len(train))
-        for idx in list(batches(train, 8, shuffle=True, generator=torch.Generator().manual_seed(3)))[:-1]:
+        for idx in epochs * list(batches(train, 8, shuffle=True, generator=torch.Generator().manual_seed(3)))[:-1]:
             b = feed.batch(idx)
             acc.begin_step(factor * len(train) / len(idx), b["task_ids"], index=b["index"])
             with model.adapters.record_task_grads(acc.sink):
@@ -82,6 +83,7 @@ def test_probe_ratio_compares_the_probe_documents_gradients_with_the_steps(by):
     for k in ratios[0]:
         assert ratios[0][k] == pytest.approx(1.0, rel=1e-4)
         assert ratios[1][k] == pytest.approx(4.0, rel=1e-4)
+        assert ratios[2][k] == pytest.approx(1.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("parameterisation", ["noncentred", "offset"])

@@ -174,6 +174,7 @@ CASES = [
     # --- fit: settings
     ("fit: --rank 0", lambda e, w: fit(e, w, None, "--rank", "0"), "rank must be"),
     ("fit: --lr -1", lambda e, w: fit(e, w, None, "--lr", "-1"), "lr must be"),
+    ("fit: --tau-probe-docs -1", lambda e, w: fit(e, w, None, "--tau-probe-docs", "-1"), "tau_probe_docs must be"),
     ("fit: --layers x", lambda e, w: fit(e, w, None, "--layers", "x"), "--layers takes integers"),
     ("fit: --targets that match nothing", lambda e, w: fit(e, w, None, "--targets", "zz_proj"), "no module matches"),
     ("fit: --checkpoint-every -1", lambda e, w: fit(e, w, None, "--checkpoint-every", "-1"), "checkpoint_every"),

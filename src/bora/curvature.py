@@ -76,6 +76,7 @@ class StepFisher:
         self.probe: Optional[torch.Tensor] = None  # bool [documents]
         self.probe_seen: Optional[torch.Tensor] = None
         self.probe_sums = {k: {i: torch.zeros(self.num_tasks, device=device) for i in self.factors} for k in shapes}
+        self.probe_visits = torch.zeros(self.num_tasks, dtype=torch.float64)  # a probe seen twice counts twice
         self._probe_pos: Optional[torch.Tensor] = None
 
     @classmethod
@@ -88,6 +89,7 @@ class StepFisher:
         self.probe = torch.zeros(int(num_docs), dtype=torch.bool)
         self.probe[torch.as_tensor(rows, dtype=torch.long).cpu()] = True
         self.probe_seen = torch.zeros_like(self.probe)
+        self.probe_visits.zero_()
         for sums in self.probe_sums.values():
             for v in sums.values():
                 v.zero_()
@@ -113,6 +115,7 @@ class StepFisher:
             pos = self.probe[index].nonzero().reshape(-1)
             if len(pos):
                 self.probe_seen[index[pos]] = True
+                self.probe_visits += torch.bincount(task_ids.cpu()[pos], minlength=self.num_tasks)
                 self._probe_pos = pos.to(task_ids.device)
         if self.decay != 1.0:  # older documents count less (their gradients were at older parameters)
             self.weight.mul_(self.decay)
@@ -155,9 +158,11 @@ class StepFisher:
         if by not in ("global", "module"):
             raise ValueError(f"by must be 'global' or 'module', got {by!r}")
         steps = {(k, i): v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}
-        all_reduce_sum_(*steps.values())
-        # end's sums were scaled by N_t / n_t (n_t: its probe documents); undo that
-        c = torch.where(end.sizes > 0, end.used.double() / end.sizes.double().clamp_min(1), 0.0).float()
+        visits = self.probe_visits.clone()
+        all_reduce_sum_(*steps.values(), visits)
+        # end's sums were scaled by N_t / n_t (n_t: its probe documents); undo that, and count each probe as
+        # often as the steps saw it (more than once when the updates are more than an epoch apart)
+        c = torch.where(end.sizes > 0, visits / end.sizes.double().clamp_min(1), 0.0).float()
         ends = {(k, i): (end.fisher[k][i].flatten(1).sum(1) * c.to(end.fisher[k][i].device))
                 for k, i in steps}
         if by == "global":
@@ -180,6 +185,7 @@ class StepFisher:
         probe = {}
         if self.probe is not None:
             probe = {"probe": self.probe.clone(), "probe_seen": self.probe_seen.clone(),
+                     "probe_visits": self.probe_visits.clone(),
                      **{f"probe.{k}.{i}": v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}}
         return {"used": self.used.clone(), "weight": self.weight.clone(), **tensors, **probe}
 
@@ -192,6 +198,7 @@ class StepFisher:
         if "probe" in state:
             self.probe = state["probe"].clone().bool()
             self.probe_seen = state["probe_seen"].clone().bool()
+            self.probe_visits.copy_(state["probe_visits"])
             for k, sums in self.probe_sums.items():
                 for i, v in sums.items():
                     v.copy_(state[f"probe.{k}.{i}"])
