@@ -38,9 +38,11 @@ if os.path.join(ROOT, "src") not in sys.path:  # run from a checkout without ins
 import bora  # noqa: E402,F401
 import pyro  # noqa: E402
 from pyro.infer import Trace_ELBO  # noqa: E402
+from pyro.infer.autoguide import AutoNormal  # noqa: E402
 
 from bora.api import Bora  # noqa: E402
 from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig  # noqa: E402
+from bora.curvature import StepFisher  # noqa: E402
 from bora.guides import param_groups  # noqa: E402
 from bora.step import TrainStep, make_optimizer, make_scheduler  # noqa: E402
 from bora.inject import inject_adapters_  # noqa: E402
@@ -306,10 +308,6 @@ class BoraStep(Variant):
         self.batch = batch
         self.num_docs = num_docs
         # a learned-tau point fit also hands every step's per-document gradients to the tau update's Fisher
-        from pyro.infer.autoguide import AutoNormal
-
-        from bora.curvature import StepFisher
-
         self.curv = None
         if bora_obj.tau is not None and not isinstance(bora_obj.guide, AutoNormal) and cfg.tau_curvature == "steps":
             sizes = torch.full((num_tasks,), max(1, num_docs // num_tasks), dtype=torch.long)

@@ -149,12 +149,12 @@ class StepFisher:
         # N_t times the (recency-weighted) mean over the task's documents seen
         return TaskFisher.from_sums(fisher, self.used.clone(), self.task_sizes.clone(), self.weight.clone())
 
-    def probe_ratio(self, end: TaskFisher, by: str = "global") -> dict:
+    def probe_ratio(self, end: TaskFisher, by: str = "module") -> dict:
         """How much smaller the probe documents' squared gradients are at the current point (``end``: their
         Fisher from :func:`bora.fisher.task_fisher` with ``rows=probe_rows()``) than in the steps that saw
-        them: ``sum end / sum steps`` over the probe documents, pooled over every task and coordinate
-        (``by='global'``) or per adapted module and factor (``by='module'``). Returns ``{(key, factor):
-        ratio}``."""
+        them: ``sum end / sum steps`` over the probe documents, per adapted module and factor (``by='module'``,
+        what a fit uses) or pooled over all of them (``by='global'``); every task's probes pooled. Returns
+        ``{(key, factor): ratio}``."""
         if by not in ("global", "module"):
             raise ValueError(f"by must be 'global' or 'module', got {by!r}")
         steps = {(k, i): v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}

@@ -173,7 +173,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                     rows = curv.probe_rows()
                     if len(rows):  # the probe documents' gradients at this point against the steps'
                         end = task_fisher(model, model.params_from_values(point), train, rows=rows)
-                        ratio = curv.probe_ratio(end, by="module")
+                        ratio = curv.probe_ratio(end)
                         for (key, i), r in ratio.items():
                             tf.fisher[key][i].mul_(r)
                         entry["fisher_probe_ratio"] = statistics.fmean(ratio.values())
