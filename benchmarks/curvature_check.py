@@ -116,11 +116,8 @@ def main(argv=None) -> dict:
             corrected = {}
             for name, (k, by) in probes.items():
                 e = self.probed[name]
-                tf = e.task_fisher()
                 end = task_fisher(bora.model, params, feeds["train"], rows=e.probe_rows())
-                for (key, i), r in e.probe_ratio(end, by).items():
-                    tf.fisher[key][i].mul_(r)
-                corrected[name] = tf
+                corrected[name] = e.probe_corrected(end, by)[0]
             for name, keys in bora.model.tau_groups().items():
                 S, F = bora.tau.statistics(point, ref, keys)
                 row = {"update": len(rows) + 1, "tau_pass": evidence_tau(S, F, P.tau_shape, P.tau_rate),

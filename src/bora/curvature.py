@@ -173,6 +173,15 @@ class StepFisher:
         return {key: (float(ends[key].sum()) / float(steps[key].sum()) if float(steps[key].sum()) > 0 else 1.0)
                 for key in steps}
 
+    def probe_corrected(self, end: TaskFisher, by: str = "module") -> tuple[TaskFisher, dict]:
+        """:meth:`task_fisher` scaled by :meth:`probe_ratio` (``end``: the probes' Fisher at the current point);
+        returns it and the ratios."""
+        tf = self.task_fisher()
+        ratio = self.probe_ratio(end, by)
+        for (key, i), r in ratio.items():
+            tf.fisher[key][i].mul_(r)
+        return tf, ratio
+
     def reset_(self) -> None:
         for pair in self.fisher.values():
             for F in pair:

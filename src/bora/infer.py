@@ -169,14 +169,13 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
             t_tau = time.perf_counter()
             if step > 0 and not variational_tau:
                 if curv is not None:
-                    tf = curv.task_fisher()
                     rows = curv.probe_rows()
                     if len(rows):  # the probe documents' gradients at this point against the steps'
                         end = task_fisher(model, model.params_from_values(point), train, rows=rows)
-                        ratio = curv.probe_ratio(end)
-                        for (key, i), r in ratio.items():
-                            tf.fisher[key][i].mul_(r)
+                        tf, ratio = curv.probe_corrected(end)
                         entry["fisher_probe_ratio"] = statistics.fmean(ratio.values())
+                    else:
+                        tf = curv.task_fisher()
                     curv.reset_()
                     if cfg.tau_probe_docs:
                         curv.set_probe_(probe_documents(train.split, cfg.tau_probe_docs, fisher_gen), len(train))
