@@ -106,6 +106,12 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
     # the tau update's Fisher, accumulated from the steps' own per-document gradients (bora.curvature)
     curv = (StepFisher.for_model(model, train.split.task_sizes())
             if tau is not None and not variational_tau and cfg.tau_curvature == "steps" else None)
+
+    def new_probes() -> None:
+        """Fresh probe documents for the next tau update's curvature (bora.curvature; none when off)."""
+        if curv is not None and cfg.tau_probe_docs:
+            curv.set_probe_(probe_documents(train.split, cfg.tau_probe_docs, fisher_gen), len(train))
+
     total = num_steps(cfg, len(train))
     per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     eval_every = cfg.eval_every or per_epoch
@@ -177,8 +183,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                     else:
                         tf = curv.task_fisher()
                     curv.reset_()
-                    if cfg.tau_probe_docs:
-                        curv.set_probe_(probe_documents(train.split, cfg.tau_probe_docs, fisher_gen), len(train))
+                    new_probes()
                 else:
                     tf = task_fisher(model, model.params_from_values(point), train, max_per_task=cfg.fisher_docs,
                                      generator=fisher_gen)
@@ -200,8 +205,7 @@ def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
                 "running": {"loss": run_loss, "nll": run_nll, "n": run_n, "tokens": tok_count}}
 
     step = 0
-    if curv is not None and cfg.tau_probe_docs:
-        curv.set_probe_(probe_documents(train.split, cfg.tau_probe_docs, fisher_gen), len(train))
+    new_probes()
     if resume is None:
         validate(0, math.nan, math.nan)
         if checkpoint is not None:
