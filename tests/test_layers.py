@@ -51,10 +51,29 @@ def test_single_task_matches_peft(make, targets):
                     for k, (A, B) in params.items()}
         with adapters.use(per_task, torch.ones(3, dtype=torch.long)):
             got_t = lm(input_ids=ids).logits
+        # bora's default hierarchy: one shared A (2-D), per-task B (3-D)
+        shared_A = {k: (A, torch.stack([torch.zeros_like(B), B])) for k, (A, B) in params.items()}
+        with adapters.use(shared_A, torch.ones(3, dtype=torch.long)):
+            got_s = lm(input_ids=ids).logits
         base = ref(input_ids=ids).logits
     assert not torch.allclose(want, base, atol=1e-3)  # the adapter matters
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_t, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_s, want, atol=1e-5, rtol=1e-5)
+    # gradients of the shared A and the task's B equal PEFT's LoRA gradients
+    leaves = {k: (A.clone().requires_grad_(), B.clone().requires_grad_()) for k, (A, B) in shared_A.items()}
+    with adapters.use(leaves, torch.ones(3, dtype=torch.long)):
+        lm(input_ids=ids).logits.square().mean().backward()
+    pm(input_ids=ids).logits.square().mean().backward()
+    checked = []
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            k = next(k for k, n in adapters.names.items() if n == name.split("base_model.model.", 1)[1])
+            torch.testing.assert_close(leaves[k][0].grad, mod.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(leaves[k][1].grad[1], mod.lora_B["default"].weight.grad, atol=1e-6, rtol=1e-4)
+            assert not leaves[k][1].grad[0].any()  # task 0 is not in the batch
+            checked.append(k)
+    assert sorted(checked) == sorted(params)
 
 
 def test_mixed_batch_each_example_gets_its_own_task():

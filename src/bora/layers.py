@@ -97,6 +97,10 @@ class MultiTaskLoRA(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input ``x`` of shape ``[N, ..., in]``."""
+        return self._lora(x, None)
+
+    def _lora(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """``y + delta(x)`` (``delta(x)`` when ``y`` is None), the add and the scale fused into the last product."""
         A, B = self._A, self._B
         x = self.dropout(x)
         if A.dim() == 3 or B.dim() == 3:
@@ -105,23 +109,30 @@ class MultiTaskLoRA(nn.Module):
                 raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {x.shape[0]}")
             shape = x.shape
             x3 = x.reshape(shape[0], -1, shape[-1])  # [N, L, in]
-            Ag = A[ids] if A.dim() == 3 else A.expand(ids.shape[0], *A.shape)  # [N, r, in]
+            Ag = A[ids] if A.dim() == 3 else A  # [N, r, in], or one shared [r, in]
             Bg = B[ids] if B.dim() == 3 else B.expand(ids.shape[0], *B.shape)  # [N, out, r]
             sink = self.grad_sink
             if sink is not None and torch.is_grad_enabled():  # per-example gradients, free in the backward pass
                 for f, (full, g) in enumerate(((A, Ag), (B, Bg))):
                     if full.dim() == 3 and g.requires_grad:
                         g.register_hook(lambda grad, f=f: sink(f, grad, ids))
-            At, Bt = Ag.transpose(1, 2), Bg.transpose(1, 2)  # [N, in, r], [N, r, out]
-            out = torch.bmm(torch.bmm(x3, At.to(x3.dtype)), Bt.to(x3.dtype))
-            return out.reshape(*shape[:-1], self.out_features) * self.scale
-        return (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype) * self.scale
+            # [N, L, r]: one matrix product for a shared A, a batched one for per-example A_t
+            h = torch.bmm(x3, Ag.transpose(1, 2).to(x3.dtype)) if Ag.dim() == 3 else x3 @ Ag.t().to(x3.dtype)
+            dtype = x3.dtype if y is None else y.dtype
+            Bt = Bg.transpose(1, 2).to(dtype)  # [N, r, out]
+            if y is None:
+                out = torch.bmm(h, Bt) * self.scale
+            else:  # one kernel for y + scale * h @ Bt: no separate scaled product and sum
+                out = torch.baddbmm(y.reshape(shape[0], -1, self.out_features), h.to(dtype), Bt, alpha=self.scale)
+            return out.reshape(*shape[:-1], self.out_features)
+        out = (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype) * self.scale
+        return out if y is None else y + out.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self._A is None:
             return y
-        return y + self.delta(x).to(y.dtype)
+        return self._lora(x, y)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.config.rank}, scale={self.scale:g}"
