@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
+from operator import attrgetter
 from typing import Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.distributions.transforms import SoftplusTransform
 from pyro.infer import autoguide
 from torch.distributions.utils import _standard_normal
 from pyro.poutine.messenger import Messenger
@@ -93,18 +95,55 @@ def _is_real(support) -> bool:
     return support is constraints.real
 
 
+def _event_sum(x: torch.Tensor, event_dim: int) -> torch.Tensor:
+    return x.sum(tuple(range(-event_dim, 0))) if event_dim else x
+
+
+class _SoftplusDraw(torch.autograd.Function):
+    """``(loc + eps * softplus(u), sum of log softplus(u) over the event dims)`` as one autograd node: the
+    mean-field draw and its entropy term without the intermediate tensors and passes of separate operators."""
+
+    @staticmethod
+    def forward(ctx, loc, u, eps, event_dim: int):
+        sd = torch.nn.functional.softplus(u)
+        ctx.save_for_backward(u, sd, eps)
+        ctx.event_dim = event_dim
+        return torch.addcmul(loc, eps, sd), _event_sum(sd.log(), event_dim)
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_log_sd):
+        u, sd, eps = ctx.saved_tensors
+        grad_log_sd = grad_log_sd.reshape(grad_log_sd.shape + (1,) * ctx.event_dim)
+        # d softplus(u) / du = sigmoid(u); d log softplus(u) / d softplus(u) = 1 / softplus(u)
+        grad_u = torch.addcdiv(grad_value * eps, grad_log_sd, sd).mul_(torch.sigmoid(u))
+        return grad_value, grad_u, None, None
+
+
 class _DiagNormal(dist.TorchDistribution):
-    """``Normal(loc, scale)`` with its rightmost ``event_dim`` dims an event; the log-density of its own
-    last draw reuses that draw's standard-normal noise (no subtraction and division over every entry)."""
+    """``Normal(loc, softplus(u))`` with its rightmost ``event_dim`` dims an event; the log-density of its own
+    last draw reuses that draw's standard-normal noise and ``log softplus(u)`` (:class:`_SoftplusDraw`)."""
 
     arg_constraints: dict = {}
     has_rsample = True
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, event_dim: int):
-        self.loc, self.scale = loc, scale
-        self._last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    def __init__(self, loc: torch.Tensor, u: torch.Tensor, event_dim: int):
+        self.loc, self.u = loc, u
+        self._last: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         cut = loc.dim() - event_dim
         super().__init__(loc.shape[:cut], loc.shape[cut:], validate_args=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.nn.functional.softplus(self.u)
+
+    def expand(self, batch_shape, _instance=None):
+        # a plate's broadcast asks for the shape the site already has: keep this distribution (and so the
+        # scoring of its own draw by its noise) instead of wrapping it in an ExpandedDistribution
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        shape = batch_shape + self.event_shape
+        return _DiagNormal(self.loc.expand(shape), self.u.expand(shape), len(self.event_shape))
 
     @property
     def support(self):
@@ -114,14 +153,18 @@ class _DiagNormal(dist.TorchDistribution):
         if sample_shape:
             raise NotImplementedError("one draw per call (bora vectorises particles with plates)")
         eps = _standard_normal(self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)  # as Normal.rsample
-        value = self.loc + eps * self.scale
-        self._last = (value, eps)
+        value, log_sd = _SoftplusDraw.apply(self.loc, self.u, eps, len(self.event_shape))
+        self._last = (value, eps, log_sd)
         return value
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        eps = self._last[1] if self._last is not None and value is self._last[0] else (value - self.loc) / self.scale
-        lp = -0.5 * eps.square() - self.scale.log() - _LOG_SQRT_2PI
-        return lp.sum(tuple(range(-len(self.event_shape), 0))) if self.event_shape else lp
+        k = len(self.event_shape)
+        if self._last is not None and value is self._last[0]:
+            _, eps, log_sd = self._last
+            sq, n = _event_sum(eps.square(), k), self.event_shape.numel()
+            return -0.5 * sq - log_sd - n * _LOG_SQRT_2PI
+        scale = self.scale
+        return _event_sum(-0.5 * ((value - self.loc) / scale).square() - scale.log() - _LOG_SQRT_2PI, k)
 
 
 class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
@@ -131,7 +174,9 @@ class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        if not all(_is_real(site["fn"].support) for _, site in self.prototype_trace.iter_stochastic_nodes()):
+        direct = isinstance(transform_to(self.scale_constraint), SoftplusTransform)  # bora keeps Pyro's default
+        if not direct or not all(_is_real(site["fn"].support)
+                                 for _, site in self.prototype_trace.iter_stochastic_nodes()):
             return super().forward(*args, **kwargs)  # a constrained site: Pyro's auxiliary-variable form
         plates = self._create_plates(*args, **kwargs)
         result = {}
@@ -140,8 +185,11 @@ class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
                 for frame in site["cond_indep_stack"]:
                     if frame.vectorized:
                         stack.enter_context(plates[frame.name])
-                loc, scale = self._get_loc_and_scale(name)
-                result[name] = pyro.sample(name, _DiagNormal(loc, scale, site["fn"].event_dim))
+                # the unconstrained parameters themselves (a real loc's transform is the identity; the scale's
+                # softplus happens inside the draw)
+                loc = attrgetter(name + "_unconstrained")(self.locs)
+                u = attrgetter(name + "_unconstrained")(self.scales)
+                result[name] = pyro.sample(name, _DiagNormal(loc, u, site["fn"].event_dim))
         return result
 
 
