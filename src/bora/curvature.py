@@ -131,13 +131,13 @@ class StepFisher:
         """The per-document gradients ``grad [N, ...]`` of factor ``factor`` of adapter ``key``."""
         if factor not in self.factors or self._inv_weight == 0.0:
             return
-        g = grad.detach().float() * self._inv_weight
-        # each of the particles' backward passes brings the same documents once
-        sq = g.square().div_(self._particles)
-        self.fisher[key][factor].index_add_(0, task_ids, sq)
+        # (grad / weight)^2, and each of the particles' backward passes brings the same documents once
+        w = self._inv_weight ** 2 / self._particles
+        sq = grad.detach().float().square()  # contiguous, whatever the layout of grad
+        self.fisher[key][factor].index_add_(0, task_ids, sq, alpha=w)
         if self._probe_pos is not None:
             pos = self._probe_pos
-            self.probe_sums[key][factor].index_add_(0, task_ids[pos], sq[pos].flatten(1).sum(1))
+            self.probe_sums[key][factor].index_add_(0, task_ids[pos], sq[pos].flatten(1).sum(1), alpha=w)
 
     def task_fisher(self) -> TaskFisher:
         """The accumulated Fisher as a :class:`~bora.fisher.TaskFisher` (summed over data-parallel ranks)."""
