@@ -55,6 +55,8 @@ class IsotropicNormal(TorchDistribution):
 
     def __init__(self, loc: torch.Tensor, scale, validate_args=None):
         self.loc = loc
+        # a plain number keeps its log-density constants in Python (no tensor ops per step for them)
+        self._number = float(scale) if isinstance(scale, (int, float)) else None
         self.scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
         if self.scale.dim() != 0:
             raise ValueError("IsotropicNormal takes a scalar scale")
@@ -64,7 +66,7 @@ class IsotropicNormal(TorchDistribution):
         new = self._get_checked_instance(IsotropicNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
-        new.scale = self.scale
+        new.scale, new._number = self.scale, self._number
         super(IsotropicNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         return new
 
@@ -83,8 +85,25 @@ class IsotropicNormal(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         n = self.event_shape.numel()
-        sq = (value - self.loc).square().sum((-2, -1))
+        sq = _SquaredNorm.apply(value - self.loc)
+        if self._number is not None:
+            return sq * (-0.5 / self._number ** 2) - n * (math.log(self._number) + _HALF_LOG_2PI)
         return -0.5 * sq / self.scale.square() - n * (self.scale.log() + _HALF_LOG_2PI)
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """``(d ** 2).sum((-2, -1))`` whose backward is one pass, ``2 d g`` (autograd's ``square().sum()`` takes three
+    and keeps a copy of ``d``)."""
+
+    @staticmethod
+    def forward(ctx, d):
+        ctx.save_for_backward(d)
+        return d.square().sum((-2, -1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return d * (2 * grad)[..., None, None]
 
 
 class OffsetReparam(Reparam):
@@ -105,7 +124,7 @@ class OffsetReparam(Reparam):
     def apply(self, msg):
         name, fn, value = msg["name"], msg["fn"], msg["value"]
         fn, event_dim = self._unwrap(fn)
-        zero = torch.zeros_like(fn.loc)
+        zero = fn.loc.new_zeros(()).expand(fn.loc.shape)  # no memory of its own
         offset = None if value is None else value - fn.loc
         offset = pyro.sample(name + LATENT_SUFFIX["offset"], self._wrap(type(fn)(zero, fn.scale), event_dim),
                              obs=offset, infer={"is_observed": msg["is_observed"]})
