@@ -80,19 +80,42 @@ class _ZeroLogDensity(Messenger):
             msg["fn"] = msg["fn"].mask(False)
 
 
+def _is_real(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _direct_sites(guide, args, kwargs, draw) -> Optional[dict]:
+    """``{site: pyro.sample(site, draw(site, event_dim))}`` under each site's plates, when every site of ``guide`` is
+    real-valued (its parameters are then used unconstrained, as they are); None otherwise."""
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    sites = list(guide.prototype_trace.iter_stochastic_nodes())
+    if not all(_is_real(site["fn"].support) for _, site in sites):
+        return None
+    plates = guide._create_plates(*args, **kwargs)
+    result = {}
+    for name, site in sites:
+        with ExitStack() as stack:
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized:
+                    stack.enter_context(plates[frame.name])
+            result[name] = pyro.sample(name, draw(name, site["fn"].event_dim))
+    return result
+
+
 class AutoDelta(_ModuleLocal, autoguide.AutoDelta):
     """Pyro's ``AutoDelta`` (MAP point estimates) with module-local parameters and masked (zero, uncomputed)
     log-densities (see the module docstring)."""
 
     def forward(self, *args, **kwargs):
-        with _ZeroLogDensity():
+        result = _direct_sites(self, args, kwargs, lambda name, event_dim: dist.Delta(
+            attrgetter(name + "_unconstrained")(self), event_dim=event_dim).mask(False))
+        if result is not None:
+            return result
+        with _ZeroLogDensity():  # a constrained site: Pyro's form, masked
             return super().forward(*args, **kwargs)
-
-
-def _is_real(support) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
 
 
 def _event_sum(x: torch.Tensor, event_dim: int) -> torch.Tensor:
@@ -172,25 +195,15 @@ class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
     (see the module docstring)."""
 
     def forward(self, *args, **kwargs):
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        direct = isinstance(transform_to(self.scale_constraint), SoftplusTransform)  # bora keeps Pyro's default
-        if not direct or not all(_is_real(site["fn"].support)
-                                 for _, site in self.prototype_trace.iter_stochastic_nodes()):
-            return super().forward(*args, **kwargs)  # a constrained site: Pyro's auxiliary-variable form
-        plates = self._create_plates(*args, **kwargs)
-        result = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
-                # the unconstrained parameters themselves (a real loc's transform is the identity; the scale's
-                # softplus happens inside the draw)
-                loc = attrgetter(name + "_unconstrained")(self.locs)
-                u = attrgetter(name + "_unconstrained")(self.scales)
-                result[name] = pyro.sample(name, _DiagNormal(loc, u, site["fn"].event_dim))
-        return result
+        result = None
+        if isinstance(transform_to(self.scale_constraint), SoftplusTransform):  # bora keeps Pyro's default
+            # the unconstrained parameters themselves (a real loc's transform is the identity; the scale's
+            # softplus happens inside the draw)
+            result = _direct_sites(self, args, kwargs, lambda name, event_dim: _DiagNormal(
+                attrgetter(name + "_unconstrained")(self.locs), attrgetter(name + "_unconstrained")(self.scales),
+                event_dim))
+        # a constrained site (a positive tau): Pyro's auxiliary-variable form
+        return super().forward(*args, **kwargs) if result is None else result
 
 
 def make_guide(model, kind: str = "map", *, init_scale: float = 1e-3, target=None):
