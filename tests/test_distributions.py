@@ -33,3 +33,20 @@ def test_offset_reparam_keeps_the_joint_density():
     offset = tr.nodes["x_offset"]["value"]
     ref = torch.distributions.Normal(torch.ones(2, 3), 0.5).log_prob(1.0 + offset).sum()
     torch.testing.assert_close(tr.log_prob_sum(), ref)
+
+
+def test_zero_mean_prior_and_generic_offset():
+    """The offset prior of an IsotropicNormal site is a zero-mean one (same density, no subtraction); any
+    other loc-scale distribution gets a zero-location copy of itself."""
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    d = IsotropicNormal.zero_mean((3, 2, 4), torch.tensor(0.4, dtype=torch.float64), like=x)
+    ref = torch.distributions.Normal(0.0, 0.4).log_prob(x).sum((-2, -1))
+    torch.testing.assert_close(d.log_prob(x), ref)
+    torch.testing.assert_close(torch.autograd.grad(d.log_prob(x).sum(), x)[0], -x / 0.16)
+    assert d.loc.stride() == (0, 0, 0) and d.expand(torch.Size([5, 3])).log_prob(x).shape == (5, 3)
+
+    def model():
+        return pyro.sample("y", pyro.distributions.Normal(torch.full((3,), 2.0), 0.5).to_event(1))
+
+    tr = poutine.trace(poutine.reparam(model, config={"y": OffsetReparam()})).get_trace()
+    torch.testing.assert_close(tr.nodes["y"]["value"], 2.0 + tr.nodes["y_offset"]["value"])

@@ -57,16 +57,25 @@ class IsotropicNormal(TorchDistribution):
         self.loc = loc
         # a plain number keeps its log-density constants in Python (no tensor ops per step for them)
         self._number = float(scale) if isinstance(scale, (int, float)) else None
+        self._zero_loc = False  # set by zero_mean: the location is known to be 0 (no subtraction in log_prob)
         self.scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
         if self.scale.dim() != 0:
             raise ValueError("IsotropicNormal takes a scalar scale")
         super().__init__(loc.shape[:-2], loc.shape[-2:], validate_args=False)
 
+    @classmethod
+    def zero_mean(cls, shape, scale, *, like: torch.Tensor) -> "IsotropicNormal":
+        """Centred at 0 (``shape``, dtype and device of ``like``); the location owns no memory and ``log_prob``
+        skips subtracting it."""
+        d = cls(like.new_zeros(()).expand(shape), scale)
+        d._zero_loc = True
+        return d
+
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(IsotropicNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
-        new.scale, new._number = self.scale, self._number
+        new.scale, new._number, new._zero_loc = self.scale, self._number, self._zero_loc
         super(IsotropicNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         return new
 
@@ -85,7 +94,7 @@ class IsotropicNormal(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         n = self.event_shape.numel()
-        sq = _SquaredNorm.apply(value - self.loc)
+        sq = _SquaredNorm.apply(value if self._zero_loc and value.shape == self.loc.shape else value - self.loc)
         if self._number is not None:
             return sq * (-0.5 / self._number ** 2) - n * (math.log(self._number) + _HALF_LOG_2PI)
         return -0.5 * sq / self.scale.square() - n * (self.scale.log() + _HALF_LOG_2PI)
@@ -124,9 +133,10 @@ class OffsetReparam(Reparam):
     def apply(self, msg):
         name, fn, value = msg["name"], msg["fn"], msg["value"]
         fn, event_dim = self._unwrap(fn)
-        zero = fn.loc.new_zeros(()).expand(fn.loc.shape)  # no memory of its own
         offset = None if value is None else value - fn.loc
-        offset = pyro.sample(name + LATENT_SUFFIX["offset"], self._wrap(type(fn)(zero, fn.scale), event_dim),
+        prior = (IsotropicNormal.zero_mean(fn.loc.shape, fn.scale, like=fn.loc) if isinstance(fn, IsotropicNormal)
+                 else type(fn)(torch.zeros_like(fn.loc), fn.scale))
+        offset = pyro.sample(name + LATENT_SUFFIX["offset"], self._wrap(prior, event_dim),
                              obs=offset, infer={"is_observed": msg["is_observed"]})
         if value is None:
             value = fn.loc + offset

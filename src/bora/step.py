@@ -12,8 +12,8 @@
 (4.0, 4.0, 2.5)
 
 :class:`TrainStep` runs ``zero_grad``, the loss, a finite check, ``backward`` (under an optional
-context, e.g. :meth:`bora.inject.AdapterSet.record_task_grads`), gradient clipping (or just the
-norm), a second finite check, the optimiser and the scheduler. A NaN or infinite loss or gradient
+context, e.g. :meth:`bora.inject.AdapterSet.record_task_grads`), the gradient norm and its finite check,
+gradient clipping where the norm exceeds ``clip_norm``, the optimiser and the scheduler. A NaN or infinite loss or gradient
 norm raises :class:`NumericalError` naming the step before anything is applied. With
 ``pyro_checks`` Pyro's distribution-argument validation runs on the first step only (afterwards it
 would re-check every element of every adapter tensor on every step, for shapes that cannot change).
@@ -97,12 +97,14 @@ class TrainStep:
             if not bool(torch.isfinite(loss.detach())):
                 raise NumericalError(step, "loss", float(loss.detach()))
             loss.backward()
-        if self.clip_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
         if not bool(torch.isfinite(norm)):
             raise NumericalError(step, "gradient norm", float(norm))
+        # clip_grad_norm_'s scaling, max_norm / (norm + 1e-6) capped at 1, done only where it is below 1 (a step
+        # under the threshold skips a pass over every gradient; the value is already on the host for the check)
+        if self.clip_norm > 0 and self.clip_norm / (float(norm) + 1e-6) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
