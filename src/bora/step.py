@@ -12,9 +12,9 @@
 (4.0, 4.0, 2.5)
 
 :class:`TrainStep` runs ``zero_grad``, the loss, a finite check, ``backward`` (under an optional
-context, e.g. :meth:`bora.inject.AdapterSet.record_task_grads`), the gradient norm and its finite check,
-gradient clipping where the norm exceeds ``clip_norm``, the optimiser and the scheduler. A NaN or infinite loss or gradient
-norm raises :class:`NumericalError` naming the step before anything is applied. With
+context, e.g. :meth:`bora.inject.AdapterSet.record_task_grads`), the gradient norm and its finite
+check, gradient clipping where the norm exceeds ``clip_norm``, the optimiser and the scheduler. A NaN or
+infinite loss or gradient norm raises :class:`NumericalError` naming the step before anything is applied. With
 ``pyro_checks`` Pyro's distribution-argument validation runs on the first step only (afterwards it
 would re-check every element of every adapter tensor on every step, for shapes that cannot change).
 :func:`make_optimizer` is AdamW with the fused kernel where the device has one;
