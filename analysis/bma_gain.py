@@ -10,7 +10,7 @@ tokens) and Gauss-Newton curvature ``H_d`` has
 
 to second order: the Jensen gain of averaging over the posterior against the curvature it pays for. ``tr(H_d
 Sigma_t)`` is the expected value of ``g~^T Sigma_t g~`` for a gradient ``g~`` whose labels are drawn from the
-model (:func:`bora.fisher.task_fisher` with ``labels='sampled'``; ``--draws`` draws averaged). So the BMA can
+model (:func:`bora.fit.fisher.task_fisher` with ``labels='sampled'``; ``--draws`` draws averaged). So the BMA can
 beat the MAP on a document only where its realised gradient is larger, in the posterior's directions, than the
 model itself expects: where the MAP is detectably wrong about it. The sign of the difference does not depend on
 ``c``: if it is negative for a task, no narrowing or widening of the posterior helps there (to second order).
@@ -31,8 +31,8 @@ def run(args) -> dict:
     import torch
 
     from bora.api import Bora, load_data
-    from bora.fisher import task_fisher
-    from bora.laplace import task_layout
+    from bora.fit.fisher import task_fisher
+    from bora.posterior.laplace import task_layout
 
     t0 = time.perf_counter()
     bora = Bora.load(args.fit, device="cpu")
@@ -76,8 +76,8 @@ def _sampled_check(bora, feed, task_ids, tokens, S: int, seed: int) -> dict:
     tasks (nats/token)."""
     import torch
 
-    from bora.evaluate import doc_loglik
-    from bora.metrics import log_mean_exp
+    from bora.evaluation.evaluate import doc_loglik
+    from bora.evaluation.metrics import log_mean_exp
 
     bs = bora.config.fit.eval_batch_size
     ll0 = doc_loglik(bora.model, bora.params(), feed, bs)[0].double()
@@ -95,7 +95,7 @@ def _sampled_check(bora, feed, task_ids, tokens, S: int, seed: int) -> dict:
 
 
 def write(out: Path, res: dict, argv) -> None:
-    from bora.io import write_json
+    from bora.core.files import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bma_gain.json", res)

@@ -8,7 +8,7 @@ the same data, test split and fit settings (checked: only the seed and the param
 differ). A setting with task-level adapters is named with the parameterisation its fits used
 (``learned [offset]``, ``tau=100 [noncentred]``); ``independent`` and ``shared`` have none. Per setting
 the table gives the test perplexity (exp of the mean per-task NLL) of every seed and their mean.
-Comparisons are paired document bootstraps (:func:`bora.evaluate.paired_bootstrap`, documents
+Comparisons are paired document bootstraps (:func:`bora.evaluation.evaluate.paired_bootstrap`, documents
 resampled within each task) on the *seed-averaged* per-document NLL of the seeds both settings share,
 with the per-seed differences beside them: the interval is the test-set noise of the comparison of the
 two fitting procedures, averaged over their seeds.
@@ -75,7 +75,7 @@ def load_runs(folders: list[Path]) -> tuple[dict, dict, dict]:
 
 
 def compare(a: str, b: str, docs: dict, info: dict) -> dict | None:
-    from bora.evaluate import paired_bootstrap
+    from bora.evaluation.evaluate import paired_bootstrap
 
     if a not in docs or b not in docs:
         return None
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     if args.out is None:
         print(text)
     else:
-        from bora.io import write_json
+        from bora.core.files import write_json
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("# Seeds and parameterisations combined\n\n" + text)

@@ -6,7 +6,8 @@ For a document ``d`` of task ``t`` with log-likelihood gradient ``g`` (labels sa
 is one draw of its Gauss-Newton curvature), the linearised posterior variance of its log-likelihood is
 ``g^T Sigma_t g``; under the prior alone it is ``g^T g / tau``. Their ratio is 1 where the task's data say nothing
 about ``g``'s direction and near 0 where they pin it down. The script builds both Laplace posteriors of the fit
-(diagonal and low-rank, :mod:`bora.laplace`; not saved) from up to ``--docs`` training documents per task, then
+(diagonal and low-rank, :mod:`bora.posterior.laplace`; not saved) from up to ``--docs`` training documents per task,
+then
 reports the ratio's median and quartiles for those training documents and for every test document of the same
 tasks. Writes ``gradient_span.json`` / ``.md`` to ``--out``.
 """
@@ -23,8 +24,8 @@ def run(args) -> dict:
     import torch
 
     from bora.api import Bora, load_data
-    from bora.fisher import task_fisher
-    from bora.laplace import HierarchicalLaplace, task_layout
+    from bora.fit.fisher import task_fisher
+    from bora.posterior.laplace import HierarchicalLaplace, task_layout
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("analysis/results/uncertainty"))
     args = p.parse_args(argv)
     res = run(args)
-    from bora.io import write_json
+    from bora.core.files import write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "gradient_span.json", res)

@@ -21,8 +21,8 @@ def compare(mf_dir: Path, map_dir: Path, load=None) -> dict:
     from torch.distributions import transform_to
 
     from bora.api import Bora
-    from bora.distributions import natural_site
-    from bora.guides import guide_params
+    from bora.model.distributions import natural_site
+    from bora.model.guides import guide_params
 
     load = load or (lambda path: Bora.load(path, device="cpu"))
     mf, mp = load(mf_dir), load(map_dir)

@@ -9,7 +9,8 @@ the posterior itself; ``c -> 0``: the MAP; ``c^2`` is a posterior temperature) a
 would be the width to use; the sweep shows whether one does. Writes ``posterior_scale.json`` / ``.md`` to
 ``--out``.
 
-``--estimator tilted`` scores the same quantity as ``bora evaluate`` does (:mod:`bora.tilted`) instead of the plain
+``--estimator tilted`` scores the same quantity as ``bora evaluate`` does (:mod:`bora.evaluation.tilted`) instead of
+the plain
 log-mean-exp: importance sampling from the equal mixture of the scaled posterior (diagonal Laplace, ``sd -> c sd``,
 the same draws) and its copy tilted by each document's gradient, which removes most of the bias the plain estimate
 has when a document's log-likelihood varies by nats over the draws. Run both at a width where the plain estimate is
@@ -29,9 +30,9 @@ def run(args) -> dict:
     import torch
 
     from bora.api import Bora, load_data
-    from bora.evaluate import doc_loglik
-    from bora.metrics import log_mean_exp
-    from bora.tilted import tilted_bma_loglik
+    from bora.evaluation.evaluate import doc_loglik
+    from bora.evaluation.metrics import log_mean_exp
+    from bora.evaluation.tilted import tilted_bma_loglik
 
     t0 = time.perf_counter()
     bora = Bora.load(args.fit, device="cpu")
@@ -76,7 +77,7 @@ def run(args) -> dict:
 
 def scaled(lap, c: float):
     """The diagonal Laplace posterior with every task sd multiplied by ``c`` (curvature ``(F + tau) / c^2 - tau``)."""
-    from bora.laplace import HierarchicalLaplace
+    from bora.posterior.laplace import HierarchicalLaplace
 
     if lap is None or lap.structure != "diag" or lap.sample_global or not 0 < c:
         sys.exit("bora: error: --estimator tilted needs a diagonal Laplace posterior and scales > 0")
@@ -87,7 +88,7 @@ def scaled(lap, c: float):
 
 
 def write(out: Path, res: dict, argv) -> None:
-    from bora.io import write_json
+    from bora.core.files import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "posterior_scale.json", res)

@@ -8,7 +8,7 @@ Fits ``independent``, ``shared``, every fixed tau of ``--taus`` and the learned 
 Laplace-evidence update; ``--meanfield`` adds a mean-field fit) on the same splits, with the same
 budget and early stopping on validation, and evaluates per-task perplexity on the test split, which
 nothing is tuned on. The frozen lower layers are computed once per document for the whole sweep
-(one :class:`bora.feed.Feed` per split, shared by every fit). Writes to ``--out``:
+(one :class:`bora.data.feed.Feed` per split, shared by every fit). Writes to ``--out``:
 
 * ``per_task.csv`` -- setting, tau, task, train docs/tokens, test NLL and perplexity;
 * ``table.md`` -- the paper's Table 1 form (overall = exp of the mean per-task NLL, plus token-weighted),
@@ -16,7 +16,7 @@ nothing is tuned on. The frozen lower layers are computed once per document for 
 * ``ppl_vs_tau.png`` and ``gain_vs_size.png`` (Pearson and Spearman r; the paper's r is -0.43);
 * ``meta.json`` -- the exact command, package versions, subset sizes, wall time and the paired bootstraps;
 * ``test_doc_nll.json`` -- every setting's per-document test NLL (plus ``_tokens`` and ``_task_ids``), for
-  :func:`bora.evaluate.paired_bootstrap` of any other pair.
+  :func:`bora.evaluation.evaluate.paired_bootstrap` of any other pair.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def run(args) -> dict:
     import torch
 
     from bora.api import Bora, load_data
-    from bora.config import BoraConfig, DataConfig, PriorConfig
-    from bora.data import load_documents, split_documents
-    from bora.evaluate import doc_loglik
+    from bora.core.config import BoraConfig, DataConfig, PriorConfig
+    from bora.data.documents import load_documents, split_documents
+    from bora.evaluation.evaluate import doc_loglik
 
     t_start = time.perf_counter()
     base_cfg = BoraConfig()
@@ -78,14 +78,14 @@ def run(args) -> dict:
                                    eval_every=args.eval_every, lr=args.lr)
     data_cfg = base_cfg.data if args.data is None else DataConfig(source=args.data)
     if args.tiny:
-        from bora.base import tiny_model
+        from bora.lora.base import tiny_model
 
         lm, tok = tiny_model(layers=6)
         data_cfg = DataConfig(source="shakespeare", tasks=("hamlet/HAMLET", "macbeth/LADY MACBETH", "hamlet/Ghost"),
                               max_length=24)
         fit_cfg = fit_cfg.replace(batch_size=8)
     else:
-        from bora.base import load_base_model
+        from bora.lora.base import load_base_model
 
         lm, tok = load_base_model(base_cfg.model)
     base_cfg = base_cfg.replace(fit=fit_cfg, data=data_cfg)
@@ -190,7 +190,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     if "independent" in by:
         notes.append(f"Per-task relative perplexity gain of '{ref}' over independent vs training tokens: "
                      f"Pearson r = {pr:.2f}, Spearman r = {sr:.2f} (paper: r = -0.43 at its best tau).")
-    from bora.evaluate import paired_bootstrap
+    from bora.evaluation.evaluate import paired_bootstrap
 
     docs = result.get("docs", {})
     pairs = [(learned, "shared"), (learned, "independent")] + ([(learned, best_grid)] if best_grid else []) + [
@@ -206,7 +206,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
                          + (" (excludes 0)" if r["lo"] > 0 or r["hi"] < 0 else " (includes 0)"))
     result["bootstrap"] = boot
     if docs:  # per-document test NLL of every setting: any other comparison can be bootstrapped later
-        from bora.io import write_json
+        from bora.core.files import write_json
 
         write_json(out / "test_doc_nll.json", docs)
     (out / "table.md").write_text(
@@ -253,7 +253,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
             "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
             "overall": ov, "bootstrap": result.get("bootstrap"),
             "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
-    from bora.io import write_json
+    from bora.core.files import write_json
 
     write_json(out / "meta.json", meta)
 

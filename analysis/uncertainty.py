@@ -60,7 +60,7 @@ def run(args) -> dict:
     import torch
 
     from bora.api import Bora, load_data
-    from bora.shakespeare import load_shakespeare
+    from bora.data.shakespeare import load_shakespeare
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def _doc_mi_by_task(post, split, idx) -> list[float]:
 
 
 def write(out: Path, result: dict, argv) -> None:
-    from bora.io import write_json
+    from bora.core.files import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "uncertainty.json", result)

@@ -6,11 +6,11 @@ on CUDA) so that the runner can interleave variants inside one process and compa
 Variants (all on the same random-init LM, the same batch, rank, alpha, targets and AdamW settings):
 
 ``plain``      PEFT LoRA (``peft.get_peft_model``), one adapter, no prior; loss = token NLL sum / n_tokens.
-``hand_map``   bora's gather layer (:class:`bora.layers.MultiTaskLoRA`) with per-task torch tensors and the
+``hand_map``   bora's gather layer (:class:`bora.lora.layers.MultiTaskLoRA`) with per-task torch tensors and the
                hierarchical Gaussian prior written by hand (no Pyro): the model's own cost.
-``map``        bora MAP: ``Bora(...)`` + AutoDelta, one step exactly as :func:`bora.infer.fit` does it.
+``map``        bora MAP: ``Bora(...)`` + AutoDelta, one step exactly as :func:`bora.fit.loop.fit` does it.
 ``hand_mf``    ``hand_map`` with a hand-written reparameterised mean-field Gaussian (no Pyro).
-``meanfield``  bora mean-field: AutoNormal (init_scale 1e-3), one step as in :func:`bora.infer.fit`.
+``meanfield``  bora mean-field: AutoNormal (init_scale 1e-3), one step as in :func:`bora.fit.loop.fit`.
 ``loop``       PEFT with one named adapter per task; ``set_adapter`` per distinct task of the batch, forward and
                backward on that task's sub-batch, then one clip + AdamW step.
 """
@@ -37,16 +37,14 @@ if os.path.join(ROOT, "src") not in sys.path:  # run from a checkout without ins
 
 import bora  # noqa: E402,F401
 import pyro  # noqa: E402
-from pyro.infer import Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoNormal  # noqa: E402
 
 from bora.api import Bora  # noqa: E402
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig  # noqa: E402
-from bora.curvature import StepFisher  # noqa: E402
-from bora.guides import param_groups  # noqa: E402
-from bora.step import TrainStep, make_optimizer, make_scheduler  # noqa: E402
-from bora.inject import inject_adapters_  # noqa: E402
-from bora.model import BoraModel  # noqa: E402
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig  # noqa: E402
+from bora.fit.builder import build_step  # noqa: E402
+from bora.fit.curvature import StepFisher  # noqa: E402
+from bora.lora.inject import inject_adapters_  # noqa: E402
+from bora.model.hierarchy import BoraModel  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 
@@ -148,10 +146,10 @@ def autocast(device):
 def token_nll_sum(causal_lm, batch, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum of next-token NLLs of ``batch`` (or of its ``rows``) for a transformers causal LM.
 
-    Mirrors :meth:`bora.likelihood.LMLikelihood.loglik`: the decoder runs on the whole sequences and the LM
-    head only on the scored positions, through bora's chunked head and NLL (:func:`bora.head.chunked_nll`) when
+    Mirrors :meth:`bora.model.likelihood.LMLikelihood.loglik`: the decoder runs on the whole sequences and the LM
+    head only on the scored positions, through bora's chunked head and NLL (:func:`bora.lora.head.chunked_nll`) when
     the head is frozen and bias-free, so the baseline does exactly the LM work bora does."""
-    from bora.head import chunked_nll
+    from bora.lora.head import chunked_nll
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if rows is not None:
@@ -278,7 +276,7 @@ def bora_config(guide: str, *, layers=None, tau_mode: str = "learned", cache_pre
 
 
 class BoraStep(Variant):
-    """One optimiser step of a :class:`bora.api.Bora`, exactly as :func:`bora.infer.fit` runs it."""
+    """One optimiser step of a :class:`bora.api.Bora`, exactly as :func:`bora.fit.loop.fit` runs it."""
 
     def __init__(self, lm, batch, num_tasks, guide: str, *, layers=None, device="cpu", tau_mode="learned",
                  num_docs=4096, cache_prefix=False, bora_obj: Optional[Bora] = None,
@@ -293,17 +291,15 @@ class BoraStep(Variant):
         self.model = bora_obj.model
         target = bora_obj.tau.model if bora_obj.tau is not None else bora_obj.model
         pyro.set_rng_seed(0)
-        self.elbo = Trace_ELBO(num_particles=1, max_plate_nesting=1)(target, bora_obj.guide)
         cfg = bora_obj.config.fit
-        groups = param_groups(bora_obj.guide, cfg.lr, cfg.scale_lr)
-        self.params = [p for g in groups for p in g["params"]]
-        self.opt = make_optimizer(groups, cfg)  # what fit uses (fused AdamW where available)
-        self.sched = make_scheduler(self.opt, dataclasses.replace(cfg, schedule="constant", warmup=0.0), total=1)
         # fit divides by the training split's token count (a constant)
         self.ntok_total = ntok_total or num_docs * (batch["input_ids"].shape[1] - 1)
-        # the step bora.infer.fit runs (Pyro's argument checks on the first step only, as in fit)
-        self.train_step = TrainStep(lambda b: self.elbo(b) / self.ntok_total, self.params, self.opt, self.sched,
-                                    clip_norm=cfg.clip_norm, pyro_checks=pyro.distributions.is_validation_enabled())
+        # the step bora.fit.loop.FitLoop runs, from the same builder (constant schedule: no warm-up in a benchmark)
+        self.train_step = build_step(bora_obj.model, bora_obj.guide,
+                                     dataclasses.replace(cfg, schedule="constant", warmup=0.0, num_particles=1),
+                                     total=1, n_tokens=self.ntok_total, target=target)
+        self.params, self.opt, self.sched = self.train_step.params, self.train_step.optimizer, \
+            self.train_step.scheduler
         self.k = 0
         self.batch = batch
         self.num_docs = num_docs

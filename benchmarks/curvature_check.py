@@ -35,13 +35,14 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     from bora.api import Bora
-    from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-    from bora.fisher import task_fisher
-    from bora.tau import evidence_tau
+    from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+    from bora.core.seeding import stream_seed
+    from bora.fit.fisher import task_fisher
+    from bora.fit.tau import evidence_tau
 
     if a.tiny:
-        from bora.base import tiny_model
-        from bora.data import TokenizedSplit
+        from bora.lora.base import tiny_model
+        from bora.data.documents import TokenizedSplit
 
         lm, tok = tiny_model()
         g = torch.Generator().manual_seed(0)
@@ -61,15 +62,15 @@ def main(argv=None) -> dict:
         bora, data = Bora.from_config(cfg)
     feeds = {k: bora.feed(data[k]) for k in ("train", "val")}
     docs = a.fisher_docs or bora.config.fit.fisher_docs
-    gen = torch.Generator().manual_seed(cfg.fit.seed + 0x5F15)
+    gen = torch.Generator().manual_seed(stream_seed(cfg.fit.seed, "fisher"))
     per_epoch = -(-len(data["train"]) // cfg.fit.batch_size)
     memories = {"epoch sum": None, **{f"memory {m:g} steps": m for m in (per_epoch / 2, per_epoch / 4, per_epoch / 8)}}
     probes = {f"probe {k} docs {by}": (k, by) for k in a.probe_docs for by in ("global", "module")}
     rows = []
     t0 = time.perf_counter()
-    import bora.infer as infer_mod
-    from bora.batching import distinct_task_batches
-    from bora.curvature import StepFisher
+    import bora.fit.callbacks as callbacks_mod
+    from bora.data.batching import distinct_task_batches
+    from bora.fit.curvature import StepFisher
 
     probe_gen = torch.Generator().manual_seed(cfg.fit.seed + 0x9B0E)
     kmax = max(a.probe_docs, default=0)
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
                 print(json.dumps(row), flush=True)
             return ref
 
-    infer_mod.StepFisher = Probe
+    callbacks_mod.StepFisher = Probe  # the learned-tau callback builds its accumulator from this name
     res = bora.fit(feeds["train"], feeds["val"], progress=False)
     labels = [k for k in (rows[0] if rows else {}) if k not in ("update", "tau_pass", "time")]
     worst = {label: max((abs(r[label]) for r in rows if label in r), default=float("nan")) for label in labels}

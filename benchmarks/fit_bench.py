@@ -38,7 +38,7 @@ VARIANTS = ("plain", "fixed", "learned", "learned_pass", "meanfield", "laplace")
 
 
 def bora_config(variant: str, epochs: float):
-    from bora.config import BoraConfig, FitConfig, PriorConfig
+    from bora.core.config import BoraConfig, FitConfig, PriorConfig
 
     fit = dict(epochs=epochs, patience=0, precision="fp32")  # the plain PEFT run's arithmetic
     prior = {}
@@ -57,7 +57,7 @@ def bora_config(variant: str, epochs: float):
 
 def run_bora(variant: str, lm, tok, data, epochs: float) -> dict:
     from bora.api import Bora
-    from bora.inject import remove_adapters_
+    from bora.lora.inject import remove_adapters_
 
     cfg = bora_config(variant, epochs)
     t0 = time.perf_counter()
@@ -77,11 +77,11 @@ def run_plain(lm, tok, data, epochs: float, adapter_names) -> dict:
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    from bora.config import AdapterConfig, FitConfig
-    from bora.batching import BatchStream, collate
-    from bora.evaluate import summarize
-    from bora.infer import num_steps
-    from bora.step import make_optimizer, make_scheduler
+    from bora.core.config import AdapterConfig, FitConfig
+    from bora.data.batching import BatchStream, collate
+    from bora.evaluation.evaluate import summarize
+    from bora.fit.loop import num_steps
+    from bora.fit.step import make_optimizer, make_scheduler
 
     fit, ad = FitConfig(epochs=epochs, patience=0), AdapterConfig()
     train, val = data["train"], data["val"]
@@ -181,9 +181,9 @@ def main(argv=None) -> dict:
     if bad:
         ap.error(f"unknown variants {sorted(bad)}")
     from bora.api import load_data
-    from bora.base import load_base_model
-    from bora.config import BoraConfig
-    from bora.inject import inject_adapters_, remove_adapters_
+    from bora.lora.base import load_base_model
+    from bora.core.config import BoraConfig
+    from bora.lora.inject import inject_adapters_, remove_adapters_
 
     lm, tok = load_base_model("smollm2")
     data = load_data(BoraConfig(), tok)

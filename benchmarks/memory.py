@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     import peft.tuners.lora  # noqa: F401
 
     if a.smollm2:
-        from bora.base import load_base_model
+        from bora.lora.base import load_base_model
 
         lm, _ = load_base_model("smollm2", device=a.device)
     else:

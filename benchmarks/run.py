@@ -260,7 +260,7 @@ def section_memory(a) -> dict:
 
 
 def _prefix_split(n_docs, n_tasks, vocab, max_len, seed):
-    from bora.data import TokenizedSplit
+    from bora.data.documents import TokenizedSplit
 
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(1, vocab, (int(torch.randint(max_len // 2, max_len + 1, (1,), generator=g)),), generator=g)
@@ -270,7 +270,7 @@ def _prefix_split(n_docs, n_tasks, vocab, max_len, seed):
 
 def section_prefix(a) -> dict:
     """Epoch time of a MAP fit adapting the top layers, with and without the frozen-prefix cache."""
-    from bora.batching import batches
+    from bora.data.batching import batches
 
     preset = "prefix" if a.preset == "small" else a.preset
     lm = C.make_lm(preset, a.seed, a.device)
@@ -321,7 +321,7 @@ def section_fit(a) -> dict:
 
 
 def section_smollm2(a) -> dict:
-    from bora.base import load_base_model
+    from bora.lora.base import load_base_model
 
     log("smollm2: loading")
     lm, tok = load_base_model("smollm2", device=a.device)
@@ -413,7 +413,7 @@ def render(res: dict, a) -> str:
              f"{a.repeats} timed rounds; device `{a.device}`.\n")
     s.append("Variants: `plain` = PEFT LoRA (one adapter, no prior, token NLL sum / n_tokens); `hand_map` = "
              "bora's gather layer + per-task torch tensors + the Gaussian prior written by hand (no Pyro); "
-             "`map` = bora MAP (AutoDelta) step exactly as `bora.infer.fit` runs it; `hand_mf` = hand-written "
+             "`map` = bora MAP (AutoDelta) step exactly as `bora.fit.loop.fit` runs it; `hand_mf` = hand-written "
              "reparameterised mean-field (no Pyro); `meanfield` = bora AutoNormal (init_scale 1e-3); `loop` = PEFT "
              "with one named adapter per task, `set_adapter` + forward/backward per distinct task of the batch.\n")
     if "step" in res:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def write_demo_jsonl(path: Path) -> Path:
-    from bora.shakespeare import load_shakespeare
+    from bora.data.shakespeare import load_shakespeare
 
     tasks = ("hamlet/HAMLET", "macbeth/LADY MACBETH", "julius-caesar/PORTIA", "hamlet/Ghost")
     with open(path, "w") as f:
@@ -38,15 +38,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from bora.api import Bora
-    from bora.cli import format_table
-    from bora.config import AdapterConfig, BoraConfig, DataConfig, FitConfig, PriorConfig
+    from bora.cli.main import format_table
+    from bora.core.config import AdapterConfig, BoraConfig, DataConfig, FitConfig, PriorConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_demo_jsonl(Path(tmp) / "demo.jsonl")
         lm = tok = None
         layers = (-2, -1)
         if args.tiny:
-            from bora.base import tiny_model
+            from bora.lora.base import tiny_model
 
             lm, tok = tiny_model(layers=2)
             layers = (-1,)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from bora.data import TokenizedSplit
+from bora.data.documents import TokenizedSplit
 
 VOCAB = 48
 

@@ -12,11 +12,11 @@ import math
 import numpy as np
 import torch
 
-from bora.config import AdapterConfig, PriorConfig
-from bora.data import TokenizedSplit
-from bora.feed import Feed
-from bora.inject import inject_adapters_
-from bora.model import BoraModel
+from bora.core.config import AdapterConfig, PriorConfig
+from bora.data.documents import TokenizedSplit
+from bora.data.feed import Feed
+from bora.lora.inject import inject_adapters_
+from bora.model.hierarchy import BoraModel
 
 from conftest import tiny_llama
 

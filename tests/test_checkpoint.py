@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 import bora
 from bora.api import Bora
-from bora.checkpoint import Checkpointer, flatten_state, load_checkpoint, rng_state, set_rng_state_, unflatten_state
-from bora.cli import main
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.core.seeding import rng_state, set_rng_state_
+from bora.io.checkpoint import Checkpointer, flatten_state, load_checkpoint, unflatten_state
+from bora.cli.main import main
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 
 from conftest import TinyTokenizer, task_data, tiny_llama, tiny_model_dir, write_jsonl
 
@@ -37,7 +38,7 @@ def run_cli(args, kill=None):
     env.pop("BORA_TEST_KILL", None)
     if kill:
         env["BORA_TEST_KILL"] = kill
-    return subprocess.run([sys.executable, "-m", "bora.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bora.cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bora.cli import main
+from bora.cli.main import main
 
 from conftest import tiny_model_dir, write_jsonl
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from bora.config import GUIDES, TAU_MODES, FitConfig, PriorConfig
-from bora.coupling import COUPLINGS, GUIDE_KINDS, coupling_of, guide_of
+from bora.core.config import GUIDES, TAU_MODES, FitConfig, PriorConfig
+from bora.core.coupling import COUPLINGS, GUIDE_KINDS, coupling_of, guide_of
 
 
 def test_every_configured_name_has_one_object():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
 
 from conftest import TinyTokenizer, task_data, tiny_llama, tiny_model_dir
 
@@ -49,7 +49,7 @@ def test_bf16_fit_on_cuda_keeps_fp32_adapters_and_matches_cpu():
 @bnb
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
 def test_quantised_base_model_fits(tmp_path, quantize):
-    from bora.base import load_base_model
+    from bora.lora.base import load_base_model
 
     path = tiny_model_dir(tmp_path / "m")
     lm, tok = load_base_model(str(path), device="cuda", quantize=quantize)
@@ -62,8 +62,8 @@ def test_quantised_base_model_fits(tmp_path, quantize):
 
 
 def test_quantised_base_model_errors_clearly_on_cpu():
-    from bora.base import load_base_model
-    from bora.config import ConfigError
+    from bora.lora.base import load_base_model
+    from bora.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         load_base_model("smollm2", device="cpu", quantize="4bit")

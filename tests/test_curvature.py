@@ -7,11 +7,11 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora.curvature import StepFisher, probe_documents
-from bora.batching import batches
-from bora.fisher import task_fisher
-from bora.feed import Feed
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.fit.curvature import StepFisher, probe_documents
+from bora.data.batching import batches
+from bora.fit.fisher import task_fisher
+from bora.data.feed import Feed
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 

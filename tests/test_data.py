@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from bora import shakespeare
-from bora.config import ConfigError, DataConfig
-from bora.batching import batches, collate, distinct_task_batches
-from bora.data import (
+from bora.data import shakespeare
+from bora.core.config import ConfigError, DataConfig
+from bora.data.batching import batches, collate, distinct_task_batches
+from bora.data.documents import (
     Splits,
     TokenizedSplit,
     load_documents,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import bora.device
+import bora.core.device
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.device import autocast_dtype, resolve_device
-from bora.evaluate import doc_loglik
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.core.device import autocast_dtype, resolve_device
+from bora.evaluation.evaluate import doc_loglik
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 
@@ -17,9 +17,9 @@ CPU = torch.device("cpu")
 def test_precision_resolution(monkeypatch):
     assert autocast_dtype("fp32", CPU) is None
     assert autocast_dtype("bf16", CPU) is torch.bfloat16
-    monkeypatch.setattr(bora.device, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(bora.core.device, "cpu_has_bf16_matmul", lambda: False)
     assert autocast_dtype("auto", CPU) is None
-    monkeypatch.setattr(bora.device, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr(bora.core.device, "cpu_has_bf16_matmul", lambda: True)
     assert autocast_dtype("auto", CPU) is torch.bfloat16
     assert autocast_dtype("fp32", CPU) is None  # an explicit fp32 wins over the CPU's units
     with pytest.raises(ConfigError, match="precision must be one of"):
@@ -32,9 +32,9 @@ def test_precision_resolution(monkeypatch):
 def test_environment_variable_keeps_fp32_under_auto(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     monkeypatch.setenv("BORA_CPU_BF16", "1")
-    assert bora.device.cpu_has_bf16_matmul()
+    assert bora.core.device.cpu_has_bf16_matmul()
     monkeypatch.setenv("BORA_CPU_BF16", "0")
-    assert not bora.device.cpu_has_bf16_matmul()
+    assert not bora.core.device.cpu_has_bf16_matmul()
     assert autocast_dtype("auto", CPU) is None
 
 
@@ -91,7 +91,7 @@ def test_keep_freed_memory_applies_on_glibc():
     import platform
     import sys
 
-    from bora.device import keep_freed_memory
+    from bora.core.device import keep_freed_memory
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
@@ -99,14 +99,14 @@ def test_keep_freed_memory_applies_on_glibc():
 
 def test_cpu_bf16_runs_the_attention_core_in_float32_and_restores_the_model(monkeypatch):
     calls = []
-    real = bora.device._sdpa_float32_core
+    real = bora.core.device._sdpa_float32_core
 
     def spy(module, query, key, value, attention_mask, **kw):
         out, w = real(module, query, key, value, attention_mask, **kw)
         calls.append((query.dtype, out.dtype))
         return out, w
 
-    monkeypatch.setattr(bora.device, "_sdpa_float32_core", spy)
+    monkeypatch.setattr(bora.core.device, "_sdpa_float32_core", spy)
     train = task_data((8, 6, 4), seed=3)
     b = Bora(_config("bf16"), tiny_llama(), TinyTokenizer(), train.tasks, len(train), device="cpu")
     feed = b.feed(train)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora.diagnostics import diagnose, load_idata, summary, task_table, to_inference_data
-from bora.pooling import delta_w_ratio, effective_parameters, fisher_means, gain_kept, pooling_factor
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.diagnostics.inference_data import diagnose, load_idata, summary, task_table, to_inference_data
+from bora.diagnostics.pooling import delta_w_ratio, effective_parameters, fisher_means, gain_kept, pooling_factor
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 
@@ -64,7 +64,7 @@ def _fit(mode="learned", guide="map", per_module=False, steps=5):
     ("learned", "map", True), ("fixed", "meanfield", False), ("learned", "meanfield", False),
     ("shared", "map", False), ("independent", "map", False)])
 def test_diagnostics_of_fits(mode, guide, per_module):
-    from bora.diagnostics import compute_fisher
+    from bora.diagnostics.inference_data import compute_fisher
 
     bora, train = _fit(mode, guide, per_module)
     idata = diagnose(bora, train=train, draws=12)
@@ -146,7 +146,7 @@ def test_gain_kept_is_function_space_and_gauge_invariant():
 
 
 def test_a_bora_is_a_fit_view_and_a_bare_object_is_not():
-    from bora.view import FitView
+    from bora.diagnostics.view import FitView
 
     cfg = BoraConfig(model="tiny", adapter=AdapterConfig(rank=2, targets=("q_proj",), layers=(-1,)))
     bora = Bora(cfg, tiny_llama(layers=2), TinyTokenizer(), ("a", "b"), 4)

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora.distributed import all_reduce_sum_, shard_rows, world
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.core.distributed import all_reduce_sum_, shard_rows, world
 
 from conftest import TinyTokenizer, task_data, tiny_llama, tiny_model_dir, write_jsonl
 
@@ -136,7 +136,7 @@ def test_torchrun_fit_writes_once_and_loads(tmp_path, capsys):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("overall: exp(mean per-task NLL)") == 1  # one rank printed the table
     metrics = json.loads((out / "metrics.json").read_text())
-    from bora.cli import main
+    from bora.cli.main import main
 
     assert main(["evaluate", str(out), "--quiet", "--device", "cpu"]) == 0
     want = metrics["test"]["fit"]["overall"]["ppl_task_mean"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from bora.distributions import IsotropicNormal, OffsetReparam
+from bora.model.distributions import IsotropicNormal, OffsetReparam
 
 
 @pytest.mark.parametrize("scale_kind", ["number", "tensor"])

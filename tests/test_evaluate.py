@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bora.evaluate import bootstrap_ppl, paired_bootstrap, summarize
+from bora.evaluation.evaluate import bootstrap_ppl, paired_bootstrap, summarize
 
 
 def _docs(seed=0, sizes=(40, 25, 3)):

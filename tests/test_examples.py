@@ -68,7 +68,7 @@ def test_combine_seeds_and_parameterisations(tmp_path):
 def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
     """analysis/posterior_scale.py and analysis/gradient_span.py on a tiny saved fit (the embedded default's
     commands with a tiny model): scale 0 is the MAP; variance ratios lie in (0, 1]."""
-    from bora.cli import main as bora_main
+    from bora.cli.main import main as bora_main
 
     from conftest import tiny_model_dir, write_jsonl
 

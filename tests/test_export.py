@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.batching import collate
-from bora.export import adapter_estimate, export_adapters, write_peft_adapter
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.data.batching import collate
+from bora.io.export import adapter_estimate, export_adapters, write_peft_adapter
 
 from conftest import TinyTokenizer, task_data, tiny_gpt2, tiny_llama
 

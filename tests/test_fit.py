@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.feed import Feed
-from bora.prefix import FrozenPrefix
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.data.feed import Feed
+from bora.lora.prefix import FrozenPrefix
 
 from conftest import TinyTokenizer, task_data, tiny_gpt2, tiny_llama, tiny_opt
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bora import fortunes
-from bora.config import ConfigError, DataConfig
-from bora.data import load_documents, split_documents
+from bora.data import fortunes
+from bora.core.config import ConfigError, DataConfig
+from bora.data.documents import load_documents, split_documents
 
 
 def test_parse_datfile_splits_on_percent_lines(tmp_path):
@@ -50,7 +50,7 @@ def test_load_documents_fortunes_splits_every_task():
 def test_cli_unknown_category_is_one_error_line(tmp_path, capsys):
     from conftest import tiny_model_dir
 
-    from bora.cli import main
+    from bora.cli.main import main
 
     model = tiny_model_dir(tmp_path / "model")
     capsys.readouterr()

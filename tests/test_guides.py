@@ -4,7 +4,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from bora.guides import AutoDelta, AutoNormal, guide_params, point_values, saved_scales, set_locs_, set_scales_
+from bora.model.guides import AutoDelta, AutoNormal, guide_params, point_values, saved_scales, set_locs_, set_scales_
 
 
 def model():
@@ -38,7 +38,7 @@ def test_map_guide_masks_its_zero_log_density_and_keeps_the_elbo():
     from pyro.infer import Trace_ELBO, autoguide
     from pyro.poutine.util import site_is_subsample
 
-    from bora.guides import AutoDelta
+    from bora.model.guides import AutoDelta
 
     data = torch.randn(5)
 

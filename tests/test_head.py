@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora.head import chunked_nll
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.lora.head import chunked_nll
 
 from conftest import TinyTokenizer, task_data, tiny_gpt2, tiny_llama
 

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from bora.api import Bora
-from bora.checkpoint import load_checkpoint
-from bora.cli import main
-from bora.config import BoraConfig, ConfigError, DataConfig, FitConfig
-from bora.data import load_documents
-from bora.export import export_adapters
-from bora.fitfolder import save_fit
+from bora.io.checkpoint import load_checkpoint
+from bora.cli.main import main
+from bora.core.config import BoraConfig, ConfigError, DataConfig, FitConfig
+from bora.data.documents import load_documents
+from bora.io.export import export_adapters
+from bora.io.fitfolder import save_fit
 
 from conftest import tiny_model_dir, write_jsonl
 
@@ -358,7 +358,7 @@ def test_quiet_silences_datasets(env, tmp_path, capsys):
 def test_a_fit_saved_before_a_setting_existed_still_loads(env, tmp_path):
     """A config.json without a setting added to bora later (what an older version wrote, with its checksum over
     what it wrote) loads with the setting's default; an edited setting is still refused."""
-    from bora.fitfolder import config_sha256
+    from bora.io.fitfolder import config_sha256
 
     f = copy_fit(env, tmp_path)
     edit_json(f / "config.json", lambda c: c["fit"].pop("laplace_structure"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.laplace import HierarchicalLaplace
-from bora.export import adapter_estimate
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.posterior.laplace import HierarchicalLaplace
+from bora.io.export import adapter_estimate
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 

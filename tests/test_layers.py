@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from bora.config import AdapterConfig, ConfigError
-from bora.inject import inject_adapters_, remove_adapters_
-from bora.layers import MultiTaskLoRA
+from bora.core.config import AdapterConfig, ConfigError
+from bora.lora.inject import inject_adapters_, remove_adapters_
+from bora.lora.layers import MultiTaskLoRA
 
 from conftest import tiny_gpt2, tiny_llama, tiny_opt
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.linearize import linearized, tangent
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.lora.linearize import linearized, tangent
 
 from conftest import TinyTokenizer, task_data, tiny_gpt2, tiny_llama
 

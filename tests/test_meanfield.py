@@ -14,9 +14,9 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from bora.api import Bora
-from bora.cli import main
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.guides import AutoNormal  # module-local parameters, as in a bora fit
+from bora.cli.main import main
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.model.guides import AutoNormal  # module-local parameters, as in a bora fit
 
 from conftest import TinyTokenizer, task_data, tiny_llama, tiny_model_dir, write_jsonl
 
@@ -192,7 +192,7 @@ def test_warm_start_copies_map_estimates(tmp_path):
 def test_offset_fits_save_load_and_warm_start_across_parameterisations(tmp_path):
     """The offset form (theta_t = Theta + delta_t): a MAP fit reloads exactly, a non-centred fit warm-starts
     it at the same adapters, and a mean-field guide's delta scales start at the prior sd tau^-1/2."""
-    from bora.fitfolder import natural_estimates
+    from bora.io.fitfolder import natural_estimates
 
     lm = tiny_llama()
     train, val = task_data(TRAIN, seed=1), task_data(VAL, seed=2)

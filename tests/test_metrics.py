@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from bora.metrics import (SampleAverager, TokenMetrics, brier, entropy, expected_calibration_error, log_mean_exp,
+from bora.evaluation.metrics import (SampleAverager, TokenMetrics, brier, entropy, expected_calibration_error,
+                                     log_mean_exp,
                           mutual_information)
 
 

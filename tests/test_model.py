@@ -7,11 +7,11 @@ import pytest
 import torch
 from pyro import poutine
 
-from bora.config import AdapterConfig, PriorConfig
-from bora.batching import collate
-from bora.guides import make_guide, point_values
-from bora.inject import inject_adapters_
-from bora.model import BoraModel, site_names
+from bora.core.config import AdapterConfig, PriorConfig
+from bora.data.batching import collate
+from bora.model.guides import make_guide, point_values
+from bora.lora.inject import inject_adapters_
+from bora.model.hierarchy import BoraModel, site_names
 
 from conftest import task_data, tiny_llama
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bora.pooling import (adapter_norms, delta_w_ratio, effective_parameters, fisher_means, gain_kept, pooling_factor,
+from bora.diagnostics.pooling import (adapter_norms, delta_w_ratio, effective_parameters, fisher_means, gain_kept,
+                                      pooling_factor,
                           shrinkage, spearman)
 
 

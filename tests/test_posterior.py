@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
-from bora.batching import collate
-from bora.evaluate import token_log_probs
-from bora.metrics import brier, expected_calibration_error
+from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
+from bora.data.batching import collate
+from bora.evaluation.evaluate import token_log_probs
+from bora.evaluation.metrics import brier, expected_calibration_error
 
 from conftest import VOCAB, TinyTokenizer, task_data, tiny_llama
 
@@ -83,9 +83,9 @@ def test_token_log_probs_match_the_model_loglik():
 
 @pytest.mark.parametrize("predictive", ["linear", "sample"])
 def test_evaluate_point_and_both_bmas_match_direct_computations(predictive):
-    from bora.cli import format_posterior_table
-    from bora.evaluate import bootstrap_ppl
-    from bora.metrics import log_mean_exp, mutual_information
+    from bora.cli.main import format_posterior_table
+    from bora.evaluation.evaluate import bootstrap_ppl
+    from bora.evaluation.metrics import log_mean_exp, mutual_information
 
     bora, split = make()
     post = bora.posterior(3, seed=0, predictive=predictive)

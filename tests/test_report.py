@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from bora.api import Bora
-from bora.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
-from bora import pooling
-from bora.diagnostics import load_idata
-from bora.report import PLOTS, main_report, write_report
+from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
+from bora.diagnostics import pooling
+from bora.diagnostics.inference_data import load_idata
+from bora.cli.commands import main_report
+from bora.diagnostics.report import PLOTS, write_report
 
 from conftest import TinyTokenizer, task_data, tiny_llama, tiny_model_dir, write_jsonl
 
@@ -83,7 +84,7 @@ def test_write_report_in_memory(tmp_path, guide):
 
 
 def test_main_report_from_saved_fit(tmp_path, capsys):
-    from bora.cli import main
+    from bora.cli.main import main
 
     model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
     fit_dir = tmp_path / "fit"
@@ -108,9 +109,9 @@ def test_importing_bora_does_not_switch_the_matplotlib_backend():
     import subprocess
     import sys
 
-    code = ("import matplotlib; matplotlib.use('svg'); import bora.report, bora.plots, bora.diagnostics; "
+    code = ("import matplotlib; matplotlib.use('svg'); import bora.diagnostics.report, bora.plots, bora.diagnostics; "
             "import matplotlib.pyplot as plt; print(matplotlib.get_backend()); "
-            "from bora.plots import perplexity_bars; import tempfile, os; "
+            "from bora.diagnostics.plots import perplexity_bars; import tempfile, os; "
             "perplexity_bars(['a'], [2.0], [1.5], os.path.join(tempfile.mkdtemp(), 'p.png')); "
             "print(len(plt.get_fignums()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -118,7 +119,7 @@ def test_importing_bora_does_not_switch_the_matplotlib_backend():
 
 
 def test_size_plot_labels_do_not_overlap():
-    from bora.plots import size_figure
+    from bora.diagnostics.plots import size_figure
 
     tasks = [f"corpus/Character {i}" for i in range(16)]
     sizes = np.r_[np.linspace(900, 1100, 8), np.geomspace(2e3, 4e5, 8)]  # a crowded cluster and a spread
@@ -139,7 +140,7 @@ def test_size_plot_labels_do_not_overlap():
 def test_forest_is_arviz_sorted_by_size():
     import sys
 
-    from bora.plots import forest_figure
+    from bora.diagnostics.plots import forest_figure
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_diagnostics import _random_idata

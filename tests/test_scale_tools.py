@@ -18,9 +18,9 @@ def test_per_task_values_match_the_injected_adapters():
     """The table's count of task-level values equals bora's own model on a small Llama of the same form."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bora.config import AdapterConfig, PriorConfig
-    from bora.inject import inject_adapters_
-    from bora.model import BoraModel
+    from bora.core.config import AdapterConfig, PriorConfig
+    from bora.lora.inject import inject_adapters_
+    from bora.model.hierarchy import BoraModel
 
     h, L, heads, kv, hd, mlp = 64, 3, 4, 2, 16, 96
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=h, intermediate_size=mlp, num_hidden_layers=L,
@@ -34,7 +34,7 @@ def test_per_task_values_match_the_injected_adapters():
         assert memory_scale.per_task_values(shapes, r, hierarchy) == per_task
         glob = sum(a[0] * a[1] + b[0] * b[1] for a, b in model.shapes.values())
         assert memory_scale.global_values(shapes, r) == glob
-        from bora.inject import remove_adapters_
+        from bora.lora.inject import remove_adapters_
 
         remove_adapters_(adapters)
 

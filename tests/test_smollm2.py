@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from bora.base import load_base_model
-from bora.shakespeare import load_shakespeare
+from bora.lora.base import load_base_model
+from bora.data.shakespeare import load_shakespeare
 
 
 def test_smollm2_loads_offline_and_scores_a_speech(monkeypatch):

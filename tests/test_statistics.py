@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bora.config import FitConfig
-from bora.fisher import task_fisher
-from bora.guides import make_guide, point_values
-from bora.infer import fit
-from bora.laplace import HierarchicalLaplace
-from bora.tau import EmpiricalBayesTau
+from bora.core.config import FitConfig
+from bora.fit.fisher import task_fisher
+from bora.model.guides import make_guide, point_values
+from bora.fit.loop import fit
+from bora.posterior.laplace import HierarchicalLaplace
+from bora.fit.tau import EmpiricalBayesTau
 
 from gaussian import exact_posterior, make_problem, profile_log_evidence, type_two_tau
 
@@ -153,7 +153,7 @@ def test_task_fisher_equals_a_per_document_autograd_loop():
     tf = task_fisher(model, params, feed, max_per_task=4, generator=gen)
     # reference: the same subsample, one autograd call per document, scaled by n_t / used_t
     gen = torch.Generator().manual_seed(0)
-    from bora.batching import distinct_task_batches
+    from bora.data.batching import distinct_task_batches
 
     rows = torch.cat(list(distinct_task_batches(feed.split, 4, generator=gen)))
     key = model.key

@@ -1,10 +1,10 @@
-"""bora.step.TrainStep against torch's own clipping (oracle) and its finite checks."""
+"""bora.fit.step.TrainStep against torch's own clipping (oracle) and its finite checks."""
 
 import pytest
 import torch
 
-from bora.config import FitConfig
-from bora.step import NumericalError, TrainStep, make_optimizer
+from bora.core.config import FitConfig
+from bora.fit.step import NumericalError, TrainStep, make_optimizer
 
 
 @pytest.mark.parametrize("target", [0.5, 100.0])  # gradient norm below and above the clip

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bora.tau import evidence_tau
+from bora.fit.tau import evidence_tau
 
 
 def _em(y, F, tau=1000.0, iters=60):

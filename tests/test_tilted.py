@@ -1,4 +1,4 @@
-"""The tilted importance-sampling estimate of the document-level posterior predictive (:mod:`bora.tilted`),
+"""The tilted importance-sampling estimate of the document-level posterior predictive (:mod:`bora.evaluation.tilted`),
 against closed forms and against plain Monte Carlo with many draws."""
 
 import copy
@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from bora.guides import guide_params
-from bora.metrics import log_mean_exp
+from bora.model.guides import guide_params
+from bora.evaluation.metrics import log_mean_exp
 from bora.api import Bora
-from bora.tilted import (TiltedPredictive, mixture_log_mean_exp, tilted_bma_loglik, tilted_log_mean_exp,
+from bora.evaluation.tilted import (TiltedPredictive, mixture_log_mean_exp, tilted_bma_loglik, tilted_log_mean_exp,
                          unsupported)
 
 from conftest import TinyTokenizer, tiny_llama
@@ -194,7 +194,7 @@ def test_tilted_bma_of_a_centred_mean_field_posterior():
 def test_posteriors_the_tilted_estimator_does_not_serve():
     """A MAP fit (no posterior) and a non-centred mean-field posterior: a clear error when asked for, 'auto'
     falls back to plain Monte Carlo."""
-    from bora.config import ConfigError
+    from bora.core.config import ConfigError
 
     bora, train, val = _fit(copy.deepcopy(tiny_llama()), guide="map")
     with pytest.raises(ConfigError, match="a MAP fit has only its point estimate"):

@@ -42,7 +42,7 @@ import pyro.distributions as dist  # noqa: E402
 from pyro.distributions import constraints  # noqa: E402
 from pyro.infer.autoguide import AutoDelta, AutoNormal  # noqa: E402
 
-import bora.model as bora_model  # noqa: E402
+import bora.model.hierarchy as bora_model  # noqa: E402
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -1,16 +1,16 @@
 """High-level API: build a hierarchical LoRA model around a base LM, fit it, evaluate it.
 
 >>> from bora.api import Bora                               # doctest: +SKIP
->>> from bora.config import BoraConfig, FitConfig           # doctest: +SKIP
+>>> from bora.core.config import BoraConfig, FitConfig           # doctest: +SKIP
 >>> bora, data = Bora.from_config(BoraConfig(fit=FitConfig(epochs=2)))     # doctest: +SKIP
 >>> result = bora.fit(data["train"], data["val"])           # doctest: +SKIP
 >>> bora.evaluate(data["test"])["overall"]["ppl_task_mean"] # doctest: +SKIP
 >>> bora.save("runs/shakespeare")                           # doctest: +SKIP
 >>> same = Bora.load("runs/shakespeare")                    # doctest: +SKIP
 
-:class:`Bora` ties the pieces together (base model + injected adapters + :class:`~bora.model.BoraModel`
+:class:`Bora` ties the pieces together (base model + injected adapters + :class:`~bora.model.hierarchy.BoraModel`
 + guide + tau estimator) and knows how to save itself as a folder of JSON and safetensors.
-Feeds (:class:`~bora.feed.Feed`) carry the frozen-prefix cache; make them with :meth:`Bora.feed`
+Feeds (:class:`~bora.data.feed.Feed`) carry the frozen-prefix cache; make them with :meth:`Bora.feed`
 and reuse them across fits that share the base model and the first adapted layer.
 """
 
@@ -22,23 +22,26 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import BoraConfig, ConfigError
-from .coupling import guide_of
-from .data import TokenizedSplit, load_documents, split_documents
-from .device import autocast_dtype, resolve_device
-from .distributions import LATENT_SUFFIX
-from .evaluate import evaluate
-from .fisher import task_fisher
-from .fitfolder import read_fit_files, restore_fit_, save_fit
-from .feed import Feed
-from .guides import make_guide, point_values, set_scales_
-from .infer import FitResult, fit, fit_new_task
-from .inject import AdapterSet, inject_adapters_
-from .laplace import HierarchicalLaplace, laplace_from_point, task_layout
-from .model import BoraModel
-from .prefix import FrozenPrefix
-from .tau import EmpiricalBayesTau
-from .view import load_data
+from .core.config import BoraConfig, ConfigError
+from .core.seeding import stream_seed
+from .core.coupling import guide_of
+from .data.documents import TokenizedSplit, load_documents, split_documents
+from .core.device import autocast_dtype, resolve_device
+from .model.distributions import LATENT_SUFFIX
+from .evaluation.evaluate import evaluate
+from .fit.fisher import task_fisher
+from .io.fitfolder import read_fit_files, restore_fit_, save_fit
+from .data.feed import Feed
+from .model.guides import make_guide, point_values, set_scales_
+from .fit.callbacks import Callback
+from .fit.loop import FitResult, fit
+from .fit.newtask import fit_new_task
+from .lora.inject import AdapterSet, inject_adapters_
+from .posterior.laplace import HierarchicalLaplace, laplace_from_point, task_layout
+from .model.hierarchy import BoraModel
+from .lora.prefix import FrozenPrefix
+from .fit.tau import EmpiricalBayesTau
+from .diagnostics.view import load_data
 
 __all__ = ["Bora", "resolve_device", "load_data"]
 
@@ -82,7 +85,7 @@ class Bora:
         """Load the base model (unless given) and the data, and build an unfitted :class:`Bora`."""
         splits = split_documents(load_documents(config.data), config.data)  # data errors before the model loads
         if lm is None or tokenizer is None:
-            from .base import load_base_model
+            from .lora.base import load_base_model
 
             lm, tokenizer = load_base_model(config.model, device=resolve_device(device), quantize=config.quantize)
         data = load_data(config, tokenizer, splits=splits)
@@ -123,14 +126,15 @@ class Bora:
         return x if isinstance(x, Feed) else self.feed(x)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train, val=None, *, progress: bool = True, checkpoint=None, resume=None) -> FitResult:
-        """Fit the guide (see :func:`bora.infer.fit` for ``checkpoint`` and ``resume``)."""
+    def fit(self, train, val=None, *, progress: bool = True, checkpoint=None, resume=None,
+            callbacks: Sequence[Callback] = ()) -> FitResult:
+        """Fit the guide (see :func:`bora.fit.loop.fit` for ``checkpoint``, ``resume`` and ``callbacks``)."""
         train_feed = self._as_feed(train)
         if len(train_feed) != self.num_docs:
             raise ConfigError(f"model was built for {self.num_docs} training documents, got {len(train_feed)}")
         val_feed = self._as_feed(val) if val is not None else None
         self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
-                          progress=progress, checkpoint=checkpoint, resume=resume)
+                          progress=progress, checkpoint=checkpoint, resume=resume, callbacks=callbacks)
         if guide_of(self.config.fit).laplace:
             t0 = time.perf_counter()
             self.fit_laplace_(train_feed, progress=progress)
@@ -140,7 +144,7 @@ class Bora:
     def fit_laplace_(self, train, *, docs: Optional[int] = None, labels: Optional[str] = None,
                      structure: Optional[str] = None, seed: Optional[int] = None,
                      progress: bool = False) -> HierarchicalLaplace:
-        """Attach a Laplace posterior around the current point estimate (:mod:`bora.laplace`), with
+        """Attach a Laplace posterior around the current point estimate (:mod:`bora.posterior.laplace`), with
         curvature from ``docs`` training documents per task (default: ``fit.laplace_docs``, all) and
         ``structure`` ``'lowrank'`` or ``'diag'`` (default: ``fit.laplace_structure``)."""
         cfg = self.config.fit
@@ -148,7 +152,7 @@ class Bora:
         if structure not in ("lowrank", "diag"):
             raise ConfigError(f"structure must be 'lowrank' or 'diag', got {structure!r}")
         feed = self._as_feed(train)
-        gen = torch.Generator().manual_seed(cfg.seed + 0x1A9 if seed is None else seed)
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "laplace") if seed is None else seed)
         keep = task_layout(self.model) if structure == "lowrank" and self.model.has_tasks else None
         tf = task_fisher(self.model, self.params(), feed, max_per_task=docs or cfg.laplace_docs, generator=gen,
                          labels=labels or cfg.laplace_labels, progress=progress, gradients=keep)
@@ -179,32 +183,35 @@ class Bora:
 
     # ------------------------------------------------------------------ posterior (bora.posterior)
     def posterior(self, num_samples: int = 8, *, seed: int = 0, predictive: str = "sample"):
-        """``num_samples`` adapter sets from the fit's posterior (:class:`bora.posterior.Posterior`);
+        """``num_samples`` adapter sets from the fit's posterior (:class:`bora.posterior.samples.Posterior`);
         ``predictive``: ``"sample"`` (the network run at each sampled adapter, the default) or ``"linear"``
-        (the network linearised at the point estimate, :mod:`bora.linearize`) for likelihoods and BMA predictions."""
-        from .posterior import Posterior
+        (the network linearised at the point estimate, :mod:`bora.lora.linearize`) for likelihoods and BMA
+        predictions."""
+        from .posterior.samples import Posterior
 
         return Posterior(self, num_samples, seed=seed, predictive=predictive)
 
     def init_from(self, path) -> dict:
-        """Warm start: set the guide to the estimates of the saved fit ``path`` (:func:`bora.warmstart.warm_start_`)."""
-        from .warmstart import warm_start_
+        """Warm start: set the guide to the estimates of the saved fit ``path``
+        (:func:`bora.io.warmstart.warm_start_`)."""
+        from .io.warmstart import warm_start_
 
         return warm_start_(self, path)
 
     def fit_new_task(self, docs, *, steps: int = 100, lr: float = 0.05, **kw) -> dict:
-        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed (:func:`bora.infer.fit_new_task`)."""
+        """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed
+        (:func:`bora.fit.newtask.fit_new_task`)."""
         return fit_new_task(self, docs, steps=steps, lr=lr, **kw)
 
     def remove_adapters_(self):
         """Take this object's adapters out of the base LM (so another :class:`Bora` can use it); returns the LM."""
-        from .inject import remove_adapters_
+        from .lora.inject import remove_adapters_
 
         return remove_adapters_(self.adapters)
 
     # ------------------------------------------------------------------ fit folders (bora.fitfolder)
     def save(self, path) -> None:
-        """Write this fit to the folder ``path`` atomically (:func:`bora.fitfolder.save_fit`)."""
+        """Write this fit to the folder ``path`` atomically (:func:`bora.io.fitfolder.save_fit`)."""
         save_fit(self, path)
 
     @classmethod
@@ -214,7 +221,7 @@ class Bora:
         path = Path(path)
         config, meta, state, tensors = read_fit_files(path)
         if lm is None or tokenizer is None:
-            from .base import load_base_model
+            from .lora.base import load_base_model
 
             lm, tokenizer = load_base_model(config.model, device=resolve_device(device), quantize=config.quantize)
         bora = cls(config, lm, tokenizer, meta["tasks"], meta["num_docs"], device=device,

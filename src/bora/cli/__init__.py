@@ -1,0 +1,1 @@
+"""Layer 10 (above :mod:`bora.api`): the ``bora`` command line."""

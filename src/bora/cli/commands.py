@@ -1,0 +1,260 @@
+"""What each ``bora`` command does once its arguments are parsed (``fit``, ``evaluate``, ``laplace``,
+``sample``, ``export``); :mod:`bora.cli.main` dispatches to them.
+
+>>> from bora.cli.commands import fit_output_folder   # doctest: +SKIP
+
+``bora fit`` under ``torchrun`` runs as one of several data-parallel processes: only rank 0 prints and
+writes (:mod:`bora.core.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from .args import config_from_args, explicit_flags
+from ..core.config import BoraConfig, CheckpointConfig, ConfigError
+from .tables import format_posterior_table, format_table
+
+__all__ = ["main_report", "cmd_fit", "cmd_evaluate", "cmd_laplace", "cmd_sample", "cmd_export"]
+
+
+_RESUME_FLAGS = {"resume", "output", "quiet", "device", "checkpoint_every"}
+
+
+def fit_output_folder(args, argv) -> tuple[Path, Optional[object], BoraConfig]:
+    """``(output folder, checkpoint to resume or None, config)``, refusing unsafe outputs before any loading."""
+    from ..io.checkpoint import has_checkpoint, load_checkpoint
+    from ..core.files import check_output, folder_kind, read_json
+
+    if args.resume is None:
+        if args.output is None:
+            raise ConfigError("the following arguments are required: --output/-o (or --resume FIT_DIR)")
+        config = config_from_args(args, argv)
+        out = args.output
+        if folder_kind(out) == "fit" and not args.overwrite:
+            if has_checkpoint(out):
+                step = read_json(out / "checkpoints" / "LATEST").get("step")
+                raise ConfigError(f"{out} holds an interrupted fit (last checkpoint: step {step}): --resume {out} "
+                                  "continues it, --overwrite starts a new fit")
+            raise ConfigError(f"{out} already holds a bora fit; pass --overwrite to replace it")
+        check_output(out, "fit", overwrite=True)
+        return out, None, config
+    out = args.resume
+    if args.output is not None and Path(args.output).resolve() != Path(out).resolve():
+        raise ConfigError("--resume FIT_DIR continues the fit in FIT_DIR; --output must be omitted or the same")
+    extra = sorted(explicit_flags(argv) - _RESUME_FLAGS)
+    if extra:
+        raise ConfigError(f"--resume continues a fit with its own settings; remove --{extra[0].replace('_', '-')}")
+    ck = load_checkpoint(out)
+    if folder_kind(out) != "fit":
+        check_output(out, "fit")  # the finished fit will replace the folder: it must be bora's alone
+    config = BoraConfig.from_dict(ck.meta.get("config"))
+    return out, ck, config
+
+
+def cmd_fit(args, argv) -> int:
+    """``bora fit``, also as one of several data-parallel processes (``torchrun ... -m bora fit``):
+    every rank fits its shard of each batch; only rank 0 prints and writes (:mod:`bora.core.distributed`)."""
+    import torch.distributed as tdist
+
+    from ..core.distributed import init_from_env, is_main
+
+    if not init_from_env(args.device):
+        return fit_command(args, argv)
+    try:
+        if is_main():
+            return fit_command(args, argv)
+        args.quiet = True
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            return fit_command(args, argv)
+    finally:
+        tdist.destroy_process_group()
+
+
+def fit_command(args, argv) -> int:
+    from ..api import Bora
+    from ..core.distributed import is_main
+    from ..io.checkpoint import Checkpointer, data_fingerprint
+    from ..fit.loop import NumericalError
+    from ..io.fitfolder import base_fingerprint, save_fit
+
+    every = CheckpointConfig(every=args.checkpoint_every).every
+    out, ck, config = fit_output_folder(args, argv)
+    if ck is not None and args.checkpoint_every is None:  # the interrupted run's own setting
+        every = CheckpointConfig(every=ck.meta.get("checkpoint_every")).every
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    print(f"bora fit: model={config.model} data={config.data.source} tau_mode={config.prior.tau_mode} "
+          f"guide={config.fit.guide}" + (f" (resuming {out} from step {ck.step})" if ck is not None else ""),
+          flush=True)
+    bora, data = Bora.from_config(config, device=args.device)
+    meta = {"config": config.to_dict(), "data_sha256": data_fingerprint(data), "base_model": base_fingerprint(bora),
+            "checkpoint_every": every}
+    if ck is not None:
+        if ck.meta.get("data_sha256") != meta["data_sha256"]:
+            raise ConfigError(f"the documents of {config.data.source} changed since the checkpoint in {out} was "
+                              "written; resuming would not continue the same fit")
+        if ck.meta.get("base_model") != meta["base_model"]:
+            raise ConfigError(f"base model {config.model!r} differs from the one the checkpoint in {out} was fitted on")
+    elif args.init_from is not None:
+        warm = bora.init_from(args.init_from)
+        print(f"warm start from {args.init_from}: {len(warm['copied'])} estimates copied"
+              + (f", {len(warm['derived'])} derived" if warm["derived"] else "")
+              + (f", {len(warm['kept'])} left at their initial value" if warm["kept"] else ""), flush=True)
+    n_params = bora.adapters.num_parameters()
+    print(f"tasks: {len(bora.tasks)}  documents train/val/test: {len(data['train'])}/{len(data['val'])}/"
+          f"{len(data['test'])}  training tokens: {data['train'].num_tokens()}  adapted modules: "
+          f"{len(bora.adapters)}  adapter parameters per task: {n_params}  device: {bora.device}", flush=True)
+    feeds = {k: bora.feed(v, progress=progress, desc=f"caching frozen layers ({k})") for k, v in data.items()}
+    base = bora.evaluate(feeds["test"], base=True)
+    checkpointer = Checkpointer(out, every=every, meta=meta)
+    try:
+        result = bora.fit(feeds["train"], feeds["val"], progress=progress, checkpoint=checkpointer,
+                          resume=ck.state if ck is not None else None)
+    except NumericalError as e:
+        raise ConfigError(f"fit stopped: {e} (try a lower --lr); {checkpointer.describe()}; nothing was saved "
+                          "as a fit") from None
+    fitted = bora.evaluate(feeds["test"])
+    bora.metrics = {"test": {"base": base, "fit": fitted}}
+    if is_main():
+        save_fit(bora, out)
+    print()
+    print(format_table(base, fitted))
+    tau = bora.tau_estimate()
+    print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
+          f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
+          f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
+    print(f"fit time: {result.seconds:.0f} s = steps {result.seconds_steps:.0f} s + validation "
+          f"{result.seconds_validation:.0f} s + tau updates {result.seconds_tau:.0f} s + checkpoints "
+          f"{result.seconds_checkpoint:.0f} s (+ other); Laplace curvature after it: {result.seconds_posterior:.0f} s")
+    if bora.laplace is not None:
+        print(f"Laplace posterior: median posterior sd of a task coordinate {bora.laplace.median_task_sd():.4g} "
+              f"(prior sd tau^-1/2); `bora evaluate {out} --samples 8` averages over it")
+    print(f"saved to {out}  (bora evaluate {out})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..api import Bora, load_data
+
+    if args.samples < 1 or args.batch_size < 1:
+        raise ConfigError("--samples and --batch-size must be >= 1")
+    bora = Bora.load(args.fit_dir, device=args.device)
+    data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
+    split = data[args.split]
+    if split.task_sizes().eq(0).any():
+        missing = [t for t, n in zip(bora.tasks, split.task_sizes().tolist()) if n == 0]
+        raise ConfigError(f"the data has no {args.split} documents for task(s) {missing[:3]} of this fit")
+    feed = bora.feed(split, progress=not args.quiet, desc=f"caching frozen layers ({args.split})")
+    base = bora.evaluate(feed, base=True)
+    fitted = bora.evaluate(feed)
+    print(format_table(base, fitted, title=args.split))
+    tau = bora.tau_estimate()
+    print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
+    post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
+    res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet, doc_estimator=args.doc_estimator)
+    print()
+    print(format_posterior_table(res, title=args.split))
+    return 0
+
+
+def cmd_laplace(args) -> int:
+    from ..api import Bora, load_data
+    from ..io.fitfolder import write_laplace
+
+    if args.docs is not None and args.docs < 1:
+        raise ConfigError("--docs must be >= 1")
+    bora = Bora.load(args.fit_dir, device=args.device)
+    if bora.config.fit.guide == "meanfield":
+        raise ConfigError("a Laplace posterior is built around a MAP fit; this fit is mean-field")
+    train = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)["train"]
+    feed = bora.feed(train, progress=not args.quiet, desc="caching frozen layers (train)")
+    lap = bora.fit_laplace_(feed, docs=args.docs, labels=args.labels, structure=args.structure,
+                            progress=not args.quiet)
+    write_laplace(lap, args.fit_dir / "laplace.safetensors")
+    sd = lap.median_task_sd()
+    taus = sorted(set(lap.tau.values()))
+    print(f"Laplace posterior written to {args.fit_dir / 'laplace.safetensors'}: median posterior sd of a task "
+          f"coordinate {sd:.4g} (prior sd tau^-1/2: {', '.join(f'{t ** -0.5:.4g}' for t in taus if 0 < t < math.inf)})")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from ..api import Bora
+
+    if args.samples < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--samples and --max-new-tokens must be >= 1")
+    bora = Bora.load(args.fit_dir, device=args.device)
+    post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
+    seen = args.task in bora.tasks
+    kind = ("the point estimate (MAP fit: all samples identical)" if post.is_point and seen
+            else f"{args.samples} posterior samples ({bora.config.fit.guide})")
+    print(f"task {args.task!r} " + ("(fitted)" if seen else
+          "(not in the fit: each sample's adapter is drawn from the global level, the prior predictive "
+          "of a new task)") + f"; adapters: {kind}; seed {args.seed}; "
+          + (f"sampling (temperature {args.temperature:g}, top-p {args.top_p:g})" if args.do_sample else "greedy"))
+    out = post.generate(args.task, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                        temperature=args.temperature, top_p=args.top_p)
+    P = len(out["prompt_ids"])
+    L = P + max(len(s) for s in out["ids"])
+    ids = torch.full((len(out["ids"]), max(L, P + 1)), bora.pad_id, dtype=torch.long)
+    for i, s in enumerate(out["ids"]):
+        ids[i, :P] = torch.tensor(out["prompt_ids"])
+        ids[i, P:P + len(s)] = torch.tensor(s, dtype=torch.long)
+    u = post.token_uncertainty(args.task, ids)
+    print(f"prompt: {args.prompt!r} ({P} token{'s' if P != 1 else ''})")
+    print(f"next token after the prompt: predictive entropy {float(u['entropy'][0, P - 1]):.4f} nats, "
+          f"epistemic (mutual information) {float(u['mutual_information'][0, P - 1]):.5f} nats")
+    for i, (text, s) in enumerate(zip(out["texts"], out["ids"])):
+        print(f"[{i + 1}] {text}")
+        if s:
+            sl = slice(P - 1, P - 1 + len(s))
+            nll = float(u['nll'][i, sl].mean())
+            print(f"    {len(s)} token{'s' if len(s) != 1 else ''}; under the BMA: NLL {nll:.4f}/token, "
+                  f"entropy {float(u['entropy'][i, sl].mean()):.4f}, mutual information "
+                  f"{float(u['mutual_information'][i, sl].mean()):.5f} nats/token")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..api import Bora
+    from ..io.export import check_export_output, export_adapters
+
+    check_export_output(args.output, all_tasks=args.all_tasks)
+    bora = Bora.load(args.fit_dir, device=args.device)
+    if args.task is not None and args.task not in bora.tasks:
+        raise ConfigError(f"task {args.task!r} is not in this fit (tasks: {', '.join(bora.tasks[:8])}"
+                          f"{', ...' if len(bora.tasks) > 8 else ''})")
+    written = export_adapters(bora, args.output, task=args.task, global_adapter=args.global_adapter,
+                              all_tasks=args.all_tasks, estimate=args.estimate, sample_index=args.sample_index,
+                              seed=args.seed, source=str(args.fit_dir))
+    what = args.estimate + (f" #{args.sample_index} (seed {args.seed})" if args.estimate == "sample" else "")
+    for name, folder in written.items():
+        print(f"{name}: {folder}")
+    print(f"wrote {len(written)} PEFT adapter folder(s) ({what}) to {args.output}  "
+          f"(peft.PeftModel.from_pretrained(base_model, folder))")
+    return 0
+
+
+def main_report(fit_dir, out_dir=None, *, device="auto", fisher_docs: Optional[int] = None, draws: int = 200,
+                independent=None, progress: bool = True) -> Path:
+    """Load the fit saved in ``fit_dir`` and write its report to ``out_dir`` (default ``fit_dir/report``)."""
+    from ..api import Bora
+    from ..core.files import check_output
+    from ..diagnostics.report import write_report
+
+    fit_dir = Path(fit_dir)
+    out = Path(out_dir) if out_dir is not None else fit_dir / "report"
+    check_output(out, "report")  # before loading anything
+    if progress:
+        print(f"loading fit {fit_dir}", flush=True)
+    bora = Bora.load(fit_dir, device=device)
+    write_report(bora, out, fisher_docs=fisher_docs, draws=draws, independent=independent, progress=progress)
+    return out

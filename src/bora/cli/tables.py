@@ -1,0 +1,96 @@
+"""The tables the command line prints: per-task perplexity of a fit vs the base model, point vs posterior average.
+
+>>> from bora.cli.tables import format_table
+>>> s = {"per_task": {"a": {"ppl": 10.0, "nll": 2.3, "docs": 2, "tokens": 9}},
+...      "overall": {"ppl_task_mean": 10.0, "ppl_token": 10.0}}
+>>> f = {"per_task": {"a": {"ppl": 8.0, "nll": 2.08, "docs": 2, "tokens": 9}},
+...      "overall": {"ppl_task_mean": 8.0, "ppl_token": 8.0}}
+>>> print(format_table(s, f).splitlines()[1])
+a         2       9     10.000      8.000   -20.0%
+"""
+
+from __future__ import annotations
+
+
+
+__all__ = ["format_table", "format_posterior_table"]
+
+
+def format_table(base: dict, fitted: dict, *, title: str = "test") -> str:
+    """Per-task perplexity table: base model vs fit, plus the two overall summaries."""
+    names = list(fitted["per_task"])
+    w = max([len("task")] + [len(n) for n in names])
+    lines = [f"{'task':<{w}}  {'docs':>5}  {'tokens':>6}  {'base ppl':>9}  {'fit ppl':>9}  {'change':>7}"]
+    for n in names:
+        b, f = base["per_task"][n], fitted["per_task"][n]
+        lines.append(f"{n:<{w}}  {f['docs']:>5}  {f['tokens']:>6}  {b['ppl']:>9.3f}  {f['ppl']:>9.3f}  "
+                     f"{100 * (f['ppl'] / b['ppl'] - 1):>+6.1f}%")
+    bo, fo = base["overall"], fitted["overall"]
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{'overall: exp(mean per-task NLL)':<{w + 24}}  {bo['ppl_task_mean']:>9.3f}  "
+                 f"{fo['ppl_task_mean']:>9.3f}  {100 * (fo['ppl_task_mean'] / bo['ppl_task_mean'] - 1):>+6.1f}%")
+    lines.append(f"{'overall: token-weighted':<{w + 24}}  {bo['ppl_token']:>9.3f}  "
+                 f"{fo['ppl_token']:>9.3f}  {100 * (fo['ppl_token'] / bo['ppl_token'] - 1):>+6.1f}%")
+    better = sum(fitted["per_task"][n]["ppl"] < base["per_task"][n]["ppl"] for n in names)
+    lines.append(f"{title} perplexity lower than the base model on {better} of {len(names)} tasks")
+    return "\n".join(lines)
+
+
+def format_posterior_table(res: dict, *, title: str = "test") -> str:
+    """Point estimate vs Bayesian model average: likelihood, accuracy, calibration, uncertainty; per task.
+
+    The BMA NLL and perplexities are the document-level posterior predictive (``bma_doc``, with the plain
+    estimate beside it when the tilted estimator was used); accuracy,
+    ECE, Brier, entropy and mutual information are of the token-level BMA (``bma_token``)."""
+    S = res["samples"]
+    bma = S > 1
+    p, bd, bt = res["point"], res["bma_doc"], res["bma_token"]
+    head = f"BMA (S={S}" + (", linearised)" if res.get("predictive") == "linear" else ")")
+    w = 50
+    tilted = res.get("doc_estimator") == "tilted"
+    rows = [
+        ("NLL per token (BMA: document-level)", p["overall"]["nll_token"], bd["overall"]["nll_token"], ".4f"),
+        *([("  the same, plain log-mean-exp over samples", p["overall"]["nll_token"],
+            res["bma_doc_plain"]["overall"]["nll_token"], ".4f")] if tilted and bma else []),
+        ("perplexity: exp(mean per-task NLL)", p["overall"]["ppl_task_mean"], bd["overall"]["ppl_task_mean"], ".3f"),
+        ("perplexity: token-weighted", p["overall"]["ppl_token"], bd["overall"]["ppl_token"], ".3f"),
+        ("token-level BMA: NLL per token", p["tokens"]["nll"], bt["tokens"]["nll"], ".4f"),
+        ("token-level: next-token top-1 accuracy", p["tokens"]["accuracy"], bt["tokens"]["accuracy"], ".4f"),
+        ("token-level: expected calibration error (15 bins)", p["tokens"]["ece"], bt["tokens"]["ece"], ".4f"),
+        ("token-level: Brier score", p["tokens"]["brier"], bt["tokens"]["brier"], ".4f"),
+        ("token-level: predictive entropy (nats)", p["tokens"]["entropy"], bt["tokens"]["entropy"], ".4f"),
+        ("token-level: mutual information (nats)", p["tokens"]["mutual_information"],
+         bt["tokens"]["mutual_information"], ".3g"),
+    ]
+    label = f"{title} ({p['tokens']['tokens']} tokens)"
+    lines = [f"{label:<{w}}  {'point':>10}" + (f"  {head:>12}" if bma else "")]
+    cw = max(12, len(head))
+    for name, a, c, fmt in rows:
+        lines.append(f"{name:<{w}}  {a:>10{fmt}}" + (f"  {c:>{cw}{fmt}}" if bma else ""))
+    if res.get("point_fit") and bma:
+        lines.append("(MAP fit: every posterior sample is the point estimate, so the BMA equals it)")
+    if tilted and bma:
+        e = res["tilted_ess"]
+        lines.append(f"(document-level BMA by importance sampling, bora.tilted: the {S} samples and {S} copies "
+                     f"shifted along each document's gradient; effective sample size median {e['median']:.1f}, "
+                     f"10% quantile {e['q10']:.1f} of {2 * S}. The plain log-mean-exp is biased low when a "
+                     "document's log-likelihood varies by nats over the samples)")
+    if bma:
+        iv, ti = res["posterior_spread"], res["test_interval"]["bma_doc"]
+        names = list(iv)
+        tw = max([len("task")] + [len(n) for n in names])
+        lvl = int(round(100 * ti["level"]))
+
+        def br(lo, hi):
+            return "[" + format(lo, ".3f") + ", " + format(hi, ".3f") + "]"
+
+        lines.append("")
+        lines.append(f"{'task':<{tw}}  {'point ppl':>9}  {'BMA ppl':>9}  {str(lvl) + '% test-set interval':>24}"
+                     f"  {str(lvl) + '% posterior spread':>22}")
+        for n in names:
+            t = ti["per_task"][n]
+            lines.append(f"{n:<{tw}}  {p['per_task'][n]['ppl']:>9.3f}  {bd['per_task'][n]['ppl']:>9.3f}  "
+                         f"{br(t['lo'], t['hi']):>24}  {br(iv[n]['lo'], iv[n]['hi']):>22}")
+        lines.append("(BMA ppl: document-level posterior predictive; test-set: documents resampled within the task; "
+                     "posterior spread: the task's perplexity under each sample, a plug-in quantity)")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Data-parallel fits on ``torch.distributed`` (processes launched by ``torchrun``): sharding and sums.
+
+>>> import torch
+>>> from bora.core.distributed import shard_rows
+>>> shard_rows(torch.arange(5), rank=1, world_size=2)   # rank 1's rows of a global batch of 5
+(tensor([1, 3]), 0.8)
+>>> shard_rows(torch.arange(1), rank=1, world_size=2)   # nothing left: one row, weighted 0
+(tensor([0]), 0.0)
+
+Launch ``torchrun --nproc-per-node N -m bora fit ...`` (or ``accelerate launch``, which sets the
+same environment): :func:`init_from_env` joins the process group the launcher describes (gloo on
+CPU, NCCL on CUDA, one GPU per local rank). Nothing here is bora's own communication code: the
+gradient all-reduce is torch's ``DistributedDataParallel`` and the sums are ``all_reduce``.
+
+How a fit is split (:func:`bora.fit.loop.fit`): every rank draws the same global minibatch (the batch
+stream is seeded identically) and keeps the rows ``rank, rank + N, ...`` of it. The model's
+likelihood on a shard of ``b_r`` of the batch's ``B`` rows is scaled by ``N b_r / B``, so that the
+average over ranks of each rank's loss (what DDP's gradient averaging differentiates) is the prior
+and guide terms once plus the full-batch likelihood: the all-reduced gradient equals the
+single-process gradient of the global batch. Validation, the per-task Fisher of the tau update and
+of the Laplace posterior shard their documents the same way and sum across ranks, so every rank
+holds the same numbers and takes the same decisions (early stopping, tau). Only rank 0 writes
+files and prints. Each rank keeps its own frozen-prefix cache. Adapter dropout draws its masks
+per rank, so a fit with dropout is equivalent in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["world", "is_main", "init_from_env", "shard_rows", "all_reduce_sum_", "data_parallel", "barrier"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` outside a process group."""
+    d = _dist()
+    return (d.get_rank(), d.get_world_size()) if d is not None else (0, 1)
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0, or no process group)."""
+    return world()[0] == 0
+
+
+def init_from_env(device: Optional[str] = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE > 1``).
+
+    Returns whether this process is part of a multi-process run. On CUDA each process uses the GPU
+    of its ``LOCAL_RANK``; elsewhere the gloo backend. A no-op when already initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from .config import ConfigError
+
+    if not dist.is_available():
+        raise ConfigError("this torch build has no torch.distributed; run a single process")
+    cuda = (device is None or str(device).startswith(("cuda", "auto"))) and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif device is not None and str(device).startswith("cuda"):
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return dist.get_world_size() > 1
+
+
+def shard_rows(rows: torch.Tensor, rank: Optional[int] = None, world_size: Optional[int] = None
+               ) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a global batch and the weight of its likelihood: ``(rows[rank::N], N b_r / B)``.
+
+    A rank left without rows gets the batch's first row at weight 0 (it still runs the model, so that
+    every rank takes part in the gradient all-reduce)."""
+    if rank is None or world_size is None:
+        rank, world_size = world()
+    if world_size == 1:
+        return rows, 1.0
+    local = rows[rank::world_size]
+    if len(local) == 0:
+        return rows[:1], 0.0
+    return local, world_size * len(local) / len(rows)
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over all ranks, in place (a no-op in a single process)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return
+    nccl = d.get_backend() == "nccl"
+    for t in tensors:
+        if nccl and t.device.type != "cuda":
+            buf = t.to("cuda")
+            d.all_reduce(buf)
+            t.copy_(buf.to(t.device))
+        else:
+            d.all_reduce(t)
+
+
+def barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped in ``DistributedDataParallel`` in a multi-process run (averaged gradients),
+    else ``module`` itself. Parameters are broadcast from rank 0 when wrapped."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next((p.device for p in module.parameters()), torch.device("cpu"))
+    ids = [dev] if dev.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)

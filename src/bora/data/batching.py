@@ -1,0 +1,127 @@
+"""Minibatches of a tokenized split: padding, shuffled epochs, a resumable stream, one-document-per-task batches.
+
+>>> import torch
+>>> from bora.data.documents import TokenizedSplit
+>>> from bora.data.batching import BatchStream, collate, distinct_task_batches
+>>> split = TokenizedSplit([torch.arange(3), torch.arange(5), torch.arange(2)], torch.tensor([0, 1, 1]), ("a", "b"))
+>>> collate(split, [0, 1])["attention_mask"].tolist()    # right-padded
+[[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+>>> [b.tolist() for b in distinct_task_batches(split, None)]    # every task at most once per batch
+[[0, 1], [2]]
+>>> stream = BatchStream(3, 2, torch.Generator().manual_seed(0))
+>>> sorted(torch.cat([next(stream), next(stream)]).tolist())    # one epoch: every row once
+[0, 1, 2]
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from ..core.config import ConfigError
+from .documents import TokenizedSplit, row_index
+
+__all__ = ["collate", "batches", "BatchStream", "distinct_task_batches"]
+
+
+def collate(split: TokenizedSplit, index, pad_id: int = 0) -> dict:
+    """Right-padded batch of rows ``index``: ``input_ids`` and ``attention_mask`` (1 real, 0 pad)
+    LongTensors ``[N, Lmax]``, ``task_ids`` ``[N]`` and ``index`` ``[N]`` (rows of ``split``)."""
+    idx = row_index(index, len(split))
+    seqs = [split.input_ids[i] for i in idx.tolist()]
+    lmax = max((len(s) for s in seqs), default=0)
+    input_ids = torch.full((len(seqs), lmax), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), lmax), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = s
+        mask[r, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "task_ids": split.task_ids[idx], "index": idx}
+
+
+def batches(
+    split: TokenizedSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: Optional[torch.Generator] = None,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """One epoch of row-index LongTensors. With ``shuffle`` the order is a uniform random
+    permutation (no length sorting), so every minibatch is a uniform sample without replacement."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        b = order[start:start + batch_size]
+        if drop_last and len(b) < batch_size:
+            return
+        yield b
+
+
+class BatchStream:
+    """Endless shuffled epochs of row indices: exactly the batches of ``batches(split, batch_size,
+    shuffle=True, generator=generator)`` epoch after epoch, with a position that can be saved and
+    restored (:meth:`state_dict`; the generator's own state is saved separately)."""
+
+    def __init__(self, n: int, batch_size: int, generator: Optional[torch.Generator] = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if n < 1:
+            raise ConfigError("no documents to draw batches from")
+        self.n, self.batch_size, self.generator = int(n), batch_size, generator
+        self.order: Optional[torch.Tensor] = None
+        self.pos = 0
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.order is None or self.pos >= self.n:
+            self.order = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        b = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return b
+
+    def state_dict(self) -> dict:
+        return {"order": None if self.order is None else self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["order"]
+        if order is not None and (order.dim() != 1 or len(order) != self.n):
+            raise ConfigError(f"batch stream state is for {len(order)} documents, not {self.n}")
+        self.order = None if order is None else order.clone().to(torch.long)
+        self.pos = int(state["pos"])
+
+
+def distinct_task_batches(
+    split: TokenizedSplit,
+    max_per_task: Optional[int],
+    generator: Optional[torch.Generator] = None,
+    rows: Optional[torch.Tensor] = None,
+) -> Iterator[torch.Tensor]:
+    """Row-index LongTensors in which every task appears at most once (round robin over tasks).
+
+    Covers ``max_per_task`` rows per task (a uniform random subset, drawn with ``generator``, when a
+    task has more; all rows when None), so batch ``k`` holds the ``k``-th chosen row of every task
+    that has one. Rows within a task keep their order in ``split``. ``rows`` (indices) restricts the
+    choice to those rows."""
+    if max_per_task is not None and (not isinstance(max_per_task, int) or max_per_task < 1):
+        raise ConfigError(f"max_per_task must be a positive integer or None, got {max_per_task!r}")
+    chosen: list[torch.Tensor] = []
+    allowed = None
+    if rows is not None:
+        allowed = torch.zeros(len(split), dtype=torch.bool)
+        allowed[torch.as_tensor(rows, dtype=torch.long).cpu()] = True
+    for t in range(len(split.tasks)):
+        mine = split.task_ids == t
+        idx = (mine if allowed is None else mine & allowed).nonzero().reshape(-1)
+        if max_per_task is not None and len(idx) > max_per_task:
+            pick = torch.randperm(len(idx), generator=generator)[:max_per_task]
+            idx = idx[pick.sort().values]
+        chosen.append(idx)
+    rounds = max((len(c) for c in chosen), default=0)
+    for k in range(rounds):
+        yield torch.stack([c[k] for c in chosen if len(c) > k])

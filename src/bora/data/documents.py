@@ -1,0 +1,345 @@
+"""Documents, deterministic per-task splits and tokenisation (minibatches: :mod:`bora.data.batching`).
+
+>>> from bora.core.config import DataConfig
+>>> from bora.data.documents import load_documents, split_documents, tokenize_split
+>>> cfg = DataConfig(source="shakespeare", tasks=("hamlet/HAMLET", "hamlet/Ghost"))
+>>> docs = load_documents(cfg)                    # [{"text": ..., "task": "hamlet/HAMLET"}, ...]
+>>> splits = split_documents(docs, cfg)
+>>> splits.tasks                                  # sorted; task id = position
+('hamlet/Ghost', 'hamlet/HAMLET')
+>>> len(splits.train) + len(splits.val) + len(splits.test) == len(docs)
+True
+>>> # with a Hugging Face tokenizer ``tok``:
+>>> # train = tokenize_split(splits.train, splits.tasks, tok, cfg.max_length, cfg.long_documents)
+>>> # from bora.data.batching import batches, collate
+>>> # for index in batches(train, 16, shuffle=True, generator=torch.Generator().manual_seed(0)):
+>>> #     batch = collate(train, index, pad_id=tok.pad_token_id or 0)   # input_ids, attention_mask, task_ids, index
+
+Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see :mod:`bora.data.shakespeare`),
+``"fortunes"`` (the second embedded corpus, see :mod:`bora.data.fortunes`), a local
+``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file with a text and a task column, a local dataset
+folder or a hub dataset name (read with ``datasets.load_dataset(name, split=cfg.split)``). Every user error is
+a one-line :class:`~bora.core.config.ConfigError`.
+
+Local JSON, JSON-lines, CSV and TSV files are read by bora itself (:mod:`bora.data.readers`; UTF-8, with
+or without a BOM), so every problem names the file and line: an empty file, invalid JSON, a line that is not a JSON
+object, bytes that are not UTF-8, a CSV row with the wrong number of fields or an unterminated
+quote, a text that is not a string, a row with a text but no task, a task whose documents are all
+empty or whitespace. Documented behaviour: rows with a missing or blank text are skipped; numeric
+task values become strings; a quoted CSV field keeps its newlines (one document); an enormous
+document is read whole and then truncated to ``max_length`` tokens (or chunked); documents
+repeated verbatim within a task are kept by default (``duplicates='keep'``: each copy is split like
+any other document, as the embedded default's repeated lines are) or kept once with
+``duplicates='drop'`` (then no text is in two splits of one task). Parquet files, dataset folders
+and hub datasets are read with ``datasets``.
+
+Splits are per task and depend only on ``(seed, task name, that task's documents in order)``, so
+adding or removing other tasks never reshuffles a task. Task sizes are left unequal on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..core.config import ConfigError, DataConfig
+from .readers import looks_like_path, preview, read_hub, read_local
+
+__all__ = [
+    "load_documents",
+    "Splits",
+    "split_documents",
+    "TokenizedSplit",
+    "tokenize_split",
+    "tokenize_splits",
+]
+
+_TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call
+
+
+def load_documents(cfg: DataConfig) -> list[dict]:
+    """Load ``{"text": str, "task": str}`` documents from ``cfg.source``, in source order.
+
+    Rows with a missing, empty or whitespace-only text are skipped; a task value that is a number
+    becomes a string. A clear :class:`ConfigError` naming the file and line (or row) is raised for an
+    empty file, invalid JSON, bytes that are not UTF-8, a malformed CSV row, a text that is not a
+    string, a row with a text but no task, and a task whose every document is empty. With
+    ``cfg.duplicates='drop'`` repeated (task, text) pairs are kept once (the first). When
+    ``cfg.tasks`` is set only those tasks are kept (each must have documents)."""
+    source = cfg.source
+    if source == "shakespeare":
+        from .shakespeare import load_shakespeare
+
+        docs = load_shakespeare(cfg.tasks)
+        where = "the shakespeare source"
+    elif source == "fortunes":
+        from .fortunes import load_fortunes
+
+        docs = load_fortunes(cfg.tasks)
+        where = "the fortunes source"
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():  # a local dataset folder: let `datasets` infer its files
+            ds = read_hub(str(path), cfg.split)
+        elif path.exists():
+            ds = read_local(path)
+        elif looks_like_path(source):
+            raise ConfigError(f"data file not found: {source}")
+        else:
+            ds = read_hub(source, cfg.split)
+        where = repr(source)
+        columns = list(ds.column_names)
+        for role, col in (("text", cfg.text_column), ("task", cfg.task_column)):
+            if col not in columns:
+                raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
+        texts, tasks = ds[cfg.text_column], ds[cfg.task_column]
+        docs = []
+        blank: Counter = Counter()
+        for i, (text, task) in enumerate(zip(texts, tasks)):
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise ConfigError(f"{ds.where(i)}: the text column {cfg.text_column!r} must hold strings, "
+                                  f"got {type(text).__name__}")
+            if task is None or (isinstance(task, float) and math.isnan(task)):
+                if text.strip():
+                    raise ConfigError(f"{ds.where(i)}: a document without a value in the task column "
+                                      f"{cfg.task_column!r}")
+                continue
+            if isinstance(task, bool) or not isinstance(task, (str, int, float)):
+                raise ConfigError(f"{ds.where(i)}: task values must be strings or numbers, got {type(task).__name__}")
+            task = str(task)
+            if not task.strip():
+                raise ConfigError(f"{ds.where(i)}: empty task name in column {cfg.task_column!r}")
+            if text.strip():
+                docs.append({"text": text, "task": task})
+            else:
+                blank[task] += 1
+        have = {d["task"] for d in docs}
+        empty = sorted(t for t in blank if t not in have and (cfg.tasks is None or t in cfg.tasks))
+        if empty and docs:
+            raise ConfigError(f"task {empty[0]!r} in {where} has only empty or whitespace documents "
+                              f"({blank[empty[0]]})")
+    if cfg.duplicates == "drop":
+        seen: set = set()
+        unique = []
+        for d in docs:
+            key = (d["task"], d["text"])
+            if key not in seen:
+                seen.add(key)
+                unique.append(d)
+        docs = unique
+    if cfg.tasks is not None:
+        wanted = [str(t) for t in cfg.tasks]
+        have = Counter(d["task"] for d in docs)
+        for t in wanted:
+            if not have.get(t):
+                raise ConfigError(f"task {t!r} has no documents in {where}; available tasks: {preview(sorted(have))}")
+        keep = set(wanted)
+        docs = [d for d in docs if d["task"] in keep]
+    if not docs:
+        raise ConfigError(f"no documents with non-empty text in {where}")
+    return docs
+
+
+@dataclass
+class Splits:
+    """Per-task train/validation/test documents. Task id = index into ``tasks``."""
+
+    tasks: tuple[str, ...]
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+
+    def __getitem__(self, name: str) -> list[dict]:
+        if name not in ("train", "val", "test"):
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{task: {"train": n, "val": n, "test": n}}``."""
+        out = {t: {"train": 0, "val": 0, "test": 0} for t in self.tasks}
+        for name in ("train", "val", "test"):
+            for d in getattr(self, name):
+                out[d["task"]][name] += 1
+        return out
+
+
+def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, val, test) sizes with every part >= 1 (needs n >= 3); round half up."""
+    n_val = max(1, math.floor(n * val_fraction + 0.5))
+    n_test = max(1, math.floor(n * test_fraction + 0.5))
+    while n - n_val - n_test < 1:  # keep at least one training document
+        if n_val >= n_test and n_val > 1:
+            n_val -= 1
+        elif n_test > 1:
+            n_test -= 1
+        else:  # n < 3: caller guarantees this does not happen
+            break
+    return n - n_val - n_test, n_val, n_test
+
+
+def split_documents(docs: Sequence[dict], cfg: DataConfig, tasks: Optional[Sequence[str]] = None) -> Splits:
+    """Split documents per task into train/val/test, deterministically from ``cfg.seed``.
+
+    Each task's documents are shuffled by ``random.Random(f"{seed}:{task}")``; ``test`` takes the
+    first ``round(n * test_fraction)``, ``val`` the next ``round(n * val_fraction)`` (each at least
+    1, leaving at least 1 for ``train``). Within every split documents keep their source order.
+    ``tasks`` fixes the task order (e.g. a saved fit's tasks): a document of another task is an
+    error, and a listed task with no documents here simply gets empty splits. Without it the
+    tasks are the sorted task names present in ``docs``."""
+    groups: dict[str, list[int]] = {}
+    for i, d in enumerate(docs):
+        groups.setdefault(str(d["task"]), []).append(i)
+    if tasks is None:
+        task_tuple = tuple(sorted(groups))
+    else:
+        task_tuple = tuple(str(t) for t in tasks)
+        if len(set(task_tuple)) != len(task_tuple):
+            raise ConfigError(f"duplicate task names in {task_tuple}")
+        unknown = sorted(set(groups) - set(task_tuple))
+        if unknown:
+            raise ConfigError(f"documents of task {unknown[0]!r} are not among the given tasks {preview(task_tuple)}")
+    if not task_tuple:
+        raise ConfigError("no documents to split")
+    part = [""] * len(docs)
+    for task in task_tuple:
+        idx = groups.get(task, [])
+        if not idx and tasks is not None:
+            continue
+        if len(idx) < 3:
+            raise ConfigError(f"task {task!r} has only {len(idx)} document(s); every task needs at least 3 "
+                              "(one each for train, validation and test)")
+        n_train, n_val, n_test = _split_sizes(len(idx), cfg.val_fraction, cfg.test_fraction)
+        order = list(idx)
+        random.Random(f"{cfg.seed}:{task}").shuffle(order)
+        for j, i in enumerate(order):
+            part[i] = "test" if j < n_test else ("val" if j < n_test + n_val else "train")
+    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for d, p in zip(docs, part):
+        out[p].append(d)
+    return Splits(tasks=task_tuple, train=out["train"], val=out["val"], test=out["test"])
+
+
+@dataclass
+class TokenizedSplit:
+    """Token ids of one split. ``input_ids[i]`` is a 1-D LongTensor (length >= 2) of task
+    ``tasks[task_ids[i]]``; ``doc_index[i]`` is the position of its source document in the
+    document list given to :func:`tokenize_split` (several rows share one when chunking)."""
+
+    input_ids: list[torch.Tensor]
+    task_ids: torch.Tensor
+    tasks: tuple[str, ...]
+    doc_index: Optional[torch.Tensor] = None
+    lengths: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.task_ids = torch.as_tensor(self.task_ids, dtype=torch.long).reshape(-1)
+        self.tasks = tuple(self.tasks)
+        if len(self.input_ids) != len(self.task_ids):
+            raise ValueError(f"{len(self.input_ids)} sequences but {len(self.task_ids)} task ids")
+        if self.doc_index is None:
+            self.doc_index = torch.arange(len(self.input_ids), dtype=torch.long)
+        self.lengths = torch.tensor([len(x) for x in self.input_ids], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __repr__(self) -> str:
+        return (f"TokenizedSplit({len(self)} docs, {self.num_tokens()} scored tokens, "
+                f"{len(self.tasks)} tasks)")
+
+    def num_tokens(self) -> int:
+        """Scored (predicted) tokens: ``sum(len(ids) - 1)``."""
+        return int((self.lengths - 1).sum()) if len(self) else 0
+
+    def task_sizes(self) -> torch.Tensor:
+        """Documents per task, LongTensor ``[T]``."""
+        return torch.bincount(self.task_ids, minlength=len(self.tasks))
+
+    def task_tokens(self) -> torch.Tensor:
+        """Scored tokens per task, LongTensor ``[T]``."""
+        out = torch.zeros(len(self.tasks), dtype=torch.long)
+        return out.index_add_(0, self.task_ids, self.lengths - 1) if len(self) else out
+
+    def subset(self, index) -> "TokenizedSplit":
+        """Rows ``index`` (sequence of ints, LongTensor or boolean mask), same ``tasks``."""
+        idx = row_index(index, len(self))
+        return TokenizedSplit(
+            input_ids=[self.input_ids[i] for i in idx.tolist()],
+            task_ids=self.task_ids[idx],
+            tasks=self.tasks,
+            doc_index=self.doc_index[idx],
+        )
+
+
+def row_index(index, n: int) -> torch.Tensor:
+    idx = torch.as_tensor(index)
+    if idx.dtype == torch.bool:
+        if idx.numel() != n:
+            raise IndexError(f"boolean mask of size {idx.numel()} for {n} documents")
+        return idx.nonzero().reshape(-1)
+    idx = idx.to(torch.long).reshape(-1)
+    if idx.numel() and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"index out of range for {n} documents")
+    return idx % n if n else idx
+
+
+def tokenize_split(
+    docs: Sequence[dict],
+    tasks: Sequence[str],
+    tokenizer,
+    max_length: int,
+    long_documents: str = "truncate",
+) -> TokenizedSplit:
+    """Tokenise ``docs`` with ``tokenizer(texts, add_special_tokens=True)["input_ids"]``.
+
+    ``long_documents='truncate'`` keeps the first ``max_length`` tokens; ``'chunk'`` cuts a
+    document into consecutive pieces of ``max_length`` (a final piece of < 2 tokens is dropped).
+    Documents with fewer than 2 tokens are dropped (nothing to predict)."""
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if long_documents not in ("truncate", "chunk"):
+        raise ConfigError(f"long_documents must be 'truncate' or 'chunk', got {long_documents!r}")
+    tasks = tuple(tasks)
+    task_id = {t: i for i, t in enumerate(tasks)}
+    for d in docs:
+        if d["task"] not in task_id:
+            raise ConfigError(f"document of task {d['task']!r} but tasks are {preview(tasks)}")
+    texts = [d["text"] for d in docs]
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        ids.extend(tokenizer(texts[start:start + _TOKENIZE_CHUNK], add_special_tokens=True)["input_ids"])
+    rows: list[torch.Tensor] = []
+    row_task: list[int] = []
+    row_doc: list[int] = []
+    for i, (d, seq) in enumerate(zip(docs, ids)):
+        if long_documents == "truncate":
+            pieces = [seq[:max_length]]
+        else:
+            pieces = [seq[s:s + max_length] for s in range(0, len(seq), max_length)]
+        for p in pieces:
+            if len(p) >= 2:
+                rows.append(torch.tensor(p, dtype=torch.long))
+                row_task.append(task_id[d["task"]])
+                row_doc.append(i)
+    return TokenizedSplit(
+        input_ids=rows,
+        task_ids=torch.tensor(row_task, dtype=torch.long),
+        tasks=tasks,
+        doc_index=torch.tensor(row_doc, dtype=torch.long),
+    )
+
+
+def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig) -> dict[str, TokenizedSplit]:
+    """``{"train", "val", "test"}`` -> :func:`tokenize_split` with ``cfg.max_length`` / ``cfg.long_documents``."""
+    return {
+        name: tokenize_split(getattr(splits, name), splits.tasks, tokenizer, cfg.max_length, cfg.long_documents)
+        for name in ("train", "val", "test")
+    }

@@ -1,0 +1,306 @@
+"""Posterior diagnostics of a fit as ArviZ data: the pooling summaries of :mod:`bora.diagnostics.pooling` per draw.
+
+>>> import numpy as np
+>>> from bora.diagnostics.inference_data import task_table, to_inference_data
+>>> idata = to_inference_data(tasks=["a", "b"], modules=["m"], tau=np.full((1, 1), 10.0),
+...                           deviation=np.ones((1, 2, 1)), global_norm=np.ones((1, 1)),
+...                           fisher=np.array([10.0, 30.0]), fisher_module=np.array([[10.0], [30.0]]),
+...                           coords_per_module=np.array([4]), train_docs=np.array([5, 9]),
+...                           train_tokens=np.array([50, 90]))
+>>> task_table(idata)["shrinkage"]                     # tau / (tau + mean F), one draw
+[0.5, 0.25]
+
+From a fit (``bora`` a fitted :class:`~bora.api.Bora`, or anything with the :class:`~bora.diagnostics.view.FitView`
+interface; ``train`` its training split)::
+
+    idata = diagnose(bora, train=train, draws=200)     # arviz.InferenceData
+    idata.to_netcdf("diagnostics.nc")                 # load_idata("diagnostics.nc") reads it back
+    task_table(idata)["pooling_factor_lo"]             # per-task means and HDIs as plain lists
+
+With several posterior draws of (adapters, tau), every summary is computed per draw; the Fisher
+is computed once, at the point estimate, so ``pooling_factor`` and ``effective_parameters`` vary
+only through tau (a fit with a point estimate of tau gives them zero-width intervals), while
+``delta_w_ratio`` varies with the adapters. :func:`task_table` reports means and HDIs.
+
+**InferenceData layout.** Dimensions ``chain``, ``draw``, ``task``, ``module`` (adapter keys such
+as ``model_layers_3_self_attn_q_proj``). ``posterior``: ``pooling_factor``,
+``effective_parameters``, ``delta_w_ratio`` ``[.., task]``, ``delta_w_module`` ``[.., task,
+module]`` (the ratio per module), ``tau`` (``[chain, draw]``, or ``[chain, draw, module]`` with
+one tau per module), ``shrinkage`` ``[.., task]`` and ``shrinkage_module`` ``[.., task, module]``
+(coordinate-averaged factors), ``deviation`` ``[.., task, module]`` (Frobenius norm of ``theta_t -
+Theta`` over A and B together; not gauge invariant), ``deviation_total`` ``[.., task]``,
+``global_norm`` ``[.., module]`` and ``global_norm_total`` (``||Theta||``). ``constant_data``:
+``train_docs``, ``train_tokens``, ``fisher`` ``[task]`` (mean over coordinates), ``fisher_module``
+``[task, module]``, ``fisher_docs`` (documents used per task) and ``coords_per_module``. A fit
+whose posterior samples are all its point estimate (MAP) contributes one draw (``chain=1,
+draw=1``); otherwise ``draws`` samples of :meth:`bora.api.Bora.posterior` (the same samples as
+``bora evaluate --samples`` with that seed). The reference ``Theta`` is the global adapter, except
+for ``independent`` fits (``tau = 0``, ``pooling_factor = 0``), which have none: there deviations
+are measured from the mean of the task adapters (mean ``Delta W`` for ``delta_w_ratio``;
+``attrs["reference"] == "task_mean"``). ``shared`` fits (``tau = inf``) have no task adapters:
+``pooling_factor = 1``, ``effective_parameters = 0`` and deviations 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .pooling import (adapter_norms, delta_w_sq_distances, fisher_means, pooling_from_sums, precision_sums, shrinkage,
+                      tau_per_module)
+from .view import FitView, fit_splits
+
+with warnings.catch_warnings():  # arviz announces its refactor on import
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+__all__ = ["to_inference_data", "compute_fisher", "inference_data", "diagnose", "task_table", "summary", "load_idata",
+           "quiet_arviz"]
+
+
+def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.ndarray,
+                      deviation: np.ndarray, global_norm: np.ndarray, fisher: np.ndarray,
+                      fisher_module: np.ndarray, coords_per_module: np.ndarray,
+                      train_docs: np.ndarray, train_tokens: np.ndarray,
+                      fisher_docs: Optional[np.ndarray] = None, tau_per_module: bool = False,
+                      pooling_factor: Optional[np.ndarray] = None, effective_parameters: Optional[np.ndarray] = None,
+                      delta_w_ratio: Optional[np.ndarray] = None, delta_w_module: Optional[np.ndarray] = None,
+                      attrs: Optional[dict] = None) -> az.InferenceData:
+    """Assemble the InferenceData from per-draw arrays (leading dim: draws ``S``, one chain).
+
+    ``tau`` is ``[S, M]`` (per-module prior precision); ``deviation`` ``[S, T, M]``,
+    ``global_norm`` ``[S, M]``; the Fisher arrays and task sizes are per task (``[T]``,
+    ``[T, M]``). The coordinate-averaged shrinkage factors are computed here with
+    :func:`bora.diagnostics.pooling.shrinkage`.
+    The per-task pooling summaries (:func:`~bora.diagnostics.pooling.pooling_factor`,
+    :func:`~bora.diagnostics.pooling.effective_parameters`,
+    :func:`delta_w_ratio` ``[S, T]``, and the per-module ``delta_w_module`` ``[S, T, M]``) are
+    stored when given.
+    """
+    tau = np.asarray(tau, dtype=np.float64)
+    deviation = np.asarray(deviation, dtype=np.float64)
+    global_norm = np.asarray(global_norm, dtype=np.float64)
+    fisher = np.asarray(fisher, dtype=np.float64)
+    fisher_module = np.asarray(fisher_module, dtype=np.float64)
+    w = np.asarray(coords_per_module, dtype=np.float64)
+    S, T, M = deviation.shape
+    if tau.shape != (S, M) or global_norm.shape != (S, M) or fisher.shape != (T,) or fisher_module.shape != (T, M):
+        raise ValueError("inconsistent shapes for draws/tasks/modules")
+    lam_mod = shrinkage(tau[:, None, :], fisher_module[None])  # [S, T, M]
+    with np.errstate(invalid="ignore"):  # coordinate-weighted mean tau (inf stays inf)
+        tau_bar = np.where(np.isinf(tau).any(1), np.inf, (tau * w).sum(1) / w.sum())
+    lam = shrinkage(tau_bar[:, None], fisher[None])  # [S, T]
+    post = {
+        "tau": (tau if tau_per_module else tau[:, :1].reshape(S))[None],
+        "shrinkage": lam[None],
+        "shrinkage_module": lam_mod[None],
+        "deviation": deviation[None],
+        "deviation_total": np.sqrt(np.square(deviation).sum(-1))[None],
+        "global_norm": global_norm[None],
+        "global_norm_total": np.sqrt(np.square(global_norm).sum(-1))[None],
+    }
+    for name, arr, shape in (("pooling_factor", pooling_factor, (S, T)),
+                             ("effective_parameters", effective_parameters, (S, T)),
+                             ("delta_w_ratio", delta_w_ratio, (S, T)), ("delta_w_module", delta_w_module, (S, T, M))):
+        if arr is not None:
+            arr = np.asarray(arr, dtype=np.float64)
+            if arr.shape != shape:
+                raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+            post[name] = arr[None]
+    const = {
+        "train_docs": np.asarray(train_docs, dtype=np.int64),
+        "train_tokens": np.asarray(train_tokens, dtype=np.int64),
+        "fisher": fisher,
+        "fisher_module": fisher_module,
+        "coords_per_module": w.astype(np.int64),
+    }
+    if fisher_docs is not None:
+        const["fisher_docs"] = np.asarray(fisher_docs, dtype=np.int64)
+    dims = {"tau": ["module"] if tau_per_module else [], "shrinkage": ["task"],
+            "shrinkage_module": ["task", "module"], "deviation": ["task", "module"],
+            "deviation_total": ["task"], "global_norm": ["module"], "global_norm_total": [],
+            "pooling_factor": ["task"], "effective_parameters": ["task"], "delta_w_ratio": ["task"],
+            "delta_w_module": ["task", "module"],
+            "train_docs": ["task"], "train_tokens": ["task"], "fisher": ["task"],
+            "fisher_module": ["task", "module"], "coords_per_module": ["module"], "fisher_docs": ["task"]}
+    idata = az.from_dict(posterior=post, constant_data=const, dims=dims,
+                         coords={"task": list(tasks), "module": list(modules)})
+    for group in (idata.posterior, idata.constant_data):
+        group.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
+    return idata
+
+
+def task_table(idata: az.InferenceData, hdi_prob: float = 0.94) -> dict:
+    """Per-task numbers for plots and reports: plain lists in task order.
+
+    For each of ``pooling_factor``, ``effective_parameters``, ``delta_w_ratio`` (when present),
+    ``shrinkage`` and ``deviation_total``: the posterior mean (the point estimate for a single-draw
+    MAP fit) and ``*_lo`` / ``*_hi``, its ``hdi_prob`` HDI over the draws (equal to the mean when
+    there is a single draw).
+    """
+    post, const = idata.posterior, idata.constant_data
+    n_draws = post.sizes["chain"] * post.sizes["draw"]
+    out = {"task": [str(t) for t in post["task"].values], "draws": int(n_draws), "hdi_prob": hdi_prob,
+           "train_docs": const["train_docs"].values.tolist(), "train_tokens": const["train_tokens"].values.tolist(),
+           "fisher": const["fisher"].values.tolist()}
+    for var in ("pooling_factor", "effective_parameters", "delta_w_ratio", "shrinkage", "deviation_total"):
+        if var not in post:
+            continue
+        x = post[var]
+        mean = x.mean(("chain", "draw")).values
+        if n_draws > 1:
+            with quiet_arviz():
+                h = az.hdi(x, hdi_prob=hdi_prob)[var].values
+            lo, hi = h[:, 0], h[:, 1]
+        else:
+            lo = hi = mean
+        out[var] = mean.tolist()
+        out[var + "_lo"] = np.asarray(lo).tolist()
+        out[var + "_hi"] = np.asarray(hi).tolist()
+    return out
+
+
+@contextmanager
+def quiet_arviz():
+    log = logging.getLogger("arviz")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(old)
+
+
+def summary(idata: az.InferenceData, var_names=("tau", "pooling_factor", "effective_parameters", "delta_w_ratio",
+                                                "shrinkage", "deviation_total", "global_norm_total"),
+            hdi_prob: float = 0.94):
+    """``az.summary`` of the compact variables (statistics only for a single-draw MAP fit)."""
+    n_draws = idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
+    var_names = [v for v in var_names if v in idata.posterior]
+    with quiet_arviz():
+        return az.summary(idata, var_names=list(var_names), hdi_prob=hdi_prob,
+                          kind="all" if n_draws > 3 else "stats")
+
+
+def load_idata(path) -> az.InferenceData:
+    """Read diagnostics written by ``idata.to_netcdf(path)``."""
+    with quiet_arviz():
+        return az.from_netcdf(str(path))
+
+
+# ----------------------------------------------------------------------------- from a fit
+def _train_split(bora: FitView, train):
+    return train if train is not None else fit_splits(bora)["train"]
+
+
+def compute_fisher(bora: FitView, train=None, *, fisher_docs: Optional[int] = None, seed: int = 0,
+                   progress: bool = False):
+    """Per-task diagonal empirical Fisher at the point estimate (posterior mean for mean-field).
+
+    ``train`` is the training split (a :class:`~bora.data.documents.TokenizedSplit` or :class:`~bora.data.feed.Feed`);
+    by default it is reloaded from the fit's data config. ``fisher_docs`` caps the documents per
+    task (default ``bora.config.fit.fisher_docs``).
+    """
+    from ..data.feed import Feed
+    from ..fit.fisher import task_fisher
+
+    train = _train_split(bora, train)
+    feed = train if isinstance(train, Feed) else bora.feed(train, progress=progress,
+                                                            desc="caching frozen layers (train)")
+    k = fisher_docs or bora.config.fit.fisher_docs
+    feed.build_cache_()  # its own progress bar, before the Fisher pass's
+    if progress:
+        print(f"per-task Fisher on up to {k} training documents per task ({len(bora.tasks)} tasks)", flush=True)
+    gen = torch.Generator().manual_seed(seed)
+    return task_fisher(bora.model, bora.params(), feed, max_per_task=k, generator=gen, progress=progress)
+
+
+def _draw_site_values(bora: FitView, draws: int, seed: int, progress: bool):
+    """Yield ``(site values, tau dict)`` per draw: the point estimate once, or the fit's posterior samples.
+
+    Draws come from :meth:`bora.api.Bora.posterior` (sample ``k`` is the same adapter set as
+    ``bora evaluate --samples`` / ``bora sample`` use with that seed); a posterior whose samples
+    are all the point estimate contributes one draw."""
+    post = bora.posterior(max(1, int(draws)), seed=seed)
+    fallback = bora.tau_estimate() or {}
+    if getattr(post, "is_point", True) or draws <= 1:
+        yield bora.point(), fallback
+        return
+    from tqdm.auto import tqdm
+
+    groups = bora.model.tau_groups()
+    for k in tqdm(range(post.num_samples), desc="posterior draws", disable=not progress, leave=False):
+        values = post.values(k)
+        taus = {name: float(values[name]) for name in groups if name in values}
+        yield values, (taus or fallback)
+
+
+def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed: int = 0,
+                   progress: bool = False) -> az.InferenceData:
+    """InferenceData of a fit given its :class:`~bora.fit.fisher.TaskFisher` (see the module docstring)."""
+    model = bora.model
+    keys = list(model.shapes)
+    coupling = model.coupling
+    mode = coupling.name
+    F, F_mod, coords = fisher_means(fisher.fisher, keys)
+    taus, devs, globs, pools, gammas, dws, dw_mods = [], [], [], [], [], [], []
+    pool_cache: dict = {}
+    n_draws = 0
+    for values, tau_vals in _draw_site_values(bora, draws, seed, progress):
+        n_draws += 1
+        params = model.params_from_values(values)
+        glob = model.global_from_values(values)
+        d, g = adapter_norms(params, glob, keys, model.num_tasks)
+        tau_m = tau_per_module(coupling, keys, tau_vals, bora.config.prior.tau)
+        taus.append(tau_m)
+        devs.append(d)
+        globs.append(g)
+        ck = tuple(tau_m.tolist())
+        if ck not in pool_cache:  # the Fisher is fixed: the pooling summaries change only with tau
+            tau_key = {k: float(t) for k, t in zip(keys, tau_m)}
+            gam, R = precision_sums(fisher.fisher, tau_key)
+            pool_cache[ck] = (pooling_from_sums(gam, R), gam)
+        pools.append(pool_cache[ck][0])
+        gammas.append(pool_cache[ck][1])
+        if model.has_tasks:
+            d2, g2 = delta_w_sq_distances(params, glob)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dws.append(np.sqrt(d2.sum(1)) / math.sqrt(g2.sum()))
+                dw_mods.append(np.sqrt(d2) / np.sqrt(g2)[None])
+        else:  # shared: every task uses the global adapter
+            dws.append(np.zeros(model.num_tasks))
+            dw_mods.append(np.zeros((model.num_tasks, len(keys))))
+    if train is not None and not hasattr(train, "task_tokens"):
+        train = getattr(train, "split", None)
+    docs = fisher.sizes.numpy() if train is None else train.task_sizes().numpy()
+    tokens = (np.full(model.num_tasks, -1) if train is None else train.task_tokens().numpy())
+    per_module = coupling.learned and bora.config.prior.tau_per_module
+    attrs = {"tau_mode": mode, "guide": bora.config.fit.guide, "model": bora.config.model,
+             "reference": coupling.reference,
+             "draws_from": "posterior" if n_draws > 1 else "point_estimate",
+             "tau_per_module": int(per_module)}
+    return to_inference_data(tasks=bora.tasks, modules=keys, tau=np.stack(taus), deviation=np.stack(devs),
+                             global_norm=np.stack(globs), fisher=F, fisher_module=F_mod, coords_per_module=coords,
+                             train_docs=docs, train_tokens=tokens, fisher_docs=fisher.used.numpy(),
+                             tau_per_module=per_module, pooling_factor=np.stack(pools),
+                             effective_parameters=np.stack(gammas), delta_w_ratio=np.stack(dws),
+                             delta_w_module=np.stack(dw_mods), attrs=attrs)
+
+
+def diagnose(bora: FitView, *, train=None, fisher_docs: Optional[int] = None, draws: int = 200, seed: int = 0,
+             progress: bool = False) -> az.InferenceData:
+    """Fisher pass on the training split, then :func:`inference_data` (one call from a fit)."""
+    from ..data.feed import Feed
+
+    train = _train_split(bora, train)
+    split = train.split if isinstance(train, Feed) else train
+    fisher = compute_fisher(bora, train, fisher_docs=fisher_docs, seed=seed, progress=progress)
+    return inference_data(bora, fisher, train=split, draws=draws, seed=seed, progress=progress)

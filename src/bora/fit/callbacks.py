@@ -1,0 +1,271 @@
+"""Callbacks of the fit loop: each owns one concern and its own ``state_dict``.
+
+>>> from bora.fit.callbacks import Callback
+>>> class CountValidations(Callback):
+...     name = "count"
+...     def __init__(self):
+...         self.n = 0
+...     def on_validate(self, loop, entry, point):
+...         self.n += 1
+...     def state_dict(self):
+...         return {"n": self.n}
+...     def load_state_dict(self, state):
+...         self.n = state["n"]
+>>> CountValidations().state_dict()
+{'n': 0}
+
+:class:`bora.fit.loop.FitLoop` calls the hooks in order (as Hugging Face's ``TrainerCallback`` does):
+``on_train_begin`` (after a resume has restored the state), ``step_context`` (a context manager around one step's loss
+and backward pass, or None),
+``on_optimizer_step`` (right after the optimiser step, inside the step's timing), ``on_step_end``,
+``on_validate`` (with the validation entry being built and the point estimate it validated) and ``on_save``
+(after every step, where a checkpoint may be written); ``on_fit_end`` once when the fit completes, where a
+callback may restore what it kept; ``close`` last, also after an error. A callback with a ``name`` is saved in every
+checkpoint under that name and restored
+on resume; ``phase`` names the :class:`~bora.fit.state.PhaseTimer` phase its ``on_validate`` time counts to.
+
+Built in: :class:`BestState` (the best validated state and early stopping), :class:`EvidenceTau` (a learned
+tau by Laplace empirical Bayes at every validation, for point guides; its curvature from the steps' own
+gradients, :mod:`bora.fit.curvature`), :class:`VariationalTau` (the variational M-step after every step,
+for mean-field guides), :class:`ProgressBar`, and :class:`CheckpointFunction` (a plain
+``fn(step, validated, capture)``; :class:`bora.io.checkpoint.Checkpointer` is the one that writes folders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from typing import Callable, ContextManager, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.config import FitConfig
+from ..core.seeding import stream_seed
+from .curvature import StepFisher, probe_documents
+from .fisher import task_fisher
+from .tau import EmpiricalBayesTau
+
+__all__ = ["Callback", "BestState", "EvidenceTau", "VariationalTau", "ProgressBar", "CheckpointFunction"]
+
+
+class Callback:
+    """Hooks of :class:`~bora.fit.loop.FitLoop` (every one optional) and the callback's checkpointed state.
+
+    Every hook gets ``loop``, the running :class:`~bora.fit.loop.FitLoop` (its ``state``, ``model``, ``guide``,
+    ``tau``, ``optimizer``, ``timer``, ``train`` feed and ``cfg``)."""
+
+    name: str = ""  # the key of this callback's state in a checkpoint ("" : nothing to save)
+    phase: str = "validation"  # where on_validate's time counts
+
+    def on_train_begin(self, loop) -> None:
+        pass
+
+    def step_context(self, loop, batch: dict) -> Optional[ContextManager]:
+        return None
+
+    def on_optimizer_step(self, loop) -> None:
+        pass
+
+    def on_step_end(self, loop, loss: float) -> None:
+        pass
+
+    def on_validate(self, loop, entry: dict, point: dict) -> None:
+        pass
+
+    def on_save(self, loop, validated: bool) -> None:
+        pass
+
+    def on_fit_end(self, loop) -> None:
+        pass
+
+    def close(self, loop) -> None:
+        """Release what the callback holds open (called last, also when the fit raised)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class BestState(Callback):
+    """Keeps the best validated guide state and the tau it was trained under; stops after ``patience``
+    validations without improvement (0: never); restores the best state at the end of the fit."""
+
+    name = "best"
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best: Optional[dict] = None  # {"guide": state dict, "tau": tau dict or None}
+        self.best_step = 0
+        self.best_val_nll = float("nan")
+        self.bad = 0
+
+    def on_validate(self, loop, entry, point):
+        improved = "val_nll" not in entry or not (entry["val_nll"] >= self.best_val_nll - 1e-6)  # nan-safe
+        if improved and "val_nll" in entry:
+            self.best_val_nll, self.best_step = entry["val_nll"], entry["step"]
+        if improved:
+            self.best = {"guide": {k: v.detach().clone() for k, v in loop.guide.state_dict().items()},
+                         "tau": loop.tau.as_dict() if loop.tau is not None else None}
+            self.bad = 0
+        elif entry["step"] > 0:
+            self.bad += 1
+        if self.patience > 0 and self.bad >= self.patience:
+            loop.state.stopped_early = True
+
+    def on_fit_end(self, loop):
+        if self.best is None:
+            return
+        loop.guide.load_state_dict(self.best["guide"])
+        if loop.tau is not None and self.best["tau"] is not None:
+            loop.tau.load_(self.best["tau"])
+
+    def state_dict(self):
+        return {"best": self.best, "best_step": self.best_step, "best_val_nll": self.best_val_nll, "bad": self.bad}
+
+    def load_state_dict(self, state):
+        b = state["best"]
+        self.best = None if b is None else {"guide": {k: v.clone() for k, v in b["guide"].items()}, "tau": b["tau"]}
+        self.best_step, self.best_val_nll, self.bad = int(state["best_step"]), float(state["best_val_nll"]), \
+            int(state["bad"])
+
+
+class EvidenceTau(Callback):
+    """A learned tau of a point guide: re-estimated by the Laplace evidence at every validation after step 0
+    (:class:`~bora.fit.tau.EmpiricalBayesTau`), with each task's Fisher accumulated from the training steps
+    and corrected by probe documents (``tau_curvature='steps'``) or from a separate pass (``'pass'``)."""
+
+    name = "tau"
+    phase = "tau"
+
+    def __init__(self, tau: EmpiricalBayesTau, loop):
+        cfg: FitConfig = loop.cfg
+        self.tau = tau
+        self.cfg = cfg
+        # the Fisher subsample has its own stream: learned- and fixed-tau fits see the same minibatches
+        self.generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "fisher"))
+        self.curv = StepFisher.for_model(loop.model, loop.train.split.task_sizes()) \
+            if cfg.tau_curvature == "steps" else None
+        self._new_probes(loop)
+
+    def _new_probes(self, loop) -> None:
+        """Fresh probe documents for the next update's curvature (bora.fit.curvature; none when off)."""
+        if self.curv is not None and self.cfg.tau_probe_docs:
+            rows = probe_documents(loop.train.split, self.cfg.tau_probe_docs, self.generator)
+            self.curv.set_probe_(rows, len(loop.train))
+
+    def step_context(self, loop, batch):
+        if self.curv is None:
+            return None
+        # a document's log-likelihood enters the loss with weight N w / (b n_tokens)
+        w = float(batch.get("loglik_scale", 1.0)) * len(loop.train) / (len(batch["index"]) * loop.n_tokens)
+        self.curv.begin_step(w, batch["task_ids"], self.cfg.num_particles, index=batch["index"])
+        return loop.model.adapters.record_task_grads(self.curv.sink)
+
+    def _task_fisher(self, loop, point) -> tuple[dict, Optional[float]]:
+        """Each task's Fisher at ``point``, and the probes' mean ratio (None without probes)."""
+        model, params = loop.model, loop.model.params_from_values(point)
+        if self.curv is None:
+            return task_fisher(model, params, loop.train, max_per_task=self.cfg.fisher_docs,
+                               generator=self.generator), None
+        rows, ratio = self.curv.probe_rows(), None
+        if len(rows):  # the probe documents' gradients at this point against the steps'
+            tf, per_module = self.curv.probe_corrected(task_fisher(model, params, loop.train, rows=rows))
+            ratio = statistics.fmean(per_module.values())
+        else:
+            tf = self.curv.task_fisher()
+        self.curv.reset_()
+        self._new_probes(loop)
+        return tf, ratio
+
+    def on_validate(self, loop, entry, point):
+        entry["tau_trained"] = self.tau.as_dict()  # the tau this point was fitted under
+        if entry["step"] > 0:
+            tf, ratio = self._task_fisher(loop, point)
+            if ratio is not None:
+                entry["fisher_probe_ratio"] = ratio
+            entry["log_evidence"] = self.tau.update_(point, tf, guide=loop.guide, optimizer=loop.optimizer)
+        entry["tau"] = self.tau.as_dict()
+
+    def state_dict(self):
+        return {"tau": self.tau.as_dict(), "generator": self.generator.get_state(),
+                "curvature": None if self.curv is None else self.curv.state_dict()}
+
+    def load_state_dict(self, state):
+        self.tau.load_(state["tau"])
+        if self.curv is not None and state["curvature"] is not None:
+            self.curv.load_state_dict(state["curvature"])
+        self.generator.set_state(state["generator"].to(torch.uint8))
+
+
+class VariationalTau(Callback):
+    """A learned tau of a mean-field guide (centred task sites): the variational M-step after every step."""
+
+    name = "tau"
+
+    def __init__(self, tau: EmpiricalBayesTau):
+        self.tau = tau
+
+    def on_optimizer_step(self, loop):
+        self.tau.update_variational_(loop.guide)
+
+    def on_validate(self, loop, entry, point):
+        entry["tau_trained"] = entry["tau"] = self.tau.as_dict()
+
+    def state_dict(self):
+        return {"tau": self.tau.as_dict()}
+
+    def load_state_dict(self, state):
+        self.tau.load_(state["tau"])
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the steps, showing the minibatch NLL, tokens/s, the last validation and tau."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def on_train_begin(self, loop):
+        self.bar = tqdm(total=loop.total, initial=loop.state.step, desc=f"fit ({type(loop.guide).__name__})",
+                        disable=not self.enabled, dynamic_ncols=True)
+
+    def on_step_end(self, loop, loss):
+        self.bar.update(1)
+        post = {"nll": f"{loop.model.last_nll:.3f}", "tok/s": f"{loop.timer.tokens_per_second():.0f}"}
+        hist = loop.state.history
+        if hist and "val_ppl" in hist[-1]:
+            post["val_ppl"] = f"{hist[-1]['val_ppl']:.3f}"
+        if loop.tau is not None:
+            post["tau"] = ",".join(f"{v:.3g}" for v in loop.tau.as_dict().values())
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self, loop):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class CheckpointFunction(Callback):
+    """``fn(step, validated, capture)`` after step 0's validation and after every step; ``capture()`` returns
+    :meth:`bora.fit.loop.FitLoop.state_dict` (live tensors: serialise at once)."""
+
+    phase = "checkpoint"
+
+    def __init__(self, fn: Callable[[int, bool, Callable[[], dict]], None]):
+        self.fn = fn
+
+    def on_save(self, loop, validated):
+        self.fn(loop.state.step, validated, loop.state_dict)
+
+
+@contextlib.contextmanager
+def combined_context(contexts):
+    """One context manager entering every non-None context of ``contexts``."""
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            if c is not None:
+                stack.enter_context(c)
+        yield

@@ -1,0 +1,214 @@
+"""Learning tau for MAP fits: maximise the Laplace approximation of the marginal likelihood.
+
+>>> import torch
+>>> from bora.fit.tau import evidence_tau
+>>> g = torch.Generator().manual_seed(0)
+>>> tau_true, F = 50.0, torch.rand(20000, generator=g) * 400 + 10   # likelihood precisions
+>>> y = torch.randn(20000, generator=g) * (1 / tau_true + 1 / F).sqrt()  # own-data optima
+>>> tau = 1000.0
+>>> for _ in range(30):                       # the fit loop's alternation, in closed form:
+...     d = F * y / (F + tau)                 #   MAP adapters given tau (exact here)
+...     tau = evidence_tau(d.square().sum(), F)   #   tau given the MAP adapters
+>>> abs(tau / tau_true - 1) < 0.1
+True
+
+Why not plain MAP over tau? The centred joint density of ``(theta_t, Theta, tau)`` is unbounded:
+``theta_t -> Theta`` together with ``tau -> inf`` drives it to infinity, so gradient MAP drifts to
+the one-shared-adapter fit at a speed set by tau's learning rate. Integrating tau out of the
+point estimates (a Student-t prior) does not help: with millions of adapter coordinates the
+``-(D/2) log S`` term still rewards shrinking every task onto the global adapter.
+
+The estimator here is the evidence framework (MacKay, 1992) applied to the hierarchical prior: tau
+is a hyperparameter chosen to maximise ``p(data | tau)``, with the task adapters integrated out by a
+Laplace approximation around the current MAP point. With ``F_i`` the diagonal empirical Fisher of
+the data in task coordinate ``i`` (each task's own documents) and ``S = sum_t ||theta_t - Theta||^2``,
+
+    log p(data | tau) ~ const - tau S / 2 - 1/2 sum_i log(1 + F_i / tau)
+
+(the likelihood at the mode, the prior at the mode and the Gaussian volume term). Its stationary
+point is MacKay's re-estimate ``tau = gamma / S`` where ``gamma = sum_i F_i / (F_i + tau)`` counts the
+coordinates the data actually determine; a ``Gamma(a, b)`` hyperprior adds ``(a - 1) log tau - b tau``.
+Unlike the joint MAP, the volume term penalises large tau: coordinates the data pin down
+(``F_i >> tau``) are worth ``log tau`` each, so collapsing them onto the global adapter costs
+evidence, and the maximiser is finite whenever the tasks differ by more than their noise. The fit
+loop alternates optimiser steps at fixed tau with this update at every validation (a generalised
+EM; the example above runs the same alternation in closed form and recovers the true tau). With
+``tau_per_module`` each module's coordinates give their own tau.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+from pyro import poutine
+
+from ..model.distributions import natural_site
+from .fisher import TaskFisher
+
+__all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments", "EmpiricalBayesTau",
+           "rescale_decentered_"]
+
+
+def _dlog_evidence(u: float, S: float, F: torch.Tensor, a: float, b: float) -> float:
+    # d/du of the log evidence (+ log hyperprior) at tau = exp(u): (gamma - tau S)/2 + (a - 1) - b tau,
+    # strictly decreasing in u, so its root is the unique maximiser.
+    tau = math.exp(u)
+    gamma = float((F / (F + tau)).sum())
+    return 0.5 * (gamma - tau * S) + (a - 1.0) - b * tau
+
+
+def evidence_tau(S: float | torch.Tensor, F: torch.Tensor, a: float = 1.0, b: float = 0.0,
+                 lo: float = -12.0, hi: float = 35.0) -> float:
+    """``argmax_tau -tau S/2 - 1/2 sum log(1 + F/tau) + log Gamma(tau; a, b)`` (bisection in log tau).
+
+    ``S`` is the summed squared deviation of the task adapters from the global adapter, ``F`` the
+    per-coordinate likelihood precisions (zeros are allowed: they do not count). The result is
+    clipped to ``[exp(lo), exp(hi)]``.
+    """
+    S = float(S)
+    F = F.detach().double().flatten()
+    F = F[torch.isfinite(F) & (F > 0)]
+    if F.numel() == 0:
+        raise ValueError("no informative coordinates to estimate tau from")
+    if _dlog_evidence(lo, S, F, a, b) <= 0:
+        return math.exp(lo)
+    if _dlog_evidence(hi, S, F, a, b) >= 0:
+        return math.exp(hi)
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if _dlog_evidence(mid, S, F, a, b) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(0.5 * (lo + hi))
+
+
+class EmpiricalBayesTau:
+    """Holds the current tau estimates and the model conditioned on them (for AutoDelta fits).
+
+    ``self.model`` is ``poutine.condition(model, data=values)``: the tau sites are observed at
+    the current estimates, so the guide has no tau parameter and :meth:`update_` changes the
+    values in place between optimiser steps.
+    """
+
+    def __init__(self, model):
+        if not model.coupling.learned:
+            raise ValueError("empirical-Bayes tau needs tau_mode='learned'")
+        self.base_model = model
+        self.values = {name: torch.tensor(float(model.prior.tau), device=model.device)
+                       for name in model.tau_groups()}
+        self.model = poutine.condition(model, data=self.values)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.values.items()}
+
+    def load_(self, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            self.values[k].fill_(float(v))
+
+    def statistics(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, keys) -> tuple[float, torch.Tensor]:
+        """``(S, F)``: summed squared task deviations and every task coordinate's Fisher, for ``keys``.
+
+        ``point`` holds natural-coordinate values (:meth:`bora.model.hierarchy.BoraModel.complete`); only the
+        task-level factors count (``B`` alone for ``hierarchy='B'``)."""
+        S, Fs = 0.0, []
+        for k in keys:
+            for i, task_site, glob_site in self.base_model.task_sites(k):
+                S += float((point[task_site] - point[glob_site]).double().square().sum())
+                Fs.append(tf.fisher[k][i].double().flatten().cpu())
+        return S, torch.cat(Fs)
+
+    @torch.no_grad()
+    def update_variational_(self, guide) -> dict[str, float]:
+        """Variational EM: set every tau to its M-step value under the mean-field ``guide`` (centred form).
+
+        ``E_q ||theta_t - Theta||^2 = ||m_t - m_Theta||^2 + sum(s_t^2) + T sum(s_Theta^2)`` per coordinate;
+        returns ``{name: E_q[S]}``."""
+        model = self.base_model
+        if model.noncentred:
+            raise ValueError("the variational M-step for tau needs parameterisation='centred'")
+        loc, scale = guide_moments(guide)
+        P = model.prior
+        out = {}
+        for name, keys in model.tau_groups().items():
+            S_loc, var, D = 0.0, 0.0, 0
+            for k in keys:
+                for _, task_site, glob_site in model.task_sites(k):
+                    mt, st = loc[task_site].double(), scale[task_site].double()
+                    mg, sg = loc[glob_site].double(), scale[glob_site].double()
+                    S_loc += float((mt - mg).square().sum())
+                    var += float(st.square().sum() + mt.shape[0] * sg.square().sum())
+                    D += mt.numel()
+            self.values[name].fill_(variational_em_tau(S_loc + var, D, P.tau_shape, P.tau_rate))
+            out[name] = S_loc + var
+        return out
+
+    def update_(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, *, guide=None,
+                optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, float]:
+        """Re-estimate every tau at ``point``; returns ``{name: log evidence at the new tau}``.
+
+        With the non-centred form (``theta_t = Theta + tau^-1/2 z_t``) a new tau would move every
+        task adapter; passing the MAP ``guide`` rescales its ``z`` so that ``theta_t`` stays where it
+        is, and drops ``optimizer``'s moments of those parameters (they were in the old units)."""
+        P = self.base_model.prior
+        evidence, factors = {}, {}
+        for name, keys in self.base_model.tau_groups().items():
+            S, F = self.statistics(point, tf, keys)
+            old = float(self.values[name])
+            new = evidence_tau(S, F, P.tau_shape, P.tau_rate)
+            self.values[name].fill_(new)
+            evidence[name] = log_evidence(new, S, F, P.tau_shape, P.tau_rate)
+            for k in keys:
+                factors[k] = math.sqrt(new / old)
+        if guide is not None and self.base_model.noncentred:
+            rescale_decentered_(guide, factors, optimizer)
+        return evidence
+
+
+def variational_em_tau(expected_S: float, D: int, a: float = 1.0, b: float = 0.0) -> float:
+    """The M-step for tau given a variational posterior: ``argmax_tau E_q[log N(theta | Theta, 1/tau)] +
+    log Gamma(tau; a, b) = (D/2 + a - 1) / (E_q[S]/2 + b)``, with ``E_q[S] = E_q sum_t ||theta_t - Theta||^2``
+    over ``D`` task coordinates."""
+    return (0.5 * D + a - 1.0) / (0.5 * float(expected_S) + b)
+
+
+def log_evidence(tau: float, S: float, F: torch.Tensor, a: float = 1.0, b: float = 0.0) -> float:
+    """The Laplace log evidence ``-tau S/2 - 1/2 sum log(1 + F/tau) + (a - 1) log tau - b tau`` (up to a constant)."""
+    F = F.detach().double().flatten()
+    F = F[torch.isfinite(F) & (F > 0)]
+    return float(-0.5 * tau * float(S) - 0.5 * torch.log1p(F / tau).sum() + (a - 1.0) * math.log(tau) - b * tau)
+
+
+@torch.no_grad()
+def rescale_decentered_(guide, factors: Mapping[str, float], optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Multiply a MAP guide's non-centred ``z`` of adapter ``key`` by ``factors[key]`` (in place) and
+    forget ``optimizer``'s state for them."""
+    for pname, p in guide.named_parameters():
+        site = pname[: -len("_unconstrained")] if pname.endswith("_unconstrained") else pname
+        base, parameterisation = natural_site(site)
+        if parameterisation != "noncentred":
+            continue
+        key = base.partition(":")[2]
+        c = factors.get(key)
+        if c is None or c == 1.0:
+            continue
+        p.mul_(c)
+        if optimizer is not None:
+            optimizer.state.pop(p, None)
+
+
+def guide_moments(guide) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(loc, scale)`` per site of a mean-field (AutoNormal) guide over real-valued sites."""
+    from torch.distributions import transform_to
+
+    loc, scale = {}, {}
+    for pname, p in guide.named_parameters():
+        head, _, rest = pname.partition(".")
+        site = rest[: -len("_unconstrained")] if rest.endswith("_unconstrained") else rest
+        if head == "locs":
+            loc[site] = p.detach()
+        elif head == "scales":
+            scale[site] = transform_to(guide.scale_constraint)(p.detach())
+    return loc, scale

@@ -1,0 +1,1 @@
+"""Layer 7: fit folders, checkpoints, warm starts and PEFT export."""

@@ -1,0 +1,1 @@
+"""Layer 6: posteriors of a fit (Laplace, samples) and generation with them."""
