@@ -143,4 +143,5 @@ def test_architecture_lists_every_module():
     listed = set(re.findall(r"`bora\.([\w.]+)`", text))
     modules = MODULES - {"__init__"}
     assert modules <= listed, sorted(modules - listed)
-    assert listed <= modules, sorted(listed - modules)
+    # every other reference names something in a module (e.g. `bora.fit.loop.FitLoop`)
+    assert all(ref.rpartition(".")[0] in modules for ref in listed - modules), sorted(listed - modules)

@@ -11,7 +11,7 @@
 ({'tau': 'inf'}, 'other')
 >>> check_output(tmp, "report")                              # doctest: +IGNORE_EXCEPTION_DETAIL
 Traceback (most recent call last):
-bora.config.ConfigError: refusing to write a report into ...: it is a folder holding files bora did not write
+bora.core.config.ConfigError: refusing to write a report into ...: it is a folder holding files bora did not write
 
 Every file is written to a temporary name in the same folder and renamed into place; every output
 folder is written into a temporary sibling and renamed into place by :func:`replace_dir`, so a

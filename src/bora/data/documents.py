@@ -76,76 +76,86 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     if source == "shakespeare":
         from .shakespeare import load_shakespeare
 
-        docs = load_shakespeare(cfg.tasks)
-        where = "the shakespeare source"
+        docs, where = load_shakespeare(cfg.tasks), "the shakespeare source"
     elif source == "fortunes":
         from .fortunes import load_fortunes
 
-        docs = load_fortunes(cfg.tasks)
-        where = "the fortunes source"
+        docs, where = load_fortunes(cfg.tasks), "the fortunes source"
     else:
-        path = Path(source).expanduser()
-        if path.is_dir():  # a local dataset folder: let `datasets` infer its files
-            ds = read_hub(str(path), cfg.split)
-        elif path.exists():
-            ds = read_local(path)
-        elif looks_like_path(source):
-            raise ConfigError(f"data file not found: {source}")
-        else:
-            ds = read_hub(source, cfg.split)
-        where = repr(source)
-        columns = list(ds.column_names)
-        for role, col in (("text", cfg.text_column), ("task", cfg.task_column)):
-            if col not in columns:
-                raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
-        texts, tasks = ds[cfg.text_column], ds[cfg.task_column]
-        docs = []
-        blank: Counter = Counter()
-        for i, (text, task) in enumerate(zip(texts, tasks)):
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise ConfigError(f"{ds.where(i)}: the text column {cfg.text_column!r} must hold strings, "
-                                  f"got {type(text).__name__}")
-            if task is None or (isinstance(task, float) and math.isnan(task)):
-                if text.strip():
-                    raise ConfigError(f"{ds.where(i)}: a document without a value in the task column "
-                                      f"{cfg.task_column!r}")
-                continue
-            if isinstance(task, bool) or not isinstance(task, (str, int, float)):
-                raise ConfigError(f"{ds.where(i)}: task values must be strings or numbers, got {type(task).__name__}")
-            task = str(task)
-            if not task.strip():
-                raise ConfigError(f"{ds.where(i)}: empty task name in column {cfg.task_column!r}")
-            if text.strip():
-                docs.append({"text": text, "task": task})
-            else:
-                blank[task] += 1
-        have = {d["task"] for d in docs}
-        empty = sorted(t for t in blank if t not in have and (cfg.tasks is None or t in cfg.tasks))
-        if empty and docs:
-            raise ConfigError(f"task {empty[0]!r} in {where} has only empty or whitespace documents "
-                              f"({blank[empty[0]]})")
+        docs, where = _read_table_documents(cfg), repr(source)
     if cfg.duplicates == "drop":
-        seen: set = set()
-        unique = []
+        first: dict = {}
         for d in docs:
-            key = (d["task"], d["text"])
-            if key not in seen:
-                seen.add(key)
-                unique.append(d)
-        docs = unique
+            first.setdefault((d["task"], d["text"]), d)
+        docs = list(first.values())
     if cfg.tasks is not None:
-        wanted = [str(t) for t in cfg.tasks]
-        have = Counter(d["task"] for d in docs)
-        for t in wanted:
-            if not have.get(t):
-                raise ConfigError(f"task {t!r} has no documents in {where}; available tasks: {preview(sorted(have))}")
-        keep = set(wanted)
-        docs = [d for d in docs if d["task"] in keep]
+        docs = _keep_tasks(docs, [str(t) for t in cfg.tasks], where)
     if not docs:
         raise ConfigError(f"no documents with non-empty text in {where}")
     return docs
+
+
+def _read_table_documents(cfg: DataConfig) -> list[dict]:
+    """The documents of a local file or folder, or a hub dataset (every check of :func:`load_documents`)."""
+    source = cfg.source
+    path = Path(source).expanduser()
+    if path.is_dir():  # a local dataset folder: let `datasets` infer its files
+        ds = read_hub(str(path), cfg.split)
+    elif path.exists():
+        ds = read_local(path)
+    elif looks_like_path(source):
+        raise ConfigError(f"data file not found: {source}")
+    else:
+        ds = read_hub(source, cfg.split)
+    columns = list(ds.column_names)
+    for role, col in (("text", cfg.text_column), ("task", cfg.task_column)):
+        if col not in columns:
+            raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
+    docs: list[dict] = []
+    blank: Counter = Counter()
+    for i, (text, task) in enumerate(zip(ds[cfg.text_column], ds[cfg.task_column])):
+        task = _row_task(ds, i, text, task, cfg)
+        if task is None:
+            continue
+        if text.strip():
+            docs.append({"text": text, "task": task})
+        else:
+            blank[task] += 1
+    have = {d["task"] for d in docs}
+    empty = sorted(t for t in blank if t not in have and (cfg.tasks is None or t in cfg.tasks))
+    if empty and docs:
+        raise ConfigError(f"task {empty[0]!r} in {source!r} has only empty or whitespace documents "
+                          f"({blank[empty[0]]})")
+    return docs
+
+
+def _row_task(ds, i: int, text, task, cfg: DataConfig) -> Optional[str]:
+    """Row ``i``'s task name, or None for a row to skip (no text, or an empty text without a task)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ConfigError(f"{ds.where(i)}: the text column {cfg.text_column!r} must hold strings, "
+                          f"got {type(text).__name__}")
+    if task is None or (isinstance(task, float) and math.isnan(task)):
+        if text.strip():
+            raise ConfigError(f"{ds.where(i)}: a document without a value in the task column {cfg.task_column!r}")
+        return None
+    if isinstance(task, bool) or not isinstance(task, (str, int, float)):
+        raise ConfigError(f"{ds.where(i)}: task values must be strings or numbers, got {type(task).__name__}")
+    task = str(task)
+    if not task.strip():
+        raise ConfigError(f"{ds.where(i)}: empty task name in column {cfg.task_column!r}")
+    return task
+
+
+def _keep_tasks(docs: list[dict], wanted: list[str], where: str) -> list[dict]:
+    """Only the documents of ``wanted`` tasks (each must have some)."""
+    have = Counter(d["task"] for d in docs)
+    for t in wanted:
+        if not have.get(t):
+            raise ConfigError(f"task {t!r} has no documents in {where}; available tasks: {preview(sorted(have))}")
+    keep = set(wanted)
+    return [d for d in docs if d["task"] in keep]
 
 
 @dataclass
