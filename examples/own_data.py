@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def write_demo_jsonl(path: Path) -> Path:
-    from bora.data.shakespeare import load_shakespeare
+    from bora import load_shakespeare
 
     tasks = ("hamlet/HAMLET", "macbeth/LADY MACBETH", "julius-caesar/PORTIA", "hamlet/Ghost")
     with open(path, "w") as f:
@@ -37,16 +37,14 @@ def main(argv=None) -> dict:
     p.add_argument("--output", type=Path, default=None, help="save the fit here")
     args = p.parse_args(argv)
 
-    from bora.api import Bora
-    from bora.cli.main import format_table
-    from bora.core.config import AdapterConfig, BoraConfig, DataConfig, FitConfig, PriorConfig
+    from bora import AdapterConfig, Bora, BoraConfig, DataConfig, FitConfig, PriorConfig, format_table
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_demo_jsonl(Path(tmp) / "demo.jsonl")
         lm = tok = None
         layers = (-2, -1)
         if args.tiny:
-            from bora.lora.base import tiny_model
+            from bora import tiny_model
 
             lm, tok = tiny_model(layers=2)
             layers = (-1,)

@@ -1,5 +1,6 @@
 """Examples are scripts with a main(); smoke-run them with their smallest flags."""
 
+import ast
 import importlib.util
 import math
 from pathlib import Path
@@ -14,6 +15,25 @@ def _load(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_examples_import_only_the_public_api():
+    """Examples are written against the public API: ``import bora`` or ``from bora import X`` with X in
+    ``bora.__all__``, never a submodule."""
+    import bora
+
+    paths = sorted((ROOT / "examples").glob("*.py"))
+    assert paths
+    bad = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                bad += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names if a.name.startswith("bora.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bora":
+                names = [a.name for a in node.names]
+                if node.module != "bora" or not set(names) <= set(bora.__all__):
+                    bad.append(f"{path.name}:{node.lineno}: from {node.module} import {', '.join(names)}")
+    assert bad == [], "\n".join(bad)
 
 
 def test_own_data_example_smoke(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """High-level API: build a hierarchical LoRA model around a base LM, fit it, evaluate it.
 
->>> from bora.api import Bora                               # doctest: +SKIP
->>> from bora.core.config import BoraConfig, FitConfig           # doctest: +SKIP
+>>> from bora import Bora, BoraConfig, FitConfig            # doctest: +SKIP
 >>> bora, data = Bora.from_config(BoraConfig(fit=FitConfig(epochs=2)))     # doctest: +SKIP
 >>> result = bora.fit(data["train"], data["val"])           # doctest: +SKIP
 >>> bora.evaluate(data["test"])["overall"]["ppl_task_mean"] # doctest: +SKIP
@@ -117,6 +116,7 @@ class Bora:
         return int(pid) if pid is not None else 0
 
     def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "caching frozen layers") -> Feed:
+        """``split`` on this model's device with its frozen-prefix cache; reuse it across fits and evaluations."""
         if split.tasks != self.tasks:
             raise ConfigError("split's tasks differ from the model's tasks")
         return Feed(split, pad_id=self.pad_id, device=self.device, prefix=self.prefix,

@@ -31,7 +31,8 @@ __all__ = ["resolve_device", "autocast_dtype", "autocast", "cpu_has_bf16_matmul"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` / ``'auto'``: CUDA if available, else CPU; a CUDA device without CUDA is a :class:`ConfigError`."""
+    """``None`` / ``'auto'``: CUDA if available, else CPU; a CUDA device without CUDA is a
+    :class:`~bora.core.config.ConfigError`."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = torch.device(device)

@@ -86,6 +86,7 @@ class BatchStream:
         return b
 
     def state_dict(self) -> dict:
+        """The epoch's order and the position in it (``load_state_dict`` continues from here)."""
         return {"order": None if self.order is None else self.order.clone(), "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:

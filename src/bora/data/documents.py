@@ -67,7 +67,7 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     """Load ``{"text": str, "task": str}`` documents from ``cfg.source``, in source order.
 
     Rows with a missing, empty or whitespace-only text are skipped; a task value that is a number
-    becomes a string. A clear :class:`ConfigError` naming the file and line (or row) is raised for an
+    becomes a string. A clear :class:`~bora.core.config.ConfigError` naming the file and line (or row) is raised for an
     empty file, invalid JSON, bytes that are not UTF-8, a malformed CSV row, a text that is not a
     string, a row with a text but no task, and a task whose every document is empty. With
     ``cfg.duplicates='drop'`` repeated (task, text) pairs are kept once (the first). When

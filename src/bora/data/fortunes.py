@@ -32,8 +32,8 @@ from ..core.config import ConfigError
 
 __all__ = ["DEFAULT_CATEGORIES", "datfiles_dir", "parse_datfile", "category_sizes", "load_fortunes"]
 
-# 12 categories, none of the "offensive" ones, 30 to 548 entries, about 71k tokens in total under
-# the SmolLM2 tokenizer with every entry truncated to 64 tokens (1.4x the Shakespeare default).
+#: 12 categories, none of the "offensive" ones, 30 to 548 entries, about 71k tokens in total under
+#: the SmolLM2 tokenizer with every entry truncated to 64 tokens (1.4x the Shakespeare default).
 DEFAULT_CATEGORIES: tuple[str, ...] = (
     "zippy",  # 548 entries: Zippy the Pinhead
     "literature",  # 262: quotations about writing and books

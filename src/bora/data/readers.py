@@ -4,7 +4,7 @@ r"""Reading a local data file or a dataset into columns, with one-line errors th
 >>> from bora.data.readers import read_local
 >>> f = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
 >>> _ = f.write_text(json.dumps({"text": "hi", "speaker": "a"}) + "\n{oops\n")
->>> read_local(f)["text"]
+>>> read_local(f)["text"]  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
 bora.core.config.ConfigError: ... line 2: ...
@@ -157,6 +157,7 @@ def _read_csv(path: Path, raw: bytes, delimiter: str) -> _Table:
 
 
 def read_local(path: Path):
+    """The table in a local JSON, JSON-lines, CSV, TSV or parquet file (or a :class:`~bora.core.config.ConfigError`)."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         raise ConfigError(f"{path}: a .txt file has no task column; use a JSONL/CSV/Parquet file with text and "
@@ -183,6 +184,7 @@ def read_local(path: Path):
 
 
 def read_hub(name: str, split: str):
+    """The table of one split of a hub dataset (or a :class:`~bora.core.config.ConfigError`)."""
     import datasets
 
     try:

@@ -47,8 +47,8 @@ __all__ = [
     "load_shakespeare",
 ]
 
-# 16 (play/SPEAKER) tasks from all 6 genres with very unequal sizes (359 down to 14 speeches);
-# about 50k tokens in total under the SmolLM2 tokenizer with every speech truncated to 64 tokens.
+#: 16 (play/SPEAKER) tasks from all 6 genres with very unequal sizes (359 down to 14 speeches);
+#: about 50k tokens in total under the SmolLM2 tokenizer with every speech truncated to 64 tokens.
 DEFAULT_TASKS: tuple[str, ...] = (
     "hamlet/HAMLET",  # 359 speeches
     "othello/IAGO",  # 272

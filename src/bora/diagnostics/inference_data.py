@@ -80,7 +80,7 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     :func:`bora.diagnostics.pooling.shrinkage`.
     The per-task pooling summaries (:func:`~bora.diagnostics.pooling.pooling_factor`,
     :func:`~bora.diagnostics.pooling.effective_parameters`,
-    :func:`delta_w_ratio` ``[S, T]``, and the per-module ``delta_w_module`` ``[S, T, M]``) are
+    :func:`~bora.diagnostics.pooling.delta_w_ratio` ``[S, T]``, and the per-module ``delta_w_module`` ``[S, T, M]``) are
     stored when given.
     """
     tau = np.asarray(tau, dtype=np.float64)

@@ -33,7 +33,7 @@ __all__ = ["pooling_forest", "shrinkage_vs_size", "tau_plot", "training_curve", 
 
 _DPI = 110
 
-# InferenceData variable -> (panel title, x-axis label) of the forest plot
+#: InferenceData variable -> (panel title, x-axis label) of the forest plot
 FOREST_VARS = {
     "pooling_factor": ("pooling factor λᶠ", "Fisher-weighted τ/(τ+F)\n0: own data, 1: global"),
     "effective_parameters": ("effective parameters γ", "Σ F/(F+τ): coordinates\nset by the task's data"),

@@ -21,7 +21,7 @@ same for the *difference* of ``ppl_task_mean`` between two fits scored on the sa
 resampling the same documents for both (paired), which cancels the documents' shared difficulty.
 Both are pure functions of per-document NLL sums and token counts, seeded. This is a different
 quantity from the spread of a perplexity over posterior samples (see
-:func:`bora.posterior.samples.evaluate_posterior`, ``posterior_spread``): that one is the posterior
+:func:`evaluate_posterior`, ``posterior_spread``): that one is the posterior
 uncertainty of a plug-in quantity on fixed documents, this one the sampling uncertainty of the
 test set.
 """
@@ -44,7 +44,7 @@ __all__ = ["doc_loglik", "summarize", "evaluate", "bootstrap_ppl", "paired_boots
 @torch.no_grad()
 def doc_loglik(model, params, feed: Feed, batch_size: int = 32, direction=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-document log-likelihood sums and scored-token counts, on CPU (``direction``: of the network
-    linearised at ``params``, :meth:`bora.model.hierarchy.BoraModel.scored_logits`).
+    linearised at ``params``, :meth:`bora.model.likelihood.LMLikelihood.scored_logits`).
 
     In a data-parallel run each rank scores every ``N``-th document and the sums are all-reduced,
     so every rank returns the whole split's numbers."""
@@ -226,9 +226,9 @@ __all__ += ["token_log_probs", "evaluate_posterior"]
 def token_log_probs(model, batch: dict, params, direction=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities on the scored positions of ``batch``: ``(log_probs [n, V], labels [n], rows [n])``.
 
-    The same computation as :meth:`bora.model.hierarchy.BoraModel.loglik` (frozen-prefix cache, head on scored
+    The same computation as :meth:`bora.model.likelihood.LMLikelihood.loglik` (frozen-prefix cache, head on scored
     positions only) but keeping the whole distribution; ``rows`` is each token's row in the batch.
-    ``direction``: linearised at ``params`` (:meth:`bora.model.hierarchy.BoraModel.scored_logits`).
+    ``direction``: linearised at ``params`` (:meth:`bora.model.likelihood.LMLikelihood.scored_logits`).
     """
     logits, labels, rows = model.scored_logits(batch, params, direction)
     return torch.log_softmax(logits, -1), labels, rows

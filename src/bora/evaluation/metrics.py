@@ -176,6 +176,7 @@ class TokenMetrics:
     @torch.no_grad()
     def add(self, probs: torch.Tensor, labels: torch.Tensor, *, expected_entropy: Optional[torch.Tensor] = None,
             mi: Optional[torch.Tensor] = None) -> None:
+        """Count one batch: ``probs [n, V]``, ``labels [n]``, and optionally per-token mean sample entropy and MI."""
         conf, top = probs.max(-1)
         hit = top == labels
         p_y = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -190,6 +191,7 @@ class TokenMetrics:
         self.bins += bin_statistics(conf, hit, self.n_bins)
 
     def result(self) -> dict:
+        """Per-token averages of everything added so far (NLL, accuracy, Brier, entropies, MI) and the ECE."""
         n = max(1, self.n)
         s = self.sums
         nll = s["nll"] / n

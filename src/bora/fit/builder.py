@@ -25,8 +25,8 @@ __all__ = ["build_step"]
 
 
 def build_step(model, guide, cfg: FitConfig, *, total: int, n_tokens: int, target=None) -> TrainStep:
-    """The :class:`TrainStep` of a fit of ``guide`` against ``target`` (default ``model``) over ``total`` steps;
-    its ``optimizer`` and ``scheduler`` are attributes of the returned step."""
+    """The :class:`~bora.fit.step.TrainStep` of a fit of ``guide`` against ``target`` (default ``model``) over
+    ``total`` steps; its ``optimizer`` and ``scheduler`` are attributes of the returned step."""
     elbo = data_parallel(Trace_ELBO(num_particles=cfg.num_particles, max_plate_nesting=1)(target or model, guide))
     groups = param_groups(guide, cfg.lr, cfg.scale_lr)
     params = [p for g in groups for p in g["params"]]

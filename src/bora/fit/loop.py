@@ -12,10 +12,11 @@ acts on a size-independent gradient; the history keeps this loss (``train_loss``
 density) and the minibatches' mean next-token NLL (``train_nll``).
 
 Every ``eval_every`` steps the guide's point estimate is validated (per-task perplexity; the criterion is the
-mean per-task NLL) and the callbacks see the validation (:mod:`bora.fit.callbacks`): :class:`BestState` keeps
-the best state and stops early after ``patience`` validations without improvement, and a learned tau is
-re-estimated (:class:`EvidenceTau` for point guides; :class:`VariationalTau` takes the M-step after every
-step instead). The best validated state, and the tau it was trained under, are restored at the end.
+mean per-task NLL) and the callbacks see the validation (:mod:`bora.fit.callbacks`):
+:class:`~bora.fit.callbacks.BestState` keeps the best state and stops early after ``patience`` validations
+without improvement, and a learned tau is re-estimated (:class:`~bora.fit.callbacks.EvidenceTau` for point
+guides; :class:`~bora.fit.callbacks.VariationalTau` takes the M-step after every step instead). The best
+validated state, and the tau it was trained under, are restored at the end.
 
 State and resume (as NumPyro's ``SVI.init/update`` and Hugging Face's ``TrainerState``): the loop carries
 an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gathers it with every other stateful
@@ -24,7 +25,7 @@ list, :meth:`FitLoop.parts`, and :meth:`FitLoop.load_state_dict` restores the sa
 resume share one schema. A fit resumed from any state of an uninterrupted one ends with bit-identical
 adapters on CPU (one thread, or :func:`bora.core.device.deterministic` where BLAS reductions vary).
 :mod:`bora.io.checkpoint` writes such states. A non-finite loss or gradient norm stops the fit with
-:class:`NumericalError` (naming the step), before any optimiser step applies it.
+:class:`~bora.fit.step.NumericalError` (naming the step), before any optimiser step applies it.
 """
 
 from __future__ import annotations

@@ -64,13 +64,13 @@ def fit_new_task(bora: "NewTaskSource", docs, *, steps: int = 100, lr: float = 0
 
     Maximises ``sum_d log p(d | theta_new) + log Normal(theta_new | Theta, tau^-1/2)`` (MAP) over
     ``theta_new``, where ``Theta`` and ``tau`` are the fit's point estimates (posterior medians for
-    a mean-field fit). ``docs``: a :class:`~bora.data.TokenizedSplit` (all rows are treated as the
+    a mean-field fit). ``docs``: a :class:`~bora.data.documents.TokenizedSplit` (all rows are treated as the
     new task) or a list of texts (tokenised like the fit's data). The optimisation is non-centred:
     Adam (learning rate ``lr``, minibatches of ``batch_size`` documents, the likelihood scaled to the
     whole set) moves ``z = (theta_new - Theta) tau^1/2``, which starts at 0 (the global adapter) and
     has a standard-normal prior, so ``lr`` is in units of the prior's standard deviation whatever
     tau is. Returns ``key -> (A [r, in], B [out, r])``, usable with ``bora.adapters.use(adapter)``
-    and :func:`bora.export.write_peft_adapter`.
+    and :func:`bora.io.export.write_peft_adapter`.
 
     'shared' returns the global adapter (a task adapter equals it); 'independent' uses the
     ``Normal(0, s)`` prior and starts from the fit's initial point."""

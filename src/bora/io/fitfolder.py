@@ -84,7 +84,7 @@ def base_fingerprint(bora) -> dict:
 
 def config_sha256(config) -> str:
     """Checksum of the sections that define the fitted parameters (adapter, prior, fit), of a
-    :class:`BoraConfig` or of a config as stored (a JSON dict: settings added to bora later, absent
+    :class:`~bora.core.config.BoraConfig` or of a config as stored (a JSON dict: settings added to bora later, absent
     from an older file, then do not change its checksum)."""
     d = config.to_dict() if isinstance(config, BoraConfig) else config
     return hashlib.sha256(json.dumps({k: d[k] for k in ("adapter", "prior", "fit")}, sort_keys=True).encode()

@@ -1,4 +1,4 @@
-"""Find target modules in a transformers causal LM and wrap them with :class:`MultiTaskLoRA`.
+"""Find target modules in a transformers causal LM and wrap them with :class:`~bora.lora.layers.MultiTaskLoRA`.
 
 >>> import torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM

@@ -78,6 +78,7 @@ class MultiTaskLoRA(nn.Module):
         self.grad_sink: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
 
     def set_adapter_(self, A: torch.Tensor, B: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> None:
+        """Use ``A`` and ``B`` (one row per task, picked by ``task_ids``; or one shared adapter) from now on."""
         r = self.config.rank
         if A.shape[-2:] != (r, self.in_features) or B.shape[-2:] != (self.out_features, r):
             raise ValueError(

@@ -119,7 +119,7 @@ class Posterior:
 
     def predictive_args(self, k: int) -> tuple[dict, Optional[dict]]:
         """``(params, direction)`` that give sample ``k``'s predictions
-        (:meth:`bora.model.hierarchy.BoraModel.scored_logits`):
+        (:meth:`bora.model.likelihood.LMLikelihood.scored_logits`):
         ``(params(k), None)`` for the sampled predictive, ``(point, params(k) - point)`` for the linearised one."""
         if self.predictive == "sample" or self.is_point:
             return self.params(k), None
