@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .args import config_from_args, explicit_flags
+from .args import COMMON_FLAGS, config_from_args, explicit_flags
 from ..core.config import BoraConfig, CheckpointConfig, ConfigError
 from .tables import format_posterior_table, format_table
 
 __all__ = ["main_report", "cmd_fit", "cmd_evaluate", "cmd_laplace", "cmd_sample", "cmd_export"]
 
 
-_RESUME_FLAGS = {"resume", "output", "quiet", "device", "checkpoint_every"}
+_RESUME_FLAGS = {"resume", "output", "checkpoint_every", *COMMON_FLAGS}
 
 
 def fit_output_folder(args, argv) -> tuple[Path, Optional[object], BoraConfig]:

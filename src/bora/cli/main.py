@@ -18,8 +18,9 @@ MAP fit's estimates. ``bora fit`` checkpoints the run into ``OUTPUT/checkpoints`
 ``bora fit --resume DIR`` continues an interrupted fit exactly where its last checkpoint left it
 (:mod:`bora.io.checkpoint`). Bora never replaces or deletes a folder it did not write: an existing
 output folder holding anything else is refused, and replacing an existing fit needs ``--overwrite``.
-``--quiet`` also silences the libraries' progress bars and warnings. Every flag's help text comes from the config
-dataclasses, so ``--help`` documents exactly what the code does. A user error prints one line
+``--quiet`` and ``--device`` are accepted by every command; ``--quiet`` also silences the libraries' progress bars
+and warnings. The ``bora fit`` flags are generated from the config dataclasses (:mod:`bora.cli.args`), so
+``--help`` documents exactly what the code does. A user error prints one line
 (``bora: error: ...``) and exits with status 2.
 """
 
@@ -79,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     keep_freed_memory()
     try:
-        with _quiet_libraries(bool(getattr(args, "quiet", False))):
+        with _quiet_libraries(args.quiet):
             return _run(args, argv)
     except ConfigError as e:
         print(f"bora: error: {e}", file=sys.stderr)

