@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m ruff check src tests benchmarks analysis examples docs
+python -m ruff check src tests benchmarks analysis examples docs scripts
 bash scripts/docs.sh
 python -m pytest "$@"
