@@ -109,7 +109,8 @@ def test_importing_bora_does_not_switch_the_matplotlib_backend():
     import subprocess
     import sys
 
-    code = ("import matplotlib; matplotlib.use('svg'); import bora.diagnostics.report, bora.plots, bora.diagnostics; "
+    code = ("import matplotlib; matplotlib.use('svg'); "
+            "import bora.diagnostics.report, bora.diagnostics.plots, bora.diagnostics; "
             "import matplotlib.pyplot as plt; print(matplotlib.get_backend()); "
             "from bora.diagnostics.plots import perplexity_bars; import tempfile, os; "
             "perplexity_bars(['a'], [2.0], [1.5], os.path.join(tempfile.mkdtemp(), 'p.png')); "
