@@ -237,9 +237,7 @@ def token_log_probs(model, batch: dict, params, direction=None) -> tuple[torch.T
 def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, level: float = 0.9,
                        bootstrap: int = 1000, progress: bool = False, doc_estimator: str = "auto") -> dict:
     """Point estimate vs Bayesian model average on ``data`` under ``post`` (a
-    :class:`~bora.posterior.samples.Posterior`).
-
-    With posterior and test-set intervals.
+    :class:`~bora.posterior.samples.Posterior`), with posterior and test-set intervals.
 
     Returns a dict with
 
@@ -275,23 +273,71 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
       (``"linear"``: each sample's predictions are the network linearised at the point estimate,
       :mod:`bora.lora.linearize`; ``"sample"``: the network run at the sampled adapter).
     """
-    from tqdm.auto import tqdm
+    from .metrics import log_mean_exp
+    from .tilted import TiltedPredictive, mixture_log_mean_exp
 
-    from .metrics import SampleAverager, TokenMetrics, log_mean_exp
-    from .tilted import TiltedPredictive, mixture_log_mean_exp, unsupported
+    tilted = TiltedPredictive(post) if _use_tilted(post, doc_estimator) else None
+    feed = post.as_feed(data)
+    r = _posterior_pass(post, feed, batch_size=batch_size, n_bins=n_bins, tilted=tilted, progress=progress)
+    nll_point, nll_tok_bma, toks, ll_s = r["nll_point"], r["nll_tok_bma"], r["toks"], r["ll_s"]
+    if post.is_point and post.num_samples > 1:
+        ll_s = ll_s.expand(post.num_samples, -1)
+    tids, tasks = feed.split.task_ids, feed.split.tasks
+    point = {**summarize(nll_point, toks, tids, tasks), "tokens": r["m_point"].result()}
+    bma_token = {**summarize(nll_tok_bma, toks, tids, tasks), "tokens": r["m_bma"].result()}
+    nll_plain = -log_mean_exp(ll_s, 0)
+    bma_doc_plain = summarize(nll_plain, toks, tids, tasks)
+    ess = None
+    if tilted is not None:
+        est, ess = mixture_log_mean_exp(ll_s, *r["tilted"])
+        nll_doc, bma_doc = -est, summarize(-est, toks, tids, tasks)
+    else:
+        nll_doc, bma_doc = nll_plain, bma_doc_plain
+    spread = _posterior_spread(ll_s, toks, tids, tasks, level)
+    boot = dict(tasks=tasks, resamples=bootstrap, level=level, seed=post.seed)
+    test_interval = {"point": bootstrap_ppl(nll_point, toks, tids, **boot),
+                     "bma_doc": bootstrap_ppl(nll_doc, toks, tids, **boot)}
+    documents = {"task_ids": tids.tolist(), "tokens": toks.tolist(), "nll_point": nll_point.tolist(),
+                 "nll_bma_doc": nll_doc.tolist(), "nll_bma_doc_plain": nll_plain.tolist(),
+                 "nll_bma_token": nll_tok_bma.tolist(),
+                 "mutual_information": (r["mi_doc"] / toks.clamp_min(1)).tolist()}
+    out = {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point,
+           "predictive": post.predictive, "doc_estimator": "plain" if tilted is None else "tilted", "point": point,
+           "bma_doc": bma_doc, "bma_doc_plain": bma_doc_plain, "bma_token": bma_token, "posterior_spread": spread,
+           "test_interval": test_interval, "documents": documents}
+    if ess is not None:
+        documents["ess"] = ess.tolist()
+        out["tilted_ess"] = {"median": float(ess.median()), "q10": float(ess.quantile(0.1)),
+                             "below_half": float((ess < post.distinct_samples).double().mean())}
+    return out
+
+
+def _use_tilted(post, doc_estimator: str) -> bool:
+    """Whether :func:`evaluate_posterior` estimates the document-level BMA by gradient-tilted importance sampling
+    (ConfigError for an unknown ``doc_estimator``, or ``"tilted"`` where it does not apply)."""
+    from .tilted import unsupported
 
     if doc_estimator not in DOC_ESTIMATORS:
         raise ConfigError(f"doc_estimator must be one of {', '.join(DOC_ESTIMATORS)}, got {doc_estimator!r}")
     reason = unsupported(post)
     if doc_estimator == "tilted" and reason is not None:
         raise ConfigError(f"the tilted document-level estimator does not apply: {reason}")
-    use = doc_estimator == "tilted" or (doc_estimator == "auto" and reason is None and post.num_samples > 1)
-    tilted = TiltedPredictive(post) if use else None
+    return doc_estimator == "tilted" or (doc_estimator == "auto" and reason is None and post.num_samples > 1)
+
+
+def _posterior_pass(post, feed: Feed, *, batch_size: int, n_bins: int, tilted, progress: bool) -> dict:
+    """One pass of :func:`evaluate_posterior` over ``feed`` (documents shortest first, ``batch_size`` at a time)
+    under the point estimate and every distinct sample: per-document sums ``nll_point`` and ``nll_tok_bma``
+    (token-level BMA), ``mi_doc`` and token counts ``toks``, per-sample log-likelihoods ``ll_s [S, n]``, the
+    token metrics ``m_point`` / ``m_bma`` and, with ``tilted``, its log-weights ``(t_ll, t_lin, t_quad)``."""
+    from tqdm.auto import tqdm
+
+    from .metrics import SampleAverager, TokenMetrics
+
     model = post.model
-    feed = post._feed(data)
     split = feed.split
     n = len(split)
-    S = post._compute_samples
+    S = post.distinct_samples
     model.adapters.train(False)
     point_params = post.point_params()
     sample_args = [] if post.is_point else [post.predictive_args(k) for k in range(S)]
@@ -328,22 +374,13 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
         del avg, p_bar
         if tilted is not None:
             t_ll[:, idx], t_lin[:, idx], t_quad[idx] = tilted.log_weights(b, range(S))
-    if post.is_point and post.num_samples > 1:
-        ll_s = ll_s.expand(post.num_samples, -1)
-    tids, tasks = split.task_ids, split.tasks
-    point = summarize(nll_point, toks, tids, tasks)
-    point["tokens"] = m_point.result()
-    bma_token = summarize(nll_tok_bma, toks, tids, tasks)
-    bma_token["tokens"] = m_bma.result()
-    nll_plain = -log_mean_exp(ll_s, 0)
-    bma_doc_plain = summarize(nll_plain, toks, tids, tasks)
-    ess = None
-    if tilted is not None:
-        est, ess = mixture_log_mean_exp(ll_s, t_ll, t_lin, t_quad)
-        nll_doc, bma_doc = -est, summarize(-est, toks, tids, tasks)
-    else:
-        nll_doc, bma_doc = nll_plain, bma_doc_plain
-    # per-task perplexity of every sample -> posterior spread of the plug-in perplexity
+    return {"nll_point": nll_point, "nll_tok_bma": nll_tok_bma, "mi_doc": mi_doc, "toks": toks, "ll_s": ll_s,
+            "m_point": m_point, "m_bma": m_bma, "tilted": (t_ll, t_lin, t_quad) if tilted is not None else None}
+
+
+def _posterior_spread(ll_s: torch.Tensor, toks: torch.Tensor, tids: torch.Tensor, tasks, level: float) -> dict:
+    """Per task with tokens, ``{"lo", "median", "hi", "level"}`` of its perplexity over the samples (the rows of
+    the per-document log-likelihoods ``ll_s``): the posterior spread of the plug-in perplexity."""
     T = len(tasks)
     tok_t = torch.zeros(T, dtype=torch.float64).index_add_(0, tids, toks.double())
     nll_st = torch.zeros(ll_s.shape[0], T, dtype=torch.float64).index_add_(1, tids, -ll_s) / tok_t.clamp_min(1)
@@ -355,19 +392,4 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
             col = ppl_st[:, t]
             spread[name] = {"lo": float(col.quantile(lo_q)), "hi": float(col.quantile(hi_q)),
                             "median": float(col.median()), "level": level}
-    boot = dict(tasks=tasks, resamples=bootstrap, level=level, seed=post.seed)
-    test_interval = {"point": bootstrap_ppl(nll_point, toks, tids, **boot),
-                     "bma_doc": bootstrap_ppl(nll_doc, toks, tids, **boot)}
-    documents = {"task_ids": tids.tolist(), "tokens": toks.tolist(), "nll_point": nll_point.tolist(),
-                 "nll_bma_doc": nll_doc.tolist(), "nll_bma_doc_plain": nll_plain.tolist(),
-                 "nll_bma_token": nll_tok_bma.tolist(),
-                 "mutual_information": (mi_doc / toks.clamp_min(1)).tolist()}
-    out = {"samples": post.num_samples, "seed": post.seed, "point_fit": post.is_point,
-           "predictive": post.predictive, "doc_estimator": "plain" if tilted is None else "tilted", "point": point,
-           "bma_doc": bma_doc, "bma_doc_plain": bma_doc_plain, "bma_token": bma_token, "posterior_spread": spread,
-           "test_interval": test_interval, "documents": documents}
-    if ess is not None:
-        documents["ess"] = ess.tolist()
-        out["tilted_ess"] = {"median": float(ess.median()), "q10": float(ess.quantile(0.1)),
-                             "below_half": float((ess < S).double().mean())}
-    return out
+    return spread

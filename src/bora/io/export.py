@@ -6,7 +6,8 @@
 >>> sorted(peft_state_dict({"model_layers_0_q": (A, B)}, {"model_layers_0_q": "model.layers.0.q"}))
 ['base_model.model.model.layers.0.q.lora_A.weight', 'base_model.model.model.layers.0.q.lora_B.weight']
 
-With a fit in memory (or ``Bora.load(fit_dir)``)::
+With a fit in memory (or ``Bora.load(fit_dir)``; ``bora`` is anything with the attributes of :class:`ExportSource`,
+and :func:`write_peft_adapter` needs only those of :class:`PeftSource`: a :class:`bora.api.Bora` has them)::
 
     export_adapters(bora, "out/spk0", task="spk0")               # posterior mean (MAP for a MAP fit)
     export_adapters(bora, "out/glob", global_adapter=True)       # the global adapter Theta
@@ -38,17 +39,35 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional, Protocol
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import BoraConfig, ConfigError
 from ..core.files import check_output, folder_kind, make_temp_dir, replace_dir, save_safetensors, write_json
-from ..lora.layers import _is_conv1d
+from ..lora.layers import is_conv1d
+from ..posterior.samples import Posterior, PosteriorSource
 
-__all__ = ["peft_state_dict", "peft_config", "write_peft_adapter", "adapter_estimate", "export_adapters", "ESTIMATES"]
+if TYPE_CHECKING:
+    from ..lora.inject import AdapterSet
+
+__all__ = ["PeftSource", "ExportSource", "peft_state_dict", "peft_config", "write_peft_adapter", "adapter_estimate",
+           "export_adapters", "ESTIMATES"]
 
 ESTIMATES = ("mean", "map", "sample")
+
+
+class PeftSource(Protocol):
+    """What :func:`peft_config` and :func:`write_peft_adapter` read of a fit: its adapter settings and layers."""
+
+    config: BoraConfig
+    adapters: AdapterSet
+
+
+class ExportSource(PeftSource, PosteriorSource, Protocol):
+    """What :func:`adapter_estimate` and :func:`export_adapters` read of a fit: its adapters, and what a
+    :class:`~bora.posterior.samples.Posterior` reads (for ``estimate="sample"``); a :class:`bora.api.Bora` has it
+    all."""
 
 
 def peft_state_dict(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], names: Mapping[str, str]) -> dict:
@@ -69,11 +88,11 @@ def _base_path(name: str) -> str:
     return str(cache_dir() / EMBEDDED[name][2]) if name in EMBEDDED else name
 
 
-def peft_config(bora, keys=None) -> dict:
+def peft_config(bora: PeftSource, keys=None) -> dict:
     """The ``adapter_config.json`` content for ``bora``'s adapters (the fields PEFT's ``LoraConfig`` reads)."""
     keys = list(bora.adapters.keys()) if keys is None else list(keys)
     cfg = bora.config.adapter
-    conv = [_is_conv1d(bora.adapters.layers[k].base) for k in keys]
+    conv = [is_conv1d(bora.adapters.layers[k].base) for k in keys]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -103,7 +122,7 @@ def check_export_output(path, *, all_tasks: bool = False) -> str:
     return check_output(Path(path), "export-all" if all_tasks else "export")
 
 
-def _write_into(folder: Path, bora, adapter, info: dict) -> None:
+def _write_into(folder: Path, bora: PeftSource, adapter, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(bora, adapter.keys()), indent=2,
                                                            sort_keys=True) + "\n")
@@ -112,7 +131,7 @@ def _write_into(folder: Path, bora, adapter, info: dict) -> None:
     (folder / "bora_export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def _write_folder(bora, adapter, path: Path, info: dict) -> None:
+def _write_folder(bora: PeftSource, adapter, path: Path, info: dict) -> None:
     tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         _write_into(tmp, bora, adapter, info)
@@ -122,7 +141,7 @@ def _write_folder(bora, adapter, path: Path, info: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_peft_adapter(bora, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path, *,
+def write_peft_adapter(bora: PeftSource, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path, *,
                        info: Optional[dict] = None) -> Path:
     """Write one 2-D adapter ``key -> (A, B)`` (e.g. from :func:`bora.fit.newtask.fit_new_task`) as a PEFT folder."""
     path = Path(path)
@@ -131,20 +150,19 @@ def write_peft_adapter(bora, adapter: Mapping[str, tuple[torch.Tensor, torch.Ten
     return path
 
 
-def _values(bora, estimate: str, sample_index: int, seed: int) -> dict:
+def _values(bora: ExportSource, estimate: str, sample_index: int, seed: int) -> dict:
     if estimate not in ESTIMATES:
         raise ConfigError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
     if estimate == "sample":
         if not isinstance(sample_index, int) or sample_index < 0:
             raise ConfigError(f"sample_index must be a non-negative integer, got {sample_index!r}")
-        from ..posterior.samples import Posterior
-
         return Posterior(bora, sample_index + 1, seed=seed).values(sample_index)
     return bora.point()
 
 
-def adapter_estimate(bora, *, task: Optional[str] = None, global_adapter: bool = False, estimate: str = "mean",
-                     sample_index: int = 0, seed: int = 0, values: Optional[dict] = None) -> dict:
+def adapter_estimate(bora: ExportSource, *, task: Optional[str] = None, global_adapter: bool = False,
+                     estimate: str = "mean", sample_index: int = 0, seed: int = 0,
+                     values: Optional[dict] = None) -> dict:
     """The 2-D adapter ``key -> (A [r, in], B [out, r])`` of ``task`` (or the global adapter)."""
     model = bora.model
     vals = values if values is not None else _values(bora, estimate, sample_index, seed)
@@ -171,7 +189,7 @@ def _folder_name(name: str, used: set) -> str:
     return out
 
 
-def export_adapters(bora, path, *, task: Optional[str] = None, global_adapter: bool = False,
+def export_adapters(bora: ExportSource, path, *, task: Optional[str] = None, global_adapter: bool = False,
                     all_tasks: bool = False, estimate: str = "mean", sample_index: int = 0, seed: int = 0,
                     source: Optional[str] = None) -> dict:
     """Write PEFT adapter folder(s) to ``path``; returns ``{name: folder}``.

@@ -10,6 +10,9 @@ From a fit in memory (``Bora.save`` / ``Bora.load`` call these)::
     save_fit(bora, "runs/demo")                           # atomically, into a temporary sibling first
     config, meta, state, tensors = read_fit_files("runs/demo")   # validated; runs no code
 
+``bora`` is anything with the attributes of :class:`FitFolderSource` (:class:`BaseModelSource` for the base-model
+checks); a :class:`bora.api.Bora` has them.
+
 Layout of a fit folder::
 
     config.json        the full BoraConfig (base model reference, adapters, prior, fit, data)
@@ -43,6 +46,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Protocol, Union
 
 import torch
 
@@ -51,10 +55,43 @@ from ..model.distributions import natural_site
 from ..core.files import (check_output, file_sha256, fsync_tree, json_safe, make_temp_dir, read_json, read_safetensors,
                  replace_dir, save_safetensors, write_json)
 
-__all__ = ["FORMAT_VERSION", "save_fit", "read_fit_files", "restore_fit_", "base_fingerprint", "config_sha256",
-           "check_base", "check_finite", "natural_estimates", "write_laplace", "read_laplace"]
+if TYPE_CHECKING:
+    from ..fit.loop import FitResult
+    from ..fit.tau import EmpiricalBayesTau
+    from ..lora.inject import AdapterSet
+    from ..model.guides import AutoDelta, AutoNormal
+    from ..posterior.laplace import HierarchicalLaplace
+
+__all__ = ["BaseModelSource", "FitFolderSource", "FORMAT_VERSION", "save_fit", "read_fit_files", "restore_fit_",
+           "base_fingerprint", "config_sha256", "check_base", "check_finite", "natural_estimates", "write_laplace",
+           "read_laplace"]
 
 FORMAT_VERSION = 1
+
+
+class BaseModelSource(Protocol):
+    """What :func:`base_fingerprint` and :func:`check_base` read of a fit: its base model and adapters."""
+
+    config: BoraConfig
+    lm: torch.nn.Module
+    adapters: AdapterSet
+
+
+class FitFolderSource(BaseModelSource, Protocol):
+    """What :func:`save_fit` reads of a fit and :func:`restore_fit_` sets (``result``, ``metrics``, ``laplace``, the
+    guide's parameters, tau); a :class:`bora.api.Bora` has it all."""
+
+    device: torch.device
+    tasks: tuple[str, ...]
+    num_docs: int
+    task_sizes: Optional[list[int]]
+    guide: Union[AutoDelta, AutoNormal]
+    tau: Optional[EmpiricalBayesTau]
+    result: Optional[FitResult]
+    metrics: dict
+    laplace: Optional[HierarchicalLaplace]
+
+    def point(self) -> dict[str, torch.Tensor]: ...
 
 
 # ---------------------------------------------------------------- base model fingerprint
@@ -63,7 +100,7 @@ _VOLATILE = {"architectures", "dtype", "torch_dtype", "transformers_version", "u
              "output_attentions", "output_hidden_states"}
 
 
-def base_fingerprint(bora) -> dict:
+def base_fingerprint(bora: BaseModelSource) -> dict:
     """``{"name", "config_sha256", "weights_sha256"}`` of the base model: its configuration (without
     paths, versions and runtime flags) and the weights of every adapted module."""
     cfg = getattr(bora.lm, "config", None)
@@ -91,7 +128,7 @@ def config_sha256(config) -> str:
                           ).hexdigest()
 
 
-def check_base(bora, meta: dict, path) -> None:
+def check_base(bora: BaseModelSource, meta: dict, path) -> None:
     """ConfigError unless ``bora``'s base model has the fingerprint recorded in ``meta``."""
     want = meta.get("base_model")
     if not want:
@@ -159,20 +196,20 @@ def read_fit_files(path) -> tuple[BoraConfig, dict, dict, dict]:
     return config, meta, state, tensors
 
 
-def check_finite(bora) -> None:
+def check_finite(bora: FitFolderSource) -> None:
     bad = [k for k, v in bora.guide.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ConfigError(f"refusing to save a fit with non-finite parameters (in {bad[0]})")
 
 
-def natural_estimates(bora) -> dict[str, torch.Tensor]:
+def natural_estimates(bora: FitFolderSource) -> dict[str, torch.Tensor]:
     """The point estimate of every adapter and tau site in natural coordinates (what a fit folder stores)."""
     natural = ("Theta_A", "Theta_B", "theta_A", "theta_B", "tau")
     return {k: v.detach().to("cpu").contiguous() for k, v in bora.point().items()
             if natural_site(k)[1] is None and k.partition(":")[0] in natural}
 
 
-def save_fit(bora, path) -> Path:
+def save_fit(bora: FitFolderSource, path) -> Path:
     """Write ``bora`` to the folder ``path`` atomically. An existing ``path`` is replaced only if it is
     a bora fit (or empty); a folder holding anything else is refused with a ConfigError."""
     path = Path(path)
@@ -215,7 +252,7 @@ def _result(r: dict, path: Path):
     return FitResult(**{k: (float(v) if v in ("nan", "inf", "-inf") else v) for k, v in r.items()})
 
 
-def restore_fit_(bora, path, meta: dict, state: dict, tensors: dict) -> None:
+def restore_fit_(bora: FitFolderSource, path, meta: dict, state: dict, tensors: dict) -> None:
     """Set a freshly built ``bora`` to the fit read from folder ``path`` by :func:`read_fit_files`
     (``meta``, ``state``, guide ``tensors``): base-model check, guide parameters, tau, fit summary,
     metrics and the Laplace posterior. Reads JSON and safetensors only."""

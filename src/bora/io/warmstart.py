@@ -23,24 +23,43 @@ at their initial value. A mean-field target takes its scales from the source's L
 (``laplace.safetensors``: ``(F + tau)^-1/2`` per task coordinate; for the global adapter the
 mean-field optimum given the task sites, ``(1/s^2 + T tau)^-1/2`` centred or ``(1/s^2 + sum_t F_t)^-1/2``
 non-centred), or from a mean-field source's scales; otherwise they keep their initial values.
+
+:func:`warm_start_` initialises anything with the attributes of :class:`WarmStartTarget` (a :class:`bora.api.Bora`
+has them; :meth:`bora.api.Bora.init_from` calls it).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional, Protocol, Union
 
 import torch
 
 from ..core.config import ConfigError
 from ..core.coupling import coupling_of, guide_of
 from ..model.distributions import natural_site
-from .fitfolder import check_base, read_fit_files, read_laplace
+from .fitfolder import BaseModelSource, check_base, read_fit_files, read_laplace
 from ..model.guides import saved_scales, set_locs_, set_scales_
 from ..core.files import read_safetensors
 
-__all__ = ["guide_value", "warm_start_"]
+if TYPE_CHECKING:
+    from ..fit.tau import EmpiricalBayesTau
+    from ..model.guides import AutoDelta, AutoNormal
+    from ..model.hierarchy import BoraModel
+
+__all__ = ["WarmStartTarget", "guide_value", "warm_start_"]
+
+
+class WarmStartTarget(BaseModelSource, Protocol):
+    """What :func:`warm_start_` reads of the fit it initialises (and sets: its guide's locations and scales, its
+    empirical-Bayes tau); a freshly built :class:`bora.api.Bora` has it all."""
+
+    tasks: tuple[str, ...]
+    device: torch.device
+    model: BoraModel
+    guide: Union[AutoDelta, AutoNormal]
+    tau: Optional[EmpiricalBayesTau]
 
 
 def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optional[str] = None,
@@ -85,7 +104,7 @@ def _source_tau(config, natural: Mapping[str, torch.Tensor], state: Mapping) -> 
     return out
 
 
-def warm_start_(bora, source) -> dict:
+def warm_start_(bora: WarmStartTarget, source) -> dict:
     """Initialise ``bora``'s guide (and empirical-Bayes tau) at the estimates of the fit in folder ``source``.
 
     Typical use: ``bora fit --guide meanfield --init-from MAP_DIR`` (after ``bora laplace MAP_DIR`` the

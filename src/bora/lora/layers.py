@@ -29,24 +29,24 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 
-__all__ = ["MultiTaskLoRA", "base_shape", "is_adaptable"]
+__all__ = ["MultiTaskLoRA", "base_shape", "is_adaptable", "is_conv1d"]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (weight ``[in, out]``, ``y = x @ W + b``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def is_adaptable(module: nn.Module) -> bool:
     """True for the layer types bora can wrap (``nn.Linear`` and transformers' ``Conv1D``)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def base_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a linear or Conv1D layer."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if _is_conv1d(module):
+    if is_conv1d(module):
         w = module.weight
         return int(w.shape[0]), int(w.shape[1])
     raise TypeError(f"cannot adapt a {type(module).__name__}; only nn.Linear and Conv1D are supported")

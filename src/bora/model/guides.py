@@ -47,7 +47,6 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import SoftplusTransform
 from pyro.infer import autoguide
-from torch.distributions.utils import _standard_normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import transform_to
@@ -86,31 +85,34 @@ def _is_real(support) -> bool:
     return support is constraints.real
 
 
-def _direct_sites(guide, args, kwargs, draw) -> Optional[dict]:
-    """``{site: pyro.sample(site, draw(site, event_dim))}`` under each site's plates, when every site of ``guide`` is
-    real-valued (its parameters are then used unconstrained, as they are); None otherwise."""
-    if guide.prototype_trace is None:
-        guide._setup_prototype(*args, **kwargs)
-    sites = list(guide.prototype_trace.iter_stochastic_nodes())
-    if not all(_is_real(site["fn"].support) for _, site in sites):
-        return None
-    plates = guide._create_plates(*args, **kwargs)
-    result = {}
-    for name, site in sites:
-        with ExitStack() as stack:
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized:
-                    stack.enter_context(plates[frame.name])
-            result[name] = pyro.sample(name, draw(name, site["fn"].event_dim))
-    return result
+class _DirectSites:
+    """Draw every site of a Pyro autoguide directly (mixed into :class:`AutoDelta` and :class:`AutoNormal`)."""
+
+    def _direct_sites(self, args, kwargs, draw) -> Optional[dict]:
+        """``{site: pyro.sample(site, draw(site, event_dim))}`` under each site's plates, when every site of this
+        guide is real-valued (its parameters are then used unconstrained, as they are); None otherwise."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        sites = list(self.prototype_trace.iter_stochastic_nodes())
+        if not all(_is_real(site["fn"].support) for _, site in sites):
+            return None
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in sites:
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(name, draw(name, site["fn"].event_dim))
+        return result
 
 
-class AutoDelta(_ModuleLocal, autoguide.AutoDelta):
+class AutoDelta(_ModuleLocal, _DirectSites, autoguide.AutoDelta):
     """Pyro's ``AutoDelta`` (MAP point estimates) with module-local parameters and masked (zero, uncomputed)
     log-densities (see the module docstring)."""
 
     def forward(self, *args, **kwargs):
-        result = _direct_sites(self, args, kwargs, lambda name, event_dim: dist.Delta(
+        result = self._direct_sites(args, kwargs, lambda name, event_dim: dist.Delta(
             attrgetter(name + "_unconstrained")(self), event_dim=event_dim).mask(False))
         if result is not None:
             return result
@@ -175,7 +177,8 @@ class _DiagNormal(dist.TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         if sample_shape:
             raise NotImplementedError("one draw per call (bora vectorises particles with plates)")
-        eps = _standard_normal(self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)  # as Normal.rsample
+        # the noise as Normal.rsample draws it (torch's _standard_normal outside JIT tracing)
+        eps = torch.empty(self.loc.shape, dtype=self.loc.dtype, device=self.loc.device).normal_()
         value, log_sd = _SoftplusDraw.apply(self.loc, self.u, eps, len(self.event_shape))
         self._last = (value, eps, log_sd)
         return value
@@ -190,7 +193,7 @@ class _DiagNormal(dist.TorchDistribution):
         return _event_sum(-0.5 * ((value - self.loc) / scale).square() - scale.log() - _LOG_SQRT_2PI, k)
 
 
-class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
+class AutoNormal(_ModuleLocal, _DirectSites, autoguide.AutoNormal):
     """Pyro's ``AutoNormal`` (mean-field) with module-local parameters and real-valued sites drawn directly
     (see the module docstring)."""
 
@@ -199,7 +202,7 @@ class AutoNormal(_ModuleLocal, autoguide.AutoNormal):
         if isinstance(transform_to(self.scale_constraint), SoftplusTransform):  # bora keeps Pyro's default
             # the unconstrained parameters themselves (a real loc's transform is the identity; the scale's
             # softplus happens inside the draw)
-            result = _direct_sites(self, args, kwargs, lambda name, event_dim: _DiagNormal(
+            result = self._direct_sites(args, kwargs, lambda name, event_dim: _DiagNormal(
                 attrgetter(name + "_unconstrained")(self.locs), attrgetter(name + "_unconstrained")(self.scales),
                 event_dim))
         # a constrained site (a positive tau): Pyro's auxiliary-variable form

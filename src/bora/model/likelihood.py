@@ -55,7 +55,8 @@ class LMLikelihood:
         self.device = next(lm.parameters()).device
         self._head_cast: Optional[tuple] = None  # (key, the LM head's weight in the autocast dtype)
 
-    def _autocast(self):
+    def autocast(self):
+        """The context of a pass in the fit's precision (:func:`bora.core.device.autocast`)."""
         return autocast(self.device, self.autocast_dtype, self.lm)
 
     def _head_only_on_tokens(self) -> bool:
@@ -85,7 +86,7 @@ class LMLikelihood:
             return linearized(logits_at, params, direction), aux["labels"], aux["rows"]
         if self._head_only_on_tokens():
             h, labels, rows = self._scored_hidden(batch, params)
-            with self._autocast():
+            with self.autocast():
                 logits = self.lm.get_output_embeddings()(h)
             return logits.float(), labels, rows
         scored, labels, rows = self._scored(batch)
@@ -109,7 +110,7 @@ class LMLikelihood:
         if hidden is not None and self.prefix is None:
             raise ValueError("batch carries cached hidden states but the model has no prefix")
         resume = self.prefix.resume(hidden) if hidden is not None else contextlib.nullcontext()
-        with self.adapters.use(params, batch["task_ids"] if params is not None else None), resume, self._autocast():
+        with self.adapters.use(params, batch["task_ids"] if params is not None else None), resume, self.autocast():
             yield
 
     def _scored_hidden(self, batch, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -62,12 +62,12 @@ def token_uncertainty(post, task: str, input_ids: torch.Tensor) -> dict[str, tor
     ids = input_ids.to(post.bora.device)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    S = post._compute_samples
+    S = post.distinct_samples
     avg = SampleAverager()
     model.adapters.train(False)
 
     def logits_at(adapter):
-        with model.adapters.use(adapter, None), model._autocast():
+        with model.adapters.use(adapter, None), model.autocast():
             return model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
     for k in range(S):
@@ -106,7 +106,7 @@ def generate(post, task: str, prompt: Union[str, torch.Tensor], *, max_new_token
     stacked = post.task_adapters(task)
     model.adapters.train(False)
     with seeded(dev, sample_seed(post.seed if seed is None else seed, STREAMS["generate"])), \
-            model.adapters.use(stacked, torch.arange(S, device=dev)), model._autocast():
+            model.adapters.use(stacked, torch.arange(S, device=dev)), model.autocast():
         out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     new = out[:, ids.shape[1]:].cpu()
     eos = _eos_ids(model.lm, bora.tokenizer)

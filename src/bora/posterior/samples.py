@@ -52,11 +52,11 @@ adapter and every epistemic quantity is zero). Sample ``k`` is drawn with its ow
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Protocol, Union
 
 import torch
 
-from ..core.config import PREDICTIVES, ConfigError
+from ..core.config import PREDICTIVES, BoraConfig, ConfigError
 from ..core.coupling import guide_of
 from ..data.documents import TokenizedSplit
 from ..evaluation.evaluate import doc_loglik, evaluate_posterior
@@ -66,7 +66,13 @@ from ..lora.linearize import tangent
 from ..evaluation.metrics import log_mean_exp
 from ..core.seeding import sample_seed, seeded, task_code
 
-__all__ = ["Posterior", "tau_by_key"]
+if TYPE_CHECKING:
+    from ..fit.tau import EmpiricalBayesTau
+    from ..model.guides import AutoDelta, AutoNormal
+    from ..model.hierarchy import BoraModel
+    from .laplace import HierarchicalLaplace
+
+__all__ = ["Posterior", "PosteriorSource", "TauSource", "tau_tensors"]
 
 Adapter = dict  # key -> (A, B)
 
@@ -81,10 +87,38 @@ def _stack(adapters) -> Adapter:
             for k in adapters[0]}
 
 
-class Posterior:
-    """``num_samples`` posterior adapter sets of a :class:`~bora.api.Bora` (see the module docstring)."""
+class TauSource(Protocol):
+    """What :func:`tau_tensors` reads of a fit."""
 
-    def __init__(self, bora, num_samples: int = 8, *, seed: int = 0, predictive: str = "sample"):
+    model: BoraModel
+    tau: Optional[EmpiricalBayesTau]
+
+
+class PosteriorSource(TauSource, Protocol):
+    """What a :class:`Posterior` (and :mod:`bora.posterior.generate`, :mod:`bora.evaluation.tilted` through
+    ``Posterior.bora``) reads of a fit; a fitted :class:`bora.api.Bora` has it all."""
+
+    config: BoraConfig
+    tasks: tuple[str, ...]
+    device: torch.device
+    tokenizer: object
+    guide: Union[AutoDelta, AutoNormal]
+    laplace: Optional[HierarchicalLaplace]
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def point(self) -> dict[str, torch.Tensor]: ...
+
+    def params(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "") -> Feed: ...
+
+
+class Posterior:
+    """``num_samples`` posterior adapter sets of a fit (any :class:`PosteriorSource`; see the module docstring)."""
+
+    def __init__(self, bora: PosteriorSource, num_samples: int = 8, *, seed: int = 0, predictive: str = "sample"):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
         if predictive not in PREDICTIVES:
@@ -135,7 +169,7 @@ class Posterior:
     def tau(self, k: int) -> dict[str, Optional[torch.Tensor]]:
         """Per adapter key, the precision tying a task to the global adapter in sample ``k``
         (``None`` for 'independent', ``inf`` for 'shared')."""
-        return tau_by_key(self.bora, self.values(k))
+        return tau_tensors(self.bora, self.values(k))
 
     def global_adapters(self) -> Adapter:
         """The global adapter ``Theta`` of every sample: ``key -> (A [S, r, in], B [S, out, r])``."""
@@ -156,7 +190,7 @@ class Posterior:
         glob = self.model.global_from_values(vals)
         if not coupling.has_tasks:
             return {key: (A.clone(), B.clone()) for key, (A, B) in glob.items()}
-        tau = tau_by_key(self.bora, vals)
+        tau = tau_tensors(self.bora, vals)
         shared_A = self.model.shared_A_from_values(vals) if self.model.shared_A else None
         out = {}
         for key, shapes in self.model.shapes.items():
@@ -199,11 +233,15 @@ class Posterior:
         return _stack([self.task_adapter(k, task) for k in range(self.num_samples)])
 
     @property
-    def _compute_samples(self) -> int:
-        return 1 if self.is_point else self.num_samples  # a MAP fit's samples are all identical
+    def distinct_samples(self) -> int:
+        """How many samples differ: 1 for a MAP fit (its samples are all the point estimate), else ``num_samples``;
+        computations over samples run this many."""
+        return 1 if self.is_point else self.num_samples
 
     # ------------------------------------------------------------------ likelihoods
-    def _feed(self, data) -> Feed:
+    def as_feed(self, data) -> Feed:
+        """``data`` (a :class:`~bora.data.documents.TokenizedSplit`) as the fit's Feed (on its device, with its
+        frozen-prefix cache); a Feed as it is."""
         if isinstance(data, Feed):
             return data
         if not isinstance(data, TokenizedSplit):
@@ -213,11 +251,11 @@ class Posterior:
     @torch.no_grad()
     def doc_loglik(self, data, batch_size: Optional[int] = None) -> torch.Tensor:
         """Per-document log-likelihood under every sample, ``[S, N]`` (on CPU)."""
-        feed = self._feed(data)
+        feed = self.as_feed(data)
         bs = batch_size or self.bora.config.fit.eval_batch_size
         self.model.adapters.train(False)
         rows = []
-        for k in range(self._compute_samples):
+        for k in range(self.distinct_samples):
             params, direction = self.predictive_args(k)
             rows.append(doc_loglik(self.model, params, feed, bs, direction)[0])
         ll = torch.stack(rows)
@@ -253,8 +291,11 @@ class Posterior:
                         temperature=temperature, top_p=top_p, seed=seed)
 
 
-def tau_by_key(bora, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
-    """Per adapter key: the prior precision of task adapters around the global one (``None``: independent)."""
+def tau_tensors(bora: TauSource, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
+    """Per adapter key, the prior precision of task adapters around the global one as a 0-d tensor, given the site
+    ``values`` (and the fit's empirical-Bayes tau, which ``values`` override); ``None`` for every key when the
+    coupling has no global adapter ('independent'). :meth:`bora.model.hierarchy.BoraModel.tau_by_key` gives the
+    same precisions as floats."""
     if not bora.model.coupling.has_global:
         return {k: None for k in bora.model.shapes}
     vals = {**(bora.tau.values if bora.tau is not None else {}), **values}
