@@ -118,3 +118,32 @@ def test_layer_selection_and_errors():
     layer = next(iter(a.layers.values()))
     with pytest.raises(ValueError, match="do not fit"):
         layer.set_adapter_(torch.zeros(3, 3), torch.zeros(3, 3))
+
+
+def test_task_gradients_are_bit_identical_across_backward_passes():
+    """A task's gradient sums its examples' rows in a fixed order: repeated backward passes agree bit for bit
+    (with indexing, ``B[task_ids]``, the sum's order varied between passes on a multi-threaded CPU)."""
+    torch.manual_seed(0)
+    layer = MultiTaskLoRA(torch.nn.Linear(64, 576), AdapterConfig(rank=8))
+    T, N = 16, 64
+    A = torch.randn(T, 8, 64, requires_grad=True)
+    B = torch.randn(T, 576, 8, requires_grad=True)
+    tids = torch.randint(0, T, (N,), generator=torch.Generator().manual_seed(1))
+    x = torch.randn(N, 8, 64)
+    w = torch.randn(N, 8, 576)
+    layer.set_adapter_(A, B, tids)
+
+    def grads():
+        A.grad = B.grad = None
+        (layer(x) * w).sum().backward()
+        return A.grad.clone(), B.grad.clone()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        first = grads()
+        for _ in range(30):
+            again = grads()
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    finally:
+        torch.set_num_threads(threads)

@@ -23,7 +23,8 @@ an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gather
 part (guide, optimiser, scheduler, batch stream, phase timer, each named callback, every RNG state) from one
 list, :meth:`FitLoop.parts`, and :meth:`FitLoop.load_state_dict` restores the same list, so checkpoint and
 resume share one schema. A fit resumed from any state of an uninterrupted one ends with bit-identical
-adapters on CPU (one thread, or :func:`bora.core.device.deterministic` where BLAS reductions vary).
+adapters on CPU, and so do two uninterrupted runs (every reduction in a step has a fixed order: the task
+adapters are gathered by ``index_select``, :mod:`bora.lora.layers`).
 :mod:`bora.io.checkpoint` writes such states. A non-finite loss or gradient norm stops the fit with
 :class:`~bora.fit.step.NumericalError` (naming the step), before any optimiser step applies it.
 """

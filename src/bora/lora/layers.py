@@ -17,7 +17,7 @@ True
 The layer never owns adapter weights: the Pyro model samples them (global and per-task sites)
 and hands them in with :meth:`MultiTaskLoRA.set_adapter_` before the language model runs. A
 minibatch that mixes tasks is computed in one batched operation: each example's factors are
-gathered (``A[task_ids]``) and applied with batched matmuls, never with a loop over tasks.
+gathered (``A.index_select(0, task_ids)``) and applied with batched matmuls, never with a loop over tasks.
 """
 
 from __future__ import annotations
@@ -110,8 +110,10 @@ class MultiTaskLoRA(nn.Module):
                 raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {x.shape[0]}")
             shape = x.shape
             x3 = x.reshape(shape[0], -1, shape[-1])  # [N, L, in]
-            Ag = A[ids] if A.dim() == 3 else A  # [N, r, in], or one shared [r, in]
-            Bg = B[ids] if B.dim() == 3 else B.expand(ids.shape[0], *B.shape)  # [N, out, r]
+            # index_select, not A[ids]: its backward (index_add_) sums a task's rows in a fixed order, where
+            # indexing's (index_put_ with accumulate) varied from run to run on multi-threaded CPUs
+            Ag = A.index_select(0, ids) if A.dim() == 3 else A  # [N, r, in], or one shared [r, in]
+            Bg = B.index_select(0, ids) if B.dim() == 3 else B.expand(ids.shape[0], *B.shape)  # [N, out, r]
             sink = self.grad_sink
             if sink is not None and torch.is_grad_enabled():  # per-example gradients, free in the backward pass
                 for f, (full, g) in enumerate(((A, Ag), (B, Bg))):
