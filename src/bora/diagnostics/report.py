@@ -199,15 +199,35 @@ def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_
     kept = (gain_kept([math.log(v) for v in base_ppl], [math.log(v) for v in fit_ppl], indep).tolist()
             if indep is not None else None)
     post = idata.posterior
-    tau_draws = post["tau"].values.reshape(post.sizes["chain"] * post.sizes["draw"], -1)
-    modules = [str(m) for m in post["module"].values]
     mode = bora.config.prior.tau_mode
     history = list(bora.result.history) if bora.result is not None else []
 
     if progress:
         print(f"drawing plots into {shown}", flush=True)
-    plots.pooling_forest(idata, out / "shrinkage_forest.png", sizes=sizes, hdi_prob=hdi_prob,
-                         title=f"Per-task pooling ({mode}, {bora.config.fit.guide})")
+    _draw_plots(idata, out, table, sizes, rho, use_tokens, base_ppl, fit_ppl, history,
+                title=f"Per-task pooling ({mode}, {bora.config.fit.guide})", mode=mode, hdi_prob=hdi_prob)
+    tau_est = bora.tau_estimate() or {}
+    per_task = _per_task_rows(table, base_ppl, fit_ppl, kept, indep)
+    report = {"spearman": rho, "spearman_between": [size_name, "pooling_factor"], "tau": tau_est, "tau_mode": mode,
+              "guide": bora.config.fit.guide, "draws": table["draws"], "hdi_prob": hdi_prob,
+              "draws_from": post.attrs.get("draws_from", ""),
+              "fisher_docs": fisher_docs or bora.config.fit.fisher_docs, "perplexity_source": ppl_src,
+              "model": bora.config.model, "plots": list(PLOTS), "per_task": per_task}
+    write_json(out / "report.json", report)
+    (out / "index.md").write_text(_index_md(bora, report, tasks, history))
+    if progress:
+        print(f"report written to {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return report
+
+
+def _draw_plots(idata, out: Path, table: dict, sizes, rho: float, use_tokens: bool, base_ppl, fit_ppl, history,
+                *, title: str, mode: str, hdi_prob: float) -> None:
+    """Every plot of ``PLOTS`` into ``out``, drawn from the diagnostics' InferenceData and task table."""
+    post = idata.posterior
+    tasks = table["task"]
+    tau_draws = post["tau"].values.reshape(post.sizes["chain"] * post.sizes["draw"], -1)
+    modules = [str(m) for m in post["module"].values]
+    plots.pooling_forest(idata, out / "shrinkage_forest.png", sizes=sizes, hdi_prob=hdi_prob, title=title)
     plots.shrinkage_vs_size(tasks, sizes, table["pooling_factor"], out / "shrinkage_vs_size.png",
                             lo=table["pooling_factor_lo"], hi=table["pooling_factor_hi"], rho=rho,
                             xlabel=("training tokens" if use_tokens else "training documents") + " (log scale)")
@@ -217,9 +237,11 @@ def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_
     plots.deviation_heatmap(tasks, modules, post["delta_w_module"].mean(("chain", "draw")).values,
                             out / "deviation_heatmap.png")
 
-    tau_est = bora.tau_estimate() or {}
+
+def _per_task_rows(table: dict, base_ppl, fit_ppl, kept, indep) -> dict:
+    """``report.json``'s per-task numbers."""
     per_task = {}
-    for i, t in enumerate(tasks):
+    for i, t in enumerate(table["task"]):
         per_task[t] = {"train_docs": table["train_docs"][i], "train_tokens": table["train_tokens"][i],
                        "fisher": table["fisher"][i],
                        "pooling_factor": table["pooling_factor"][i],
@@ -232,16 +254,7 @@ def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_
         if kept is not None:
             per_task[t]["gain_kept"] = kept[i]
             per_task[t]["independent_nll"] = indep[i]
-    report = {"spearman": rho, "spearman_between": [size_name, "pooling_factor"], "tau": tau_est, "tau_mode": mode,
-              "guide": bora.config.fit.guide, "draws": table["draws"], "hdi_prob": hdi_prob,
-              "draws_from": post.attrs.get("draws_from", ""),
-              "fisher_docs": fisher_docs or bora.config.fit.fisher_docs, "perplexity_source": ppl_src,
-              "model": bora.config.model, "plots": list(PLOTS), "per_task": per_task}
-    write_json(out / "report.json", report)
-    (out / "index.md").write_text(_index_md(bora, report, tasks, history))
-    if progress:
-        print(f"report written to {shown} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    return report
+    return per_task
 
 
 def _index_md(bora: FitView, report: dict, tasks, history) -> str:

@@ -85,24 +85,8 @@ def fit_new_task(bora: "NewTaskSource", docs, *, steps: int = 100, lr: float = 0
     glob = model.global_from_values(point)
     if not coupling.has_tasks:
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in glob.items()}
-    tau = model.tau_by_key(point)
     dev = bora.device
-    shared_A = model.shared_A_from_values(point) if model.shared_A else None
-    mean, sd, z = {}, {}, {}
-    for k, (sa, sb) in model.shapes.items():
-        if not coupling.has_global:
-            mean[k] = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
-            sd[k] = float(model.prior.global_scale)
-            z0 = (model.init_A[k] / sd[k], torch.zeros(sb, device=dev))
-        else:
-            mean[k] = (glob[k][0].detach(), glob[k][1].detach())
-            sd[k] = float(tau[k]) ** -0.5
-            z0 = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
-        if model.shared_A:  # A is global: held fixed at the fit's A (z_A unused)
-            mean[k] = (shared_A[k].detach(), mean[k][1])
-            z0 = (torch.zeros(sa, device=dev), z0[1])
-        # plain leaf tensors (the adapter layers store what they are given; an nn.Parameter would register)
-        z[k] = (z0[0].clone().requires_grad_(not model.shared_A), z0[1].clone().requires_grad_(True))
+    mean, sd, z = _prior_and_start(model, point, glob, dev)
     params = [p for ab in z.values() for p in ab if p.requires_grad]
 
     def theta() -> dict:
@@ -138,3 +122,26 @@ def fit_new_task(bora: "NewTaskSource", docs, *, steps: int = 100, lr: float = 0
         model.adapters.train(False)
     with torch.no_grad():
         return {k: (A.detach().clone(), B.detach().clone()) for k, (A, B) in theta().items()}
+
+
+def _prior_and_start(model: BoraModel, point: dict, glob: dict, dev: torch.device) -> tuple[dict, dict, dict]:
+    """Per adapter key: the new task's prior mean ``(A, B)`` and sd, and its starting ``z`` (leaf tensors)."""
+    coupling = model.coupling
+    tau = model.tau_by_key(point)
+    shared_A = model.shared_A_from_values(point) if model.shared_A else None
+    mean, sd, z = {}, {}, {}
+    for k, (sa, sb) in model.shapes.items():
+        if not coupling.has_global:
+            mean[k] = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
+            sd[k] = float(model.prior.global_scale)
+            z0 = (model.init_A[k] / sd[k], torch.zeros(sb, device=dev))
+        else:
+            mean[k] = (glob[k][0].detach(), glob[k][1].detach())
+            sd[k] = float(tau[k]) ** -0.5
+            z0 = (torch.zeros(sa, device=dev), torch.zeros(sb, device=dev))
+        if model.shared_A:  # A is global: held fixed at the fit's A (z_A unused)
+            mean[k] = (shared_A[k].detach(), mean[k][1])
+            z0 = (torch.zeros(sa, device=dev), z0[1])
+        # plain leaf tensors (the adapter layers store what they are given; an nn.Parameter would register)
+        z[k] = (z0[0].clone().requires_grad_(not model.shared_A), z0[1].clone().requires_grad_(True))
+    return mean, sd, z
