@@ -278,6 +278,38 @@ def _add_export(sub, common) -> None:
                         "of bora exports, of which only this fit's sub-folders are replaced).")
 
 
+class _Typed(argparse.Namespace):
+    """A namespace that claims every attribute already exists, so argparse fills in no default: only the flags
+    the user typed are set on it (and recorded in ``typed``)."""
+
+    def __init__(self):
+        super().__init__()
+        object.__setattr__(self, "typed", set())
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping attributes do not exist until set
+            raise AttributeError(name)
+        return None
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_"):
+            self.typed.add(name)
+        super().__setattr__(name, value)
+
+
+class _OneCommand:
+    """Stands in for argparse's sub-parser group: ``add_parser`` builds one standalone command parser."""
+
+    parser: argparse.ArgumentParser
+
+    def add_parser(self, name, *, help=None, **kw):
+        self.parser = _Parser(prog=f"bora {name}", **kw)
+        return self.parser
+
+
+_COMMANDS = {"fit": lambda sub, common: _add_fit(sub, common)}
+
+
 def explicit_flags(argv: Sequence[str], command: str = "fit") -> set[str]:
     """Destinations of the flags the user actually typed (abbreviations and ``--flag=value`` included), for
     ``command``'s argument list with or without the command name in front.
@@ -288,11 +320,11 @@ def explicit_flags(argv: Sequence[str], command: str = "fit") -> set[str]:
     argv = list(argv)
     if argv[:1] == [command]:
         argv = argv[1:]
-    parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-    return set(vars(parser.parse_known_args(argv)[0]))
+    one = _OneCommand()
+    _COMMANDS[command](one, [_common()])
+    ns = _Typed()
+    one.parser.parse_known_args(argv, namespace=ns)
+    return set(ns.typed)
 
 
 def _value(fl: Flag, value):
