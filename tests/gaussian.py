@@ -35,7 +35,7 @@ class GaussianModel(BoraModel):
 
 
 def make_problem(n_per_task, *, tau=4.0, sigma=1.0, global_scale=3.0, seed=0, mode="fixed", tau_init=None,
-                 parameterisation="noncentred"):
+                 parameterisation="noncentred", tau_evidence="profiled"):
     """``(model, feed, truth)``: the stand-in model, a feed of its documents and the true values."""
     g = torch.Generator().manual_seed(seed)
     lm = tiny_llama(layers=1)
@@ -47,7 +47,7 @@ def make_problem(n_per_task, *, tau=4.0, sigma=1.0, global_scale=3.0, seed=0, mo
     task_ids = torch.repeat_interleave(torch.arange(T), torch.tensor(n_per_task))
     Y = theta[task_ids] + sigma * torch.randn(len(task_ids), *shape_b, generator=g)
     prior = PriorConfig(tau_mode=mode, tau=float(tau if tau_init is None else tau_init), global_scale=global_scale,
-                        tau_shape=1.0, tau_rate=1e-4, parameterisation=parameterisation)
+                        tau_shape=1.0, tau_rate=1e-4, parameterisation=parameterisation, tau_evidence=tau_evidence)
     tasks = tuple(f"t{i}" for i in range(T))
     model = GaussianModel(lm, adapters, tasks, Y, task_ids, sigma, prior)
     split = TokenizedSplit([torch.tensor([1, 2])] * len(task_ids), task_ids, tasks)
@@ -84,4 +84,24 @@ def profile_log_evidence(truth, tau, a=1.0, b=1e-4):
 def type_two_tau(truth, a=1.0, b=1e-4):
     grid = np.exp(np.linspace(math.log(1e-2), math.log(1e4), 2001))
     vals = [profile_log_evidence(truth, float(t), a, b) for t in grid]
+    return float(grid[int(np.argmax(vals))]), grid, np.array(vals)
+
+
+def integrated_log_evidence(truth, tau, a=1.0, b=1e-4):
+    """``log p(ybar | tau) + log Gamma(tau; a, b)`` with Theta integrated out exactly (``Theta ~ Normal(0, s^2)``):
+    per coordinate ``ybar ~ Normal(0, diag(v) + s^2 11^T)``, ``v_t = 1/tau + sigma^2/n_t`` (the type-II objective
+    with nothing profiled)."""
+    n, ybar, sigma, s = truth["n"], truth["ybar"], truth["sigma"], truth["s"]
+    v = (1.0 / tau + sigma ** 2 / n).view(-1, 1, 1)
+    P = (1.0 / v).sum(0)  # [out, r]
+    quad = (ybar.square() / v).sum(0) - s ** 2 * (ybar / v).sum(0).square() / (1.0 + s ** 2 * P)
+    logdet = torch.log(v).sum(0) + torch.log1p(s ** 2 * P)
+    T = ybar.shape[0]
+    ll = (-0.5 * quad - 0.5 * logdet - 0.5 * T * math.log(2 * math.pi)).sum()
+    return float(ll) + (a - 1) * math.log(tau) - b * tau
+
+
+def integrated_type_two_tau(truth, a=1.0, b=1e-4):
+    grid = np.exp(np.linspace(math.log(1e-2), math.log(1e4), 4001))
+    vals = [integrated_log_evidence(truth, float(t), a, b) for t in grid]
     return float(grid[int(np.argmax(vals))]), grid, np.array(vals)

@@ -28,3 +28,25 @@ def test_evidence_tau_recovers_truth_and_limits():
     # coordinates the data do not inform (F = 0) do not count
     assert evidence_tau(torch.tensor(2.0), torch.cat([F[:100], torch.zeros(10000)])) == pytest.approx(
         evidence_tau(torch.tensor(2.0), F[:100]), rel=1e-6)
+
+
+def test_integrated_evidence_update_has_the_exact_theta_integrated_tau_as_its_fixed_point():
+    """At the exact posterior mode for the exact Theta-integrated type-II tau, the integrated update returns that
+    tau (a fixed point), and the profiled update, a larger one (it counts Theta's coordinates as the tasks')."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gaussian import exact_posterior, integrated_type_two_tau, make_problem
+
+    sizes = [4 * n for n in (3, 3, 6, 10, 11, 12, 12, 14, 16, 16, 20, 23, 28, 30, 54, 72)]
+    _, _, truth = make_problem(sizes, tau=100.0)
+    tau_star = integrated_type_two_tau(truth)[0]
+    ex = exact_posterior(truth, tau_star)
+    S = float((ex["theta_mean"] - ex["Theta_mean"]).square().sum())
+    F = ex["F"].expand_as(ex["theta_mean"]).reshape(len(sizes), -1)
+    integrated = evidence_tau(S, F, 1.0, 1e-4, global_precision=truth["s"] ** -2)
+    assert integrated == pytest.approx(tau_star, rel=0.01)  # the grid's resolution
+    assert evidence_tau(S, F, 1.0, 1e-4) > 1.05 * tau_star
+    with pytest.raises(ValueError, match="tasks, coordinates"):
+        evidence_tau(S, F.flatten(), global_precision=1.0)

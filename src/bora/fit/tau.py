@@ -34,6 +34,14 @@ evidence, and the maximiser is finite whenever the tasks differ by more than the
 loop alternates optimiser steps at fixed tau with this update at every validation (a generalised
 EM; the example above runs the same alternation in closed form and recovers the true tau). With
 ``tau_per_module`` each module's coordinates give their own tau.
+
+The global adapter: by default (``tau_evidence='profiled'``) it is held at its estimate, which with few tasks
+counts its coordinates as if the tasks had determined them and leans toward pooling. With
+``tau_evidence='integrated'`` it is integrated out too (the Laplace volume of the joint Hessian over task and
+global coordinates): the evidence gains ``-1/2 sum_i log(1/s^2 + sum_t tau F_ti / (F_ti + tau))`` and the
+re-estimate becomes ``tau = (gamma - gamma_Theta) / S`` (REML-type), ``gamma_Theta`` the number of global
+coordinates the tasks determine. On the linear-Gaussian stand-in with 16 unequal tasks it lands within 5% of
+the exact type-II tau, which the profiled objective misses by 19% (``tests/test_statistics.py``).
 """
 
 from __future__ import annotations
@@ -51,34 +59,57 @@ __all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments"
            "rescale_decentered_"]
 
 
-def _dlog_evidence(u: float, S: float, F: torch.Tensor, a: float, b: float) -> float:
-    # d/du of the log evidence (+ log hyperprior) at tau = exp(u): (gamma - tau S)/2 + (a - 1) - b tau,
-    # strictly decreasing in u, so its root is the unique maximiser.
+def _clean(F: torch.Tensor) -> torch.Tensor:
+    """``F`` in float64 with non-finite and negative entries zeroed (they carry no information)."""
+    F = F.detach().double()
+    return torch.where(torch.isfinite(F) & (F > 0), F, torch.zeros((), dtype=F.dtype, device=F.device))
+
+
+def _global_terms(tau: float, F: torch.Tensor, g: float) -> tuple[float, float]:
+    """``(sum_i log P_i, gamma_Theta)`` with ``P_i = g + sum_t tau F_ti / (F_ti + tau)`` the precision of the
+    global coordinate ``i`` once the task adapters are integrated out, and ``gamma_Theta = d/dlog tau`` of the
+    first: the number of global coordinates the tasks determine (``F``: ``[T, M]``)."""
+    w = F / (F + tau)
+    P = g + tau * w.sum(0)
+    return float(torch.log(P).sum()), float((tau * w.square().sum(0) / P).sum())
+
+
+def _dlog_evidence(u: float, S: float, F: torch.Tensor, a: float, b: float, g: Optional[float]) -> float:
+    # d/du of the log evidence (+ log hyperprior) at tau = exp(u): (gamma - gamma_Theta - tau S)/2 + (a - 1) - b tau
+    # (gamma_Theta = 0 when Theta is profiled, g None), strictly decreasing in u, so its root is the maximiser.
     tau = math.exp(u)
     gamma = float((F / (F + tau)).sum())
-    return 0.5 * (gamma - tau * S) + (a - 1.0) - b * tau
+    gamma_theta = _global_terms(tau, F, g)[1] if g is not None else 0.0
+    return 0.5 * (gamma - gamma_theta - tau * S) + (a - 1.0) - b * tau
 
 
 def evidence_tau(S: float | torch.Tensor, F: torch.Tensor, a: float = 1.0, b: float = 0.0,
-                 lo: float = -12.0, hi: float = 35.0) -> float:
-    """``argmax_tau -tau S/2 - 1/2 sum log(1 + F/tau) + log Gamma(tau; a, b)`` (bisection in log tau).
+                 lo: float = -12.0, hi: float = 35.0, *, global_precision: Optional[float] = None) -> float:
+    """``argmax_tau`` of the Laplace log evidence + ``log Gamma(tau; a, b)`` (:func:`log_evidence`; bisection
+    in log tau).
 
     ``S`` is the summed squared deviation of the task adapters from the global adapter, ``F`` the
-    per-coordinate likelihood precisions (zeros are allowed: they do not count). The result is
-    clipped to ``[exp(lo), exp(hi)]``.
+    per-coordinate likelihood precisions (zeros are allowed: they do not count). With ``global_precision``
+    (the prior precision ``1/s^2`` of the global adapter) ``F`` is ``[T, M]`` (tasks x coordinates) and the
+    global adapter is integrated out (REML-type: ``tau = (gamma - gamma_Theta) / S``); without it the global
+    adapter is held at its estimate (profiled: ``tau = gamma / S``). The result is clipped to
+    ``[exp(lo), exp(hi)]``.
     """
     S = float(S)
-    F = F.detach().double().flatten()
-    F = F[torch.isfinite(F) & (F > 0)]
-    if F.numel() == 0:
+    F = _clean(F)
+    if global_precision is None:
+        F = F.flatten()
+    elif F.dim() != 2:
+        raise ValueError(f"with global_precision, F must be [tasks, coordinates], got shape {tuple(F.shape)}")
+    if not bool((F > 0).any()):
         raise ValueError("no informative coordinates to estimate tau from")
-    if _dlog_evidence(lo, S, F, a, b) <= 0:
+    if _dlog_evidence(lo, S, F, a, b, global_precision) <= 0:
         return math.exp(lo)
-    if _dlog_evidence(hi, S, F, a, b) >= 0:
+    if _dlog_evidence(hi, S, F, a, b, global_precision) >= 0:
         return math.exp(hi)
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        if _dlog_evidence(mid, S, F, a, b) > 0:
+        if _dlog_evidence(mid, S, F, a, b, global_precision) > 0:
             lo = mid
         else:
             hi = mid
@@ -109,7 +140,8 @@ class EmpiricalBayesTau:
             self.values[k].fill_(float(v))
 
     def statistics(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, keys) -> tuple[float, torch.Tensor]:
-        """``(S, F)``: summed squared task deviations and every task coordinate's Fisher, for ``keys``.
+        """``(S, F)``: summed squared task deviations, and every task coordinate's Fisher as ``[T, M]`` (tasks x
+        the coordinates of ``keys``).
 
         ``point`` holds natural-coordinate values (:meth:`bora.model.hierarchy.BoraModel.complete`); only the
         task-level factors count (``B`` alone for ``hierarchy='B'``)."""
@@ -117,8 +149,16 @@ class EmpiricalBayesTau:
         for k in keys:
             for i, task_site, glob_site in self.base_model.task_sites(k):
                 S += float((point[task_site] - point[glob_site]).double().square().sum())
-                Fs.append(tf.fisher[k][i].double().flatten().cpu())
-        return S, torch.cat(Fs)
+                F = tf.fisher[k][i]
+                Fs.append(F.double().reshape(F.shape[0], -1).cpu())
+        return S, torch.cat(Fs, dim=1)
+
+    @property
+    def global_precision(self) -> Optional[float]:
+        """The prior precision ``1/s^2`` of the global adapter's coordinates when the evidence integrates the
+        global adapter out (``tau_evidence='integrated'``); None when it is profiled."""
+        prior = self.base_model.prior
+        return float(prior.global_scale) ** -2 if prior.tau_evidence == "integrated" else None
 
     @torch.no_grad()
     def update_variational_(self, guide) -> dict[str, float]:
@@ -157,9 +197,10 @@ class EmpiricalBayesTau:
         for name, keys in self.base_model.tau_groups().items():
             S, F = self.statistics(point, tf, keys)
             old = float(self.values[name])
-            new = evidence_tau(S, F, P.tau_shape, P.tau_rate)
+            g = self.global_precision
+            new = evidence_tau(S, F, P.tau_shape, P.tau_rate, global_precision=g)
             self.values[name].fill_(new)
-            evidence[name] = log_evidence(new, S, F, P.tau_shape, P.tau_rate)
+            evidence[name] = log_evidence(new, S, F, P.tau_shape, P.tau_rate, global_precision=g)
             for k in keys:
                 factors[k] = math.sqrt(new / old)
         if guide is not None and self.base_model.noncentred:
@@ -174,11 +215,16 @@ def variational_em_tau(expected_S: float, D: int, a: float = 1.0, b: float = 0.0
     return (0.5 * D + a - 1.0) / (0.5 * float(expected_S) + b)
 
 
-def log_evidence(tau: float, S: float, F: torch.Tensor, a: float = 1.0, b: float = 0.0) -> float:
-    """The Laplace log evidence ``-tau S/2 - 1/2 sum log(1 + F/tau) + (a - 1) log tau - b tau`` (up to a constant)."""
-    F = F.detach().double().flatten()
-    F = F[torch.isfinite(F) & (F > 0)]
-    return float(-0.5 * tau * float(S) - 0.5 * torch.log1p(F / tau).sum() + (a - 1.0) * math.log(tau) - b * tau)
+def log_evidence(tau: float, S: float, F: torch.Tensor, a: float = 1.0, b: float = 0.0, *,
+                 global_precision: Optional[float] = None) -> float:
+    """The Laplace log evidence ``-tau S/2 - 1/2 sum log(1 + F/tau) + (a - 1) log tau - b tau`` (up to a constant),
+    with ``global_precision`` also ``- 1/2 sum_i log(g + sum_t tau F_ti / (F_ti + tau))``: the global adapter
+    integrated out (``F`` then ``[T, M]``; see :func:`evidence_tau`)."""
+    F = _clean(F)
+    out = -0.5 * tau * float(S) - 0.5 * float(torch.log1p(F / tau).sum()) + (a - 1.0) * math.log(tau) - b * tau
+    if global_precision is not None:
+        out -= 0.5 * _global_terms(tau, F, global_precision)[0]
+    return float(out)
 
 
 @torch.no_grad()
