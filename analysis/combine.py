@@ -43,10 +43,12 @@ def setting_name(name: str, param: str) -> str:
 
 
 def load_runs(folders: list[Path]) -> tuple[dict, dict, dict]:
-    """``(ppl[name][seed], docs[name][seed] -> per-doc NLL, info)`` over every run."""
+    """``(ppl[name][seed], docs[name][seed] -> per-doc NLL, info)`` over every run (``info["val"][name][seed]``:
+    the best validation NLL, which selects among settings; test numbers are only reported)."""
     ppl: dict = {}
     docs: dict = {}
     tau: dict = {}
+    val: dict = {}
     ref = None
     for folder in folders:
         meta = json.loads((folder / "meta.json").read_text())
@@ -68,9 +70,11 @@ def load_runs(folders: list[Path]) -> tuple[dict, dict, dict]:
             s = setting_name(name, "" if plain else o.get("parameterisation") or _param(meta))
             ppl.setdefault(s, {})[seed] = o["test"]["ppl_task_mean"]
             tau.setdefault(s, {})[seed] = o["tau"]
+            val.setdefault(s, {})[seed] = o.get("best_val_nll", float("nan"))
             if name in nll:
                 docs.setdefault(s, {})[seed] = np.asarray(nll[name], float)
-    info = {"tasks": ref[0], "tokens": np.asarray(ref[1], float), "task_ids": np.asarray(ref[2], int), "tau": tau}
+    info = {"tasks": ref[0], "tokens": np.asarray(ref[1], float), "task_ids": np.asarray(ref[2], int), "tau": tau,
+            "val": val}
     return ppl, docs, info
 
 
@@ -111,7 +115,8 @@ def summary(folders: list[Path], pairs: list[tuple[str, str]] | None = None) -> 
         for s in learned:
             grid = [g for g in hier if g.startswith("tau=") and g.endswith(s.split(" ", 1)[1])]
             if grid:
-                best = min(grid, key=lambda g: np.mean(list(ppl[g].values())))
+                # the grid's best tau by validation NLL (never by test)
+                best = min(grid, key=lambda g: np.mean(list(info["val"][g].values())))
                 pairs.append((s, best))
         pairs += [(a, b) for i, a in enumerate(learned) for b in learned[i + 1:]]
     out = {"seeds": seeds, "ppl": ppl, "comparisons": []}
