@@ -50,3 +50,13 @@ def test_integrated_evidence_update_has_the_exact_theta_integrated_tau_as_its_fi
     assert evidence_tau(S, F, 1.0, 1e-4) > 1.05 * tau_star
     with pytest.raises(ValueError, match="tasks, coordinates"):
         evidence_tau(S, F.flatten(), global_precision=1.0)
+
+
+def test_point_guides_refuse_several_particles():
+    """A point guide's particles are all the same draw; the steps' curvature would count a document p times."""
+    from bora.core.config import ConfigError, FitConfig
+
+    for guide in ("map", "laplace"):
+        with pytest.raises(ConfigError, match="num_particles > 1 needs guide='meanfield'"):
+            FitConfig(guide=guide, num_particles=2)
+    assert FitConfig(guide="meanfield", num_particles=2).num_particles == 2

@@ -323,7 +323,7 @@ class FitConfig(_JsonConfig):
         "stores laplace_docs gradient vectors per task in bfloat16) or 'diag' (the diagonal of that matrix only: "
         "one vector per task).",
         choices=LAPLACE_STRUCTURES)
-    num_particles: int = _f(1, "ELBO particles per step ('meanfield').")
+    num_particles: int = _f(1, "ELBO particles per step ('meanfield' only; a point guide takes 1).")
     init_scale: float = _f(1e-3, "Initial posterior standard deviation of the mean-field guide.")
     seed: int = _f(0, "Random seed for initialisation, batching and dropout.")
     cache_prefix: bool = _f(
@@ -353,6 +353,9 @@ class FitConfig(_JsonConfig):
         _check(isinstance(self.tau_probe_docs, int) and self.tau_probe_docs >= 0,
                f"tau_probe_docs must be a non-negative integer, got {self.tau_probe_docs!r}")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
+        _check(self.num_particles == 1 or self.guide == "meanfield",
+               f"num_particles > 1 needs guide='meanfield' (guide {self.guide!r} has a point estimate: every particle "
+               "would be the same, and the tau update's curvature would count each document several times)")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
                f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")
         _check(self.init_scale > 0, "init_scale must be > 0")
