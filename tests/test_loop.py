@@ -9,7 +9,7 @@ import torch
 from bora.api import Bora
 from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
 from bora.fit.callbacks import Callback
-from bora.fit.loop import FitLoop
+from bora.fit.loop import FitLoop, tau_residual
 from bora.fit.state import FitState, PhaseTimer
 from bora.io.checkpoint import flatten_state, unflatten_state
 
@@ -126,3 +126,16 @@ def test_phase_timer_round_trips():
     assert other.step_times == timer.step_times and other.tokens == 10 and other.elapsed() >= timer.elapsed() - 1
     summary = other.summary()
     assert summary["seconds_steps"] == sum(timer.step_times) and "seconds_tau" in summary
+
+
+def test_tau_residual_is_the_update_at_the_returned_point():
+    b, train, val = make(steps=9, eval_every=3)
+    res = b.fit(train, val, progress=False)
+    entry = next(h for h in res.history if h["step"] == res.best_step)
+    assert res.best_step > 0
+    want = abs(entry["tau"]["tau"] - entry["tau_trained"]["tau"]) / entry["tau_trained"]["tau"]
+    assert res.tau_residual == {"tau": pytest.approx(want)} and want > 0
+    assert res.tau == entry["tau_trained"]  # the returned tau is the one the returned adapters were trained under
+    assert tau_residual([{"step": 0, "tau": {"tau": 2.0}, "tau_trained": {"tau": 2.0}}], 0) is None
+    assert tau_residual([{"step": 3, "log_evidence": {}, "tau": {"tau": 3.0}, "tau_trained": {"tau": 2.0}}], 3) \
+        == {"tau": 0.5}

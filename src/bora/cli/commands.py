@@ -129,6 +129,10 @@ def fit_command(args, argv) -> int:
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
+    if result.tau_residual:
+        print("tau fixed-point residual at the returned adapters: " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in result.tau_residual.items())
+            + " (|evidence update there - tau| / tau; the fit stopped before tau converged where this is large)")
     print(f"fit time: {result.seconds:.0f} s = steps {result.seconds_steps:.0f} s + validation "
           f"{result.seconds_validation:.0f} s + tau updates {result.seconds_tau:.0f} s + checkpoints "
           f"{result.seconds_checkpoint:.0f} s (+ other); Laplace curvature after it: {result.seconds_posterior:.0f} s")

@@ -53,7 +53,7 @@ from .state import FitState, PhaseTimer
 from .step import NumericalError
 from .tau import EmpiricalBayesTau
 
-__all__ = ["FitResult", "FitLoop", "fit", "num_steps", "NumericalError"]
+__all__ = ["FitResult", "FitLoop", "fit", "num_steps", "tau_residual", "NumericalError"]
 
 
 @dataclass
@@ -73,9 +73,21 @@ class FitResult:
     seconds_tau: float = 0.0
     seconds_checkpoint: float = 0.0
     seconds_posterior: float = 0.0  # the Laplace posterior's curvature pass after the fit (set by Bora.fit)
+    # per tau: |the evidence update at the returned point - the tau it was trained under| / that tau
+    tau_residual: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def tau_residual(history: list, step: int) -> Optional[dict]:
+    """The fixed-point residual of an evidence-updated tau at the validation of ``step``: per tau,
+    ``|tau_new - tau| / tau`` where ``tau`` is what the adapters there were trained under and ``tau_new`` the
+    update computed from them (None when tau was not re-estimated at that step)."""
+    entry = next((h for h in history if h["step"] == step), None)
+    if entry is None or "log_evidence" not in entry:
+        return None
+    return {k: abs(float(entry["tau"][k]) - float(v)) / float(v) for k, v in entry["tau_trained"].items()}
 
 
 def num_steps(cfg: FitConfig, num_docs: int) -> int:
@@ -230,7 +242,8 @@ class FitLoop:
     def result(self) -> FitResult:
         return FitResult(history=self.state.history, steps=self.state.step, best_step=self.best.best_step,
                          best_val_nll=self.best.best_val_nll, stopped_early=self.state.stopped_early,
-                         tau=self.tau.as_dict() if self.tau is not None else None, **self.timer.summary())
+                         tau=self.tau.as_dict() if self.tau is not None else None,
+                         tau_residual=tau_residual(self.state.history, self.best.best_step), **self.timer.summary())
 
 
 def fit(model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
