@@ -416,3 +416,33 @@ def test_malformed_csv_names_the_line(tmp_path):
     with pytest.raises(ConfigError, match="'ghost'.*only empty or whitespace"):
         load_documents(DataConfig(source=str(p)))
     assert load_documents(DataConfig(source=str(p), tasks=("x",))) == [{"text": "a", "task": "x"}]
+
+
+def test_a_folder_of_several_data_files_is_refused_and_one_file_is_read(tmp_path):
+    import json
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    rows = [{"text": f"speech {i}", "task": "a" if i % 2 else "b"} for i in range(6)]
+    (folder / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = load_documents(DataConfig(source=str(folder)))
+    assert len(docs) == 6
+    (folder / "sub").mkdir()
+    (folder / "sub" / "two.jsonl").write_text(json.dumps({"text": "other", "task": "c"}) + "\n")
+    with pytest.raises(ConfigError, match=r"is a folder with 2 data files \('one.jsonl', 'sub/two.jsonl'\)"):
+        load_documents(DataConfig(source=str(folder)))
+
+
+def test_task_names_in_two_unicode_forms_are_one_task_with_a_warning(tmp_path):
+    import json
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert composed != decomposed
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"t{i}", "task": composed if i % 2 else decomposed} for i in range(4)] + [
+        {"text": "x", "task": "other"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="more than one Unicode form were merged"):
+        docs = load_documents(DataConfig(source=str(path)))
+    assert sorted({d["task"] for d in docs}) == sorted({composed, "other"})

@@ -168,6 +168,7 @@ CASES = [
     ("fit: .txt data file", lambda e, w: fit(e, w, write(w, "d.txt", "w1 w2\n")), "no task column"),
     ("fit: unsupported file type", lambda e, w: fit(e, w, write(w, "d.xml", "<a/>")), "unsupported file type"),
     ("fit: missing data file", lambda e, w: fit(e, w, w / "missing.jsonl"), "data file not found"),
+    ("fit: a data folder with two data files", lambda e, w: fit(e, w, (jsonl(w / "two", []), write(w / "two", "b.csv", "text,speaker\nw1 w2,s\n"))[0].parent), "a folder with 2 data files"),
     ("fit: task with 2 documents", lambda e, w: fit(e, w, jsonl(w, [{"text": "w1 w2", "speaker": "few"}] * 2)), "at least 3"),
     ("fit: --tasks names an unknown task", lambda e, w: fit(e, w, None, "--tasks", "nope"), "'nope' has no documents"),
     ("fit: --text-column that does not exist", lambda e, w: fit(e, w, None, "--text-column", "body"), "column 'body' not found"),

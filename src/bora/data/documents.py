@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import math
 import random
+import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.config import ConfigError, DataConfig
-from .readers import looks_like_path, preview, read_hub, read_local
+from .readers import SUFFIXES, looks_like_path, preview, read_hub, read_local
 
 __all__ = [
     "load_documents",
@@ -99,7 +101,12 @@ def _read_table_documents(cfg: DataConfig) -> list[dict]:
     """The documents of a local file or folder, or a hub dataset (every check of :func:`load_documents`)."""
     source = cfg.source
     path = Path(source).expanduser()
-    if path.is_dir():  # a local dataset folder: let `datasets` infer its files
+    if path.is_dir():  # a local dataset folder: `datasets` would read every data file in it
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in (*SUFFIXES, ".txt"))
+        if len(files) > 1:
+            raise ConfigError(f"data source {source} is a folder with {len(files)} data files ({preview(files)}); "
+                              f"bora reads one file: pass it, e.g. {path / files[0]}")
         ds = read_hub(str(path), cfg.split)
     elif path.exists():
         ds = read_local(path)
@@ -113,6 +120,7 @@ def _read_table_documents(cfg: DataConfig) -> list[dict]:
             raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
     docs: list[dict] = []
     blank: Counter = Counter()
+    _warn_unicode_variants(ds[cfg.task_column])
     for i, (text, task) in enumerate(zip(ds[cfg.text_column], ds[cfg.task_column])):
         task = _row_task(ds, i, text, task, cfg)
         if task is None:
@@ -142,10 +150,23 @@ def _row_task(ds, i: int, text, task, cfg: DataConfig) -> Optional[str]:
         return None
     if isinstance(task, bool) or not isinstance(task, (str, int, float)):
         raise ConfigError(f"{ds.where(i)}: task values must be strings or numbers, got {type(task).__name__}")
-    task = str(task)
+    task = unicodedata.normalize("NFC", str(task))  # one task, however its accents are encoded
     if not task.strip():
         raise ConfigError(f"{ds.where(i)}: empty task name in column {cfg.task_column!r}")
     return task
+
+
+def _warn_unicode_variants(tasks) -> None:
+    """Warn when task names differ only in their Unicode encoding (they are merged: names are NFC-normalised)."""
+    forms: dict = {}
+    for t in set(t for t in tasks if isinstance(t, str)):
+        forms.setdefault(unicodedata.normalize("NFC", t), []).append(t)
+    merged = sorted((k, v) for k, v in forms.items() if len(v) > 1)
+    if merged:
+        name, variants = merged[0]
+        warnings.warn(f"{len(merged)} task name(s) written in more than one Unicode form were merged, e.g. "
+                      f"{len(variants)} encodings of {name!r} (task names are NFC-normalised)", UserWarning,
+                      stacklevel=3)
 
 
 def _keep_tasks(docs: list[dict], wanted: list[str], where: str) -> list[dict]:
