@@ -139,3 +139,29 @@ def test_tau_residual_is_the_update_at_the_returned_point():
     assert tau_residual([{"step": 0, "tau": {"tau": 2.0}, "tau_trained": {"tau": 2.0}}], 0) is None
     assert tau_residual([{"step": 3, "log_evidence": {}, "tau": {"tau": 3.0}, "tau_trained": {"tau": 2.0}}], 3) \
         == {"tau": 0.5}
+
+
+class PointLog(Callback):
+    """Every validation's natural point (copied)."""
+
+    def __init__(self):
+        self.points = {}
+
+    def on_validate(self, loop, entry, point):
+        self.points[entry["step"]] = ({k: v.detach().clone() for k, v in point.items()},
+                                      dict(entry["val_ppl_per_task"]))
+
+
+def test_per_task_early_stopping_keeps_each_task_at_its_own_best_validation():
+    b, train, val = make(steps=30, eval_every=3, early_stopping="per_task", lr=1.0)
+    log = PointLog()
+    res = b.fit(train, val, progress=False, callbacks=[log])
+    point = b.point()
+    tasks = list(b.model.tasks)
+    sites = {site: glob for k in b.model.shapes for _, site, glob in b.model.task_sites(k)}
+    best = {t: min(log.points, key=lambda s: (log.points[s][1][t], s)) for t in tasks}
+    assert len(set(best.values())) > 1  # the tasks' best steps differ: the check below means something
+    for site, glob in sites.items():
+        torch.testing.assert_close(point[glob], log.points[res.best_step][0][glob], rtol=0, atol=0)
+        for i, t in enumerate(tasks):
+            torch.testing.assert_close(point[site][i], log.points[best[t]][0][site][i], rtol=1e-6, atol=1e-7)

@@ -51,6 +51,7 @@ __all__ = [
 
 TAU_MODES = ("fixed", "learned", "independent", "shared")
 TAU_EVIDENCES = ("profiled", "integrated")
+EARLY_STOPPING = ("global", "per_task")
 GUIDES = ("map", "meanfield", "laplace")
 HIERARCHIES = ("B", "AB")
 QUANTIZE = ("none", "8bit", "4bit")
@@ -299,6 +300,10 @@ class FitConfig(_JsonConfig):
     eval_every: Optional[int] = _f(None, "Validate (and, for a learned-tau MAP fit, re-estimate tau) every this many "
                                          "steps (default: once per epoch).")
     patience: int = _f(2, "Early stopping: stop after this many validations without improvement (0 disables).")
+    early_stopping: str = _f(
+        "global", "Which validated state a point fit returns: 'global' (the step with the best mean per-task "
+        "validation NLL, for every task) or 'per_task' (the global adapter and tau from that step, and each task's "
+        "adapter from the step where its own validation NLL was best).", choices=EARLY_STOPPING)
     fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, "
                               "shrinkage).")
     tau_curvature: str = _f(
@@ -353,6 +358,9 @@ class FitConfig(_JsonConfig):
         _check(isinstance(self.tau_probe_docs, int) and self.tau_probe_docs >= 0,
                f"tau_probe_docs must be a non-negative integer, got {self.tau_probe_docs!r}")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
+        _check(self.early_stopping == "global" or self.guide != "meanfield",
+               "early_stopping='per_task' needs a point guide ('map' or 'laplace'): a mean-field task's scales would "
+               "not match its means")
         _check(self.num_particles == 1 or self.guide == "meanfield",
                f"num_particles > 1 needs guide='meanfield' (guide {self.guide!r} has a point estimate: every particle "
                "would be the same, and the tau update's curvature would count each document several times)")

@@ -24,7 +24,8 @@ callback may restore what it kept; ``close`` last, also after an error. A callba
 checkpoint under that name and restored
 on resume; ``phase`` names the :class:`~bora.fit.state.PhaseTimer` phase its ``on_validate`` time counts to.
 
-Built in: :class:`BestState` (the best validated state and early stopping), :class:`EvidenceTau` (a learned
+Built in: :class:`BestState` (the best validated state and early stopping), :class:`PerTaskBest` (each task's
+adapter from its own best validation, ``early_stopping='per_task'``), :class:`EvidenceTau` (a learned
 tau by Laplace empirical Bayes at every validation, for point guides; its curvature from the steps' own
 gradients, :mod:`bora.fit.curvature`), :class:`VariationalTau` (the variational M-step after every step,
 for mean-field guides), :class:`ProgressBar`, and :class:`CheckpointFunction` (a plain
@@ -34,6 +35,7 @@ for mean-field guides), :class:`ProgressBar`, and :class:`CheckpointFunction` (a
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 from typing import Callable, ContextManager, Optional
 
@@ -42,11 +44,13 @@ from tqdm.auto import tqdm
 
 from ..core.config import FitConfig
 from ..core.seeding import stream_seed
+from ..model.distributions import LATENT_SUFFIX
+from ..model.guides import set_locs_
 from .curvature import StepFisher, probe_documents
 from .fisher import task_fisher
 from .tau import EmpiricalBayesTau
 
-__all__ = ["Callback", "BestState", "EvidenceTau", "VariationalTau", "ProgressBar", "CheckpointFunction"]
+__all__ = ["Callback", "BestState", "PerTaskBest", "EvidenceTau", "VariationalTau", "ProgressBar", "CheckpointFunction"]
 
 
 class Callback:
@@ -130,6 +134,72 @@ class BestState(Callback):
         self.best = None if b is None else {"guide": {k: v.clone() for k, v in b["guide"].items()}, "tau": b["tau"]}
         self.best_step, self.best_val_nll, self.bad = int(state["best_step"]), float(state["best_val_nll"]), \
             int(state["bad"])
+
+
+class PerTaskBest(Callback):
+    """Per-task early stopping for point guides: each task's adapter rows are kept from the validation where its
+    own validation NLL was best, and written back at the end (after :class:`BestState` restored the overall best
+    state, whose global adapter and tau stay). Task rows are kept in natural coordinates (``B_t``) and written
+    back through the guide's parameterisation (``delta_t = B_t - Theta`` for offset sites, ``z_t = (B_t - Theta)
+    tau^1/2`` for non-centred ones)."""
+
+    name = "per_task_best"
+
+    def __init__(self, tasks):
+        self.tasks = list(tasks)
+        self.best_nll = {t: float("inf") for t in self.tasks}
+        self.best_step = {t: 0 for t in self.tasks}
+        self.rows: dict = {}  # "site#t" -> the task's natural adapter row at its best step
+
+    def on_validate(self, loop, entry, point):
+        per_task = entry.get("val_ppl_per_task")
+        if not per_task:
+            return
+        for t, name in enumerate(self.tasks):
+            nll = math.log(per_task[name])
+            if nll < self.best_nll[name] - 1e-9:
+                self.best_nll[name], self.best_step[name] = nll, entry["step"]
+                for site in _task_sites(loop.model):
+                    self.rows[f"{site}#{t}"] = point[site][t].detach().clone()
+
+    def on_fit_end(self, loop):
+        model = loop.model
+        point = loop.point()
+        changes = {}
+        for site, glob in _task_sites(model).items():
+            natural = point[site].detach().clone()
+            for t in range(len(self.tasks)):
+                row = self.rows.get(f"{site}#{t}")
+                if row is not None:
+                    natural[t] = row
+            changes.update(_latent_values(model, site, glob, natural, point))
+        with torch.no_grad():
+            set_locs_(loop.guide, changes)
+
+    def state_dict(self):
+        return {"best_nll": dict(self.best_nll), "best_step": dict(self.best_step), "rows": dict(self.rows)}
+
+    def load_state_dict(self, state):
+        self.best_nll = {k: float(v) for k, v in state["best_nll"].items()}
+        self.best_step = {k: int(v) for k, v in state["best_step"].items()}
+        self.rows = {k: v.clone() for k, v in state["rows"].items()}
+
+
+def _task_sites(model) -> dict[str, str]:
+    """Natural task site -> its global site, for every task-level factor."""
+    return {site: glob for k in model.shapes for _, site, glob in model.task_sites(k)}
+
+
+def _latent_values(model, site: str, glob: str, natural: torch.Tensor, point: dict) -> dict:
+    """The guide-site value(s) that give the task adapters ``natural`` (``[T, ...]``) at ``point``."""
+    p = model.parameterisation
+    if p not in LATENT_SUFFIX:  # centred: the task site itself
+        return {site: natural}
+    delta = natural - point[glob]
+    if p == "noncentred":
+        key = site.partition(":")[2]
+        delta = delta * math.sqrt(model.tau_by_key(point)[key])
+    return {site + LATENT_SUFFIX[p]: delta}
 
 
 class EvidenceTau(Callback):

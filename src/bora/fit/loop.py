@@ -47,8 +47,8 @@ from ..data.feed import Feed
 from ..evaluation.evaluate import evaluate
 from ..model.guides import point_values
 from .builder import build_step
-from .callbacks import BestState, Callback, CheckpointFunction, EvidenceTau, ProgressBar, VariationalTau, \
-    combined_context
+from .callbacks import BestState, Callback, CheckpointFunction, EvidenceTau, PerTaskBest, ProgressBar, \
+    VariationalTau, combined_context
 from .state import FitState, PhaseTimer
 from .step import NumericalError
 from .tau import EmpiricalBayesTau
@@ -125,6 +125,8 @@ class FitLoop:
         if tau is not None:  # a point guide's tau follows the Laplace evidence, a mean-field guide's the M-step
             builtin.append(VariationalTau(tau) if isinstance(guide, AutoNormal) else EvidenceTau(tau, self))
         self.best = BestState(cfg.patience)
+        if cfg.early_stopping == "per_task" and val is not None and model.has_tasks:
+            builtin.append(PerTaskBest(model.tasks))  # after BestState: its rows go over the restored best state
         self.callbacks = [self.best, *builtin, *callbacks, ProgressBar(progress)]
         names = [cb.name for cb in self.callbacks if cb.name]
         if len(set(names)) != len(names):
