@@ -123,7 +123,7 @@ def config(guide="meanfield", mode="learned", **fit):
 
 def test_meanfield_fit_learns_scales_and_tau_by_variational_em():
     train, val = task_data(TRAIN, seed=1), task_data(VAL, seed=2)
-    bora = Bora(config(num_particles=2), tiny_llama(), TinyTokenizer(), train.tasks, len(train))
+    bora = Bora(config(num_particles=2, meanfield_start="init"), tiny_llama(), TinyTokenizer(), train.tasks, len(train))
     names = {k.split(".", 1)[1] for k in bora.guide.state_dict()}
     # centred task sites ('auto' for mean-field); tau is a hyperparameter set by the variational M-step
     assert any(n.startswith("theta_B:") and "_decentered" not in n for n in names)
@@ -136,6 +136,29 @@ def test_meanfield_fit_learns_scales_and_tau_by_variational_em():
     assert len(moved) == sum(k.startswith("scales.") for k in before)
     taus = [h["tau"]["tau"] for h in res.history]
     assert taus[0] == 10.0 and all(0 < t < 1e6 for t in taus) and taus[-1] != 10.0  # moved by the M-step
+
+
+def test_meanfield_starts_at_a_map_fit_by_default():
+    """``--guide meanfield`` alone: a MAP phase (offset sites, evidence tau) first, then the variational fit from its
+    estimates; tau stays within 2x of the MAP's and the posterior mean validates within 1% of the MAP."""
+    train, val = task_data(TRAIN, seed=1), task_data(VAL, seed=2)
+    lm = tiny_llama()
+    mf = Bora(config(steps=30, eval_every=5), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    res = mf.fit(train, val, progress=False)
+    m = mf.map_phase
+    assert m is not None and m.steps == 30 and m.tau is not None
+    assert res.history[0]["tau"]["tau"] == pytest.approx(m.tau["tau"], rel=1e-6)  # started at the MAP's tau
+    assert all(0.5 < h["tau"]["tau"] / m.tau["tau"] < 2.0 for h in res.history)
+    assert res.best_val_nll <= m.best_val_nll * 1.01
+    # the MAP phase is what `--guide map` fits: same data, seed and settings
+    alone = Bora(config("map", steps=30, eval_every=5), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    assert alone.fit(train, val, progress=False).best_val_nll == pytest.approx(m.best_val_nll, rel=1e-6)
+    # a warm start replaces the MAP phase
+    skip = Bora(config(steps=2), copy.deepcopy(lm), TinyTokenizer(), train.tasks, len(train))
+    assert skip.config.fit.meanfield_start == "map"
+    skip.config = skip.config.replace(fit=skip.config.fit.replace(meanfield_start="init"))
+    skip.fit(train, val, progress=False)
+    assert skip.map_phase is None
 
 
 def test_warm_start_copies_map_estimates(tmp_path):

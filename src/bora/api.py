@@ -30,6 +30,7 @@ from .model.distributions import LATENT_SUFFIX
 from .evaluation.evaluate import evaluate
 from .fit.fisher import task_fisher
 from .io.fitfolder import read_fit_files, restore_fit_, save_fit
+from .io.warmstart import warm_start_from_
 from .data.feed import Feed
 from .model.guides import make_guide, point_values, set_scales_
 from .fit.callbacks import Callback
@@ -74,6 +75,7 @@ class Bora:
         self.guide = make_guide(self.model, config.fit.guide, init_scale=config.fit.init_scale, target=target)
         self.laplace: Optional[HierarchicalLaplace] = None
         self.result: Optional[FitResult] = None
+        self.map_phase: Optional[FitResult] = None  # the MAP fit a mean-field fit started from (meanfield_start)
         self.metrics: dict = {}
         self._setup_guide()
 
@@ -133,13 +135,41 @@ class Bora:
         if len(train_feed) != self.num_docs:
             raise ConfigError(f"model was built for {self.num_docs} training documents, got {len(train_feed)}")
         val_feed = self._as_feed(val) if val is not None else None
-        self.result = fit(self.model, self.guide, train_feed, val_feed, self.config.fit, tau=self.tau,
+        cfg = self.config.fit
+        if self._starts_at_map():  # the variational fit starts at a MAP fit's estimates, its means at lr / 10
+            if resume is None:
+                self.map_phase = self._map_phase(train_feed, val_feed, progress)
+            cfg = cfg.replace(lr=cfg.lr / 10)
+        self.result = fit(self.model, self.guide, train_feed, val_feed, cfg, tau=self.tau,
                           progress=progress, checkpoint=checkpoint, resume=resume, callbacks=callbacks)
         if guide_of(self.config.fit).laplace:
             t0 = time.perf_counter()
             self.fit_laplace_(train_feed, progress=progress)
             self.result.seconds_posterior = time.perf_counter() - t0
         return self.result
+
+    def _starts_at_map(self) -> bool:
+        fit_cfg = self.config.fit
+        return fit_cfg.guide == "meanfield" and fit_cfg.meanfield_start == "map"
+
+    def _map_phase(self, train: Feed, val: Optional[Feed], progress: bool) -> FitResult:
+        """The MAP fit a mean-field fit starts from (``meanfield_start='map'``): the same model with offset task
+        sites and the evidence tau (as ``--guide map`` fits it), on the same adapters, then its Laplace posterior;
+        the mean-field guide and tau are set at its estimates and scales
+        (:func:`bora.io.warmstart.warm_start_from_`)."""
+        config = self.config.replace(fit=self.config.fit.replace(guide="laplace"))
+        model = BoraModel(self.lm, self.adapters, self.tasks, self.num_docs, config.prior, prefix=self.prefix,
+                          init_seed=config.fit.seed, autocast_dtype=self.model.autocast_dtype, guide_kind="laplace")
+        tau = EmpiricalBayesTau(model) if model.coupling.learned else None
+        guide = make_guide(model, "map", target=tau.model if tau is not None else model)
+        result = fit(model, guide, train, val, config.fit, tau=tau, progress=progress)
+        point = model.complete({**point_values(guide), **(tau.values if tau is not None else {})})
+        gen = torch.Generator().manual_seed(stream_seed(config.fit.seed, "laplace"))
+        tf = task_fisher(model, model.params_from_values(point), train, max_per_task=config.fit.laplace_docs,
+                         generator=gen, labels=config.fit.laplace_labels)
+        lap = laplace_from_point(model, tf, model.tau_by_key(point))
+        warm_start_from_(self, point, config=config, src_tasks=list(self.tasks), lap=lap)
+        return result
 
     def fit_laplace_(self, train, *, docs: Optional[int] = None, labels: Optional[str] = None,
                      structure: Optional[str] = None, seed: Optional[int] = None,
@@ -196,7 +226,10 @@ class Bora:
         (:func:`bora.io.warmstart.warm_start_`)."""
         from .io.warmstart import warm_start_
 
-        return warm_start_(self, path)
+        report = warm_start_(self, path)
+        if self._starts_at_map():  # started where the user chose: no MAP phase, the means at lr as given
+            self.config = self.config.replace(fit=self.config.fit.replace(meanfield_start="init"))
+        return report
 
     def fit_new_task(self, docs, *, steps: int = 100, lr: float = 0.05, **kw) -> dict:
         """Adapter ``key -> (A, B)`` of a task not in the fit, global level fixed

@@ -106,6 +106,10 @@ def fit_command(args, argv) -> int:
         print(f"warm start from {args.init_from}: {len(warm['copied'])} estimates copied"
               + (f", {len(warm['derived'])} derived" if warm["derived"] else "")
               + (f", {len(warm['kept'])} left at their initial value" if warm["kept"] else ""), flush=True)
+        meta["config"] = bora.config.to_dict()  # a warm-started mean-field fit starts there, not at a MAP phase
+    if bora.config.fit.guide == "meanfield" and bora.config.fit.meanfield_start == "map" and ck is None:
+        print("mean-field fit: a MAP fit first (offset task sites, evidence tau, Laplace scales), then the "
+              "variational fit from it (means at lr / 10; --meanfield-start init skips the MAP phase)", flush=True)
     n_params = bora.adapters.num_parameters()
     print(f"tasks: {len(bora.tasks)}  documents train/val/test: {len(data['train'])}/{len(data['val'])}/"
           f"{len(data['test'])}  training tokens: {data['train'].num_tokens()}  adapted modules: "
@@ -119,6 +123,10 @@ def fit_command(args, argv) -> int:
     except NumericalError as e:
         raise ConfigError(f"fit stopped: {e} (try a lower --lr); {checkpointer.describe()}; nothing was saved "
                           "as a fit") from None
+    if bora.map_phase is not None:
+        m = bora.map_phase
+        print(f"MAP phase: tau {', '.join(f'{k}={v:.4g}' for k, v in (m.tau or {}).items()) or 'n/a'}, "
+              f"best step {m.best_step} of {m.steps}, best validation NLL {m.best_val_nll:.4f}", flush=True)
     fitted = bora.evaluate(feeds["test"])
     bora.metrics = {"test": {"base": base, "fit": fitted}}
     if is_main():

@@ -52,6 +52,7 @@ __all__ = [
 TAU_MODES = ("fixed", "learned", "independent", "shared")
 TAU_EVIDENCES = ("profiled", "integrated")
 EARLY_STOPPING = ("global", "per_task")
+MEANFIELD_STARTS = ("map", "init")
 GUIDES = ("map", "meanfield", "laplace")
 HIERARCHIES = ("B", "AB")
 QUANTIZE = ("none", "8bit", "4bit")
@@ -328,6 +329,11 @@ class FitConfig(_JsonConfig):
         "stores laplace_docs gradient vectors per task in bfloat16) or 'diag' (the diagonal of that matrix only: "
         "one vector per task).",
         choices=LAPLACE_STRUCTURES)
+    meanfield_start: str = _f(
+        "map", "Where a mean-field fit ('meanfield') starts: 'map' (a MAP fit with offset task sites and the evidence "
+        "tau first, then the variational fit from its estimates and Laplace scales with the means at lr / 10) or "
+        "'init' (from the guide's initial values at lr, or from a warm start: --init-from sets this).",
+        choices=MEANFIELD_STARTS)
     num_particles: int = _f(1, "ELBO particles per step ('meanfield' only; a point guide takes 1).")
     init_scale: float = _f(1e-3, "Initial posterior standard deviation of the mean-field guide.")
     seed: int = _f(0, "Random seed for initialisation, batching and dropout.")

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ..model.guides import AutoDelta, AutoNormal
     from ..model.hierarchy import BoraModel
 
-__all__ = ["WarmStartTarget", "guide_value", "warm_start_"]
+__all__ = ["WarmStartTarget", "guide_value", "warm_start_", "warm_start_from_"]
 
 
 class WarmStartTarget(BaseModelSource, Protocol):
@@ -126,7 +126,19 @@ def warm_start_(bora: WarmStartTarget, source) -> dict:
     if missing and model.has_tasks and coupling_of(config.prior).has_tasks:
         raise ConfigError(f"--init-from fit lacks task(s) {missing[:3]} of this fit")
     natural, derived = _derive(read_safetensors(source / "estimates.safetensors"), model, src_tasks, bora.tasks)
-    src_tau = _source_tau(config, natural, state)
+    lap = read_laplace(source / "laplace.safetensors") if (source / "laplace.safetensors").exists() else None
+    return warm_start_from_(bora, natural, config=config, src_tasks=src_tasks, lap=lap, tensors=tensors, state=state,
+                            derived=derived)
+
+
+def warm_start_from_(bora: WarmStartTarget, natural: dict, *, config, src_tasks: list, lap=None,
+                     tensors: Optional[Mapping] = None, state: Optional[Mapping] = None, derived=()) -> dict:
+    """Initialise ``bora``'s guide (and empirical-Bayes tau) at the natural-coordinate estimates ``natural`` of a
+    fit with ``config`` over ``src_tasks`` (its Laplace posterior ``lap``, its saved ``tensors`` and ``state``
+    where it has them); :func:`warm_start_` reads all of these from a fit folder."""
+    model = bora.model
+    natural = dict(natural)
+    src_tau = _source_tau(config, natural, state or {})
     report: dict = {"copied": [], "derived": [], "kept": []}
     if src_tau:  # tau first: non-centred sites are expressed in the target's tau
         geo = math.exp(sum(math.log(v) for v in src_tau.values()) / len(src_tau))
@@ -137,9 +149,8 @@ def warm_start_(bora: WarmStartTarget, source) -> dict:
         report["copied"].extend(sorted(target))
     tau_key = model.tau_by_key(natural)
     globs = {site: g for k in model.shapes for _, site, g in model.task_sites(k)}
-    lap = read_laplace(source / "laplace.safetensors") if (source / "laplace.safetensors").exists() else None
     guide = bora.guide
-    meanfield = not guide_of(mine.fit).point
+    meanfield = not guide_of(bora.config.fit).point
     locs, scales = {}, {}
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         if name.partition(":")[0] == "tau" and bora.tau is not None:
@@ -156,7 +167,7 @@ def warm_start_(bora: WarmStartTarget, source) -> dict:
         locs[name] = v.to(bora.device, torch.float32)
         report["derived" if base in derived else "copied"].append(name)
         if meanfield:
-            scale = _source_scale(name, base, key, lap, tensors, config, src_tasks, bora.tasks, tau_key,
+            scale = _source_scale(name, base, key, lap, tensors or {}, config, src_tasks, bora.tasks, tau_key,
                                   global_in_likelihood=model.parameterisation != "centred")
             if scale is not None and tuple(scale.shape) == tuple(site["value"].shape):
                 scales[name] = scale.to(bora.device)
