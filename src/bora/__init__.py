@@ -37,6 +37,7 @@ Posteriors:
 Data, models for smoke runs, and printing:
 
 - :func:`~bora.data.shakespeare.load_shakespeare`: the embedded Shakespeare corpus;
+  :func:`~bora.data.fortunes.category_sizes`: the fortune categories the second corpus can use, and their sizes;
   :func:`~bora.lora.base.tiny_model`: a random-init tiny LM and tokenizer (seconds; for smoke tests).
 - :func:`~bora.cli.tables.format_table` and :func:`~bora.cli.tables.format_posterior_table`: the per-task
   perplexity tables the ``bora`` command prints.
@@ -69,6 +70,7 @@ _EXPORTS = {
     "PriorConfig": "bora.core.config",
     "format_posterior_table": "bora.cli.tables",
     "format_table": "bora.cli.tables",
+    "category_sizes": "bora.data.fortunes",
     "load_shakespeare": "bora.data.shakespeare",
     "tiny_model": "bora.lora.base",
 }
@@ -90,6 +92,7 @@ __all__ = [
     "NumericalError",
     "Posterior",
     "PriorConfig",
+    "category_sizes",
     "format_posterior_table",
     "format_table",
     "load_shakespeare",
@@ -101,6 +104,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from bora.cli.tables import format_posterior_table, format_table
     from bora.core.config import (AdapterConfig, BoraConfig, CheckpointConfig, ConfigError, DataConfig, FitConfig,
                                   PriorConfig)
+    from bora.data.fortunes import category_sizes
     from bora.data.shakespeare import load_shakespeare
     from bora.fit.callbacks import Callback
     from bora.fit.loop import FitLoop, FitResult
