@@ -53,13 +53,12 @@ class FitState:
 
     def take_running_(self) -> tuple[float, float]:
         """Mean training loss and NLL since the last validation (nan before any step); resets the sums."""
-        n = max(1, self.run_n)
-        out = (self.run_loss / n, self.run_nll / n) if self.run_n else (math.nan, math.nan)
+        out = (self.run_loss / self.run_n, self.run_nll / self.run_n) if self.run_n else (math.nan, math.nan)
         self.run_loss, self.run_nll, self.run_n = 0.0, 0.0, 0
         return out
 
     def state_dict(self) -> dict:
-        return copy.deepcopy(dataclasses.asdict(self))
+        return dataclasses.asdict(self)  # a deep copy
 
     def load_state_dict(self, state: dict) -> None:
         for f in dataclasses.fields(self):
