@@ -5,7 +5,8 @@
 Both fits must hold the same tasks and test documents (the same data, split and seed); the second is the
 reference (``diff = ppl(a) - ppl(b)``, negative when ``a`` is better). The JSON holds both fits' test
 perplexity, the bootstrap interval (2000 resamples within each task, 95%), each fit's per-document NLL and
-the tokens and tasks needed to recompute every figure, and the two fits' configs and best steps.
+the tokens and tasks needed to recompute every figure, and the two fits' configs, best steps and validation
+histories (with tau).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def doc_nll(fit_dir: Path):
     return bora, test, (-ll).double(), toks
 
 
+def _history(bora) -> list:
+    """Each validation's step, validation NLL and perplexity, and tau (trained under, and after its update)."""
+    keys = ("step", "val_nll", "val_ppl", "tau_trained", "tau")
+    return [{k: h[k] for k in keys if k in h} for h in bora.result.history]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a", type=Path, help="fit folder a")
@@ -50,6 +57,7 @@ def main(argv=None) -> dict:
            "ppl_b": summarize(nll_b, toks, ids, test_b.tasks)["overall"]["ppl_task_mean"],
            "bootstrap": {k: r[k] for k in ("diff", "lo", "hi", "level", "resamples", "frac_a_lower", "per_task")},
            "best_step": {"a": bora_a.result.best_step, "b": bora_b.result.best_step},
+           "history": {"a": _history(bora_a), "b": _history(bora_b)},
            "config": {"a": bora_a.config.to_dict(), "b": bora_b.config.to_dict()},
            "tasks": list(test_a.tasks), "task_ids": ids.tolist(), "tokens": toks.tolist(),
            "doc_nll": {"a": nll_a.tolist(), "b": nll_b.tolist()}}
