@@ -1,6 +1,10 @@
 """Compare two saved fits of the same data on its test split: per-document NLL and a paired document bootstrap.
 
     python analysis/compare_fits.py runs/a runs/b --out analysis/results/early_stopping/compare.json
+    python analysis/compare_fits.py baseline.json runs/b --out ...   # a baseline's per-document NLL (JSON) as a
+
+A JSON file in place of ``a`` holds a baseline's ``doc_nll``, ``tokens``, ``tasks`` and ``task_ids`` in the
+fit's test order (``analysis/per_task_lora.py`` writes one).
 
 Both fits must hold the same tasks and test documents (the same data, split and seed); the second is the
 reference (``diff = ppl(a) - ppl(b)``, negative when ``a`` is better). The JSON holds both fits' test
@@ -15,6 +19,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 
 def doc_nll(fit_dir: Path):
@@ -45,20 +51,29 @@ def main(argv=None) -> dict:
     from bora.core.files import write_json
     from bora.evaluation.evaluate import paired_bootstrap, summarize
 
-    bora_a, test_a, nll_a, toks = doc_nll(args.a)
     bora_b, test_b, nll_b, toks_b = doc_nll(args.b)
-    if test_a.tasks != test_b.tasks or not bool((toks == toks_b).all()):
+    if args.a.suffix == ".json":
+        base = json.loads(args.a.read_text())
+        bora_a, nll_a, toks = None, torch.tensor(base["doc_nll"], dtype=torch.float64), torch.tensor(base["tokens"])
+        tasks_a = tuple(base["tasks"])
+        if base["task_ids"] != test_b.task_ids.tolist():
+            sys.exit("compare_fits: the baseline's documents are not in the fit's test order")
+    else:
+        bora_a, test_a, nll_a, toks = doc_nll(args.a)
+        tasks_a = test_a.tasks
+    if tasks_a != test_b.tasks or toks.shape != toks_b.shape or not bool((toks == toks_b).all()):
         sys.exit("compare_fits: the two fits were not made on the same test documents")
-    ids = test_a.task_ids
+    test_a = test_b
+    ids = test_b.task_ids
     r = paired_bootstrap(nll_a, nll_b, toks, ids, tasks=test_a.tasks, resamples=2000, level=0.95)
     out = {"command": "python analysis/compare_fits.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "a": str(args.a), "b": str(args.b),
            "ppl_a": summarize(nll_a, toks, ids, test_a.tasks)["overall"]["ppl_task_mean"],
            "ppl_b": summarize(nll_b, toks, ids, test_b.tasks)["overall"]["ppl_task_mean"],
            "bootstrap": {k: r[k] for k in ("diff", "lo", "hi", "level", "resamples", "frac_a_lower", "per_task")},
-           "best_step": {"a": bora_a.result.best_step, "b": bora_b.result.best_step},
-           "history": {"a": _history(bora_a), "b": _history(bora_b)},
-           "config": {"a": bora_a.config.to_dict(), "b": bora_b.config.to_dict()},
+           "best_step": {"a": bora_a.result.best_step if bora_a else None, "b": bora_b.result.best_step},
+           "history": {"a": _history(bora_a) if bora_a else None, "b": _history(bora_b)},
+           "config": {"a": bora_a.config.to_dict() if bora_a else None, "b": bora_b.config.to_dict()},
            "tasks": list(test_a.tasks), "task_ids": ids.tolist(), "tokens": toks.tolist(),
            "doc_nll": {"a": nll_a.tolist(), "b": nll_b.tolist()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
