@@ -54,9 +54,9 @@ def doc_nll(model, split, rows, pad_id: int, batch_size: int = 32) -> tuple[torc
 
 
 def train_task(model, name: str, split_tr, split_va, rows_tr, rows_va, pad_id: int, *, lr: float, epochs: float,
-               patience: int, batch_size: int, seed: int) -> int:
+               patience: int, batch_size: int, seed: int) -> tuple[int, float]:
     """Train adapter ``name`` (already added and set) on its rows; returns the best pass (0: the adapter's
-    initial state, whose product is zero: the base model)."""
+    initial state, whose product is zero: the base model) and its validation NLL per token."""
     from bora.core.config import FitConfig
     from bora.data.batching import collate
     from bora.fit.step import lr_factor
@@ -100,7 +100,7 @@ def train_task(model, name: str, split_tr, split_va, rows_tr, rows_va, pad_id: i
     with torch.no_grad():
         for p in params:
             p.copy_(keep[id(p)])
-    return best_pass
+    return best_pass, best
 
 
 def run(cfg, lm, tok, *, lr: float, epochs: float, patience: int, batch_size: int, progress: bool = True) -> dict:
@@ -116,7 +116,7 @@ def run(cfg, lm, tok, *, lr: float, epochs: float, patience: int, batch_size: in
     base_nll, toks = doc_nll(lm, test, torch.arange(len(test)), pad_id)
     base = summarize(base_nll, toks, test.task_ids, test.tasks)["overall"]["ppl_task_mean"]
     num_layers = lm.config.num_hidden_layers
-    model, nll, best = None, torch.zeros(len(test), dtype=torch.float64), {}
+    model, nll, best, val = None, torch.zeros(len(test), dtype=torch.float64), {}, {}
     for t, name in enumerate(test.tasks):
         adapter = f"task{t}"
         torch.manual_seed(cfg.fit.seed + t)  # each adapter's own A initialisation
@@ -127,13 +127,15 @@ def run(cfg, lm, tok, *, lr: float, epochs: float, patience: int, batch_size: in
         model.set_adapter(adapter)
         rows = {k: (data[k].task_ids == t).nonzero().flatten() for k in ("train", "val", "test")}
         t0 = time.perf_counter()
-        best[name] = train_task(model, adapter, data["train"], data["val"], rows["train"], rows["val"], pad_id,
-                                lr=lr, epochs=epochs, patience=patience, batch_size=batch_size, seed=cfg.fit.seed)
+        best[name], val[name] = train_task(model, adapter, data["train"], data["val"], rows["train"], rows["val"],
+                                           pad_id, lr=lr, epochs=epochs, patience=patience, batch_size=batch_size,
+                                           seed=cfg.fit.seed)
         nll[rows["test"]] = doc_nll(model, test, rows["test"], pad_id)[0]
         if progress:
             print(f"{name}: best pass {best[name]}, {time.perf_counter() - t0:.0f} s", flush=True)
     ppl = summarize(nll, toks, test.task_ids, test.tasks)["overall"]["ppl_task_mean"]
-    return {"base_ppl": base, "ppl": ppl, "best_pass": best, "tasks": list(test.tasks),
+    return {"base_ppl": base, "ppl": ppl, "val_nll_task_mean": sum(val.values()) / len(val), "val_nll": val,
+            "best_pass": best, "tasks": list(test.tasks),
             "task_ids": test.task_ids.tolist(), "tokens": toks.tolist(), "doc_nll": nll.tolist()}
 
 
