@@ -61,20 +61,21 @@ def main(argv=None) -> dict:
     else:
         bora_a, test_a, nll_a, toks = doc_nll(args.a)
         tasks_a = test_a.tasks
+        if test_a.task_ids.tolist() != test_b.task_ids.tolist():
+            sys.exit("compare_fits: the two fits' test documents are in different orders")
     if tasks_a != test_b.tasks or toks.shape != toks_b.shape or not bool((toks == toks_b).all()):
         sys.exit("compare_fits: the two fits were not made on the same test documents")
-    test_a = test_b
     ids = test_b.task_ids
-    r = paired_bootstrap(nll_a, nll_b, toks, ids, tasks=test_a.tasks, resamples=2000, level=0.95)
+    r = paired_bootstrap(nll_a, nll_b, toks, ids, tasks=test_b.tasks, resamples=2000, level=0.95)
     out = {"command": "python analysis/compare_fits.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "a": str(args.a), "b": str(args.b),
-           "ppl_a": summarize(nll_a, toks, ids, test_a.tasks)["overall"]["ppl_task_mean"],
+           "ppl_a": summarize(nll_a, toks, ids, test_b.tasks)["overall"]["ppl_task_mean"],
            "ppl_b": summarize(nll_b, toks, ids, test_b.tasks)["overall"]["ppl_task_mean"],
            "bootstrap": {k: r[k] for k in ("diff", "lo", "hi", "level", "resamples", "frac_a_lower", "per_task")},
            "best_step": {"a": bora_a.result.best_step if bora_a else None, "b": bora_b.result.best_step},
            "history": {"a": _history(bora_a) if bora_a else None, "b": _history(bora_b)},
            "config": {"a": bora_a.config.to_dict() if bora_a else None, "b": bora_b.config.to_dict()},
-           "tasks": list(test_a.tasks), "task_ids": ids.tolist(), "tokens": toks.tolist(),
+           "tasks": list(test_b.tasks), "task_ids": ids.tolist(), "tokens": toks.tolist(),
            "doc_nll": {"a": nll_a.tolist(), "b": nll_b.tolist()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, out)

@@ -46,6 +46,18 @@ from .diagnostics.view import load_data
 __all__ = ["Bora", "resolve_device", "load_data"]
 
 
+def _laplace_at(model: BoraModel, point: dict, feed: Feed, cfg, *, docs: Optional[int] = None,
+                labels: Optional[str] = None, structure: str = "diag", seed: Optional[int] = None,
+                progress: bool = False) -> HierarchicalLaplace:
+    """The Laplace posterior of ``model`` around ``point``, with curvature from ``docs`` training documents per
+    task of ``feed`` (defaults from the fit config ``cfg``)."""
+    gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "laplace") if seed is None else seed)
+    keep = task_layout(model) if structure == "lowrank" and model.has_tasks else None
+    tf = task_fisher(model, model.params_from_values(point), feed, max_per_task=docs or cfg.laplace_docs,
+                     generator=gen, labels=labels or cfg.laplace_labels, progress=progress, gradients=keep)
+    return laplace_from_point(model, tf, model.tau_by_key(point))
+
+
 class Bora:
     """A base LM with hierarchical LoRA adapters, its Pyro model, guide and (optionally) tau estimator."""
 
@@ -164,10 +176,7 @@ class Bora:
         guide = make_guide(model, "map", target=tau.model if tau is not None else model)
         result = fit(model, guide, train, val, config.fit, tau=tau, progress=progress)
         point = model.complete({**point_values(guide), **(tau.values if tau is not None else {})})
-        gen = torch.Generator().manual_seed(stream_seed(config.fit.seed, "laplace"))
-        tf = task_fisher(model, model.params_from_values(point), train, max_per_task=config.fit.laplace_docs,
-                         generator=gen, labels=config.fit.laplace_labels)
-        lap = laplace_from_point(model, tf, model.tau_by_key(point))
+        lap = _laplace_at(model, point, train, config.fit, structure="diag")
         warm_start_from_(self, point, config=config, src_tasks=list(self.tasks), lap=lap)
         return result
 
@@ -181,12 +190,8 @@ class Bora:
         structure = structure or cfg.laplace_structure
         if structure not in ("lowrank", "diag"):
             raise ConfigError(f"structure must be 'lowrank' or 'diag', got {structure!r}")
-        feed = self._as_feed(train)
-        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "laplace") if seed is None else seed)
-        keep = task_layout(self.model) if structure == "lowrank" and self.model.has_tasks else None
-        tf = task_fisher(self.model, self.params(), feed, max_per_task=docs or cfg.laplace_docs, generator=gen,
-                         labels=labels or cfg.laplace_labels, progress=progress, gradients=keep)
-        self.laplace = laplace_from_point(self.model, tf, self.model.tau_by_key(self.point()))
+        self.laplace = _laplace_at(self.model, self.point(), self._as_feed(train), cfg, docs=docs, labels=labels,
+                                   structure=structure, seed=seed, progress=progress)
         return self.laplace
 
     # ------------------------------------------------------------------ estimates

@@ -307,7 +307,7 @@ class _OneCommand:
         return self.parser
 
 
-_COMMANDS = {"fit": lambda sub, common: _add_fit(sub, common)}
+_COMMANDS = {"fit": _add_fit}
 
 
 def explicit_flags(argv: Sequence[str], command: str = "fit") -> set[str]:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import FitConfig
 from ..core.seeding import stream_seed
-from ..model.distributions import LATENT_SUFFIX
+from ..model.distributions import LATENT_SUFFIX, guide_value
 from ..model.guides import set_locs_
 from .curvature import StepFisher, probe_documents
 from .fisher import task_fisher
@@ -165,6 +165,7 @@ class PerTaskBest(Callback):
     def on_fit_end(self, loop):
         model = loop.model
         point = loop.point()
+        tau = model.tau_by_key(point)
         changes = {}
         for site, glob in _task_sites(model).items():
             natural = point[site].detach().clone()
@@ -172,7 +173,8 @@ class PerTaskBest(Callback):
                 row = self.rows.get(f"{site}#{t}")
                 if row is not None:
                     natural[t] = row
-            changes.update(_latent_values(model, site, glob, natural, point))
+            name = site + LATENT_SUFFIX.get(model.parameterisation, "")  # the guide's site for these task rows
+            changes[name] = guide_value(name, {**point, site: natural}, glob=glob, tau=tau[site.partition(":")[2]])
         with torch.no_grad():
             set_locs_(loop.guide, changes)
 
@@ -188,18 +190,6 @@ class PerTaskBest(Callback):
 def _task_sites(model) -> dict[str, str]:
     """Natural task site -> its global site, for every task-level factor."""
     return {site: glob for k in model.shapes for _, site, glob in model.task_sites(k)}
-
-
-def _latent_values(model, site: str, glob: str, natural: torch.Tensor, point: dict) -> dict:
-    """The guide-site value(s) that give the task adapters ``natural`` (``[T, ...]``) at ``point``."""
-    p = model.parameterisation
-    if p not in LATENT_SUFFIX:  # centred: the task site itself
-        return {site: natural}
-    delta = natural - point[glob]
-    if p == "noncentred":
-        key = site.partition(":")[2]
-        delta = delta * math.sqrt(model.tau_by_key(point)[key])
-    return {site + LATENT_SUFFIX[p]: delta}
 
 
 class EvidenceTau(Callback):

@@ -38,7 +38,7 @@ import torch
 
 from ..core.config import ConfigError
 from ..core.coupling import coupling_of, guide_of
-from ..model.distributions import natural_site
+from ..model.distributions import guide_value, natural_site
 from .fitfolder import BaseModelSource, check_base, read_fit_files, read_laplace
 from ..model.guides import saved_scales, set_locs_, set_scales_
 from ..core.files import read_safetensors
@@ -60,18 +60,6 @@ class WarmStartTarget(BaseModelSource, Protocol):
     model: BoraModel
     guide: Union[AutoDelta, AutoNormal]
     tau: Optional[EmpiricalBayesTau]
-
-
-def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optional[str] = None,
-                tau: Optional[float] = None) -> Optional[torch.Tensor]:
-    """The value of guide site ``site`` from natural values (``None`` if they lack it)."""
-    base, parameterisation = natural_site(site)
-    if parameterisation is None:
-        return natural.get(site)
-    if base not in natural or glob not in natural or (parameterisation == "noncentred" and tau is None):
-        return None
-    delta = natural[base] - natural[glob]
-    return delta * math.sqrt(tau) if parameterisation == "noncentred" else delta
 
 
 def _derive(natural: dict, model, src_tasks: list, tasks: tuple) -> tuple[dict, list]:

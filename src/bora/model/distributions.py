@@ -20,7 +20,7 @@ tasks and millions of adapter values this is most of the cost of the prior in a 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -28,7 +28,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.infer.reparam.reparam import Reparam
 import torch
 
-__all__ = ["IsotropicNormal", "OffsetReparam", "LATENT_SUFFIX", "natural_site"]
+__all__ = ["IsotropicNormal", "OffsetReparam", "LATENT_SUFFIX", "natural_site", "guide_value"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -142,3 +142,15 @@ class OffsetReparam(Reparam):
         if value is None:
             value = fn.loc + offset
         return {"fn": dist.Delta(value, event_dim=event_dim).mask(False), "value": value, "is_observed": True}
+
+
+def guide_value(site: str, natural: Mapping[str, torch.Tensor], *, glob: Optional[str] = None,
+                tau: Optional[float] = None) -> Optional[torch.Tensor]:
+    """The value of guide site ``site`` from natural values (``None`` if they lack it)."""
+    base, parameterisation = natural_site(site)
+    if parameterisation is None:
+        return natural.get(site)
+    if base not in natural or glob not in natural or (parameterisation == "noncentred" and tau is None):
+        return None
+    delta = natural[base] - natural[glob]
+    return delta * math.sqrt(tau) if parameterisation == "noncentred" else delta
