@@ -60,20 +60,22 @@ def fit_output_folder(args, argv) -> tuple[Path, Optional[object], BoraConfig]:
 def cmd_fit(args, argv) -> int:
     """``bora fit``, also as one of several data-parallel processes (``torchrun ... -m bora fit``):
     every rank fits its shard of each batch; only rank 0 prints and writes (:mod:`bora.core.distributed`)."""
-    import torch.distributed as tdist
-
-    from ..core.distributed import init_from_env, is_main
+    from ..core.distributed import close, init_from_env, is_main
 
     if not init_from_env(args.device):
         return fit_command(args, argv)
+    ok = False
     try:
         if is_main():
-            return fit_command(args, argv)
-        args.quiet = True
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            return fit_command(args, argv)
+            code = fit_command(args, argv)
+        else:
+            args.quiet = True
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                code = fit_command(args, argv)
+        ok = True
+        return code
     finally:
-        tdist.destroy_process_group()
+        close(ok)  # every rank done (rank 0 has written the fit) before the connections go
 
 
 def fit_command(args, argv) -> int:

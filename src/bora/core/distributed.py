@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["world", "is_main", "init_from_env", "shard_rows", "all_reduce_sum_", "data_parallel", "barrier"]
+__all__ = ["world", "is_main", "init_from_env", "shard_rows", "all_reduce_sum_", "data_parallel", "barrier", "close"]
 
 
 def _dist():
@@ -107,9 +107,30 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
     d = _dist()
     if d is not None:
         d.barrier()
+
+
+def close(ok: bool = True) -> None:
+    """Leave the process group: free what still holds it, wait for every rank (when this one finished
+    normally, ``ok``), then destroy it.
+
+    A ``DistributedDataParallel`` wrapper that outlives the process group (a finished fit loop waiting
+    in a reference cycle for the garbage collector) is destroyed at interpreter exit, and with it gloo's
+    threads: ``terminate called without an active exception`` (SIGABRT) in 4 of 15 two-rank runs on a
+    2-core CPU, none of 20 when it is collected first (``tests/test_distributed.py``). A failed rank
+    skips the barrier: its peers would wait forever."""
+    import gc
+
+    d = _dist()
+    if d is None:
+        return
+    gc.collect()  # finished fit loops and their DDP wrappers go while the process group is alive
+    if ok:
+        d.barrier()
+    d.destroy_process_group()
 
 
 def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
