@@ -6,7 +6,7 @@
 Every run folder must hold the ``meta.json`` and ``test_doc_nll.json`` that ``tau_sweep.py`` writes, on
 the same data, test split and fit settings (checked: only the seed and the parameterisation may
 differ). A setting with task-level adapters is named with the parameterisation its fits used
-(``learned [offset]``, ``tau=100 [noncentred]``); ``independent`` and ``shared`` have none. Per setting
+(``learned [offset]``, ``tau=100 [noncentred]``); ``uncoupled`` and ``shared`` have none. Per setting
 the table gives the test perplexity (exp of the mean per-task NLL) of every seed and their mean.
 Comparisons are paired document bootstraps (:func:`bora.evaluation.evaluate.paired_bootstrap`, documents
 resampled within each task) on the *seed-averaged* per-document NLL of the seeds both settings share,
@@ -35,8 +35,12 @@ def _param(meta: dict) -> str:
     return p
 
 
+RENAMED = {"independent": "uncoupled"}  # runs written before the tau -> 0 limit was renamed
+
+
 def setting_name(name: str, param: str) -> str:
-    if name in ("independent", "shared"):
+    name = RENAMED.get(name, name)
+    if name in ("uncoupled", "shared"):
         return name
     short = "learned" if name == LEARNED else name
     return f"{short} [{param}]"
@@ -66,13 +70,15 @@ def load_runs(folders: list[Path]) -> tuple[dict, dict, dict]:
             if name == "base model":
                 ppl.setdefault(name, {})[seed] = o["test"]["ppl_task_mean"]
                 continue
-            plain = name in ("independent", "shared")
+            name = RENAMED.get(name, name)
+            plain = name in ("uncoupled", "shared")
             s = setting_name(name, "" if plain else o.get("parameterisation") or _param(meta))
             ppl.setdefault(s, {})[seed] = o["test"]["ppl_task_mean"]
             tau.setdefault(s, {})[seed] = o["tau"]
             val.setdefault(s, {})[seed] = o.get("best_val_nll", float("nan"))
-            if name in nll:
-                docs.setdefault(s, {})[seed] = np.asarray(nll[name], float)
+            old = {v: k for k, v in RENAMED.items()}.get(name, name)
+            if name in nll or old in nll:
+                docs.setdefault(s, {})[seed] = np.asarray(nll[name if name in nll else old], float)
     info = {"tasks": ref[0], "tokens": np.asarray(ref[1], float), "task_ids": np.asarray(ref[2], int), "tau": tau,
             "val": val}
     return ppl, docs, info
@@ -97,8 +103,8 @@ def compare(a: str, b: str, docs: dict, info: dict) -> dict | None:
 def summary(folders: list[Path], pairs: list[tuple[str, str]] | None = None) -> tuple[str, dict]:
     ppl, docs, info = load_runs(folders)
     seeds = sorted({k for v in ppl.values() for k in v})
-    order = ["base model", "independent", "shared"] + sorted(
-        (s for s in ppl if s not in ("base model", "independent", "shared")),
+    order = ["base model", "uncoupled", "shared"] + sorted(
+        (s for s in ppl if s not in ("base model", "uncoupled", "shared")),
         key=lambda s: (s.startswith("learned"), s.split(" [")[-1], float(s.split("=")[1].split()[0])
                        if s.startswith("tau=") else 0.0))
     lines = ["| setting | " + " | ".join(f"seed {k}" for k in seeds) + " | mean | tau (per seed) |",
@@ -108,9 +114,9 @@ def summary(folders: list[Path], pairs: list[tuple[str, str]] | None = None) -> 
         cells = [f"{v[k]:.3f}" if k in v else "" for k in seeds]
         taus = ", ".join(f"{float(info['tau'][s][k]):.4g}" for k in seeds if k in info["tau"].get(s, {}))
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.mean(list(v.values())):.3f} | {taus} |")
-    hier = [s for s in docs if s not in ("independent", "shared")]
+    hier = [s for s in docs if s not in ("uncoupled", "shared")]
     if pairs is None:
-        pairs = [(s, ref) for s in hier if s.startswith("learned") for ref in ("shared", "independent")]
+        pairs = [(s, ref) for s in hier if s.startswith("learned") for ref in ("shared", "uncoupled")]
         learned = [s for s in hier if s.startswith("learned")]
         for s in learned:
             grid = [g for g in hier if g.startswith("tau=") and g.endswith(s.split(" ", 1)[1])]

@@ -4,7 +4,8 @@
     python analysis/tau_sweep.py --data fortunes --seed 1     # the second corpus, another fitting seed
     python analysis/tau_sweep.py --tiny --epochs 1     # seconds: smoke run on a random-init tiny model
 
-Fits ``independent``, ``shared``, every fixed tau of ``--taus`` and the learned tau (MAP with the
+Fits ``uncoupled`` (the tau -> 0 limit, A shared), ``shared``, every fixed tau of ``--taus`` and the
+learned tau (MAP with the
 Laplace-evidence update; ``--meanfield`` adds a mean-field fit) on the same splits, with the same
 budget and early stopping on validation, and evaluates per-task perplexity on the test split, which
 nothing is tuned on. The frozen lower layers are computed once per document for the whole sweep
@@ -12,7 +13,7 @@ nothing is tuned on. The frozen lower layers are computed once per document for 
 
 * ``per_task.csv`` -- setting, tau, task, train docs/tokens, test NLL and perplexity;
 * ``table.md`` -- the paper's Table 1 form (overall = exp of the mean per-task NLL, plus token-weighted),
-  with how many tasks each setting beats independent and shared on;
+  with how many tasks each setting beats uncoupled and shared on;
 * ``ppl_vs_tau.png`` and ``gain_vs_size.png`` (Pearson and Spearman r; the paper's r is -0.43);
 * ``meta.json`` -- the exact command, package versions, subset sizes, wall time and the paired bootstraps;
 * ``test_doc_nll.json`` -- every setting's per-document test NLL (plus ``_tokens`` and ``_task_ids``), for
@@ -54,7 +55,7 @@ def _corr(x, y) -> tuple[float, float]:
 
 
 def settings_from(args) -> list[tuple[str, dict]]:
-    out = [("independent", {"tau_mode": "independent"}), ("shared", {"tau_mode": "shared"})]
+    out = [("uncoupled", {"tau_mode": "uncoupled"}), ("shared", {"tau_mode": "shared"})]
     out += [(f"tau={t:g}", {"tau_mode": "fixed", "tau": float(t)}) for t in args.taus]
     out.append(("learned (MAP, evidence)", {"tau_mode": "learned"}))
     if args.meanfield:
@@ -166,13 +167,13 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     grid = [s for s in fits if s.startswith("tau=")]
     # the grid's best tau is the one with the best validation NLL (test numbers are only reported)
     best_grid = min(grid, key=lambda s: ov[s]["best_val_nll"]) if grid else None
-    lines = ["| setting | tau | test ppl (exp mean per-task NLL) | token-weighted ppl | beats independent on | "
+    lines = ["| setting | tau | test ppl (exp mean per-task NLL) | token-weighted ppl | beats uncoupled on | "
              "beats shared on | steps (best) |", "|---|---|---|---|---|---|---|"]
     for s in ["base model"] + fits:
         o = ov[s]
         tau = "" if not math.isfinite(o["tau"]) and s == "base model" else f"{o['tau']:.4g}"
-        bi = (f"{wins(s, 'independent')}/{len(tasks)}"
-              if s not in ("independent", "base model") and "independent" in by else "")
+        bi = (f"{wins(s, 'uncoupled')}/{len(tasks)}"
+              if s not in ("uncoupled", "base model") and "uncoupled" in by else "")
         bs = f"{wins(s, 'shared')}/{len(tasks)}" if s not in ("shared", "base model") and "shared" in by else ""
         st = f"{o['steps']} ({o['best_step']})" if "steps" in o else ""
         lines.append(f"| {s} | {tau} | {o['test']['ppl_task_mean']:.3f} | {o['test']['ppl_token']:.3f} | {bi} | {bs} "
@@ -185,17 +186,17 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
                      f"learned tau {ov[learned]['tau']:.4g} "
                      f"gives {a:.3f}, {100 * (a / b - 1):+.2f}% relative to it.")
     ref = learned if learned in by else (best_grid or fits[0])
-    indep = by.get("independent", by[ref])  # a subset run without 'independent' plots zero gains
+    indep = by.get("uncoupled", by[ref])  # a subset run without 'uncoupled' plots zero gains
     gains = [(indep[t]["test_ppl"] - by[ref][t]["test_ppl"]) / indep[t]["test_ppl"] for t in tasks]
     sizes = [by[ref][t]["train_tokens"] for t in tasks]
     pr, sr = _corr(sizes, gains)
-    if "independent" in by:
-        notes.append(f"Per-task relative perplexity gain of '{ref}' over independent vs training tokens: "
+    if "uncoupled" in by:
+        notes.append(f"Per-task relative perplexity gain of '{ref}' over uncoupled vs training tokens: "
                      f"Pearson r = {pr:.2f}, Spearman r = {sr:.2f} (paper: r = -0.43 at its best tau).")
     from bora.evaluation.evaluate import paired_bootstrap
 
     docs = result.get("docs", {})
-    pairs = [(learned, "shared"), (learned, "independent")] + ([(learned, best_grid)] if best_grid else []) + [
+    pairs = [(learned, "shared"), (learned, "uncoupled")] + ([(learned, best_grid)] if best_grid else []) + [
         ("tau=10000", "tau=1000"), ("shared", "tau=10000")]
     boot = {}
     for a, b in pairs:
@@ -221,7 +222,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = [ov[s]["tau"] for s in grid]
     ax.plot(xs, [ov[s]["test"]["ppl_task_mean"] for s in grid], "o-", label="fixed tau")
-    for s, style in (("independent", "--"), ("shared", ":")):
+    for s, style in (("uncoupled", "--"), ("shared", ":")):
         if s in ov:
             ax.axhline(ov[s]["test"]["ppl_task_mean"], ls=style, color="gray", label=s)
     for s, mk in ((learned, "*"), ("learned (mean-field)", "D")):
@@ -244,7 +245,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     ax.set_xscale("log")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("training tokens of the task")
-    ax.set_ylabel(f"perplexity gain over independent (%), {ref}")
+    ax.set_ylabel(f"perplexity gain over uncoupled (%), {ref}")
     ax.set_title(f"Gain vs task size: Pearson r={pr:.2f}, Spearman r={sr:.2f}")
     fig.tight_layout()
     fig.savefig(out / "gain_vs_size.png", dpi=120)
@@ -277,7 +278,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hierarchy", default="B", choices=["B", "AB"], help="task-level LoRA factors of every fit")
     p.add_argument("--parameterisation", default="auto", choices=["auto", "noncentred", "offset", "centred"])
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these settings (first word of the name: independent shared tau=1000 learned)")
+                   help="run only these settings (first word of the name: uncoupled shared tau=1000 learned)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps (default: per epoch)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every fit")
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     p.add_argument("--text-column", default="text")
     p.add_argument("--task-column", default="speaker")
     p.add_argument("--model", default="smollm2", help="base model ('smollm2', a folder, or a hub name)")
-    p.add_argument("--tau-mode", default="learned", choices=["learned", "fixed", "independent", "shared"])
+    p.add_argument("--tau-mode", default="learned", choices=["learned", "fixed", "uncoupled", "shared"])
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 2 epochs)")
     p.add_argument("--tiny", action="store_true", help="use a tiny random-init model (seconds; for smoke tests)")
     p.add_argument("--output", type=Path, default=None, help="save the fit here")

@@ -141,7 +141,8 @@ def table(header: list[str], rows: list[list[str]], align: str | None = None) ->
 
 def _setting(name: str, o: dict, meta: dict) -> str:
     """The setting's name as analysis/combine.py writes it (``learned [offset]``, ``tau=100 [offset]``)."""
-    if name in ("base model", "independent", "shared"):
+    name = {"independent": "uncoupled"}.get(name, name)  # runs written before the tau -> 0 limit was renamed
+    if name in ("base model", "uncoupled", "shared"):
         return name
     param = o.get("parameterisation") or (meta.get("structure") or {}).get("parameterisation") \
         or meta["config"]["prior"].get("parameterisation", "auto")
@@ -149,7 +150,7 @@ def _setting(name: str, o: dict, meta: dict) -> str:
 
 
 def _order(s: str) -> tuple:
-    head = {"base model": 0, "independent": 1, "shared": 2}
+    head = {"base model": 0, "uncoupled": 1, "shared": 2}
     if s in head:
         return (head[s],)
     grid = s.startswith("tau=")
@@ -180,7 +181,8 @@ def sweep_table(corpus: str, root: Path) -> tuple[dict, dict]:
 def section_sweep(root: Path, prefix: str) -> list[str]:
     out = ["## The coupling sweep", "",
            "Test perplexity, `exp(mean per-task NLL)` (every task counts once), of one fit per setting and fitting "
-           "seed: the base model, independent adapters (`--tau-mode independent`), one shared adapter "
+           "seed: the base model, uncoupled task adapters (`--tau-mode uncoupled`, formerly `independent`: tau = 0 "
+           "but one A shared by every task, so not per-task LoRA), one shared adapter "
            "(`--tau-mode shared`), a grid of fixed tau (seed 0 only) and the learned tau, each with the same "
            "budget and schedule. The data split is the same for every seed; a seed changes the initialisation "
            "and the minibatch order. Settings with task-level adapters carry the parameterisation of their task "
@@ -278,7 +280,9 @@ def section_sweep_extra(root: Path, prefix: str) -> list[str]:
             "Before offset task sites became the default, the same sweep on Shakespeare (one seed; the task "
             "sites non-centred):", ""]
     rows = []
-    for name, o in sorted(meta["overall"].items(), key=lambda kv: _order(kv[0] if kv[0] != LEARNED else "learned")):
+    renamed = {"independent": "uncoupled"}  # runs written before the tau -> 0 limit was renamed
+    for name, o in sorted(((renamed.get(k, k), v) for k, v in meta["overall"].items()),
+                          key=lambda kv: _order(kv[0] if kv[0] != LEARNED else "learned")):
         rows.append([name, f"{o['test']['ppl_task_mean']:.3f}", tau_str(o["tau"]),
                      f"{o['best_step']} of {o['steps']}" if "best_step" in o else ""])
     out += table(["setting", "test ppl", "tau", "best step"], rows)
@@ -648,16 +652,18 @@ def readme_block(root: Path) -> str:
         mean = {k: sum(v.values()) / len(v) for k, v in s["ppl"].items()}
         comps = {(c["a"], c["b"]): c for c in s["comparisons"]}
         sh = comps[("learned [offset]", "shared")]
-        ind = comps[("learned [offset]", "independent")]
+        ind = comps.get(("learned [offset]", "uncoupled")) or comps[("learned [offset]", "independent")]
+        mean.setdefault("uncoupled", mean.get("independent"))
         cells, _ = sweep_table(corpus, root)
         taus = ", ".join(tau_str(cells["learned [offset]"][k]["tau"]) for k in sorted(cells["learned [offset]"]))
         seeds = len(sh["seeds"])
         out.append(
             f"- **{name}**, test perplexity over {seeds} fitting seeds: base model {mean['base model']:.2f}, "
-            f"independent adapters {mean['independent']:.2f}, one shared adapter {mean['shared']:.2f}, "
+            f"uncoupled task adapters (tau = 0, A shared) {mean['uncoupled']:.2f}, "
+            f"one shared adapter {mean['shared']:.2f}, "
             f"**learned tau {mean['learned [offset]']:.2f}** (tau {taus}): {pct(sh['diff'] / sh['ref'], 2)} against "
             f"shared (95% interval {interval(sh['lo'], sh['hi'])} ppl), {pct(ind['diff'] / ind['ref'], 2)} against "
-            f"independent ({interval(ind['lo'], ind['hi'])}). [`{rel}`]({rel}); the per-seed tau from each "
+            f"uncoupled ({interval(ind['lo'], ind['hi'])}). [`{rel}`]({rel}); the per-seed tau from each "
             f"run's `meta.json`, listed in [docs/results.md](docs/results.md)")
     rel = "benchmarks/results_curvature.json"
     c = load(rel, root)

@@ -62,7 +62,7 @@ def _fit(mode="learned", guide="map", per_module=False, steps=5):
 
 @pytest.mark.parametrize("mode,guide,per_module", [
     ("learned", "map", True), ("fixed", "meanfield", False), ("learned", "meanfield", False),
-    ("shared", "map", False), ("independent", "map", False)])
+    ("shared", "map", False), ("uncoupled", "map", False)])
 def test_diagnostics_of_fits(mode, guide, per_module):
     from bora.diagnostics.inference_data import compute_fisher
 
@@ -97,7 +97,7 @@ def test_diagnostics_of_fits(mode, guide, per_module):
     if mode == "shared":
         assert np.all(pf == 1.0) and np.all(gam == 0.0) and np.all(dwr == 0.0) and np.all(dev == 0)
         assert np.all(np.isinf(post["tau"].values)) and post["global_norm_total"].values.item() > 0
-    elif mode == "independent":
+    elif mode == "uncoupled":
         assert np.all(pf == 0.0) and idata.posterior.attrs["reference"] == "task_mean"
         np.testing.assert_allclose(gam, [[float((torch.cat([F[t].flatten() for ab in fisher.values() for F in ab])
                                                   > 0).sum()) for t in range(3)]])

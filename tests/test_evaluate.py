@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bora.evaluation.evaluate import bootstrap_ppl, paired_bootstrap, summarize
+from bora.evaluation.evaluate import bootstrap_ppl, paired_bootstrap, seeds_bootstrap, summarize
 
 
 def _docs(seed=0, sizes=(40, 25, 3)):
@@ -86,3 +86,22 @@ def test_bootstrap_ppl_matches_normal_theory_and_covers():
         iv = bootstrap_ppl(per_tok * L, np.full(60, L), tid30, resamples=400, seed=k)["overall"]
         covered += iv["lo"] <= math.exp(m.mean()) <= iv["hi"]
     assert 0.84 <= covered / reps <= 0.95
+
+
+def test_seeds_bootstrap_reduces_to_the_paired_one_and_carries_the_seed_spread():
+    nll, tok, tid = _docs()
+    one = seeds_bootstrap([nll + 0.02 * tok], [nll], tok, tid, resamples=500)
+    ref = paired_bootstrap(nll + 0.02 * tok, nll, tok, tid, resamples=500)
+    assert (one["diff"], one["lo"], one["hi"]) == pytest.approx((ref["diff"], ref["lo"], ref["hi"]), rel=1e-12)
+    # two seeds: a is 0.1 nats/token better at seed 0 and 0.1 worse at seed 1; each seed alone resolves its
+    # sign, but over seeds the interval must span both (the seed spread is part of the uncertainty)
+    a = np.stack([nll - 0.1 * tok, nll + 0.1 * tok])
+    b = np.stack([nll, nll])
+    r = seeds_bootstrap(a, b, tok, tid, resamples=1000)
+    s0, s1 = (paired_bootstrap(a[k], nll, tok, tid, resamples=500) for k in (0, 1))
+    assert s0["hi"] < 0 < s1["lo"]
+    assert r["lo"] < s0["hi"] and r["hi"] > s1["lo"] and r["lo"] < 0 < r["hi"]
+    assert r["per_seed"] == pytest.approx([s0["diff"], s1["diff"]], rel=1e-12)
+    assert r["diff"] == pytest.approx((s0["diff"] + s1["diff"]) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="same seeds"):
+        seeds_bootstrap(a, b[:1], tok, tid)

@@ -51,7 +51,7 @@ def test_tau_sweep_smoke(tmp_path):
     spec.loader.exec_module(mod)
     res = mod.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path)])
     names = {r["setting"] for r in res["rows"]}
-    assert names == {"independent", "shared", "tau=100", "learned (MAP, evidence)", "base model"}
+    assert names == {"uncoupled", "shared", "tau=100", "learned (MAP, evidence)", "base model"}
     for f in ("per_task.csv", "table.md", "ppl_vs_tau.png", "gain_vs_size.png", "meta.json"):
         assert (tmp_path / f).stat().st_size > 0
     assert "| learned (MAP, evidence) |" in (tmp_path / "table.md").read_text()
@@ -129,3 +129,34 @@ def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
     c = gain["sampled"]
     assert c["half_var"] > 0 and c["bma_lme"] >= c["cost"] - 1e-9  # Jensen: log mean exp >= mean log
     assert (tmp_path / "bma_gain.md").exists()
+
+
+def test_compare_fits_pairs_seeds(tmp_path):
+    """analysis/compare_fits.py on two settings x two seeds: the seed-and-document bootstrap, and one seed alone."""
+    from bora.cli.main import main as bora_main
+    from conftest import tiny_model_dir, write_jsonl
+
+    model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
+    fits = {}
+    for mode in ("learned", "shared"):
+        for seed in (0, 1):
+            out = tmp_path / f"{mode}{seed}"
+            assert bora_main(["fit", "--model", str(model), "--data", str(data), "--task-column", "speaker",
+                              "--targets", "q_proj", "--layers", "-1", "--rank", "2", "--steps", "3",
+                              "--batch-size", "4", "--tau-mode", mode, "--seed", str(seed), "--output", str(out),
+                              "--quiet", "--device", "cpu"]) == 0
+            fits[mode, seed] = str(out)
+    spec = importlib.util.spec_from_file_location("compare_fits", ROOT / "analysis" / "compare_fits.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+    two = cf.main([f"{fits['learned', 0]},{fits['learned', 1]}", f"{fits['shared', 0]},{fits['shared', 1]}",
+                   "--out", str(tmp_path / "two.json")])
+    b = two["bootstrap"]
+    assert b["seeds"] == 2 and len(two["ppl_a"]) == 2 and len(two["doc_nll"]["a"]) == 2
+    per_seed = [pa - pb for pa, pb in zip(two["ppl_a"], two["ppl_b"])]
+    assert b["per_seed"] == pytest.approx(per_seed, rel=1e-9) and b["diff"] == pytest.approx(sum(per_seed) / 2)
+    assert b["lo"] <= b["diff"] <= b["hi"]
+    one = cf.main([fits["learned", 1], fits["shared", 1], "--out", str(tmp_path / "one.json")])
+    assert one["ppl_a"] == pytest.approx(two["ppl_a"][1]) and one["bootstrap"]["diff"] == pytest.approx(per_seed[1])
+    with pytest.raises(SystemExit, match="same number of fits"):
+        cf.main([fits["learned", 0], f"{fits['shared', 0]},{fits['shared', 1]}", "--out", str(tmp_path / "x.json")])

@@ -103,7 +103,7 @@ def test_single_exports_estimates_and_errors(tmp_path):
         export_adapters(bora, tmp_path / "x", task="task0", all_tasks=True)
     with pytest.raises(ConfigError, match="estimate"):
         export_adapters(bora, tmp_path / "x", task="task0", estimate="median")
-    ind, _ = make(base, ("q_proj",), mode="independent")
+    ind, _ = make(base, ("q_proj",), mode="uncoupled")
     with pytest.raises(ConfigError, match="no global adapter"):
         export_adapters(ind, tmp_path / "x", global_adapter=True)
     assert not (tmp_path / "x").exists()

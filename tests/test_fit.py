@@ -28,7 +28,7 @@ def fitted(mode="learned", lm=None, **fit):
     return bora, train, val
 
 
-@pytest.mark.parametrize("mode", ["learned", "fixed", "independent", "shared"])
+@pytest.mark.parametrize("mode", ["learned", "fixed", "uncoupled", "shared"])
 def test_short_map_fit_lowers_every_tasks_heldout_loss(mode):
     bora, train, val = fitted(mode)
     before = bora.evaluate(val, base=True)["per_task"]

@@ -49,7 +49,7 @@ def random_values(model, scale=0.1, seed=0):
 
 
 @pytest.mark.parametrize("hierarchy", ["B", "AB"])
-@pytest.mark.parametrize("mode", ["fixed", "learned", "independent", "shared"])
+@pytest.mark.parametrize("mode", ["fixed", "learned", "uncoupled", "shared"])
 def test_log_joint_equals_closed_form(mode, hierarchy):
     split = task_data()
     model = build(mode, n_docs=len(split), hierarchy=hierarchy, parameterisation="centred")
@@ -63,12 +63,12 @@ def test_log_joint_equals_closed_form(mode, hierarchy):
         n = site_names(k)
         for i, (g_, t_) in enumerate((("GA", "TA"), ("GB", "TB"))):
             task_level = hierarchy == "AB" or i == 1
-            if mode != "independent" or (i == 0 and hierarchy == "B"):
+            if mode != "uncoupled" or (i == 0 and hierarchy == "B"):
                 want = want + dist.Normal(0.0, s).log_prob(vals[n[g_]]).sum()
             if mode in ("fixed", "learned") and task_level:
                 t = 7.0 if mode == "learned" else tau
                 want = want + dist.Normal(vals[n[g_]], t ** -0.5).log_prob(vals[n[t_]]).sum()
-            if mode == "independent" and task_level:
+            if mode == "uncoupled" and task_level:
                 want = want + dist.Normal(0.0, s).log_prob(vals[n[t_]]).sum()
     if mode == "learned":
         want = want + dist.Gamma(1.0, 1e-4).log_prob(torch.tensor(7.0))
@@ -151,7 +151,7 @@ def test_shared_uses_one_adapter_and_independent_is_uncoupled(hierarchy):
         ll = shared.loglik(b, params)
     assert torch.allclose(ll, ll[0].expand(3))  # every task sees the same adapter
 
-    ind = build("independent", n_docs=len(split), hierarchy=hierarchy)
+    ind = build("uncoupled", n_docs=len(split), hierarchy=hierarchy)
     tr = poutine.trace(ind).get_trace(batch_of(split, [0]))
     assert not any(n.startswith("Theta_B") for n in tr.nodes)
     assert any(n.startswith("Theta_A") for n in tr.nodes) == (hierarchy == "B")  # the shared A
@@ -211,7 +211,7 @@ def test_minibatch_loglik_is_unbiased():
 
 @pytest.mark.parametrize("hierarchy", ["B", "AB"])
 @pytest.mark.parametrize("kind", ["map", "meanfield"])
-@pytest.mark.parametrize("mode", ["fixed", "independent", "shared"])
+@pytest.mark.parametrize("mode", ["fixed", "uncoupled", "shared"])
 def test_step_zero_is_the_base_model(kind, mode, hierarchy):
     split = task_data()
     model = build(mode, n_docs=len(split), hierarchy=hierarchy)

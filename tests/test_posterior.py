@@ -147,7 +147,7 @@ def test_evaluate_point_and_both_bmas_match_direct_computations(predictive):
 
 # ----------------------------------------------------------------------------- generation
 def test_generate_uses_one_adapter_per_continuation():
-    bora, _ = make(init_scale=2.0, mode="independent")  # very different samples
+    bora, _ = make(init_scale=2.0, mode="uncoupled")  # very different samples
     post = bora.posterior(4, seed=0)
     prompt = torch.tensor([1, 7, 1, 9])
     out = post.generate("task0", prompt, max_new_tokens=6)

@@ -222,14 +222,14 @@ def test_synthetic_truth_hierarchy_beats_both_limits_and_tau_follows_the_spread(
     learned_tau = []
     for spread in (1.0, 4.0, 400.0):
         scores = {}
-        for mode in ("independent", "shared", "learned"):
+        for mode in ("uncoupled", "shared", "learned"):
             model, feed, truth = make_problem(sizes, tau=spread, sigma=2.0, mode=mode, tau_init=10.0, seed=7)
             tau = EmpiricalBayesTau(model) if mode == "learned" else None
             _, res, point = _map_fit(model, feed, cfg, tau)
             scores[mode] = _heldout_loglik(model, point, truth)
         learned_tau.append(res.tau["tau"])
         print(f"spread {spread}: held-out loglik {scores}, learned tau {learned_tau[-1]:.3g}")
-        assert scores["learned"] > scores["independent"]
+        assert scores["learned"] > scores["uncoupled"]
         if spread < 100:
             assert scores["learned"] > scores["shared"]
         else:  # nearly identical tasks: the data prefer pooling; learned is within 0.1% of shared
@@ -256,3 +256,44 @@ def test_meanfield_intervals_are_calibrated_over_prior_replicates():
             draws = torch.stack([model.complete(guide())[f"theta_B:{model.key}"] for _ in range(200)])
         add_coverage_(cover, draws, truth["theta"])
     assert_nominal_coverage(cover, "mean-field")
+
+
+def _shipped_coverage(reps: int, sizes, *, tau_evidence: str = "profiled", sample_global: bool = False,
+                      seed0: int = 3000) -> tuple[dict, list]:
+    """Coverage of the Laplace posterior as fits ship it: tau learned by the fit loop's evidence updates, Theta
+    held at its MAP estimate (``laplace_from_point``'s default), the curvature the empirical Fisher of the
+    documents at the MAP (``task_fisher``), 200 draws per replicate; data drawn at tau = 4."""
+    from bora.posterior.laplace import laplace_from_point
+
+    cover, taus = {0.5: [], 0.9: []}, []
+    cfg = FitConfig(steps=300, lr=0.05, batch_size=64, eval_every=50, patience=0, fisher_docs=10_000, warmup=0.0,
+                    tau_curvature="pass")
+    for rep in range(reps):
+        model, feed, truth = make_problem(sizes, tau=4.0, global_scale=0.5, seed=seed0 + rep, mode="learned",
+                                          tau_init=100.0, parameterisation="offset", tau_evidence=tau_evidence)
+        tau = EmpiricalBayesTau(model)
+        _, res, point = _map_fit(model, feed, cfg, tau)
+        taus.append(res.tau["tau"])
+        tf = task_fisher(model, model.params_from_values(point), feed)
+        lap = laplace_from_point(model, tf, model.tau_by_key(point), sample_global=sample_global)
+        g = torch.Generator().manual_seed(rep)
+        draws = torch.stack([lap.sample(model, point, g)[f"theta_B:{model.key}"] for _ in range(200)])
+        add_coverage_(cover, draws, truth["theta"])
+    return cover, taus
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tau_evidence", [
+    pytest.param("profiled", marks=pytest.mark.xfail(strict=True, reason=(
+        "measured: 50%/90% coverage 0.448/0.837 over 12 replicates, tau median 6.2 against the true 4 (the "
+        "profiled evidence leans toward pooling with 8 tasks, so the intervals are too narrow)"))),
+    "integrated"])
+def test_shipped_laplace_pipeline_is_calibrated_over_prior_replicates(tau_evidence):
+    """Simulation-based calibration of the pipeline fits ship (issue 24, finding 8), not of the exact posterior:
+    tau learned by the evidence updates, Theta at its estimate, the estimated curvature; 40 data sets of 8 tasks
+    (2 to 40 documents). With Theta integrated out of tau's evidence (``tau_evidence='integrated'``) the intervals
+    cover at their nominal rates (measured over 12 replicates: 0.478 and 0.870, tau median 4.8); the profiled
+    default does not."""
+    cover, taus = _shipped_coverage(40, [2, 3, 5, 8, 12, 20, 30, 40], tau_evidence=tau_evidence)
+    print(f"learned tau over replicates: median {np.median(taus):.2f} (true 4)")
+    assert_nominal_coverage(cover, f"shipped Laplace ({tau_evidence})")

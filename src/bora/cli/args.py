@@ -108,13 +108,25 @@ def _sequence_item(hint) -> Optional[type]:
     return None
 
 
+class _Choices(list):
+    """A flag's choices: the current names, listed in ``--help``; a renamed choice's old name is accepted too
+    (the config reads it as the new one, with a ``FutureWarning``)."""
+
+    def __init__(self, names, renamed: dict):
+        super().__init__(names)
+        self.renamed = dict(renamed)
+
+    def __contains__(self, value) -> bool:
+        return super().__contains__(value) or value in self.renamed
+
+
 def field_kwargs(cls, name: str) -> dict:
     """``add_argument`` keywords of a field's flag: help, choices, type and nargs from the field (no default)."""
     f = cls.field(name)
     hint = typing.get_type_hints(cls)[name]
     kw: dict = {"help": f.metadata.get("help", "")}
     if f.metadata.get("choices"):
-        kw["choices"] = list(f.metadata["choices"])
+        kw["choices"] = _Choices(f.metadata["choices"], f.metadata.get("renamed", {}))
     if f.metadata.get("metavar"):
         kw["metavar"] = f.metadata["metavar"]
     if _sequence_item(hint) is not None:

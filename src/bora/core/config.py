@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -49,7 +50,7 @@ __all__ = [
     "DUPLICATES",
 ]
 
-TAU_MODES = ("fixed", "learned", "independent", "shared")
+TAU_MODES = ("fixed", "learned", "uncoupled", "shared")
 TAU_EVIDENCES = ("profiled", "integrated")
 EARLY_STOPPING = ("global", "per_task")
 MEANFIELD_STARTS = ("map", "init")
@@ -77,20 +78,21 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, *, choices: Optional[tuple] = None, flag: Optional[str] = None,
        const_flags: tuple = (), none: Optional[str] = None, metavar: Optional[str] = None,
-       no_flag: Optional[str] = None) -> Any:
+       no_flag: Optional[str] = None, renamed: Optional[dict] = None) -> Any:
     """A config field and what the CLI needs to know about it (:mod:`bora.cli.args`).
 
     ``choices``: the allowed values (checked in ``__post_init__`` and by the flag); ``flag``: the flag's name when
     it is not the field's name with dashes; ``const_flags``: ``((flag, value), ...)`` switches that each set the
     field to one value (instead of a flag taking a value); ``none``: the word that stands for ``None`` on the
-    command line; ``no_flag``: why the field has no flag.
+    command line; ``no_flag``: why the field has no flag; ``renamed``: ``{old: new}`` choices that were renamed
+    (an old name is still read, from JSON or the command line, as the new one with a ``FutureWarning``).
     """
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in frozen configs")
     if choices is not None and default not in choices:
         raise TypeError(f"default {default!r} is not one of {choices}")
     meta = {"help": help, "choices": choices, "flag": flag, "const_flags": tuple(const_flags), "none": none,
-            "metavar": metavar, "no_flag": no_flag}
+            "metavar": metavar, "no_flag": no_flag, "renamed": renamed}
     return field(default=default, metadata={k: v for k, v in meta.items() if v})
 
 
@@ -168,6 +170,11 @@ class _JsonConfig:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             allowed = f.metadata.get("choices")
             value = getattr(self, f.name)
+            new = f.metadata.get("renamed", {}).get(value) if isinstance(value, str) else None
+            if new is not None:  # an old name (a saved fit's config, an old command line): read as the new one
+                warnings.warn(f"{f.name}={value!r} is now called {new!r}", FutureWarning, stacklevel=4)
+                object.__setattr__(self, f.name, new)
+                value = new
             _check(allowed is None or value in allowed, f"{f.name} must be one of {allowed}, got {value!r}")
 
     def replace(self, **changes):
@@ -231,8 +238,10 @@ class PriorConfig(_JsonConfig):
     tau_mode: str = _f(
         "learned",
         "How tasks are coupled: 'learned' (tau estimated under a Gamma hyperprior), 'fixed' (tau given), "
-        "'independent' (tau=0, no coupling) or 'shared' (tau=inf, one adapter for all tasks).",
-        choices=TAU_MODES,
+        "'uncoupled' (tau=0: the task adapters are not tied together, but with hierarchy 'B' they share A, so this "
+        "is the tau -> 0 limit, not one LoRA per task; formerly 'independent') or 'shared' (tau=inf, one adapter "
+        "for all tasks).",
+        choices=TAU_MODES, renamed={"independent": "uncoupled"},
     )
     tau: float = _f(
         1000.0,
@@ -267,13 +276,13 @@ class PriorConfig(_JsonConfig):
     )
     global_scale: float = _f(
         1.0, "Standard deviation of the Normal(0, s) hyperprior on the global adapter (and, for "
-        "'independent', on each task adapter)."
+        "'uncoupled', on each task adapter)."
     )
 
     def __post_init__(self):
         self._check_choices()
         _check(math.isfinite(self.tau) and self.tau > 0, f"tau must be a finite positive number, got {self.tau!r} "
-               "(use tau_mode='independent' or 'shared' for the limits)")
+               "(use tau_mode='uncoupled' or 'shared' for the limits)")
         _check(self.tau_shape > 0 and self.tau_rate > 0, "tau_shape and tau_rate must be > 0")
         _check(self.global_scale > 0, f"global_scale must be > 0, got {self.global_scale!r}")
 

@@ -11,7 +11,8 @@
 >>> guide_of(FitConfig(guide="meanfield")).point, guide_of(FitConfig(guide="laplace")).laplace
 (False, True)
 
-**Couplings** (``PriorConfig.tau_mode``): ``independent`` (no global adapter, ``tau = 0``), ``fixed``
+**Couplings** (``PriorConfig.tau_mode``): ``uncoupled`` (no global adapter, ``tau = 0``; with
+``hierarchy='B'`` the tasks still share ``A``: the tau -> 0 limit, not one LoRA per task), ``fixed``
 (a configured ``tau``), ``learned`` (``tau`` a latent site, estimated) and ``shared`` (one adapter
 for every task, ``tau = inf``). The model, guides, posterior, diagnostics, plots, tau estimation,
 warm starts and the API ask a :class:`Coupling` what they need (is there a global adapter? task
@@ -42,7 +43,7 @@ class Coupling:
     has_global: bool  # a global adapter Theta exists
     has_tasks: bool  # every task has its own adapter
     learned: bool  # tau is a latent site, estimated from the data
-    limit_tau: Optional[float] = None  # tau of an exact limit (0: independent, inf: shared)
+    limit_tau: Optional[float] = None  # tau of an exact limit (0: uncoupled, inf: shared)
     description: Optional[str] = None  # a limit in words (plots)
 
     @property
@@ -79,8 +80,8 @@ class Coupling:
 
 
 COUPLINGS = {c.name: c for c in (
-    Coupling("independent", has_global=False, has_tasks=True, learned=False, limit_tau=0.0,
-             description="independent adapters (tau = 0: no coupling between tasks)"),
+    Coupling("uncoupled", has_global=False, has_tasks=True, learned=False, limit_tau=0.0,
+             description="uncoupled task adapters (tau = 0; A stays shared, so this is not per-task LoRA)"),
     Coupling("fixed", has_global=True, has_tasks=True, learned=False),
     Coupling("learned", has_global=True, has_tasks=True, learned=True),
     Coupling("shared", has_global=True, has_tasks=False, learned=False, limit_tau=math.inf,

@@ -35,7 +35,7 @@ Theta`` over A and B together; not gauge invariant), ``deviation_total`` ``[.., 
 whose posterior samples are all its point estimate (MAP) contributes one draw (``chain=1,
 draw=1``); otherwise ``draws`` samples of :meth:`bora.api.Bora.posterior` (the same samples as
 ``bora evaluate --samples`` with that seed). The reference ``Theta`` is the global adapter, except
-for ``independent`` fits (``tau = 0``, ``pooling_factor = 0``), which have none: there deviations
+for ``uncoupled`` fits (``tau = 0``, ``pooling_factor = 0``), which have none: there deviations
 are measured from the mean of the task adapters (mean ``Delta W`` for ``delta_w_ratio``;
 ``attrs["reference"] == "task_mean"``). ``shared`` fits (``tau = inf``) have no task adapters:
 ``pooling_factor = 1``, ``effective_parameters = 0`` and deviations 0.

@@ -216,7 +216,7 @@ def tau_plot(tau: np.ndarray, path, *, modules: Optional[Sequence[str]] = None, 
              history_steps: Optional[Sequence[int]] = None, history_tau: Optional[np.ndarray] = None) -> str:
     """tau's point estimate (bars) or posterior draws (histogram density), ``tau`` ``[S]`` or ``[S, M]``.
 
-    Non-finite or zero tau (shared / independent fits) is stated in words.
+    Non-finite or zero tau (shared / uncoupled fits) is stated in words.
     """
     tau = np.asarray(tau, dtype=float)
     if tau.ndim == 1:

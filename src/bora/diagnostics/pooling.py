@@ -53,7 +53,7 @@ __all__ = ["pooling_factor", "effective_parameters", "precision_sums", "pooling_
 def shrinkage(tau, fisher_mean) -> np.ndarray:
     """``lambda = tau / (tau + F)`` elementwise (broadcasting), with the limits made exact.
 
-    ``tau = inf`` gives 1 (shared), ``tau = 0`` gives 0 (independent, also when ``F = 0``), and
+    ``tau = inf`` gives 1 (shared), ``tau = 0`` gives 0 (uncoupled, also when ``F = 0``), and
     ``F = 0`` with ``tau > 0`` gives 1 (no data: the prior decides).
     """
     tau = np.asarray(tau, dtype=np.float64)
@@ -139,7 +139,7 @@ def pooling_from_sums(gamma: np.ndarray, R: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         lam = gamma / R
     lam = np.where(R == 0, 1.0, lam)  # no data, or tau = inf: the prior decides
-    return np.where(np.isinf(R), 0.0, lam)  # tau = 0: independent
+    return np.where(np.isinf(R), 0.0, lam)  # tau = 0: uncoupled
 
 
 def effective_parameters(fisher: Mapping[str, Sequence[torch.Tensor]], tau) -> np.ndarray:
@@ -219,7 +219,8 @@ def gain_kept(nll_base, nll_fit, nll_indep) -> np.ndarray:
     """Fraction of the independent fit's held-out gain that a task keeps: ``(base - fit) / (base - indep)``.
 
     Per task (elementwise, broadcasting): held-out NLL per token of the base model, of this fit and of
-    an independent fit (one adapter per task, no pooling) on the same documents. 1: pooling kept the
+    an independent fit (each task fitted alone: per-task LoRA, or the 'uncoupled' limit) on the same
+    documents. 1: pooling kept the
     whole gain of fitting the task alone; 0: the task does no better than the base model; above 1:
     pooling helped beyond the independent fit. NaN where the independent fit does not improve on
     the base model (no gain to keep). Function-space, hence gauge invariant.
@@ -270,7 +271,7 @@ def adapter_norms(params: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     """``(deviation [T, M], global_norm [M])``: ``||theta_t - Theta||`` and ``||Theta||`` per module.
 
     ``params`` holds task adapters ``(A [T, r, in], B [T, out, r])``, or a single shared adapter
-    (``[r, in]``, ``[out, r]``; deviations are then 0). Without ``global_params`` (independent
+    (``[r, in]``, ``[out, r]``; deviations are then 0). Without ``global_params`` (uncoupled
     fits) the reference is the mean of the task adapters.
     """
     dev = np.zeros((num_tasks, len(keys)))

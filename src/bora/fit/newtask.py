@@ -72,7 +72,7 @@ def fit_new_task(bora: "NewTaskSource", docs, *, steps: int = 100, lr: float = 0
     tau is. Returns ``key -> (A [r, in], B [out, r])``, usable with ``bora.adapters.use(adapter)``
     and :func:`bora.io.export.write_peft_adapter`.
 
-    'shared' returns the global adapter (a task adapter equals it); 'independent' uses the
+    'shared' returns the global adapter (a task adapter equals it); 'uncoupled' uses the
     ``Normal(0, s)`` prior and starts from the fit's initial point."""
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")

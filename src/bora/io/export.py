@@ -169,7 +169,7 @@ def adapter_estimate(bora: ExportSource, *, task: Optional[str] = None, global_a
     if global_adapter:
         glob = model.global_from_values(vals)
         if glob is None:
-            raise ConfigError("tau_mode='independent' has no global adapter to export")
+            raise ConfigError("tau_mode='uncoupled' has no global adapter to export")
         return {k: (A, B) for k, (A, B) in glob.items()}
     if task not in bora.tasks:
         raise ConfigError(f"task {task!r} is not in this fit (tasks: {', '.join(bora.tasks[:8])}"

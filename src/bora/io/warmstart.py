@@ -18,7 +18,7 @@ then
 * an offset site ``theta_*:<m>_offset``: ``delta = theta - Theta``.
 
 Missing sites are derived where the structure allows (task adapters of a 'shared' source: its global
-adapter; the global adapter of an 'independent' source: the mean of its task adapters), otherwise left
+adapter; the global adapter of an 'uncoupled' source: the mean of its task adapters), otherwise left
 at their initial value. A mean-field target takes its scales from the source's Laplace posterior
 (``laplace.safetensors``: ``(F + tau)^-1/2`` per task coordinate; for the global adapter the
 mean-field optimum given the task sites, ``(1/s^2 + T tau)^-1/2`` centred or ``(1/s^2 + sum_t F_t)^-1/2``
@@ -78,7 +78,7 @@ def _derive(natural: dict, model, src_tasks: list, tasks: tuple) -> tuple[dict, 
                 out[task_site] = out[glob_site].expand(len(tasks), *out[glob_site].shape).clone()
                 derived.append(task_site)
         for g_site, t_site in ((f"Theta_A:{k}", f"theta_A:{k}"), (f"Theta_B:{k}", f"theta_B:{k}")):
-            if g_site not in out and t_site in natural:  # an 'independent' source
+            if g_site not in out and t_site in natural:  # an 'uncoupled' source
                 out[g_site] = natural[t_site].mean(0)
                 derived.append(g_site)
     return out, derived

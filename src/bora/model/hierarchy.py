@@ -26,7 +26,7 @@ the same code path):
 * precision ``tau``: a constant (``fixed``), or ``tau ~ Gamma(a, b)`` (``learned``; one site, or
   ``tau:<m>`` per module);
 * in ``plate("tasks", T)``: ``theta_B:<m> ~ Normal(Theta_B:<m>, tau^-1/2)`` (and ``theta_A`` for
-  ``hierarchy='AB'``); ``independent`` draws them from ``Normal(0, s)`` with no global ``B``, ``shared``
+  ``hierarchy='AB'``); ``uncoupled`` draws them from ``Normal(0, s)`` with no global ``B``, ``shared``
   has no task sites and every task uses the global adapter. In the offset form (the default for point
   fits) each task site is reparameterised as ``Theta + delta`` with ``delta ~ Normal(0, tau^-1/2)`` (site
   ``theta_B:<m>_offset``, :class:`~bora.model.distributions.OffsetReparam`; ``theta_B:<m>`` becomes
@@ -109,7 +109,7 @@ class BoraModel(LMLikelihood):
 
     @property
     def has_global(self) -> bool:
-        """Whether a global ``Theta_B`` exists (every coupling but 'independent')."""
+        """Whether a global ``Theta_B`` exists (every coupling but 'uncoupled')."""
         return self.coupling.has_global
 
     @property
@@ -156,7 +156,7 @@ class BoraModel(LMLikelihood):
         return {"tau": list(self.shapes)}
 
     def tau_by_key(self, values: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
-        """Per adapter key, the precision tying a task to the global adapter: 0 for 'independent', inf for
+        """Per adapter key, the precision tying a task to the global adapter: 0 for 'uncoupled', inf for
         'shared', the configured value for 'fixed', and the tau site's value in ``values`` for 'learned'
         (the configured starting value if ``values`` lacks it)."""
         t = self.coupling.tau_value(self.prior)
@@ -223,7 +223,7 @@ class BoraModel(LMLikelihood):
             for k, shapes in self.shapes.items():
                 pair = list(glob[k])
                 for i, site, _ in self.task_sites(k):
-                    if tau is None:  # independent: no coupling
+                    if tau is None:  # uncoupled: no coupling
                         d = IsotropicNormal(self._zeros((T, *shapes[i])), s)
                     else:
                         d = IsotropicNormal(glob[k][i].expand(T, *shapes[i]), tau[k].rsqrt())
@@ -302,7 +302,7 @@ class BoraModel(LMLikelihood):
         return {k: orthonormal_rows(values[site_names(k)["GA"]]) for k in self.shapes}
 
     def global_from_values(self, values: Mapping[str, torch.Tensor]) -> Optional[dict]:
-        """The global adapter ``key -> (A, B)`` (``None`` for 'independent', which has no global ``B``)."""
+        """The global adapter ``key -> (A, B)`` (``None`` for 'uncoupled', which has no global ``B``)."""
         if not self.has_global:
             return None
         return {k: (self._A_of(values[site_names(k)["GA"]]), values[site_names(k)["GB"]]) for k in self.shapes}

@@ -21,7 +21,7 @@ hierarchy is given the global ``A`` (``hierarchy='B'``) this is exact:
   1 / (F_ti + tau))`` with ``lambda_ti = tau / (F_ti + tau)`` (its pooling factor);
 
 so a draw is ``Theta ~ N(Theta_hat, P^-1)`` followed by the task coordinates (bora's fits hold
-``Theta`` at its estimate by default: :func:`laplace_from_point`). 'independent' fits
+``Theta`` at its estimate by default: :func:`laplace_from_point`). 'uncoupled' fits
 have no ``Theta`` (``theta_ti ~ N(theta_hat_ti, 1/(F_ti + 1/s^2))``), 'shared' fits only a global
 adapter (precision ``1/s^2 + sum_t F_ti``). The global ``A`` of ``hierarchy='B'``, informed by
 every task's data, and tau (an empirical-Bayes or fixed hyperparameter) are held at their
@@ -73,7 +73,7 @@ class HierarchicalLaplace:
     the order of ``task``, keys then factors).
 
     ``task[key][factor]`` is the per-task Fisher ``[T, ...]`` of factor 0 (``A``) or 1 (``B``) of
-    adapter ``key``; ``tau[key]`` its prior precision (``0``: independent, ``inf``: shared)."""
+    adapter ``key``; ``tau[key]`` its prior precision (``0``: uncoupled, ``inf``: shared)."""
 
     def __init__(self, task: Mapping[str, Mapping[int, torch.Tensor]], tau: Mapping[str, float], *,
                  global_scale: float, has_global: bool, sample_global: bool = True,
@@ -120,7 +120,7 @@ class HierarchicalLaplace:
         return float(torch.cat(sds).median())
 
     def pooling(self, key: str, factor: int) -> torch.Tensor:
-        """``lambda = tau / (F + tau)`` per task coordinate (0 for independent, 1 where the data say nothing)."""
+        """``lambda = tau / (F + tau)`` per task coordinate (0 for uncoupled, 1 where the data say nothing)."""
         t = self.tau[key]
         if t == 0:
             return torch.zeros_like(self.task[key][factor])

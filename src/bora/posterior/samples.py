@@ -168,19 +168,19 @@ class Posterior:
 
     def tau(self, k: int) -> dict[str, Optional[torch.Tensor]]:
         """Per adapter key, the precision tying a task to the global adapter in sample ``k``
-        (``None`` for 'independent', ``inf`` for 'shared')."""
+        (``None`` for 'uncoupled', ``inf`` for 'shared')."""
         return tau_tensors(self.bora, self.values(k))
 
     def global_adapters(self) -> Adapter:
         """The global adapter ``Theta`` of every sample: ``key -> (A [S, r, in], B [S, out, r])``."""
         if not self.model.has_global:
-            raise ConfigError("tau_mode='independent' has no global adapter")
+            raise ConfigError("tau_mode='uncoupled' has no global adapter")
         return _stack([self.model.global_from_values(self.values(k)) for k in range(self.num_samples)])
 
     def new_task_adapter(self, k: int, name: str = "new task") -> Adapter:
         """Sample ``k``'s prior-predictive adapter for a task not in the fit: ``Normal(Theta, tau^-1/2)``.
 
-        'shared' gives the global adapter itself; 'independent' a draw from the ``Normal(0, s)`` prior."""
+        'shared' gives the global adapter itself; 'uncoupled' a draw from the ``Normal(0, s)`` prior."""
         g = torch.Generator().manual_seed(sample_seed(self.seed, k, task_code(name)))
         return self._new_task(self.values(k), g)
 
@@ -294,7 +294,7 @@ class Posterior:
 def tau_tensors(bora: TauSource, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
     """Per adapter key, the prior precision of task adapters around the global one as a 0-d tensor, given the site
     ``values`` (and the fit's empirical-Bayes tau, which ``values`` override); ``None`` for every key when the
-    coupling has no global adapter ('independent'). :meth:`bora.model.hierarchy.BoraModel.tau_by_key` gives the
+    coupling has no global adapter ('uncoupled'). :meth:`bora.model.hierarchy.BoraModel.tau_by_key` gives the
     same precisions as floats."""
     if not bora.model.coupling.has_global:
         return {k: None for k in bora.model.shapes}
