@@ -242,5 +242,34 @@ def test_cli_chat_end_to_end(tmp_path, capsys):
     cfg = DataConfig(source=str(data), messages_column="chat", task_column="speaker")
     test = split_documents(load_documents(cfg), cfg).test
     assert metrics["test"]["fit"]["overall"]["tokens"] == 3 * len(test)  # two content words and w4 per chat
-    assert main(["evaluate", str(out), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    # the Laplace posterior (the default guide) and its document-level BMA over the same tokens
+    assert main(["evaluate", str(out), "--samples", "2", "--quiet", "--device", "cpu"]) == 0
+    assert "effective sample size" in capsys.readouterr().out
     assert main(["export", str(out), "--global", "-o", str(tmp_path / "peft"), "--device", "cpu"]) == 0
+
+
+def test_fisher_counts_completion_tokens_only(setup):
+    """The empirical Fisher (tau's evidence, the Laplace curvature) is built from the gradients of the completion
+    tokens' log-likelihood: equal to the squared gradients of transformers' labels=-100 loss."""
+    from bora.fit.fisher import task_fisher
+
+    lm, adapters, params, tok, split = setup
+    sub = split.subset([0, 1])  # one document per task: the Fisher of a task is its document's squared gradient
+    lik = LMLikelihood(lm, adapters)
+    lik.num_tasks = len(TASKS)
+    tf = task_fisher(lik, params, Feed(sub), labels="empirical")
+    for row in range(len(sub)):
+        t = int(sub.task_ids[row])
+        leaves = {k: (A.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True))
+                  for k, (A, B) in params.items()}
+        ids, mask = sub.input_ids[row], sub.loss_mask[row]
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        with adapters.use(leaves, torch.tensor([t])):
+            nll = lm(input_ids=ids[None], labels=labels[None]).loss * int((labels[1:] != -100).sum())
+        flat = [x for pair in leaves.values() for x in pair]
+        grads = torch.autograd.grad(nll, flat)
+        for (k, (FA, FB)), gA, gB in zip(tf.fisher.items(), grads[0::2], grads[1::2]):
+            assert torch.allclose(FA[t], gA[t].square(), rtol=1e-3, atol=1e-9), k
+            assert torch.allclose(FB[t], gB[t].square(), rtol=1e-3, atol=1e-9), k
