@@ -33,6 +33,11 @@ any other document, as the embedded default's repeated lines are) or kept once w
 ``duplicates='drop'`` (then no text is in two splits of one task). Parquet files, dataset folders
 and hub datasets are read with ``datasets``.
 
+With ``prompt_column``/``completion_column`` (prompt/completion data) or ``messages_column`` (chat data) a row is
+``{"prompt", "completion", "task"}`` or ``{"messages", "task"}`` instead, every row must be complete (a missing or
+empty value is an error naming the line, never skipped), and tokenisation gives each row a loss mask: only the
+completion's or the assistant turns' tokens are scored (:mod:`bora.data.modes`, docs/data_modes.md).
+
 Splits are per task and depend only on ``(seed, task name, that task's documents in order)``, so
 adding or removing other tasks never reshuffles a task. Task sizes are left unequal on purpose.
 """
