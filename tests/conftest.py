@@ -81,8 +81,14 @@ def fresh():
     return copy.deepcopy
 
 
-def tiny_model_dir(path, layers: int = 3, seed: int = 0):
-    """Save a tiny Llama and a word-level tokenizer as a from_pretrained folder (offline)."""
+# A chat template for the word-level tokenizer: a role word (user w1, assistant w2, system w3), the content and an
+# end-of-turn word w4; the generation prompt is the assistant's role word.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ {'user': 'w1', 'assistant': 'w2', 'system': 'w3'}[m['role']] }} "
+                      "{{ m['content'] }} w4 {% endfor %}{% if add_generation_prompt %}w2 {% endif %}")
+
+
+def tiny_tokenizer(chat_template=None):
+    """A fast word-level tokenizer of ``<pad> <unk> w0 ... w45`` (ids 0..47), optionally with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,6 +96,14 @@ def tiny_model_dir(path, layers: int = 3, seed: int = 0):
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def tiny_model_dir(path, layers: int = 3, seed: int = 0, chat_template=None):
+    """Save a tiny Llama and a word-level tokenizer as a from_pretrained folder (offline)."""
+    tok = tiny_tokenizer(chat_template)
     tiny_llama(layers, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return path

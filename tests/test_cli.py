@@ -171,6 +171,8 @@ def test_every_config_field_has_a_flag_or_a_documented_reason(capsys):
             argv = ["fit", "-o", "x", "--" + fl.name] + ([] if fl.switch else _other_value(fl))
             if f.name == "num_particles":  # several particles need a guide that draws
                 argv += ["--guide", "meanfield"]
+            if f.name in ("prompt_column", "completion_column"):  # prompt/completion data needs both columns
+                argv += ["--completion-column" if f.name == "prompt_column" else "--prompt-column", "other"]
             args = build_parser().parse_args(argv)
             if cls is CheckpointConfig:
                 got = CheckpointConfig(**{f.name: getattr(args, fl.dest)})

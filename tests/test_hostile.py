@@ -60,6 +60,23 @@ def jsonl(ws, rows, extra=""):
     return write(ws, "d.jsonl", "\n".join(lines) + "\n" + extra)
 
 
+def pairs(ws, rows):
+    """Good prompt/completion data (columns q, a, speaker) with ``rows`` appended (from line 13)."""
+    good = [json.dumps({"q": f"w{5 + i} w{t}", "a": f" w{t} w9", "speaker": f"spk{t}"}) for t in range(3) for i in range(4)]
+    return write(ws, "p.jsonl", "\n".join(good + [json.dumps(r) for r in rows]) + "\n")
+
+
+def chats(ws, rows):
+    """Good chat data (columns chat, speaker) with ``rows`` appended (from line 13)."""
+    good = [json.dumps({"chat": [{"role": "user", "content": f"w{5 + i}"}, {"role": "assistant", "content": f"w{t}"}],
+                        "speaker": f"spk{t}"}) for t in range(3) for i in range(4)]
+    return write(ws, "c.jsonl", "\n".join(good + [json.dumps(r) for r in rows]) + "\n")
+
+
+PAIR = ("--prompt-column", "q", "--completion-column", "a")
+CHAT = ("--messages-column", "chat")
+
+
 def copy_fit(env, ws, name="fit"):
     return Path(shutil.copytree(env["fit"], ws / name))
 
@@ -172,6 +189,22 @@ CASES = [
     ("fit: task with 2 documents", lambda e, w: fit(e, w, jsonl(w, [{"text": "w1 w2", "speaker": "few"}] * 2)), "at least 3"),
     ("fit: --tasks names an unknown task", lambda e, w: fit(e, w, None, "--tasks", "nope"), "'nope' has no documents"),
     ("fit: --text-column that does not exist", lambda e, w: fit(e, w, None, "--text-column", "body"), "column 'body' not found"),
+    # --- fit: prompt/completion and chat data
+    ("fit: --prompt-column without --completion-column", lambda e, w: fit(e, w, pairs(w, []), "--prompt-column", "q"), "go together"),
+    ("fit: --prompt-column with --messages-column", lambda e, w: fit(e, w, pairs(w, []), *PAIR, *CHAT), "excludes"),
+    ("fit: --prompt-column that does not exist", lambda e, w: fit(e, w, pairs(w, []), "--prompt-column", "question", "--completion-column", "a"), "prompt column 'question' not found"),
+    ("fit: --completion-column that does not exist", lambda e, w: fit(e, w, pairs(w, []), "--prompt-column", "q", "--completion-column", "answer"), "completion column 'answer' not found"),
+    ("fit: --messages-column that does not exist", lambda e, w: fit(e, w, chats(w, []), "--messages-column", "turns"), "messages column 'turns' not found"),
+    ("fit: --prompt-column with the embedded corpus", lambda e, w: fit(e, w, "shakespeare", *PAIR), "is plain text"),
+    ("fit: row without a prompt", lambda e, w: fit(e, w, pairs(w, [{"a": " w1", "speaker": "spk0"}]), *PAIR), "line 13: no prompt"),
+    ("fit: empty prompt", lambda e, w: fit(e, w, pairs(w, [{"q": " ", "a": " w1", "speaker": "spk0"}]), *PAIR), "line 13: empty prompt"),
+    ("fit: row without a completion", lambda e, w: fit(e, w, pairs(w, [{"q": "w1", "speaker": "spk0"}]), *PAIR), "line 13: no completion"),
+    ("fit: empty completion", lambda e, w: fit(e, w, pairs(w, [{"q": "w1", "a": "", "speaker": "spk0"}]), *PAIR), "line 13: empty completion"),
+    ("fit: completion that is a number", lambda e, w: fit(e, w, pairs(w, [{"q": "w1", "a": 7, "speaker": "spk0"}]), *PAIR), "line 13: the completion column 'a' must hold strings"),
+    ("fit: chat without an assistant turn", lambda e, w: fit(e, w, chats(w, [{"chat": [{"role": "user", "content": "w1"}], "speaker": "spk0"}]), *CHAT), "line 13: a chat without an assistant turn"),
+    ("fit: messages value that is not a list", lambda e, w: fit(e, w, chats(w, [{"chat": {"role": "user"}, "speaker": "spk0"}]), *CHAT), "line 13: the messages column 'chat' must hold a non-empty list"),
+    ("fit: message without role and content", lambda e, w: fit(e, w, chats(w, [{"chat": [{"text": "w1"}], "speaker": "spk0"}]), *CHAT), "line 13: message 1 must be an object"),
+    ("fit: chat data and a tokenizer without a chat template", lambda e, w: fit(e, w, chats(w, []), *CHAT), "needs a tokenizer with a chat template"),
     # --- fit: settings
     ("fit: --rank 0", lambda e, w: fit(e, w, None, "--rank", "0"), "rank must be"),
     ("fit: --lr -1", lambda e, w: fit(e, w, None, "--lr", "-1"), "lr must be"),

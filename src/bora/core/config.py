@@ -412,6 +412,15 @@ class DataConfig(_JsonConfig):
         flag="data",
     )
     text_column: str = _f("text", "Column holding each document's text.")
+    prompt_column: Optional[str] = _f(
+        None, "Prompt/completion data: the column holding each row's prompt, which conditions the model but is "
+        "not scored (needs --completion-column; the text column is then not read).")
+    completion_column: Optional[str] = _f(
+        None, "Prompt/completion data: the column holding each row's completion; only its tokens are scored "
+        "(loss, NLL, perplexity, token counts, curvature).")
+    messages_column: Optional[str] = _f(
+        None, "Chat data: the column holding each row's list of {'role', 'content'} turns, rendered with the "
+        "tokenizer's chat template; only the assistant turns' tokens are scored.")
     task_column: str = _f("task", "Column holding each document's task name.")
     tasks: Optional[tuple[str, ...]] = _f(None, "Keep only these tasks (default: all tasks in the source).")
     val_fraction: float = _f(0.2, "Per-task fraction of documents for validation.")
@@ -436,6 +445,20 @@ class DataConfig(_JsonConfig):
                "val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         _check(isinstance(self.max_length, int) and self.max_length >= 2,
                f"max_length must be >= 2, got {self.max_length!r}")
+        for name in ("prompt_column", "completion_column", "messages_column"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value.strip() != ""),
+                   f"{name} must be a non-empty column name, got {value!r}")
+        _check((self.prompt_column is None) == (self.completion_column is None),
+               "--prompt-column and --completion-column go together (prompt/completion data needs both)")
+        _check(self.messages_column is None or self.prompt_column is None,
+               "--messages-column (chat data) excludes --prompt-column/--completion-column (prompt/completion "
+               "data): give one or the other")
+
+    @property
+    def mode(self) -> str:
+        """How rows are read and scored: ``'text'`` (whole documents), ``'completion'`` or ``'chat'``."""
+        return "chat" if self.messages_column else ("completion" if self.prompt_column else "text")
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ import torch
 from ..core.config import ConfigError
 from .documents import TokenizedSplit, row_index
 
-__all__ = ["collate", "batches", "BatchStream", "distinct_task_batches"]
+__all__ = ["collate", "scored_positions", "batches", "BatchStream", "distinct_task_batches"]
 
 
 def collate(split: TokenizedSplit, index, pad_id: int = 0) -> dict:
     """Right-padded batch of rows ``index``: ``input_ids`` and ``attention_mask`` (1 real, 0 pad)
-    LongTensors ``[N, Lmax]``, ``task_ids`` ``[N]`` and ``index`` ``[N]`` (rows of ``split``)."""
+    LongTensors ``[N, Lmax]``, ``task_ids`` ``[N]`` and ``index`` ``[N]`` (rows of ``split``); with
+    ``loss_mask`` ``[N, Lmax]`` (1: a scored token) when the split has one (prompt/completion, chat)."""
     idx = row_index(index, len(split))
     seqs = [split.input_ids[i] for i in idx.tolist()]
     lmax = max((len(s) for s in seqs), default=0)
@@ -36,7 +37,27 @@ def collate(split: TokenizedSplit, index, pad_id: int = 0) -> dict:
     for r, s in enumerate(seqs):
         input_ids[r, : len(s)] = s
         mask[r, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "task_ids": split.task_ids[idx], "index": idx}
+    out = {"input_ids": input_ids, "attention_mask": mask, "task_ids": split.task_ids[idx], "index": idx}
+    if split.loss_mask is not None:
+        loss_mask = torch.zeros((len(seqs), lmax), dtype=torch.long)
+        for r, i in enumerate(idx.tolist()):
+            loss_mask[r, : len(seqs[r])] = split.loss_mask[i]
+        out["loss_mask"] = loss_mask
+    return out
+
+
+def scored_positions(batch: dict) -> torch.Tensor:
+    """Boolean ``[N, L-1]``: position ``j`` predicts token ``j + 1`` and that token is scored. Plain text: every
+    real token after the first; with ``loss_mask`` (prompt/completion, chat) only the masked-in tokens.
+
+    >>> b = {"attention_mask": torch.tensor([[1, 1, 1, 0]]), "loss_mask": torch.tensor([[0, 0, 1, 0]])}
+    >>> scored_positions(b).tolist(), scored_positions({"attention_mask": b["attention_mask"]}).tolist()
+    ([[False, True, False]], [[True, True, False]])
+    """
+    mask = batch["attention_mask"]
+    scored = mask[:, 1:].bool() & mask[:, :-1].bool()
+    loss_mask = batch.get("loss_mask")
+    return scored if loss_mask is None else scored & loss_mask[:, 1:].bool()
 
 
 def batches(

@@ -33,6 +33,11 @@ any other document, as the embedded default's repeated lines are) or kept once w
 ``duplicates='drop'`` (then no text is in two splits of one task). Parquet files, dataset folders
 and hub datasets are read with ``datasets``.
 
+With ``prompt_column``/``completion_column`` (prompt/completion data) or ``messages_column`` (chat data) a row is
+``{"prompt", "completion", "task"}`` or ``{"messages", "task"}`` instead, every row must be complete (a missing or
+empty value is an error naming the line, never skipped), and tokenisation gives each row a loss mask: only the
+completion's or the assistant turns' tokens are scored (:mod:`bora.data.modes`, docs/data_modes.md).
+
 Splits are per task and depend only on ``(seed, task name, that task's documents in order)``, so
 adding or removing other tasks never reshuffles a task. Task sizes are left unequal on purpose.
 """
@@ -51,6 +56,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.config import ConfigError, DataConfig
+from .modes import encode_row, fit_to_length, read_row, warn_cut
 from .readers import SUFFIXES, looks_like_path, preview, read_hub, read_local
 
 __all__ = [
@@ -75,6 +81,9 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     ``cfg.duplicates='drop'`` repeated (task, text) pairs are kept once (the first). When
     ``cfg.tasks`` is set only those tasks are kept (each must have documents)."""
     source = cfg.source
+    if source in ("shakespeare", "fortunes") and cfg.mode != "text":
+        raise ConfigError(f"the embedded {source} corpus is plain text; prompt/completion and chat columns need a "
+                          "data file (--data FILE) that has them")
     if source == "shakespeare":
         from .shakespeare import load_shakespeare
 
@@ -88,13 +97,22 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     if cfg.duplicates == "drop":
         first: dict = {}
         for d in docs:
-            first.setdefault((d["task"], d["text"]), d)
+            first.setdefault((d["task"], _content_key(d)), d)
         docs = list(first.values())
     if cfg.tasks is not None:
         docs = _keep_tasks(docs, [str(t) for t in cfg.tasks], where)
     if not docs:
         raise ConfigError(f"no documents with non-empty text in {where}")
     return docs
+
+
+def _content_key(d: dict):
+    """What makes two documents of one task the same: the text, the prompt and completion, or the turns."""
+    if "text" in d:
+        return d["text"]
+    if "messages" in d:
+        return tuple((m["role"], m["content"]) for m in d["messages"])
+    return (d["prompt"], d["completion"])
 
 
 def _read_table_documents(cfg: DataConfig) -> list[dict]:
@@ -115,9 +133,14 @@ def _read_table_documents(cfg: DataConfig) -> list[dict]:
     else:
         ds = read_hub(source, cfg.split)
     columns = list(ds.column_names)
-    for role, col in (("text", cfg.text_column), ("task", cfg.task_column)):
+    roles = {"text": (("text", cfg.text_column),),
+             "completion": (("prompt", cfg.prompt_column), ("completion", cfg.completion_column)),
+             "chat": (("messages", cfg.messages_column),)}[cfg.mode]
+    for role, col in (*roles, ("task", cfg.task_column)):
         if col not in columns:
             raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
+    if cfg.mode != "text":
+        return _read_rows(ds, cfg)
     docs: list[dict] = []
     blank: Counter = Counter()
     _warn_unicode_variants(ds[cfg.task_column])
@@ -134,6 +157,19 @@ def _read_table_documents(cfg: DataConfig) -> list[dict]:
     if empty and docs:
         raise ConfigError(f"task {empty[0]!r} in {source!r} has only empty or whitespace documents "
                           f"({blank[empty[0]]})")
+    return docs
+
+
+def _read_rows(ds, cfg: DataConfig) -> list[dict]:
+    """Prompt/completion or chat rows (:mod:`bora.data.modes`): every row must be complete; none is skipped."""
+    _warn_unicode_variants(ds[cfg.task_column])
+    docs = []
+    for i, task in enumerate(ds[cfg.task_column]):
+        row = read_row(ds, i, cfg)
+        task = _row_task(ds, i, "row", task, cfg)
+        if "messages" in row:
+            row["where"] = ds.where(i)
+        docs.append({**row, "task": task})
     return docs
 
 
@@ -262,13 +298,19 @@ def split_documents(docs: Sequence[dict], cfg: DataConfig, tasks: Optional[Seque
 class TokenizedSplit:
     """Token ids of one split. ``input_ids[i]`` is a 1-D LongTensor (length >= 2) of task
     ``tasks[task_ids[i]]``; ``doc_index[i]`` is the position of its source document in the
-    document list given to :func:`tokenize_split` (several rows share one when chunking)."""
+    document list given to :func:`tokenize_split` (several rows share one when chunking).
+
+    ``loss_mask`` (prompt/completion and chat data, :mod:`bora.data.modes`): per row a 0/1 LongTensor of
+    its length, 1 where the token is scored (predicted and counted); ``None`` (plain text) scores every
+    token after the first. ``scored[i]`` is row ``i``'s number of scored tokens."""
 
     input_ids: list[torch.Tensor]
     task_ids: torch.Tensor
     tasks: tuple[str, ...]
     doc_index: Optional[torch.Tensor] = None
+    loss_mask: Optional[list[torch.Tensor]] = None
     lengths: torch.Tensor = field(init=False, repr=False)
+    scored: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
         self.task_ids = torch.as_tensor(self.task_ids, dtype=torch.long).reshape(-1)
@@ -278,6 +320,14 @@ class TokenizedSplit:
         if self.doc_index is None:
             self.doc_index = torch.arange(len(self.input_ids), dtype=torch.long)
         self.lengths = torch.tensor([len(x) for x in self.input_ids], dtype=torch.long)
+        if self.loss_mask is None:
+            self.scored = self.lengths - 1
+        else:
+            self.loss_mask = [_first_unscored(torch.as_tensor(m, dtype=torch.long)) for m in self.loss_mask]
+            if len(self.loss_mask) != len(self.input_ids) or any(
+                    m.shape != x.shape for m, x in zip(self.loss_mask, self.input_ids)):
+                raise ValueError("loss_mask must hold one mask per row, of the row's length")
+            self.scored = torch.tensor([int(m.sum()) for m in self.loss_mask], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -287,8 +337,8 @@ class TokenizedSplit:
                 f"{len(self.tasks)} tasks)")
 
     def num_tokens(self) -> int:
-        """Scored (predicted) tokens: ``sum(len(ids) - 1)``."""
-        return int((self.lengths - 1).sum()) if len(self) else 0
+        """Scored (predicted) tokens: ``sum(len(ids) - 1)`` for plain text, the mask's ones otherwise."""
+        return int(self.scored.sum()) if len(self) else 0
 
     def task_sizes(self) -> torch.Tensor:
         """Documents per task, LongTensor ``[T]``."""
@@ -297,7 +347,7 @@ class TokenizedSplit:
     def task_tokens(self) -> torch.Tensor:
         """Scored tokens per task, LongTensor ``[T]``."""
         out = torch.zeros(len(self.tasks), dtype=torch.long)
-        return out.index_add_(0, self.task_ids, self.lengths - 1) if len(self) else out
+        return out.index_add_(0, self.task_ids, self.scored) if len(self) else out
 
     def subset(self, index) -> "TokenizedSplit":
         """Rows ``index`` (sequence of ints, LongTensor or boolean mask), same ``tasks``."""
@@ -307,7 +357,16 @@ class TokenizedSplit:
             task_ids=self.task_ids[idx],
             tasks=self.tasks,
             doc_index=self.doc_index[idx],
+            loss_mask=None if self.loss_mask is None else [self.loss_mask[i] for i in idx.tolist()],
         )
+
+
+def _first_unscored(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` with its first entry 0 (the first token is never predicted), copied only when that changes it."""
+    if mask.numel() and mask[0] != 0:
+        mask = mask.clone()
+        mask[0] = 0
+    return mask
 
 
 def row_index(index, n: int) -> torch.Tensor:
@@ -333,7 +392,13 @@ def tokenize_split(
 
     ``long_documents='truncate'`` keeps the first ``max_length`` tokens; ``'chunk'`` cuts a
     document into consecutive pieces of ``max_length`` (a final piece of < 2 tokens is dropped).
-    Documents with fewer than 2 tokens are dropped (nothing to predict)."""
+    Documents with fewer than 2 tokens are dropped (nothing to predict).
+
+    Prompt/completion rows (``{"prompt", "completion", "task"}``) and chat rows (``{"messages", "task"}``) are
+    tokenised with a loss mask (:mod:`bora.data.modes`): only completion / assistant tokens are scored, and a row
+    longer than ``max_length`` loses its prompt from the left first (never chunked; a scored part that alone does
+    not fit is cut from its end, with one warning). A split with such rows has a ``loss_mask`` for every row
+    (plain-text rows in it score every token after the first)."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
     if long_documents not in ("truncate", "chunk"):
@@ -343,28 +408,45 @@ def tokenize_split(
     for d in docs:
         if d["task"] not in task_id:
             raise ConfigError(f"document of task {d['task']!r} but tasks are {preview(tasks)}")
-    texts = [d["text"] for d in docs]
-    ids: list[list[int]] = []
+    plain = [i for i, d in enumerate(docs) if "text" in d]
+    texts = [docs[i]["text"] for i in plain]
+    ids: list = [None] * len(docs)
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
-        ids.extend(tokenizer(texts[start:start + _TOKENIZE_CHUNK], add_special_tokens=True)["input_ids"])
+        chunk = tokenizer(texts[start:start + _TOKENIZE_CHUNK], add_special_tokens=True)["input_ids"]
+        for i, seq in zip(plain[start:start + _TOKENIZE_CHUNK], chunk):
+            ids[i] = seq
+    masked = len(plain) < len(docs)
     rows: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
     row_task: list[int] = []
     row_doc: list[int] = []
+    cut_rows = cut_tokens = 0
     for i, (d, seq) in enumerate(zip(docs, ids)):
-        if long_documents == "truncate":
-            pieces = [seq[:max_length]]
+        if seq is None:
+            seq, mask = encode_row(tokenizer, d)
+            seq, mask, cut = fit_to_length(seq, mask, max_length, getattr(tokenizer, "bos_token_id", None))
+            cut_rows, cut_tokens = cut_rows + (cut > 0), cut_tokens + cut
+            pieces = [(seq, mask)] if sum(mask) else []
+        elif long_documents == "truncate":
+            pieces = [(seq[:max_length], None)]
         else:
-            pieces = [seq[s:s + max_length] for s in range(0, len(seq), max_length)]
-        for p in pieces:
+            pieces = [(seq[s:s + max_length], None) for s in range(0, len(seq), max_length)]
+        for p, m in pieces:
             if len(p) >= 2:
                 rows.append(torch.tensor(p, dtype=torch.long))
+                if masked:
+                    masks.append(torch.tensor(m, dtype=torch.long) if m is not None
+                                 else torch.ones(len(p), dtype=torch.long))
                 row_task.append(task_id[d["task"]])
                 row_doc.append(i)
+    if cut_rows:
+        warn_cut(cut_rows, cut_tokens, max_length)
     return TokenizedSplit(
         input_ids=rows,
         task_ids=torch.tensor(row_task, dtype=torch.long),
         tasks=tasks,
         doc_index=torch.tensor(row_doc, dtype=torch.long),
+        loss_mask=masks if masked else None,
     )
 
 

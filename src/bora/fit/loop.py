@@ -42,7 +42,7 @@ from pyro.infer.autoguide import AutoNormal
 from ..core.config import FitConfig
 from ..core.distributed import shard_rows
 from ..core.seeding import rng_state, set_rng_state_
-from ..data.batching import BatchStream
+from ..data.batching import BatchStream, scored_positions
 from ..data.feed import Feed
 from ..evaluation.evaluate import evaluate
 from ..model.guides import point_values
@@ -183,7 +183,7 @@ class FitLoop:
             for cb in self.callbacks:
                 cb.on_optimizer_step(self)
             model.adapters.train(False)
-        self.timer.add_tokens_(int(batch["attention_mask"][:, 1:].sum()))
+        self.timer.add_tokens_(int(scored_positions(batch).sum()))
         return float(loss.detach())
 
     def validate(self) -> dict:

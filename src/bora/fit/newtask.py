@@ -42,7 +42,8 @@ class NewTaskSource(Protocol):
 
 def _new_task_split(bora: "NewTaskSource", docs, name: str) -> TokenizedSplit:
     if isinstance(docs, TokenizedSplit):
-        return TokenizedSplit(list(docs.input_ids), torch.zeros(len(docs), dtype=torch.long), (name,))
+        return TokenizedSplit(list(docs.input_ids), torch.zeros(len(docs), dtype=torch.long), (name,),
+                              loss_mask=None if docs.loss_mask is None else list(docs.loss_mask))
     if isinstance(docs, str):
         docs = [docs]
     docs = list(docs)

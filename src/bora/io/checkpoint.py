@@ -119,7 +119,8 @@ def _hashable(x):
 
 
 def data_fingerprint(splits: dict) -> str:
-    """sha256 of tokenized splits ``{name: TokenizedSplit}`` (tasks, token ids, task ids)."""
+    """sha256 of tokenized splits ``{name: TokenizedSplit}`` (tasks, token ids, task ids, and the loss masks of
+    prompt/completion and chat data)."""
     h = hashlib.sha256()
     for name in sorted(splits):
         s = splits[name]
@@ -128,6 +129,8 @@ def data_fingerprint(splits: dict) -> str:
         for ids in s.input_ids:
             h.update(len(ids).to_bytes(4, "little"))
             h.update(ids.to(torch.int64).numpy().tobytes())
+        for m in s.loss_mask or ():
+            h.update(b"m" + m.to(torch.int8).numpy().tobytes())
     return h.hexdigest()
 
 

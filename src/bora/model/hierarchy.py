@@ -53,6 +53,7 @@ from torch import nn
 
 from ..core.config import PriorConfig
 from ..core.coupling import Coupling, coupling_of, guide_of
+from ..data.batching import scored_positions
 from .distributions import IsotropicNormal, OffsetReparam, natural_site
 from ..lora.inject import AdapterSet
 from .likelihood import LMLikelihood, Params
@@ -236,7 +237,7 @@ class BoraModel(LMLikelihood):
         params = self.sample_adapters()
         ll = self.loglik(batch, params)
         # for progress display only: the minibatch's mean next-token NLL
-        self.last_nll = float(-ll.detach().sum() / batch["attention_mask"][:, 1:].sum().clamp_min(1))
+        self.last_nll = float(-ll.detach().sum() / scored_positions(batch).sum().clamp_min(1))
         # a data-parallel rank's shard of the global batch weighs b_r / B of it (bora.distributed)
         with poutine.scale(scale=float(batch.get("loglik_scale", 1.0))), \
                 pyro.plate("data", self.num_docs, subsample=batch["index"], dim=-1):

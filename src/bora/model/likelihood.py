@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.device import autocast
+from ..data.batching import scored_positions
 from ..lora.head import chunked_nll
 from ..lora.inject import AdapterSet
 from ..lora.linearize import linearized
@@ -97,9 +98,10 @@ class LMLikelihood:
 
     @staticmethod
     def _scored(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(scored [N, L-1] mask, labels [n], rows [n])`` of a batch's next-token positions."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        scored = mask[:, 1:].bool() & mask[:, :-1].bool()
+        """``(scored [N, L-1] mask, labels [n], rows [n])`` of a batch's scored next-token positions
+        (:func:`bora.data.batching.scored_positions`: its ``loss_mask`` where it has one)."""
+        ids = batch["input_ids"]
+        scored = scored_positions(batch)
         rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(scored)[scored]
         return scored, ids[:, 1:][scored], rows
 
