@@ -282,3 +282,21 @@ def test_help_states_what_a_setting_does_never_a_measured_figure():
         assert not MEASURED.search(fine), fine
     found = [(where, MEASURED.search(text).group(0)) for where, text in _all_help_texts() if MEASURED.search(text)]
     assert not found, found
+
+
+def test_the_table_groups_many_tasks_by_training_size():
+    import math
+
+    from bora.cli.tables import MAX_TASK_ROWS, format_table
+
+    names = [f"task{i}" for i in range(MAX_TASK_ROWS + 5)]
+    fit = {"per_task": {n: {"nll": 2.0, "ppl": math.exp(2.0), "docs": 2, "tokens": 9} for n in names},
+           "overall": {"ppl_task_mean": math.exp(2.0), "ppl_token": math.exp(2.0)}}
+    base = {"per_task": {n: {"nll": 2.5, "ppl": math.exp(2.5), "docs": 2, "tokens": 9} for n in names},
+            "overall": {"ppl_task_mean": math.exp(2.5), "ppl_token": math.exp(2.5)}}
+    sizes = {n: 1 if i < 10 else 50 for i, n in enumerate(names)}
+    out = format_table(base, fit, train_sizes=sizes)
+    assert "task0 " not in out and out.splitlines()[0].startswith("training docs per task")
+    assert [line.split()[:2] for line in out.splitlines()[1:3]] == [["1-2", "10"], ["31-100", str(len(names) - 10)]]
+    assert f"on {len(names)} of {len(names)} tasks" in out
+    assert "task0 " in format_table(base, fit)  # without sizes: every task listed

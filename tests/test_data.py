@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 import csv
 import json
 
@@ -446,3 +447,21 @@ def test_task_names_in_two_unicode_forms_are_one_task_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="more than one Unicode form were merged"):
         docs = load_documents(DataConfig(source=str(path)))
     assert sorted({d["task"] for d in docs}) == sorted({composed, "other"})
+
+
+def test_shakespeare_all_is_the_many_task_corpus():
+    """--data shakespeare-all: every speaker with at least 3 speeches, each split into train/val/test; many tiny."""
+    from bora.data.shakespeare import MIN_SPEECHES_ALL, all_tasks, speech_counts
+
+    cfg = DataConfig(source="shakespeare-all")
+    docs = load_documents(cfg)
+    splits = split_documents(docs, cfg)
+    counts = speech_counts()
+    assert splits.tasks == all_tasks() and len(splits.tasks) == 1023
+    assert all(counts[t] >= MIN_SPEECHES_ALL for t in splits.tasks)
+    assert len(docs) == sum(counts[t] for t in splits.tasks)
+    train = Counter(d["task"] for d in splits.train)
+    assert all(train[t] >= 1 for t in splits.tasks)
+    assert sum(1 for t in splits.tasks if train[t] <= 2) >= 150  # cold-start-sized tasks
+    sub = DataConfig(source="shakespeare-all", tasks=("hamlet/Ghost", "hamlet/HAMLET"))
+    assert {d["task"] for d in load_documents(sub)} == {"hamlet/Ghost", "hamlet/HAMLET"}

@@ -105,3 +105,19 @@ def test_seeds_bootstrap_reduces_to_the_paired_one_and_carries_the_seed_spread()
     assert r["diff"] == pytest.approx((s0["diff"] + s1["diff"]) / 2, rel=1e-12)
     with pytest.raises(ValueError, match="same seeds"):
         seeds_bootstrap(a, b[:1], tok, tid)
+
+
+def test_by_task_size_groups_tasks_by_training_documents():
+    from bora.evaluation.evaluate import by_task_size
+
+    names = [f"t{i}" for i in range(8)]
+    sizes = dict(zip(names, [0, 1, 2, 3, 10, 11, 150, 500]))
+    fit = {"per_task": {n: {"nll": 1.0 + 0.1 * i} for i, n in enumerate(names)}}
+    base = {"per_task": {n: {"nll": 2.0} for n in names}}
+    rows = {r["bucket"]: r for r in by_task_size(fit, base, sizes)}
+    assert list(rows) == ["0", "1-2", "3-10", "11-30", ">100"]  # the empty 31-100 bucket is omitted
+    assert [rows[k]["tasks"] for k in rows] == [1, 2, 2, 1, 2]
+    assert rows["1-2"]["fit_ppl"] == pytest.approx(math.exp(1.15))  # every task counts once
+    assert rows[">100"]["base_ppl"] == pytest.approx(math.exp(2.0))
+    assert rows["0"]["change"] == pytest.approx(math.exp(1.0) / math.exp(2.0) - 1)
+    assert sum(r["tasks"] for r in rows.values()) == len(names)

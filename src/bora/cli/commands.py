@@ -130,11 +130,14 @@ def fit_command(args, argv) -> int:
         print(f"MAP phase: tau {', '.join(f'{k}={v:.4g}' for k, v in (m.tau or {}).items()) or 'n/a'}, "
               f"best step {m.best_step} of {m.steps}, best validation NLL {m.best_val_nll:.4f}", flush=True)
     fitted = bora.evaluate(feeds["test"])
-    bora.metrics = {"test": {"base": base, "fit": fitted}}
+    from ..evaluation.evaluate import by_task_size
+
+    sizes = dict(zip(bora.tasks, feeds["train"].split.task_sizes().tolist()))
+    bora.metrics = {"test": {"base": base, "fit": fitted, "by_train_size": by_task_size(fitted, base, sizes)}}
     if is_main():
         save_fit(bora, out)
     print()
-    print(format_table(base, fitted))
+    print(format_table(base, fitted, train_sizes=sizes))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
@@ -167,7 +170,8 @@ def cmd_evaluate(args) -> int:
     feed = bora.feed(split, progress=not args.quiet, desc=f"caching frozen layers ({args.split})")
     base = bora.evaluate(feed, base=True)
     fitted = bora.evaluate(feed)
-    print(format_table(base, fitted, title=args.split))
+    print(format_table(base, fitted, title=args.split,
+                       train_sizes=dict(zip(bora.tasks, data["train"].task_sizes().tolist()))))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
     post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)

@@ -11,20 +11,36 @@ a         2       9     10.000      8.000   -20.0%
 
 from __future__ import annotations
 
-
+from typing import Optional
 
 __all__ = ["format_table", "format_posterior_table"]
 
 
-def format_table(base: dict, fitted: dict, *, title: str = "test") -> str:
-    """Per-task perplexity table: base model vs fit, plus the two overall summaries."""
+#: above this many tasks the tables group tasks by training-split size instead of listing each one
+MAX_TASK_ROWS = 40
+
+
+def format_table(base: dict, fitted: dict, *, title: str = "test", train_sizes: Optional[dict] = None) -> str:
+    """Per-task perplexity table: base model vs fit, plus the two overall summaries. With more than
+    :data:`MAX_TASK_ROWS` tasks and ``train_sizes`` (task -> training documents), one row per size bucket
+    (:func:`bora.evaluation.evaluate.by_task_size`) instead of one per task."""
     names = list(fitted["per_task"])
-    w = max([len("task")] + [len(n) for n in names])
-    lines = [f"{'task':<{w}}  {'docs':>5}  {'tokens':>6}  {'base ppl':>9}  {'fit ppl':>9}  {'change':>7}"]
-    for n in names:
-        b, f = base["per_task"][n], fitted["per_task"][n]
-        lines.append(f"{n:<{w}}  {f['docs']:>5}  {f['tokens']:>6}  {b['ppl']:>9.3f}  {f['ppl']:>9.3f}  "
-                     f"{100 * (f['ppl'] / b['ppl'] - 1):>+6.1f}%")
+    if len(names) > MAX_TASK_ROWS and train_sizes is not None:
+        from ..evaluation.evaluate import by_task_size
+
+        w = max(len("training docs per task"), 24)
+        lines = [f"{'training docs per task':<{w}}  {'tasks':>5}  {'base ppl':>9}  {'fit ppl':>9}  {'change':>7}"]
+        for r in by_task_size(fitted, base, train_sizes):
+            lines.append(f"{r['bucket']:<{w}}  {r['tasks']:>5}  {r['base_ppl']:>9.3f}  {r['fit_ppl']:>9.3f}  "
+                         f"{100 * r['change']:>+6.1f}%")
+        w = w - 17  # the overall rows below align their numbers with these columns
+    else:
+        w = max([len("task")] + [len(n) for n in names])
+        lines = [f"{'task':<{w}}  {'docs':>5}  {'tokens':>6}  {'base ppl':>9}  {'fit ppl':>9}  {'change':>7}"]
+        for n in names:
+            b, f = base["per_task"][n], fitted["per_task"][n]
+            lines.append(f"{n:<{w}}  {f['docs']:>5}  {f['tokens']:>6}  {b['ppl']:>9.3f}  {f['ppl']:>9.3f}  "
+                         f"{100 * (f['ppl'] / b['ppl'] - 1):>+6.1f}%")
     bo, fo = base["overall"], fitted["overall"]
     lines.append("-" * len(lines[0]))
     lines.append(f"{'overall: exp(mean per-task NLL)':<{w + 24}}  {bo['ppl_task_mean']:>9.3f}  "

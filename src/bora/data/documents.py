@@ -16,6 +16,7 @@ True
 >>> #     batch = collate(train, index, pad_id=tok.pad_token_id or 0)   # input_ids, attention_mask, task_ids, index
 
 Sources (``DataConfig.source``): ``"shakespeare"`` (the embedded default, see :mod:`bora.data.shakespeare`),
+``"shakespeare-all"`` (the many-task corpus: every speaker of every play with at least 3 speeches, 1,023 tasks),
 ``"fortunes"`` (the second embedded corpus, see :mod:`bora.data.fortunes`), a local
 ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file with a text and a task column, a local dataset
 folder or a hub dataset name (read with ``datasets.load_dataset(name, split=cfg.split)``). Every user error is
@@ -81,13 +82,17 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     ``cfg.duplicates='drop'`` repeated (task, text) pairs are kept once (the first). When
     ``cfg.tasks`` is set only those tasks are kept (each must have documents)."""
     source = cfg.source
-    if source in ("shakespeare", "fortunes") and cfg.mode != "text":
+    if source in ("shakespeare", "shakespeare-all", "fortunes") and cfg.mode != "text":
         raise ConfigError(f"the embedded {source} corpus is plain text; prompt/completion and chat columns need a "
                           "data file (--data FILE) that has them")
     if source == "shakespeare":
         from .shakespeare import load_shakespeare
 
         docs, where = load_shakespeare(cfg.tasks), "the shakespeare source"
+    elif source == "shakespeare-all":  # the many-task corpus: every speaker with >= 3 speeches
+        from .shakespeare import all_tasks, load_shakespeare
+
+        docs, where = load_shakespeare(cfg.tasks or all_tasks()), "the shakespeare-all source"
     elif source == "fortunes":
         from .fortunes import load_fortunes
 

@@ -29,7 +29,7 @@ test set.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from ..core.distributed import all_reduce_sum_, world
 from ..data.batching import scored_positions
 from ..data.feed import Feed
 
-__all__ = ["doc_loglik", "summarize", "evaluate", "bootstrap_ppl", "paired_bootstrap", "seeds_bootstrap"]
+__all__ = ["doc_loglik", "summarize", "by_task_size", "evaluate", "bootstrap_ppl", "paired_bootstrap",
+           "seeds_bootstrap"]
 
 
 @torch.no_grad()
@@ -83,6 +84,34 @@ def summarize(doc_nll: torch.Tensor, doc_tokens: torch.Tensor, task_ids: torch.T
         "overall": {"nll_task_mean": mean_nll, "ppl_task_mean": math.exp(mean_nll),
                     "nll_token": tok_nll, "ppl_token": math.exp(tok_nll), "tokens": int(tok_t.sum())},
     }
+
+
+def by_task_size(fitted: dict, base: dict, train_sizes: Mapping[str, int],
+                 edges: Sequence[int] = (2, 10, 30, 100)) -> list[dict]:
+    """Test perplexity by the size of a task's training split: one row per bucket of tasks with ``1..edges[0]``,
+    ``edges[0]+1..edges[1]``, ... and more than ``edges[-1]`` training documents (``0``: a bucket of its own),
+    each ``{"bucket", "tasks", "base_ppl", "fit_ppl", "change"}`` with the perplexities ``exp(mean per-task NLL)``
+    over the bucket's tasks (every task counts once, as in :func:`summarize`). ``fitted`` and ``base``:
+    :func:`summarize` outputs; tasks without test documents are left out; empty buckets are omitted.
+
+    >>> f = {"per_task": {"a": {"nll": 1.0}, "b": {"nll": 2.0}, "c": {"nll": 3.0}}}
+    >>> b = {"per_task": {"a": {"nll": 1.5}, "b": {"nll": 2.0}, "c": {"nll": 3.0}}}
+    >>> [(r["bucket"], r["tasks"]) for r in by_task_size(f, b, {"a": 1, "b": 2, "c": 500})]
+    [('1-2', 2), ('>100', 1)]
+    """
+    lows = [0, 1] + [e + 1 for e in edges]
+    highs = [0] + list(edges) + [None]
+    rows = []
+    for lo, hi in zip(lows, highs):
+        names = [t for t in fitted["per_task"] if t in base["per_task"]
+                 and lo <= int(train_sizes.get(t, 0)) and (hi is None or int(train_sizes.get(t, 0)) <= hi)]
+        if not names:
+            continue
+        f = math.exp(sum(fitted["per_task"][t]["nll"] for t in names) / len(names))
+        b0 = math.exp(sum(base["per_task"][t]["nll"] for t in names) / len(names))
+        label = "0" if hi == 0 else f">{lo - 1}" if hi is None else f"{lo}-{hi}"
+        rows.append({"bucket": label, "tasks": len(names), "base_ppl": b0, "fit_ppl": f, "change": f / b0 - 1})
+    return rows
 
 
 def evaluate(model, params, feed: Feed, batch_size: int = 32) -> dict:
