@@ -116,19 +116,20 @@ def test_lazy_rows_state_round_trips():
 # ------------------------------------------------------------------ the step and the fit
 
 
-def make(tau_mode="learned", tasks=(20, 10, 6, 8, 4), **fit):
+def make(tau_mode="learned", tasks=(20, 10, 6, 8, 4), prior=None, **fit):
     f = dict(steps=30, batch_size=8, lr=2e-2, fisher_docs=8, patience=0, eval_every=10)
     f.update(fit)
     cfg = BoraConfig(model="tiny", adapter=AdapterConfig(rank=2, targets=("q_proj", "v_proj"), layers=(-2, -1)),
-                     prior=PriorConfig(tau_mode=tau_mode, tau=10.0), fit=FitConfig(**f))
+                     prior=PriorConfig(tau_mode=tau_mode, tau=10.0, **(prior or {})), fit=FitConfig(**f))
     train, val = task_data(tasks, seed=1), task_data((6, 4, 4, 4, 4), seed=2)
     return Bora(cfg, tiny_llama(), TinyTokenizer(), train.tasks, len(train)), train, val
 
 
-def test_lazy_loss_has_the_eager_gradients():
+@pytest.mark.parametrize("prior", [{}, {"hierarchy": "AB", "tau_per_module": True}])
+def test_lazy_loss_has_the_eager_gradients(prior):
     """The hand-written lazy loss against Pyro's ELBO of the model: the same global gradient, and the offsets'
     eager gradient is the lazy rows' likelihood gradient plus the prior's tau' delta (absent tasks: that alone)."""
-    b, train, _ = make(tau_mode="fixed", task_updates="lazy")
+    b, train, _ = make(tau_mode="fixed", task_updates="lazy", prior=prior)
     feed = b.feed(train)
     batch = feed.batch(torch.tensor([0, 1, 2, 21, 22, 40, 41, 42]))  # tasks 0, 1, 3 (2 and 4 absent)
     b.guide(batch)
@@ -147,6 +148,7 @@ def test_lazy_loss_has_the_eager_gradients():
     lazy.optimizer.zero_grad(set_to_none=True)
     loss, leaves = lazy.loss(batch, u, inv)
     loss.backward()
+    assert len(leaves) == (8 if prior else 4)  # 4 modules; theta_A and theta_B of each for 'AB'
     for name, p in lazy.globals.items():
         torch.testing.assert_close(p.grad, want[name + "_unconstrained"], rtol=1e-4, atol=1e-7)
     tau_prime = 10.0 / n_tokens
@@ -156,6 +158,81 @@ def test_lazy_loss_has_the_eager_gradients():
         torch.testing.assert_close(full[u], leaf.grad + tau_prime * delta[u], rtol=1e-4, atol=1e-8)
         absent = torch.tensor([2, 4])
         torch.testing.assert_close(full[absent], tau_prime * delta[absent], rtol=1e-4, atol=1e-8)
+
+
+def test_lazy_step_is_the_documented_update_written_out_with_pyros_gradients():
+    """Eight lazy steps of a tiny model against the module docstring's update written out densely over every task,
+    with the gradients from Pyro's ELBO of the model (the likelihood's: the eager gradient minus tau' delta) and a
+    separate AdamW for the global adapter. No clipping (the two norms differ by design); learning rates from the
+    fit's schedule."""
+    cfg = dict(tau_mode="fixed", task_updates="lazy", clip_norm=0.0, lr=1e-2, steps=8, warmup=0.25)
+    lazy_b, train, _ = make(**cfg)
+    ref_b, _, _ = make(**cfg)
+    n_tokens, T = train.num_tokens(), 5
+    lazy = build_step(lazy_b.model, lazy_b.guide, lazy_b.config.fit, total=8, n_tokens=n_tokens)
+    eager = build_step(ref_b.model, ref_b.guide, ref_b.config.fit.replace(task_updates="eager"), total=8,
+                       n_tokens=n_tokens)
+    params = {n: p for n, p in ref_b.guide.named_parameters()}
+    offsets = {n: p for n, p in params.items() if "_offset" in n}
+    glob = [p for n, p in params.items() if n not in offsets]
+    opt = torch.optim.AdamW(glob, lr=1e-2, weight_decay=0.0)
+    b1, b2, eps, tau_prime = 0.9, 0.999, 1e-8, 10.0 / n_tokens
+    m = {n: torch.zeros_like(p) for n, p in offsets.items()}
+    v = {n: torch.zeros_like(p) for n, p in offsets.items()}
+    c = torch.zeros(T, dtype=torch.long)
+    g = torch.Generator().manual_seed(5)
+    feed = lazy_b.feed(train)
+    for k in range(1, 9):
+        batch = feed.batch(torch.randperm(len(train), generator=g)[:6])
+        lr = float(lazy.optimizer.param_groups[0]["lr"])
+        lazy(batch, k)
+        eager.optimizer.zero_grad(set_to_none=True)
+        eager.loss_fn(batch).backward()
+        for p in glob:
+            p.grad = p.grad.clone()
+        with torch.no_grad():
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            u = torch.unique(batch["task_ids"])
+            c[u] += 1
+            cc = c[u].double().reshape(-1, 1, 1)
+            for n, d in offsets.items():
+                gl = (d.grad - tau_prime * d)[u]  # the likelihood's gradient of the batch's rows
+                m[n][u] = b1 * m[n][u] + (1 - b1) * gl
+                v[n][u] = b2 * v[n][u] + (1 - b2) * gl * gl
+                d[u] -= lr * (m[n][u] / (1 - b1 ** cc).float()) / ((v[n][u] / (1 - b2 ** cc).float()).sqrt() + eps)
+                seen = c > 0
+                cs = c[seen].double().reshape(-1, 1, 1)
+                D = (v[n][seen].double() / (1 - b2 ** cs)).sqrt() + eps
+                d[seen] *= torch.exp(-lr * tau_prime / D).float()
+    lazy.flush_()
+    got = dict(lazy_b.guide.named_parameters())
+    assert int((c == 0).sum()) == 0 and int(c.min()) < 8  # every task updated, some absent for a while
+    for n, p in params.items():
+        torch.testing.assert_close(got[n].detach(), p.detach(), rtol=2e-4, atol=2e-6)
+
+
+def test_lazy_steps_feed_the_tau_curvature_with_the_batch_task_ids():
+    """tau's per-task Fisher accumulated from a lazy step (run on remapped task ids) equals the eager step's."""
+    from bora.fit.curvature import StepFisher
+
+    fishers = {}
+    for mode in ("eager", "lazy"):
+        b, train, _ = make(task_updates=mode)
+        feed = b.feed(train)
+        batch = feed.batch(torch.tensor([0, 1, 21, 40, 41, 42, 44, 45]))  # tasks 0, 1, 3, 4 (2 absent)
+        n_tokens = train.num_tokens()
+        step = build_step(b.model, b.guide, b.config.fit, total=10, n_tokens=n_tokens, target=b.tau.model,
+                          tau_values=b.tau.values)
+        curv = StepFisher.for_model(b.model, train.task_sizes())
+        curv.begin_step(len(train) / (len(batch["index"]) * n_tokens), batch["task_ids"])
+        step(batch, 1, backward_context=b.model.adapters.record_task_grads(curv.sink))
+        fishers[mode] = curv.task_fisher().fisher
+    for key, pair in fishers["eager"].items():
+        F, G = pair[1], fishers["lazy"][key][1]
+        assert bool(F[[0, 1, 3, 4]].flatten(1).sum(1).gt(0).all()) and not bool(F[2].any())
+        torch.testing.assert_close(G, F, rtol=1e-4, atol=1e-10)
 
 
 def test_lazy_fit_end_to_end_and_close_to_eager(tmp_path):
