@@ -10,8 +10,10 @@ recording), on a tiny random-init Llama (hidden 128, 2 layers, vocab 2048, fp32)
 64 tokens from 16 distinct tasks drawn at random among the T (a fresh draw per step, so lazy steps flush
 tasks absent for varying stretches).
 
-* **Step time**: in this one process, eager and lazy steps alternate on the same batches (3 warm-up steps each,
-  then ``--repeats`` timed ones); the median per (T, mode), and its ratio to the same mode's T = 16.
+* **Step time**: in this one process, every (T, mode) variant is built first, then their steps are interleaved
+  in a fresh random order every round (:func:`common.interleave`: 3 warm-up rounds, then ``--repeats`` timed
+  ones); per variant the median, and the paired ratios (median over rounds of the per-round ratio, which cancels
+  most of a shared machine's changing load) to the same mode at T = 16 and to eager at the same T.
 * **Memory**: (a) the fit's persistent state, counted exactly from its tensors: guide parameters, the optimiser's
   state (AdamW moments; for lazy, AdamW of the global adapter plus the lazy rows' moments, counts and last-seen
   log-products); (b) the step's transient peak, measured as resident set size (RSS, not tracemalloc: torch's CPU
@@ -33,7 +35,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import CLIP, LR, BoraStep, Tok, machine_info, make_batch, make_lm, median, shared_copy  # noqa: E402
+from common import (CLIP, LR, BoraStep, Tok, interleave, machine_info, make_batch, make_lm, shared_copy,  # noqa: E402
+                    summarize)
 
 from bora.api import Bora  # noqa: E402
 from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig  # noqa: E402
@@ -83,6 +86,11 @@ def _status(field: str) -> float:
     return float("nan")
 
 
+def _cycling(v: BoraStep, bs: list[dict]):
+    k = iter(range(10**9))
+    return lambda: v.step(bs[next(k) % len(bs)])
+
+
 def one_rss(T: int, mode: str, steps: int) -> dict:
     """This process: build the fit, reset the RSS high-water mark, run ``steps`` steps; MiB."""
     torch.manual_seed(0)
@@ -106,7 +114,7 @@ def one_rss(T: int, mode: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=list(TASKS))
-    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--no-rss", action="store_true", help="skip the per-point RSS subprocesses")
     ap.add_argument("--rss", nargs=2, metavar=("T", "MODE"), help=argparse.SUPPRESS)  # one subprocess point
     ap.add_argument("--out", default=os.path.join(HERE, "results_task_scaling.json"))
@@ -121,28 +129,28 @@ def main() -> None:
                        "batch_size": BATCH, "distinct_tasks_per_batch": BATCH, "seq_len": SEQ, "num_docs": NUM_DOCS,
                        "tau_mode": "learned", "precision": "fp32", "torch_threads": 1, "repeats": args.repeats},
            "machine": machine_info(), "points": {}}
+    variants, steps = {}, {}
     for T in args.tasks:
         bs = batches(T)
-        t0 = time.perf_counter()
-        variants = {m: build(lm, T, m) for m in MODES}
-        build_s = time.perf_counter() - t0
-        times = {m: [] for m in MODES}
-        for k in range(3 + args.repeats):
-            for m in (MODES if k % 2 == 0 else MODES[::-1]):
-                t = time.perf_counter()
-                variants[m].step(bs[k % len(bs)])
-                if k >= 3:
-                    times[m].append(time.perf_counter() - t)
         for m in MODES:
-            out["points"][f"{T}/{m}"] = {"T": T, "mode": m, "step_ms": 1e3 * median(times[m]),
-                                         "step_ms_all": [round(1e3 * x, 3) for x in times[m]],
-                                         **{f"{k}_bytes": b for k, b in state_bytes(variants[m]).items()}}
-        print(f"T={T}: " + ", ".join(f"{m} {out['points'][f'{T}/{m}']['step_ms']:.1f} ms" for m in MODES)
-              + f" (built in {build_s:.1f} s)", flush=True)
-        del variants
+            name = f"{T}/{m}"
+            variants[name] = v = build(lm, T, m)
+            steps[name] = _cycling(v, bs)
+    times = interleave(steps, warmup=3, repeats=args.repeats, seed=0)
     base = min(args.tasks)
-    for p in out["points"].values():
-        p["step_ratio_vs_T%d" % base] = p["step_ms"] / out["points"][f"{base}/{p['mode']}"]["step_ms"]
+    for name, v in variants.items():
+        T, m = name.split("/")
+        own = summarize({name: times[name], "ref": times[f"{base}/{m}"]}, "ref")[name]
+        vs_eager = summarize({name: times[name], "ref": times[f"{T}/eager"]}, "ref")[name]
+        out["points"][name] = {"T": int(T), "mode": m, "step_ms": own["median_ms"], "q25_ms": own["q25_ms"],
+                               "q75_ms": own["q75_ms"], f"ratio_vs_T{base}": own["paired_ratio"],
+                               f"ratio_vs_T{base}_of_medians": own["ratio_of_medians"],
+                               "ratio_vs_eager": vs_eager["paired_ratio"],
+                               "step_ms_all": [round(1e3 * x, 3) for x in times[name]],
+                               **{f"{k}_bytes": b for k, b in state_bytes(v).items()}}
+        print(f"T={T} {m}: {own['median_ms']:.1f} ms, x{own['paired_ratio']:.2f} vs T={base}, "
+              f"x{vs_eager['paired_ratio']:.2f} vs eager", flush=True)
+    del variants, steps
     if not args.no_rss:
         for T in args.tasks:
             for m in MODES:
@@ -166,12 +174,14 @@ def write_markdown(out: dict, path: str) -> None:
              "`python benchmarks/task_scaling.py` (results_task_scaling.json; see the script's docstring for the "
              f"setting). Machine: {out['machine'].get('cpu_model')}, {out['setting']['torch_threads']} torch thread, "
              f"git {out['machine'].get('git')}; the whole run took {out['seconds']:.0f} s.", "",
-             "Step time: median of the in-process timed steps (eager and lazy alternate on the same batches). "
-             f"Ratio: to the same mode at T = {base}. State: guide parameters + optimiser state (exact tensor bytes). "
+             "Step time: median of the timed steps, every variant interleaved in one process (random order per "
+             f"round, {out['setting']['repeats']} rounds). Ratios: paired (median over rounds of the per-round "
+             f"ratio), to the same mode at T = {base} and to eager at the same T. State: guide parameters + "
+             "optimiser state (exact tensor bytes). "
              "Step peak: RSS high-water mark during 4 steps minus RSS before them (one subprocess per point).", "",
-             "| T | mode | step ms | ratio vs T=%d | params MiB | optimiser state MiB | step peak RSS MiB | "
-             "peak RSS MiB |" % base,
-             "|---|---|---|---|---|---|---|---|"]
+             "| T | mode | step ms | ratio vs T=%d | ratio vs eager | params MiB | optimiser state MiB | "
+             "step peak RSS MiB | peak RSS MiB |" % base,
+             "|---|---|---|---|---|---|---|---|---|"]
     for T in tasks:
         for m in MODES:
             p = pts.get(f"{T}/{m}")
@@ -179,7 +189,8 @@ def write_markdown(out: dict, path: str) -> None:
                 continue
             rss = p.get("rss", {})
             peak = rss.get("step_peak_mb")
-            lines.append(f"| {T} | {m} | {p['step_ms']:.2f} | {p['step_ratio_vs_T%d' % base]:.2f} | "
+            lines.append(f"| {T} | {m} | {p['step_ms']:.2f} | {p['ratio_vs_T%d' % base]:.2f} | "
+                         f"{p['ratio_vs_eager']:.2f} | "
                          f"{p['params_bytes'] / 2**20:.1f} | {p['optimizer_bytes'] / 2**20:.1f} | "
                          f"{'-' if peak is None else f'{peak:.1f}'} | {rss.get('peak_rss_mb', float('nan')):.0f} |")
     lines.append("")
