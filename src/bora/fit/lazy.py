@@ -42,8 +42,11 @@ group) and batch tasks ``U``:
 
 **The prior.** Per step and element, ``delta <- delta * exp(-eta_k tau'_k / D)`` (rule ``'adam'``, fits): the
 exact flow of the prior's Adam-preconditioned gradient ``tau' delta / D`` over the step, which equals the proximal
-step ``delta / (1 + eta tau' / D)`` to second order and has the MAP point as its fixed point (``tau' delta = -m``
-where the likelihood-gradient average ``m`` balances the prior). ``D`` is the row's Adam denominator, frozen while
+step ``delta / (1 + eta tau' / D)`` to second order. A task with data at every step is stationary where
+``tau' delta = -m x / (e^x - 1)``, ``x = eta tau' / D``, ``m`` its likelihood-gradient average: the MAP balance
+``tau' delta = -m`` up to a factor ``1 - x/2 + O(x^2)`` that vanishes with the learning rate (the proximal form would
+balance exactly, but its per-element factors do not compose in closed form under a changing learning rate).
+``D`` is the row's Adam denominator, frozen while
 the task has no data (its moments do not change); a task never in a batch has no ``D`` and is not shrunk (its
 offset stays at its initial value, 0 unless warm-started). With rule ``'sgd'`` (plain proximal SGD, for tests)
 ``D = 1`` and the factor is the proximal operator's ``1 / (1 + eta_k tau'_k)``. Either way the factors of the
@@ -59,7 +62,8 @@ row's likelihood ``D``; eager AdamW normalises likelihood and prior gradient tog
 coordinate moves by about ``eta`` per step toward 0 there, by ``eta tau' |delta| / D`` here). (b) Absent tasks'
 moments do not decay, and their bias correction counts their own updates. (c) Clipping sees only the batch's
 rows. (d) The global adapter's gradient is the same as eager (with offsets, ``delta``'s prior does not depend on
-``Theta``). Both target the same MAP point; their paths differ.
+``Theta``). Both reach the MAP point as the learning rate goes to 0; at a finite rate their stationary points
+differ slightly (above), and their paths differ.
 
 **When it is flushed.** Every task is brought up to date before each validation (so the point evaluated, the
 best state kept, and the tau update's statistics ``S = sum_t ||delta_t||^2`` and its curvature are those of the
