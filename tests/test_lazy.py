@@ -310,8 +310,26 @@ def test_lazy_refusals_are_one_line_errors():
         assert "\n" not in str(e.value)
 
 
-def test_lazy_cli_flag_is_generated():
-    from bora.cli.args import build_parser, config_from_args
+def test_lazy_cli_fit_evaluate_and_refusals(tmp_path, capsys):
+    """``bora fit --task-updates lazy`` (the flag generated from FitConfig.task_updates), then ``bora evaluate``;
+    unsupported combinations exit 2 with one line."""
+    import json
 
-    argv = ["fit", "--task-updates", "lazy"]
-    assert config_from_args(build_parser().parse_args(argv), argv).fit.task_updates == "lazy"
+    from bora.cli.main import main
+
+    from conftest import tiny_model_dir, write_jsonl
+
+    model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
+    base = ["fit", "--model", str(model), "--data", str(data), "--task-column", "speaker", "--targets", "q_proj",
+            "v_proj", "--layers", "-1", "--rank", "2", "--steps", "6", "--batch-size", "4", "--lr", "0.02",
+            "--quiet", "--device", "cpu", "--task-updates", "lazy"]
+    out = tmp_path / "fit"
+    assert main(base + ["--tau-mode", "learned", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["fit"]["task_updates"] == "lazy"
+    assert main(["evaluate", str(out), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for extra, msg in ((["--tau-mode", "shared"], "tau_mode"), (["--guide", "meanfield"], "point guide")):
+        assert main(base + extra + ["--output", str(tmp_path / "err")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and err.startswith("bora: error:") and "\n" not in err
