@@ -297,7 +297,8 @@ class BoraStep(Variant):
         # the step bora.fit.loop.FitLoop runs, from the same builder (constant schedule: no warm-up in a benchmark)
         self.train_step = build_step(bora_obj.model, bora_obj.guide,
                                      dataclasses.replace(cfg, schedule="constant", warmup=0.0, num_particles=1),
-                                     total=1, n_tokens=self.ntok_total, target=target)
+                                     total=1, n_tokens=self.ntok_total, target=target,
+                                     tau_values=bora_obj.tau.values if bora_obj.tau is not None else None)
         self.params, self.opt, self.sched = self.train_step.params, self.train_step.optimizer, \
             self.train_step.scheduler
         self.k = 0

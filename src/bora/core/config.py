@@ -63,6 +63,7 @@ DOC_ESTIMATORS = ("auto", "tilted", "plain")  # the document-level BMA's estimat
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 TAU_CURVATURES = ("steps", "pass")
+TASK_UPDATES = ("eager", "lazy")
 LAPLACE_LABELS = ("sampled", "empirical")
 LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
@@ -346,6 +347,13 @@ class FitConfig(_JsonConfig):
     num_particles: int = _f(1, "ELBO particles per step ('meanfield' only; a point guide takes 1).")
     init_scale: float = _f(1e-3, "Initial posterior standard deviation of the mean-field guide.")
     seed: int = _f(0, "Random seed for initialisation, batching and dropout.")
+    task_updates: str = _f(
+        "eager", "How a point fit updates the task offsets delta_t: 'eager' (AdamW on the full objective: every "
+        "task's prior gradient, moments and update at every step, so a step costs O(tasks)) or 'lazy' (only the "
+        "tasks in the batch: a sparse Adam on their likelihood gradient, and each task's Gaussian prior applied as "
+        "an exact shrinkage composed over the steps since it was last in a batch; a step costs O(batch); "
+        "bora.fit.lazy). 'lazy' needs a point guide, offset task sites and a fixed or learned tau.",
+        choices=TASK_UPDATES)
     cache_prefix: bool = _f(
         True, "Compute the frozen layers below the lowest adapted layer once per document and reuse them."
     )
@@ -379,6 +387,10 @@ class FitConfig(_JsonConfig):
         _check(self.num_particles == 1 or self.guide == "meanfield",
                f"num_particles > 1 needs guide='meanfield' (guide {self.guide!r} has a point estimate: every particle "
                "would be the same, and the tau update's curvature would count each document several times)")
+        _check(self.task_updates == "eager" or self.guide != "meanfield",
+               "task_updates='lazy' needs a point guide ('map' or 'laplace'), not 'meanfield'")
+        _check(self.task_updates == "eager" or self.weight_decay == 0,
+               "task_updates='lazy' needs weight_decay=0 (the lazy task update has no decoupled decay)")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
                f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")
         _check(self.init_scale > 0, "init_scale must be > 0")
@@ -482,3 +494,8 @@ class BoraConfig(_JsonConfig):
         self._check_choices()
         for name, cls in (("adapter", AdapterConfig), ("prior", PriorConfig), ("fit", FitConfig), ("data", DataConfig)):
             _check(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")
+        _check(self.fit.task_updates == "eager" or self.prior.tau_mode in ("fixed", "learned"),
+               f"task_updates='lazy' needs tau_mode 'fixed' or 'learned', got {self.prior.tau_mode!r}")
+        _check(self.fit.task_updates == "eager" or self.prior.parameterisation in ("auto", "offset"),
+               f"task_updates='lazy' needs offset task sites (parameterisation 'auto' or 'offset'), got "
+               f"{self.prior.parameterisation!r}")

@@ -18,6 +18,10 @@ without improvement, and a learned tau is re-estimated (:class:`~bora.fit.callba
 guides; :class:`~bora.fit.callbacks.VariationalTau` takes the M-step after every step instead). The best
 validated state, and the tau it was trained under, are restored at the end.
 
+With ``task_updates='lazy'`` the step is :class:`bora.fit.lazy.LazyStep` (only the batch's tasks); the loop
+flushes every task's pending prior shrinkage before each validation and at the end of the fit, and its lazy
+state (``parts()['lazy']``) is checkpointed with the rest.
+
 State and resume (as NumPyro's ``SVI.init/update`` and Hugging Face's ``TrainerState``): the loop carries
 an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gathers it with every other stateful
 part (guide, optimiser, scheduler, batch stream, phase timer, each named callback, every RNG state) from one
@@ -47,6 +51,7 @@ from ..data.feed import Feed
 from ..evaluation.evaluate import evaluate
 from ..model.guides import point_values
 from .builder import build_step
+from .lazy import LazyStep
 from .callbacks import BestState, Callback, CheckpointFunction, EvidenceTau, PerTaskBest, ProgressBar, \
     VariationalTau, combined_context
 from .state import FitState, PhaseTimer
@@ -118,7 +123,9 @@ class FitLoop:
         self._first: Optional[dict] = self.rank_batch(self.state.pending)
         guide(self._first)  # sets up the guide's parameters (runs the model once)
         self.step_fn = build_step(model, guide, cfg, total=self.total, n_tokens=self.n_tokens,
-                                  target=tau.model if tau is not None else model)
+                                  target=tau.model if tau is not None else model,
+                                  tau_values=tau.values if tau is not None else None)
+        self.lazy: Optional[LazyStep] = self.step_fn if isinstance(self.step_fn, LazyStep) else None
         self.optimizer, self.scheduler = self.step_fn.optimizer, self.step_fn.scheduler
         self.timer = PhaseTimer()
         builtin: list[Callback] = []
@@ -137,6 +144,7 @@ class FitLoop:
         """Every stateful part of a fit, by the key its state has in :meth:`state_dict` (restore order)."""
         return {"guide": self.guide, "optimizer": self.optimizer, "scheduler": self.scheduler,
                 "stream": self.stream, "loop": self.state, "timer": self.timer,
+                **({"lazy": self.lazy.rows} if self.lazy is not None else {}),
                 **{f"callback.{cb.name}": cb for cb in self.callbacks if cb.name}}
 
     def state_dict(self) -> dict:
@@ -159,6 +167,11 @@ class FitLoop:
         if weight != 1.0:
             b["loglik_scale"] = weight
         return b
+
+    def flush_(self) -> None:
+        """Bring every task's lazily updated offset up to date (``task_updates='lazy'``; nothing otherwise)."""
+        if self.lazy is not None:
+            self.lazy.flush_()
 
     def point(self) -> dict:
         return self.model.complete({**point_values(self.guide), **(self.tau.values if self.tau is not None else {})})
@@ -190,6 +203,7 @@ class FitLoop:
         """Validate the current point, let the callbacks see it, and append the entry to the history."""
         state = self.state
         train_loss, train_nll = state.take_running_()
+        self.flush_()  # lazy task updates: validation, the best state and the tau update see up-to-date offsets
         point = self.point()
         entry = {"step": state.step, "epoch": state.step / self.per_epoch, "train_loss": train_loss,
                  "train_nll": train_nll, "lr": self.optimizer.param_groups[0]["lr"], "time": self.timer.elapsed()}
@@ -234,6 +248,7 @@ class FitLoop:
                 if validated:
                     self.validate()
                 self._save(validated)
+            self.flush_()  # before a callback restores a kept state
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         finally:
