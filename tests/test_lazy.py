@@ -298,7 +298,7 @@ def test_lazy_refusals_are_one_line_errors():
         (lambda: FitConfig(task_updates="lazy", guide="meanfield"), "point guide"),
         (lambda: FitConfig(task_updates="lazy", weight_decay=0.1), "weight_decay"),
         (lambda: FitConfig(task_updates="lazy", guide="laplace", num_particles=2), "num_particles"),
-        (lambda: BoraConfig(prior=PriorConfig(tau_mode="independent"), fit=FitConfig(task_updates="lazy")),
+        (lambda: BoraConfig(prior=PriorConfig(tau_mode="uncoupled"), fit=FitConfig(task_updates="lazy")),
          "tau_mode"),
         (lambda: BoraConfig(prior=PriorConfig(parameterisation="noncentred"), fit=FitConfig(task_updates="lazy")),
          "offset"),
