@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 
 from ..core.config import ConfigError, DataConfig
 
-__all__ = ["read_row", "check_messages", "encode_pair", "encode_chat", "encode_row", "fit_to_length",
+__all__ = ["read_row", "check_string", "check_messages", "encode_pair", "encode_chat", "encode_row", "fit_to_length",
            "warn_cut"]
 
 
@@ -59,13 +59,18 @@ def _where(ds, i: int) -> str:
 
 
 def _string(value, ds, i: int, role: str, column: str) -> str:
+    return check_string(value, _where(ds, i), role, column)
+
+
+def check_string(value, where: str, role: str, column: str) -> str:
+    """``value`` as a non-empty string, or a :class:`~bora.core.config.ConfigError` naming ``where``."""
     if value is None or (isinstance(value, float) and value != value):
-        raise ConfigError(f"{_where(ds, i)}: no {role} (column {column!r} is missing or empty)")
+        raise ConfigError(f"{where}: no {role} (column {column!r} is missing or empty)")
     if not isinstance(value, str):
-        raise ConfigError(f"{_where(ds, i)}: the {role} column {column!r} must hold strings, got "
+        raise ConfigError(f"{where}: the {role} column {column!r} must hold strings, got "
                           f"{type(value).__name__}")
     if not value.strip():
-        raise ConfigError(f"{_where(ds, i)}: empty {role} in column {column!r}")
+        raise ConfigError(f"{where}: empty {role} in column {column!r}")
     return value
 
 
