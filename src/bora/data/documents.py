@@ -36,7 +36,10 @@ and hub datasets are read with ``datasets``.
 With ``prompt_column``/``completion_column`` (prompt/completion data) or ``messages_column`` (chat data) a row is
 ``{"prompt", "completion", "task"}`` or ``{"messages", "task"}`` instead, every row must be complete (a missing or
 empty value is an error naming the line, never skipped), and tokenisation gives each row a loss mask: only the
-completion's or the assistant turns' tokens are scored (:mod:`bora.data.modes`, docs/data_modes.md).
+completion's or the assistant turns' tokens are scored (:mod:`bora.data.modes`, docs/data_modes.md). With
+``label_column`` (and ``choices_column`` or a fixed label set), or the embedded ``"shakespeare-mc"`` corpus
+(:mod:`bora.data.shakespeare_mc`), a row is ``{"prompt", "choices", "label", "task"}``
+(:mod:`bora.data.classification`) and is tokenised as one sequence per choice.
 
 Splits are per task and depend only on ``(seed, task name, that task's documents in order)``, so
 adding or removing other tasks never reshuffles a task. Task sizes are left unequal on purpose.

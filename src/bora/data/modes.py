@@ -28,6 +28,9 @@ Three kinds of rows (:attr:`bora.core.config.DataConfig.mode`):
   and checking that each is a prefix of the whole rendering (a template for which this fails is an error); a
   token is scored when its characters (the fast tokenizer's offsets) overlap an assistant span.
 
+Classification and multiple-choice rows (``'classification'``: ``--label-column``, with ``--choices-column`` or a
+fixed label set) are read by :mod:`bora.data.classification`: each choice is a completion of the row's prompt.
+
 A row's scores are one mask per token (``mask[j] = 1``: token ``j`` is predicted and counted); the first token is
 never scored. Plain text is the special case ``mask = [0, 1, 1, ...]`` and is stored without a mask.
 

@@ -21,6 +21,11 @@ states (``hidden``, :mod:`bora.lora.prefix`); the adapters of each row's task ar
 pass (:meth:`bora.lora.inject.AdapterSet.use`); the pass runs under the precision's autocast (:mod:`bora.core.device`);
 the LM head runs on scored positions only, through :func:`bora.lora.head.chunked_nll` when it is a frozen linear
 layer.
+
+A classification batch (:mod:`bora.data.classification`; ``choice_row`` says which row each sequence, one per
+choice, belongs to) runs every sequence under its row's task adapter, sums each choice's scored token
+log-probabilities, and gives each row ``log softmax`` over its choices at the correct one (``label``): the
+log-likelihood of a row is that of its label, so the fit, the Fisher and the evaluation all see it.
 """
 
 from __future__ import annotations
