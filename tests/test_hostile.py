@@ -73,7 +73,25 @@ def chats(ws, rows):
     return write(ws, "c.jsonl", "\n".join(good + [json.dumps(r) for r in rows]) + "\n")
 
 
+def choices(ws, rows):
+    """Good multiple-choice data (columns q, choices, answer, speaker) with ``rows`` appended (from line 13)."""
+    good = [json.dumps({"q": f"w{5 + i}", "choices": [f" w{t}", " w9", " w10 w11"], "answer": i % 3,
+                        "speaker": f"spk{t}"}) for t in range(3) for i in range(4)]
+    return write(ws, "m.jsonl", "\n".join(good + [json.dumps(r) for r in rows]) + "\n")
+
+
+def labelled(ws, rows):
+    """Good classification data with a fixed label set (columns q, y, speaker) and the label map ``map.json``
+    (pos, neg), with ``rows`` appended (from line 13)."""
+    write(ws, "map.json", json.dumps({"pos": " w1", "neg": " w2"}))
+    good = [json.dumps({"q": f"w{5 + i}", "y": ("pos", "neg")[i % 2], "speaker": f"spk{t}"})
+            for t in range(3) for i in range(4)]
+    return write(ws, "l.jsonl", "\n".join(good + [json.dumps(r) for r in rows]) + "\n")
+
+
 PAIR = ("--prompt-column", "q", "--completion-column", "a")
+MC = ("--prompt-column", "q", "--choices-column", "choices", "--label-column", "answer")
+LABEL = ("--prompt-column", "q", "--label-column", "y")
 CHAT = ("--messages-column", "chat")
 
 
@@ -205,6 +223,24 @@ CASES = [
     ("fit: messages value that is not a list", lambda e, w: fit(e, w, chats(w, [{"chat": {"role": "user"}, "speaker": "spk0"}]), *CHAT), "line 13: the messages column 'chat' must hold a non-empty list"),
     ("fit: message without role and content", lambda e, w: fit(e, w, chats(w, [{"chat": [{"text": "w1"}], "speaker": "spk0"}]), *CHAT), "line 13: message 1 must be an object"),
     ("fit: chat data and a tokenizer without a chat template", lambda e, w: fit(e, w, chats(w, []), *CHAT), "needs a tokenizer with a chat template"),
+    # --- fit: classification and multiple-choice data
+    ("fit: row without a label", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": [" w2", " w3"], "speaker": "spk0"}]), *MC), "line 13: no label"),
+    ("fit: empty label", lambda e, w: fit(e, w, labelled(w, [{"q": "w1", "y": " ", "speaker": "spk0"}]), *LABEL), "line 13: empty label"),
+    ("fit: label outside the label set", lambda e, w: fit(e, w, labelled(w, [{"q": "w1", "y": "meh", "speaker": "spk0"}]), *LABEL, "--label-map", str(w / "map.json")), "line 13: label 'meh' is not in the label set"),
+    ("fit: a single label in the whole file", lambda e, w: fit(e, w, write(w, "one.jsonl", "".join(json.dumps({"q": f"w{i}", "y": "pos", "speaker": "spk0"}) + "\n" for i in range(6))), *LABEL), "at least 2 labels"),
+    ("fit: row with a single choice", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": [" w2"], "answer": 0, "speaker": "spk0"}]), *MC), "line 13: a row needs at least 2 choices"),
+    ("fit: choices that are not a list of strings", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": [" w2", 3], "answer": 0, "speaker": "spk0"}]), *MC), "line 13: the choices column 'choices' must hold a list of strings"),
+    ("fit: choices that are a number", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": 3, "answer": 0, "speaker": "spk0"}]), *MC), "line 13: the choices column 'choices' must hold a list of strings, got int"),
+    ("fit: repeated choice", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": [" w2", " w2"], "answer": 0, "speaker": "spk0"}]), *MC), "line 13: repeated choice"),
+    ("fit: label index out of range", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": [" w2", " w3"], "answer": 2, "speaker": "spk0"}]), *MC), "line 13: label index 2 is out of range for 2 choices"),
+    ("fit: label text that is not a choice", lambda e, w: fit(e, w, choices(w, [{"q": "w1", "choices": [" w2", " w3"], "answer": "w4", "speaker": "spk0"}]), *MC), "line 13: label 'w4' is not one of the row's 2 choices"),
+    ("fit: --choices-column without --label-column", lambda e, w: fit(e, w, choices(w, []), "--prompt-column", "q", "--choices-column", "choices"), "--choices-column needs --label-column"),
+    ("fit: --label-column without --prompt-column", lambda e, w: fit(e, w, labelled(w, []), "--label-column", "y"), "needs --prompt-column"),
+    ("fit: --label-column that does not exist", lambda e, w: fit(e, w, labelled(w, []), "--prompt-column", "q", "--label-column", "label"), "label column 'label' not found"),
+    ("fit: --label-map that is not a JSON object", lambda e, w: fit(e, w, labelled(w, []), *LABEL, "--label-map", str(write(w, "bad.json", "[1, 2]"))), "the label map must be a JSON object"),
+    ("fit: --label-map with --choices-column", lambda e, w: fit(e, w, choices(w, []), *MC, "--label-map", str(w / "m.jsonl")), "--label-map is for a fixed label set"),
+    ("fit: --label-column with the embedded corpus", lambda e, w: fit(e, w, "shakespeare", *LABEL), "is plain text"),
+    ("fit: column flags with the embedded shakespeare-mc corpus", lambda e, w: fit(e, w, "shakespeare-mc", *LABEL), "brings its own prompts"),
     # --- fit: settings
     ("fit: --rank 0", lambda e, w: fit(e, w, None, "--rank", "0"), "rank must be"),
     ("fit: --lr -1", lambda e, w: fit(e, w, None, "--lr", "-1"), "lr must be"),

@@ -215,9 +215,10 @@ def _add_evaluate(sub, common) -> None:
     e = sub.add_parser("evaluate", help="per-task test perplexity of the base model and a saved fit", parents=common)
     e.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="Which split to evaluate.")
-    e.add_argument("--samples", type=int, default=1,
+    e.add_argument("--samples", type=int, default=None,
                    help="Posterior samples for the Bayesian-model-average column (Laplace or mean-field fits; 1: "
-                        "point estimate only).")
+                        "point estimate only). Default 1; 10 for classification data, whose posterior average is "
+                        "the mean of the choice probabilities over the samples.")
     e.add_argument("--seed", type=int, default=0, help="Seed of the posterior samples.")
     e.add_argument("--predictive", choices=PREDICTIVES, default="sample", help=PREDICTIVE_HELP)
     e.add_argument("--doc-estimator", choices=DOC_ESTIMATORS, default="auto",
@@ -227,6 +228,8 @@ def _add_evaluate(sub, common) -> None:
                         "biased low when a document's log-likelihood varies by nats over the posterior) or 'auto' "
                         "(tilted where it applies).")
     e.add_argument("--batch-size", type=int, default=8, help="Documents per batch for the token-level metrics.")
+    e.add_argument("--json", type=Path, default=None, metavar="FILE.json",
+                   help="Also write the evaluation (every number printed, per task) to this JSON file.")
 
 
 def _add_report(sub, common) -> None:

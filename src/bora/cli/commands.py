@@ -18,7 +18,7 @@ from typing import Optional
 
 from .args import COMMON_FLAGS, config_from_args, explicit_flags
 from ..core.config import BoraConfig, CheckpointConfig, ConfigError
-from .tables import format_posterior_table, format_table
+from .tables import format_classification_table, format_posterior_table, format_table
 
 __all__ = ["main_report", "cmd_fit", "cmd_evaluate", "cmd_laplace", "cmd_sample", "cmd_export"]
 
@@ -134,10 +134,20 @@ def fit_command(args, argv) -> int:
 
     sizes = dict(zip(bora.tasks, feeds["train"].split.task_sizes().tolist()))
     bora.metrics = {"test": {"base": base, "fit": fitted, "by_train_size": by_task_size(fitted, base, sizes)}}
+    if data["test"].is_classification:
+        from ..evaluation.classification import evaluate_classification
+
+        classification = evaluate_classification(bora.posterior(1), feeds["test"],
+                                                 batch_size=config.fit.eval_batch_size)
+        classification.pop("posterior_average")  # one draw is no average: `bora evaluate` takes >= 10
+        bora.metrics["test"]["classification"] = classification
     if is_main():
         save_fit(bora, out)
     print()
-    print(format_table(base, fitted, train_sizes=sizes))
+    if "classification" in bora.metrics["test"]:  # its NLL per row is the table's; perplexity means little here
+        print(format_classification_table(bora.metrics["test"]["classification"]))
+    else:
+        print(format_table(base, fitted, train_sizes=sizes))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
@@ -159,8 +169,10 @@ def fit_command(args, argv) -> int:
 def cmd_evaluate(args) -> int:
     from ..api import Bora, load_data
 
-    if args.samples < 1 or args.batch_size < 1:
+    if (args.samples is not None and args.samples < 1) or args.batch_size < 1:
         raise ConfigError("--samples and --batch-size must be >= 1")
+    if args.json is not None and args.json.is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; give a file name, e.g. {args.json / 'evaluation.json'}")
     bora = Bora.load(args.fit_dir, device=args.device)
     data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
     split = data[args.split]
@@ -168,17 +180,37 @@ def cmd_evaluate(args) -> int:
         missing = [t for t, n in zip(bora.tasks, split.task_sizes().tolist()) if n == 0]
         raise ConfigError(f"the data has no {args.split} documents for task(s) {missing[:3]} of this fit")
     feed = bora.feed(split, progress=not args.quiet, desc=f"caching frozen layers ({args.split})")
+    tau = bora.tau_estimate()
+    if split.is_classification:
+        from ..evaluation.classification import evaluate_classification
+
+        post = bora.posterior(10 if args.samples is None else args.samples, seed=args.seed,
+                              predictive=args.predictive)
+        res = evaluate_classification(post, feed, batch_size=args.batch_size)
+        print(format_classification_table(res, title=args.split))
+        print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
+        _write_evaluation(args.json, {"split": args.split, "classification": res, "tau": tau})
+        return 0
     base = bora.evaluate(feed, base=True)
     fitted = bora.evaluate(feed)
     print(format_table(base, fitted, title=args.split,
                        train_sizes=dict(zip(bora.tasks, data["train"].task_sizes().tolist()))))
-    tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
-    post = bora.posterior(args.samples, seed=args.seed, predictive=args.predictive)
+    post = bora.posterior(1 if args.samples is None else args.samples, seed=args.seed, predictive=args.predictive)
     res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet, doc_estimator=args.doc_estimator)
     print()
     print(format_posterior_table(res, title=args.split))
+    _write_evaluation(args.json, {"split": args.split, "base": base, "fit": fitted, "posterior": res, "tau": tau})
     return 0
+
+
+def _write_evaluation(path: Optional[Path], obj: dict) -> None:
+    """``bora evaluate --json PATH``: the evaluation as JSON (atomically)."""
+    if path is not None:
+        from ..core.files import write_json
+
+        write_json(path, obj)
+        print(f"wrote {path}")
 
 
 def cmd_laplace(args) -> int:

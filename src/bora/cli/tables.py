@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["format_table", "format_posterior_table"]
+__all__ = ["format_table", "format_posterior_table", "format_classification_table"]
 
 
 #: above this many tasks the tables group tasks by training-split size instead of listing each one
@@ -109,4 +109,33 @@ def format_posterior_table(res: dict, *, title: str = "test") -> str:
                          f"{br(t['lo'], t['hi']):>24}  {br(iv[n]['lo'], iv[n]['hi']):>22}")
         lines.append("(BMA ppl: document-level posterior predictive; test-set: documents resampled within the task; "
                      "posterior spread: the task's perplexity under each sample, a plug-in quantity)")
+    return "\n".join(lines)
+
+
+def format_classification_table(res: dict, *, title: str = "test") -> str:
+    """Per task and overall (mean over tasks) accuracy, NLL, ECE (15 bins) and Brier score of a classification
+    evaluation (:func:`bora.evaluation.classification.evaluate_classification`): the base model (where given),
+    the MAP and the posterior average of the choice probabilities."""
+    S = res["samples"]
+    cols = [c for c in ("base", "map", "posterior_average") if c in res]
+    heads = {"base": "base", "map": "MAP", "posterior_average": f"post. avg (S={S})"}
+    names = list(res["map"]["per_task"])
+    w = max([len("overall (task mean)")] + [len(n) for n in names])
+    cw = 8
+    metrics = (("accuracy", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"))
+    top = f"{'':<{w}}  {'rows':>5}  " + "  ".join(f"{heads[c]:^{4 * cw + 3}}" for c in cols)
+    sub = f"{'task':<{w}}  {'':>5}  " + "  ".join(" ".join(f"{m:>{cw}}" for _, m in metrics) for _ in cols)
+    lines = [f"{title}: classification (accuracy, NLL per row, ECE with 15 bins, Brier)", top, sub]
+
+    def row(label, get, rows):
+        return f"{label:<{w}}  {rows:>5}  " + "  ".join(
+            " ".join(f"{get(c)[k]:>{cw}.4f}" for k, _ in metrics) for c in cols)
+
+    for n in names:
+        lines.append(row(n, lambda c: res[c]["per_task"][n], res["map"]["per_task"][n]["rows"]))
+    lines.append("-" * len(sub))
+    lines.append(row("overall (task mean)", lambda c: res[c]["overall"], res["map"]["overall"]["rows"]))
+    lines.append(row("pooled (every row)", lambda c: res[c]["pooled"], res["map"]["pooled"]["rows"]))
+    if res.get("point_fit"):
+        lines.append("(MAP fit without a posterior: the posterior average is the MAP)")
     return "\n".join(lines)

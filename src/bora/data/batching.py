@@ -22,28 +22,68 @@ import torch
 from ..core.config import ConfigError
 from .documents import TokenizedSplit, row_index
 
-__all__ = ["collate", "scored_positions", "batches", "BatchStream", "distinct_task_batches"]
+__all__ = ["collate", "pad_sequences", "row_tokens", "scored_positions", "batches", "BatchStream",
+           "distinct_task_batches"]
 
 
-def collate(split: TokenizedSplit, index, pad_id: int = 0) -> dict:
+def collate(split: TokenizedSplit, index, pad_id: int = 0, expand: Optional[bool] = None) -> dict:
     """Right-padded batch of rows ``index``: ``input_ids`` and ``attention_mask`` (1 real, 0 pad)
     LongTensors ``[N, Lmax]``, ``task_ids`` ``[N]`` and ``index`` ``[N]`` (rows of ``split``); with
-    ``loss_mask`` ``[N, Lmax]`` (1: a scored token) when the split has one (prompt/completion, chat)."""
+    ``loss_mask`` ``[N, Lmax]`` (1: a scored token) when the split has one (prompt/completion, chat).
+
+    Classification rows (``split.choices``) with ``expand`` (default: when the split is fitted with
+    ``choice_loss='choices'``) become one sequence per choice: ``input_ids``, ``attention_mask`` and ``loss_mask``
+    are ``[S, Lmax]`` (``S``: the rows' choices together), ``choice_row`` ``[S]`` is each sequence's row in the
+    batch, ``choice_index`` ``[S]`` its choice within the row and ``label`` ``[N]`` each row's correct choice;
+    ``task_ids`` and ``index`` stay per row. ``sequence`` ``[S]`` numbers the sequences within the split
+    (row ``i``'s choice ``k`` is ``split.choice_offsets()[i] + k``), for caches. Without ``expand`` a classification
+    batch holds each row's correct sequence (and its ``sequence`` number)."""
     idx = row_index(index, len(split))
-    seqs = [split.input_ids[i] for i in idx.tolist()]
+    rows = idx.tolist()
+    if split.is_classification:
+        expand = split.choice_loss == "choices" if expand is None else expand
+        offsets = split.choice_offsets()
+        if expand:
+            seqs = [c for i in rows for c in split.choices[i]]
+            masks = [m for i in rows for m in split.choice_masks[i]]
+            k = [len(split.choices[i]) for i in rows]
+            out = pad_sequences(seqs, masks, pad_id)
+            out["choice_row"] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(k, dtype=torch.long))
+            out["choice_index"] = torch.cat([torch.arange(n) for n in k]) if k else torch.zeros(0, dtype=torch.long)
+            out["label"] = split.labels[idx]
+            out["sequence"] = offsets[idx][out["choice_row"]] + out["choice_index"]
+        else:
+            out = pad_sequences([split.input_ids[i] for i in rows], [split.loss_mask[i] for i in rows], pad_id)
+            out["sequence"] = offsets[idx] + split.labels[idx]
+        return {**out, "task_ids": split.task_ids[idx], "index": idx}
+    out = pad_sequences([split.input_ids[i] for i in rows],
+               None if split.loss_mask is None else [split.loss_mask[i] for i in rows], pad_id)
+    return {**out, "task_ids": split.task_ids[idx], "index": idx}
+
+
+def pad_sequences(seqs: list, masks: Optional[list] = None, pad_id: int = 0) -> dict:
+    """``input_ids`` and ``attention_mask`` (and ``loss_mask`` given ``masks``), right-padded."""
     lmax = max((len(s) for s in seqs), default=0)
     input_ids = torch.full((len(seqs), lmax), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), lmax), dtype=torch.long)
     for r, s in enumerate(seqs):
         input_ids[r, : len(s)] = s
         mask[r, : len(s)] = 1
-    out = {"input_ids": input_ids, "attention_mask": mask, "task_ids": split.task_ids[idx], "index": idx}
-    if split.loss_mask is not None:
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if masks is not None:
         loss_mask = torch.zeros((len(seqs), lmax), dtype=torch.long)
-        for r, i in enumerate(idx.tolist()):
-            loss_mask[r, : len(seqs[r])] = split.loss_mask[i]
+        for r, m in enumerate(masks):
+            loss_mask[r, : len(m)] = m
         out["loss_mask"] = loss_mask
     return out
+
+
+def row_tokens(batch: dict) -> torch.Tensor:
+    """Scored units per row of a batch, ``[N]``: its scored tokens, or 1 for a classification row whose choices
+    were expanded (its likelihood is one log softmax over the choices)."""
+    if "choice_row" in batch:
+        return torch.ones(len(batch["task_ids"]), dtype=torch.long, device=batch["task_ids"].device)
+    return scored_positions(batch).sum(-1)
 
 
 def scored_positions(batch: dict) -> torch.Tensor:

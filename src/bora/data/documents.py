@@ -37,7 +37,10 @@ and hub datasets are read with ``datasets``.
 With ``prompt_column``/``completion_column`` (prompt/completion data) or ``messages_column`` (chat data) a row is
 ``{"prompt", "completion", "task"}`` or ``{"messages", "task"}`` instead, every row must be complete (a missing or
 empty value is an error naming the line, never skipped), and tokenisation gives each row a loss mask: only the
-completion's or the assistant turns' tokens are scored (:mod:`bora.data.modes`, docs/data_modes.md).
+completion's or the assistant turns' tokens are scored (:mod:`bora.data.modes`, docs/data_modes.md). With
+``label_column`` (and ``choices_column`` or a fixed label set), or the embedded ``"shakespeare-mc"`` corpus
+(:mod:`bora.data.shakespeare_mc`), a row is ``{"prompt", "choices", "label", "task"}``
+(:mod:`bora.data.classification`) and is tokenised as one sequence per choice.
 
 Splits are per task and depend only on ``(seed, task name, that task's documents in order)``, so
 adding or removing other tasks never reshuffles a task. Task sizes are left unequal on purpose.
@@ -56,7 +59,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..core.config import ConfigError, DataConfig
+from ..core.config import CLASSIFICATION_CORPORA, ConfigError, DataConfig
+from .classification import encode_choices, read_classification_rows
 from .modes import encode_row, fit_to_length, read_row, warn_cut
 from .readers import SUFFIXES, looks_like_path, preview, read_hub, read_local
 
@@ -70,6 +74,8 @@ __all__ = [
 ]
 
 _TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call
+_ROW_COLUMNS = ("prompt_column", "completion_column", "messages_column", "label_column", "choices_column",
+                "label_map")
 
 
 def load_documents(cfg: DataConfig) -> list[dict]:
@@ -83,9 +89,16 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     ``cfg.tasks`` is set only those tasks are kept (each must have documents)."""
     source = cfg.source
     if source in ("shakespeare", "shakespeare-all", "fortunes") and cfg.mode != "text":
-        raise ConfigError(f"the embedded {source} corpus is plain text; prompt/completion and chat columns need a "
-                          "data file (--data FILE) that has them")
-    if source == "shakespeare":
+        raise ConfigError(f"the embedded {source} corpus is plain text; prompt/completion, chat and classification "
+                          "columns need a data file (--data FILE) that has them")
+    if source in CLASSIFICATION_CORPORA and any(getattr(cfg, c) is not None for c in _ROW_COLUMNS):
+        raise ConfigError(f"the embedded {source} corpus brings its own prompts, choices and labels; column flags "
+                          "(--prompt-column, --label-column, ...) need a data file (--data FILE)")
+    if source == "shakespeare-mc":
+        from .shakespeare_mc import load_shakespeare_mc
+
+        docs, where = load_shakespeare_mc(cfg.tasks), "the shakespeare-mc source"
+    elif source == "shakespeare":
         from .shakespeare import load_shakespeare
 
         docs, where = load_shakespeare(cfg.tasks), "the shakespeare source"
@@ -117,6 +130,8 @@ def _content_key(d: dict):
         return d["text"]
     if "messages" in d:
         return tuple((m["role"], m["content"]) for m in d["messages"])
+    if "choices" in d:
+        return (d["prompt"], tuple(d["choices"]), d["label"])
     return (d["prompt"], d["completion"])
 
 
@@ -140,7 +155,9 @@ def _read_table_documents(cfg: DataConfig) -> list[dict]:
     columns = list(ds.column_names)
     roles = {"text": (("text", cfg.text_column),),
              "completion": (("prompt", cfg.prompt_column), ("completion", cfg.completion_column)),
-             "chat": (("messages", cfg.messages_column),)}[cfg.mode]
+             "chat": (("messages", cfg.messages_column),),
+             "classification": (("prompt", cfg.prompt_column), ("label", cfg.label_column),
+                                *((("choices", cfg.choices_column),) if cfg.choices_column else ()))}[cfg.mode]
     for role, col in (*roles, ("task", cfg.task_column)):
         if col not in columns:
             raise ConfigError(f"{role} column {col!r} not found in {source}; available columns: {columns}")
@@ -168,6 +185,9 @@ def _read_table_documents(cfg: DataConfig) -> list[dict]:
 def _read_rows(ds, cfg: DataConfig) -> list[dict]:
     """Prompt/completion or chat rows (:mod:`bora.data.modes`): every row must be complete; none is skipped."""
     _warn_unicode_variants(ds[cfg.task_column])
+    if cfg.mode == "classification":
+        tasks = ds[cfg.task_column]
+        return read_classification_rows(ds, cfg, lambda i: _row_task(ds, i, "row", tasks[i], cfg))
     docs = []
     for i, task in enumerate(ds[cfg.task_column]):
         row = read_row(ds, i, cfg)
@@ -307,13 +327,24 @@ class TokenizedSplit:
 
     ``loss_mask`` (prompt/completion and chat data, :mod:`bora.data.modes`): per row a 0/1 LongTensor of
     its length, 1 where the token is scored (predicted and counted); ``None`` (plain text) scores every
-    token after the first. ``scored[i]`` is row ``i``'s number of scored tokens."""
+    token after the first. ``scored[i]`` is row ``i``'s number of scored tokens.
+
+    Classification rows (:mod:`bora.data.classification`): ``choices[i]`` holds row ``i``'s ``K_i >= 2`` sequences
+    (prompt + choice) and ``choice_masks[i]`` their masks (the choice's tokens), ``labels[i]`` the index of the
+    correct one; ``input_ids[i]`` / ``loss_mask[i]`` are the correct choice's sequence. With ``choice_loss =
+    'choices'`` (the likelihood is the log softmax over the choices) a row counts as one scored unit
+    (``scored[i] = 1``: per-"token" numbers are per row); with ``'answer'`` (the LM loss of the correct answer)
+    its scored tokens are the correct answer's."""
 
     input_ids: list[torch.Tensor]
     task_ids: torch.Tensor
     tasks: tuple[str, ...]
     doc_index: Optional[torch.Tensor] = None
     loss_mask: Optional[list[torch.Tensor]] = None
+    choices: Optional[list[list[torch.Tensor]]] = None
+    choice_masks: Optional[list[list[torch.Tensor]]] = None
+    labels: Optional[torch.Tensor] = None
+    choice_loss: str = "choices"
     lengths: torch.Tensor = field(init=False, repr=False)
     scored: torch.Tensor = field(init=False, repr=False)
 
@@ -333,6 +364,35 @@ class TokenizedSplit:
                     m.shape != x.shape for m, x in zip(self.loss_mask, self.input_ids)):
                 raise ValueError("loss_mask must hold one mask per row, of the row's length")
             self.scored = torch.tensor([int(m.sum()) for m in self.loss_mask], dtype=torch.long)
+        if self.choices is not None:
+            self.labels = torch.as_tensor(self.labels, dtype=torch.long).reshape(-1)
+            if (self.choice_masks is None or len(self.choices) != len(self) or len(self.choice_masks) != len(self)
+                    or len(self.labels) != len(self)
+                    or any(len(c) < 2 or len(c) != len(m) for c, m in zip(self.choices, self.choice_masks))):
+                raise ValueError("choices, choice_masks and labels must hold one entry per row, >= 2 choices each")
+            if self.choice_loss not in ("choices", "answer"):
+                raise ValueError(f"choice_loss must be 'choices' or 'answer', got {self.choice_loss!r}")
+            if self.choice_loss == "choices":
+                self.scored = torch.ones(len(self), dtype=torch.long)
+
+    @property
+    def is_classification(self) -> bool:
+        """Whether the rows are classification rows (each with its choices)."""
+        return self.choices is not None
+
+    def choice_offsets(self) -> torch.Tensor:
+        """Where each row's choices start in the flat list of the split's choice sequences, LongTensor ``[N]``."""
+        k = self.num_choices()
+        return torch.cumsum(k, 0) - k
+
+    def sequences(self) -> list[torch.Tensor]:
+        """Every sequence a batch of this split can hold, flat: each row's choices in order (classification), or
+        the rows."""
+        return [c for cs in self.choices for c in cs] if self.choices is not None else list(self.input_ids)
+
+    def num_choices(self) -> torch.Tensor:
+        """Choices per row, LongTensor ``[N]`` (classification rows only)."""
+        return torch.tensor([len(c) for c in self.choices or ()], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -363,6 +423,10 @@ class TokenizedSplit:
             tasks=self.tasks,
             doc_index=self.doc_index[idx],
             loss_mask=None if self.loss_mask is None else [self.loss_mask[i] for i in idx.tolist()],
+            choices=None if self.choices is None else [self.choices[i] for i in idx.tolist()],
+            choice_masks=None if self.choice_masks is None else [self.choice_masks[i] for i in idx.tolist()],
+            labels=None if self.labels is None else self.labels[idx],
+            choice_loss=self.choice_loss,
         )
 
 
@@ -392,6 +456,7 @@ def tokenize_split(
     tokenizer,
     max_length: int,
     long_documents: str = "truncate",
+    choice_loss: str = "choices",
 ) -> TokenizedSplit:
     """Tokenise ``docs`` with ``tokenizer(texts, add_special_tokens=True)["input_ids"]``.
 
@@ -403,7 +468,11 @@ def tokenize_split(
     tokenised with a loss mask (:mod:`bora.data.modes`): only completion / assistant tokens are scored, and a row
     longer than ``max_length`` loses its prompt from the left first (never chunked; a scored part that alone does
     not fit is cut from its end, with one warning). A split with such rows has a ``loss_mask`` for every row
-    (plain-text rows in it score every token after the first)."""
+    (plain-text rows in it score every token after the first).
+
+    Classification rows (``{"prompt", "choices", "label", "task"}``, :mod:`bora.data.classification`) give a split
+    with ``choices`` (every choice's sequence after the prompt, each fitted to ``max_length``) and ``labels``;
+    ``choice_loss`` is the likelihood it is fitted with (see :class:`TokenizedSplit`)."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
     if long_documents not in ("truncate", "chunk"):
@@ -413,6 +482,8 @@ def tokenize_split(
     for d in docs:
         if d["task"] not in task_id:
             raise ConfigError(f"document of task {d['task']!r} but tasks are {preview(tasks)}")
+    if any("choices" in d for d in docs):
+        return _tokenize_classification(docs, task_id, tasks, tokenizer, max_length, choice_loss)
     plain = [i for i, d in enumerate(docs) if "text" in d]
     texts = [docs[i]["text"] for i in plain]
     ids: list = [None] * len(docs)
@@ -455,9 +526,39 @@ def tokenize_split(
     )
 
 
+def _tokenize_classification(docs, task_id: dict, tasks: tuple, tokenizer, max_length: int,
+                             choice_loss: str) -> TokenizedSplit:
+    """:func:`tokenize_split` of classification rows: every choice after its prompt."""
+    if not all("choices" in d for d in docs):
+        raise ConfigError("a split mixes classification rows with other rows")
+    choices, masks = [], []
+    cut_rows = cut_tokens = 0
+    for d in docs:
+        enc = encode_choices(tokenizer, d, max_length)
+        cut = sum(c for _, _, c in enc)
+        cut_rows, cut_tokens = cut_rows + (cut > 0), cut_tokens + cut
+        if any(sum(m) == 0 for _, m, _ in enc):
+            raise ConfigError(f"a choice of a row of task {d['task']!r} has no tokens to score after its prompt")
+        choices.append([torch.tensor(i, dtype=torch.long) for i, _, _ in enc])
+        masks.append([torch.tensor(m, dtype=torch.long) for _, m, _ in enc])
+    if cut_rows:
+        warn_cut(cut_rows, cut_tokens, max_length)
+    labels = [int(d["label"]) for d in docs]
+    return TokenizedSplit(
+        input_ids=[c[k] for c, k in zip(choices, labels)],
+        task_ids=torch.tensor([task_id[d["task"]] for d in docs], dtype=torch.long),
+        tasks=tasks,
+        doc_index=torch.arange(len(docs), dtype=torch.long),
+        loss_mask=[m[k] for m, k in zip(masks, labels)],
+        choices=choices, choice_masks=masks, labels=torch.tensor(labels, dtype=torch.long), choice_loss=choice_loss,
+    )
+
+
 def tokenize_splits(splits: Splits, tokenizer, cfg: DataConfig) -> dict[str, TokenizedSplit]:
-    """``{"train", "val", "test"}`` -> :func:`tokenize_split` with ``cfg.max_length`` / ``cfg.long_documents``."""
+    """``{"train", "val", "test"}`` -> :func:`tokenize_split` with ``cfg.max_length`` / ``cfg.long_documents``
+    (and ``cfg.choice_loss`` for classification rows)."""
     return {
-        name: tokenize_split(getattr(splits, name), splits.tasks, tokenizer, cfg.max_length, cfg.long_documents)
+        name: tokenize_split(getattr(splits, name), splits.tasks, tokenizer, cfg.max_length, cfg.long_documents,
+                             cfg.choice_loss)
         for name in ("train", "val", "test")
     }

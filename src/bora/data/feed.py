@@ -16,7 +16,8 @@
 With a :class:`~bora.lora.prefix.FrozenPrefix`, the hidden states entering the first adapted layer are
 computed once per document (lazily, in batches) and kept on the feed's device; every later batch
 (any epoch, any fit that shares the feed) gathers and pads them instead of rerunning the frozen
-layers. Cached states are stored unpadded, one tensor per document.
+layers. Cached states are stored unpadded, one tensor per document (per choice sequence for classification
+rows, :meth:`bora.data.documents.TokenizedSplit.sequences`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 
 from .documents import TokenizedSplit
-from .batching import collate
+from .batching import collate, pad_sequences
 from ..lora.prefix import FrozenPrefix
 
 __all__ = ["Feed"]
@@ -50,8 +51,8 @@ class Feed:
     def __len__(self) -> int:
         return len(self.split)
 
-    def _collate(self, index) -> dict:
-        b = collate(self.split, index, pad_id=self.pad_id)
+    def _collate(self, index, expand: Optional[bool] = None) -> dict:
+        b = collate(self.split, index, pad_id=self.pad_id, expand=expand)
         return {k: v.to(self.device) for k, v in b.items()}
 
     def build_cache_(self) -> None:
@@ -60,23 +61,26 @@ class Feed:
             return
         from tqdm.auto import tqdm
 
-        n = len(self.split)
-        order = sorted(range(n), key=lambda i: len(self.split.input_ids[i]))  # little padding
+        seqs = self.split.sequences()
+        n = len(seqs)
+        order = sorted(range(n), key=lambda i: len(seqs[i]))  # little padding
         hidden: list[Optional[torch.Tensor]] = [None] * n
         chunks = [order[i:i + self.cache_batch_size] for i in range(0, n, self.cache_batch_size)]
         for chunk in tqdm(chunks, desc=self.desc, disable=not self.progress, leave=False):
-            b = self._collate(chunk)
-            h = self.prefix.compute(b["input_ids"], b["attention_mask"])
+            b = pad_sequences([seqs[i] for i in chunk], pad_id=self.pad_id)
+            h = self.prefix.compute(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
             for row, i in enumerate(chunk):
-                hidden[i] = h[row, : len(self.split.input_ids[i])].clone()
+                hidden[i] = h[row, : len(seqs[i])].clone()
         self._hidden = hidden  # type: ignore[assignment]
 
-    def batch(self, index) -> dict:
-        """Padded batch for document indices ``index`` (with ``hidden`` when the prefix is cached)."""
-        b = self._collate(index)
+    def batch(self, index, expand: Optional[bool] = None) -> dict:
+        """Padded batch for document indices ``index`` (with ``hidden`` when the prefix is cached); ``expand``:
+        classification rows as one sequence per choice (:func:`bora.data.batching.collate`)."""
+        b = self._collate(index, expand)
         if self.prefix is not None:
             self.build_cache_()
-            idx = index.tolist() if torch.is_tensor(index) else list(index)
+            idx = b["sequence"].tolist() if "sequence" in b else (
+                index.tolist() if torch.is_tensor(index) else list(index))
             L = b["input_ids"].shape[1]
             H = self._hidden[idx[0]].shape[-1]
             hid = torch.zeros(len(idx), L, H, dtype=self._hidden[idx[0]].dtype, device=self.device)

@@ -28,6 +28,9 @@ Three kinds of rows (:attr:`bora.core.config.DataConfig.mode`):
   and checking that each is a prefix of the whole rendering (a template for which this fails is an error); a
   token is scored when its characters (the fast tokenizer's offsets) overlap an assistant span.
 
+Classification and multiple-choice rows (``'classification'``: ``--label-column``, with ``--choices-column`` or a
+fixed label set) are read by :mod:`bora.data.classification`: each choice is a completion of the row's prompt.
+
 A row's scores are one mask per token (``mask[j] = 1``: token ``j`` is predicted and counted); the first token is
 never scored. Plain text is the special case ``mask = [0, 1, 1, ...]`` and is stored without a mask.
 
@@ -50,7 +53,7 @@ from typing import Optional, Sequence
 
 from ..core.config import ConfigError, DataConfig
 
-__all__ = ["read_row", "check_messages", "encode_pair", "encode_chat", "encode_row", "fit_to_length",
+__all__ = ["read_row", "check_string", "check_messages", "encode_pair", "encode_chat", "encode_row", "fit_to_length",
            "warn_cut"]
 
 
@@ -59,13 +62,18 @@ def _where(ds, i: int) -> str:
 
 
 def _string(value, ds, i: int, role: str, column: str) -> str:
+    return check_string(value, _where(ds, i), role, column)
+
+
+def check_string(value, where: str, role: str, column: str) -> str:
+    """``value`` as a non-empty string, or a :class:`~bora.core.config.ConfigError` naming ``where``."""
     if value is None or (isinstance(value, float) and value != value):
-        raise ConfigError(f"{_where(ds, i)}: no {role} (column {column!r} is missing or empty)")
+        raise ConfigError(f"{where}: no {role} (column {column!r} is missing or empty)")
     if not isinstance(value, str):
-        raise ConfigError(f"{_where(ds, i)}: the {role} column {column!r} must hold strings, got "
+        raise ConfigError(f"{where}: the {role} column {column!r} must hold strings, got "
                           f"{type(value).__name__}")
     if not value.strip():
-        raise ConfigError(f"{_where(ds, i)}: empty {role} in column {column!r}")
+        raise ConfigError(f"{where}: empty {role} in column {column!r}")
     return value
 
 

@@ -36,7 +36,7 @@ import torch
 
 from ..core.config import DOC_ESTIMATORS, ConfigError
 from ..core.distributed import all_reduce_sum_, world
-from ..data.batching import scored_positions
+from ..data.batching import row_tokens
 from ..data.feed import Feed
 
 __all__ = ["doc_loglik", "summarize", "by_task_size", "evaluate", "bootstrap_ppl", "paired_bootstrap",
@@ -60,7 +60,7 @@ def doc_loglik(model, params, feed: Feed, batch_size: int = 32, direction=None) 
         idx = order[start:start + batch_size]
         b = feed.batch(idx)
         ll[idx] = model.loglik(b, params, direction).float().cpu()
-        tok[idx] = scored_positions(b).sum(-1).cpu()
+        tok[idx] = row_tokens(b).cpu()
     all_reduce_sum_(ll, tok)
     return ll, tok
 

@@ -221,7 +221,8 @@ class EvidenceTau(Callback):
             return None
         # a document's log-likelihood enters the loss with weight N w / (b n_tokens)
         w = float(batch.get("loglik_scale", 1.0)) * len(loop.train) / (len(batch["index"]) * loop.n_tokens)
-        self.curv.begin_step(w, batch["task_ids"], self.cfg.num_particles, index=batch["index"])
+        self.curv.begin_step(w, batch["task_ids"], self.cfg.num_particles, index=batch["index"],
+                             groups=batch.get("choice_row"))
         return loop.model.adapters.record_task_grads(self.curv.sink)
 
     def _task_fisher(self, loop, point) -> tuple[dict, Optional[float]]:

@@ -78,6 +78,7 @@ class StepFisher:
         self.probe_sums = {k: {i: torch.zeros(self.num_tasks, device=device) for i in self.factors} for k in shapes}
         self.probe_visits = torch.zeros(self.num_tasks, dtype=torch.float64)  # a probe seen twice counts twice
         self._probe_pos: Optional[torch.Tensor] = None
+        self._groups: Optional[tuple] = None  # (document of each sequence, task of each document)
 
     @classmethod
     def for_model(cls, model, task_sizes: torch.Tensor, memory: Optional[float] = None) -> "StepFisher":
@@ -103,10 +104,13 @@ class StepFisher:
         return seen.nonzero().reshape(-1)
 
     def begin_step(self, loss_weight: float, task_ids: torch.Tensor, particles: int = 1,
-                   index: Optional[torch.Tensor] = None) -> None:
+                   index: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None) -> None:
         """The next backward pass weighs each document's log-likelihood by ``loss_weight`` in every one
         of ``particles`` ELBO particles (0: a placeholder row that counts for nothing); ``index``: the
-        batch's document indices (needed for probes)."""
+        batch's document indices (needed for probes). ``groups``: the document of each sequence the layers see
+        when a document is several sequences (a classification row's choices, ``choice_row``): a document's
+        gradient is then the sum of its sequences' gradients, summed before squaring."""
+        self._groups = None if groups is None else (groups.to(task_ids.device), task_ids)
         self._inv_weight = 0.0 if loss_weight == 0 else 1.0 / (loss_weight * particles)
         self._particles = particles
         self._probe_pos = None
@@ -133,6 +137,11 @@ class StepFisher:
             return
         # (grad / weight)^2, and each of the particles' backward passes brings the same documents once
         w = self._inv_weight ** 2 / self._particles
+        if self._groups is not None:  # sequences -> their documents' gradients
+            groups, task_ids = self._groups
+            grad = torch.zeros((len(task_ids), *grad.shape[1:]), device=grad.device, dtype=torch.float32) \
+                .index_add_(0, groups.to(grad.device), grad.detach().float())
+            task_ids = task_ids.to(grad.device)
         sq = grad.detach().float().square()  # contiguous, whatever the layout of grad
         self.fisher[key][factor].index_add_(0, task_ids, sq, alpha=w)
         if self._probe_pos is not None:

@@ -57,7 +57,14 @@ class TaskFisher:
 
 
 def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.Tensor:
-    """Per-document log-likelihood of next tokens drawn from the model itself (labels ~ p(. | context))."""
+    """Per-document log-likelihood of next tokens drawn from the model itself (labels ~ p(. | context)); of a
+    classification row: of a choice drawn from the model's probabilities of its choices."""
+    if "choice_row" in batch:
+        logp = model.choice_log_probs(batch, params)
+        u = torch.rand(logp.shape[0], 1, generator=generator).to(logp.device)
+        probs = logp.detach().exp()
+        pick = torch.searchsorted(probs.cumsum(-1), u * probs.sum(-1, keepdim=True)).clamp_max(logp.shape[1] - 1)
+        return logp.gather(1, pick).squeeze(1)
     logits, _, rows = model.scored_logits(batch, params)
     u = torch.rand(logits.shape[0], 1, generator=generator).to(logits.device)
     probs = torch.softmax(logits.detach(), -1)

@@ -119,8 +119,8 @@ def _hashable(x):
 
 
 def data_fingerprint(splits: dict) -> str:
-    """sha256 of tokenized splits ``{name: TokenizedSplit}`` (tasks, token ids, task ids, and the loss masks of
-    prompt/completion and chat data)."""
+    """sha256 of tokenized splits ``{name: TokenizedSplit}`` (tasks, token ids, task ids, the loss masks of
+    prompt/completion and chat data, and the choices and labels of classification data)."""
     h = hashlib.sha256()
     for name in sorted(splits):
         s = splits[name]
@@ -131,6 +131,12 @@ def data_fingerprint(splits: dict) -> str:
             h.update(ids.to(torch.int64).numpy().tobytes())
         for m in s.loss_mask or ():
             h.update(b"m" + m.to(torch.int8).numpy().tobytes())
+        if s.is_classification:  # every choice, the labels and the likelihood they are fitted with
+            h.update(f"c:{s.choice_loss}".encode() + s.labels.to(torch.int64).numpy().tobytes())
+            for cs in s.choices:
+                h.update(len(cs).to_bytes(4, "little"))
+                for c in cs:
+                    h.update(len(c).to_bytes(4, "little") + c.to(torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -21,6 +21,11 @@ states (``hidden``, :mod:`bora.lora.prefix`); the adapters of each row's task ar
 pass (:meth:`bora.lora.inject.AdapterSet.use`); the pass runs under the precision's autocast (:mod:`bora.core.device`);
 the LM head runs on scored positions only, through :func:`bora.lora.head.chunked_nll` when it is a frozen linear
 layer.
+
+A classification batch (:mod:`bora.data.classification`; ``choice_row`` says which row each sequence, one per
+choice, belongs to) runs every sequence under its row's task adapter, sums each choice's scored token
+log-probabilities, and gives each row ``log softmax`` over its choices at the correct one (``label``): the
+log-likelihood of a row is that of its label, so the fit, the Fisher and the evaluation all see it.
 """
 
 from __future__ import annotations
@@ -39,9 +44,26 @@ from ..lora.inject import AdapterSet
 from ..lora.linearize import linearized
 from ..lora.prefix import FrozenPrefix
 
-__all__ = ["LMLikelihood", "Params"]
+__all__ = ["LMLikelihood", "Params", "sequence_tasks", "choice_log_softmax"]
 
 Params = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def sequence_tasks(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The task of each sequence of a batch: its row's (a classification batch has one sequence per choice)."""
+    tids = batch["task_ids"]
+    return tids[batch["choice_row"].to(tids.device)] if "choice_row" in batch else tids
+
+
+def choice_log_softmax(seq_ll: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, K_max]``: the per-sequence scores ``seq_ll [S]`` of a classification batch placed by ``choice_row`` and
+    ``choice_index`` (``-inf`` where a row has fewer choices), log-softmaxed over each row's choices."""
+    row, k = batch["choice_row"].to(seq_ll.device), batch["choice_index"].to(seq_ll.device)
+    n = len(batch["task_ids"])
+    width = int(k.max()) + 1 if k.numel() else 0
+    scores = torch.full((n, width), float("-inf"), device=seq_ll.device, dtype=seq_ll.dtype)
+    scores = scores.index_put((row, k), seq_ll)
+    return torch.log_softmax(scores, 1)
 
 
 class LMLikelihood:
@@ -112,7 +134,8 @@ class LMLikelihood:
         if hidden is not None and self.prefix is None:
             raise ValueError("batch carries cached hidden states but the model has no prefix")
         resume = self.prefix.resume(hidden) if hidden is not None else contextlib.nullcontext()
-        with self.adapters.use(params, batch["task_ids"] if params is not None else None), resume, self.autocast():
+        with self.adapters.use(params, sequence_tasks(batch) if params is not None else None), resume, \
+                self.autocast():
             yield
 
     def _scored_hidden(self, batch, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +166,26 @@ class LMLikelihood:
                direction: Optional[Params] = None) -> torch.Tensor:
         """Per-document sum of next-token log-probabilities, ``[N]``; ``params=None`` is the base model
         (``direction``: linearised, as in :meth:`scored_logits`). The LM head and the NLL run in chunks of tokens
-        (:func:`bora.lora.head.chunked_nll`) when the head is a frozen linear layer."""
+        (:func:`bora.lora.head.chunked_nll`) when the head is a frozen linear layer.
+
+        A classification batch (one sequence per choice, :func:`bora.data.batching.collate`) gives each row's
+        classification log-likelihood: the log softmax over its choices' summed token log-probabilities at the
+        correct choice (:meth:`choice_log_probs`)."""
+        if "choice_row" in batch:
+            logp = self.choice_log_probs(batch, params, direction)
+            return logp.gather(1, batch["label"].to(logp.device).unsqueeze(1)).squeeze(1)
+        return self.sequence_loglik(batch, params, direction)
+
+    def choice_log_probs(self, batch: Mapping[str, torch.Tensor], params: Optional[Params],
+                         direction: Optional[Params] = None) -> torch.Tensor:
+        """Each row's log-probabilities of its choices, ``[N, K_max]`` (``-inf`` past a row's last choice): the log
+        softmax over the row's choices of their summed token log-probabilities given the prompt."""
+        return choice_log_softmax(self.sequence_loglik(batch, params, direction), batch)
+
+    def sequence_loglik(self, batch: Mapping[str, torch.Tensor], params: Optional[Params],
+                        direction: Optional[Params] = None) -> torch.Tensor:
+        """Per-sequence sum of the scored tokens' log-probabilities, ``[S]`` (``S = N`` but for a classification
+        batch, whose sequences are its choices)."""
         W = self._head_weight() if direction is None and self._head_only_on_tokens() else None
         if W is not None:
             h, labels, rows = self._scored_hidden(batch, params)

@@ -1,0 +1,245 @@
+"""Classification and multiple-choice data: the likelihood of a row is the log softmax over its choices' summed
+token log-probabilities, computed by hand here with the plain transformers model; metrics against hand values."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bora.cli.main import main
+from bora.core.config import AdapterConfig, DataConfig
+from bora.data.batching import collate
+from bora.data.documents import load_documents, split_documents, tokenize_split
+from bora.data.feed import Feed
+from bora.evaluation.classification import choice_probs, classification_metrics, row_metrics
+from bora.evaluation.evaluate import doc_loglik
+from bora.fit.fisher import task_fisher
+from bora.lora.inject import inject_adapters_
+from bora.lora.prefix import FrozenPrefix
+from bora.model.likelihood import LMLikelihood
+
+from conftest import tiny_llama, tiny_model_dir, tiny_tokenizer
+
+TASKS = ("a", "b")
+ROWS = [  # different numbers of choices, and of tokens per choice and per prompt
+    {"prompt": "w5 w6 w7", "choices": [" w8", " w9 w10 w11", " w12 w13"], "label": 1, "task": "a"},
+    {"prompt": "w14", "choices": [" w15 w16", " w17"], "label": 0, "task": "b"},
+    {"prompt": "w20 w21 w22 w23 w24 w25", "choices": [" w26 w27 w28 w29", " w30", " w31 w32", " w33"],
+     "label": 3, "task": "a"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lm = tiny_llama(layers=3)
+    adapters = inject_adapters_(lm, AdapterConfig(rank=2, layers=None))
+    g = torch.Generator().manual_seed(0)
+    params = {k: (0.3 * torch.randn(len(TASKS), *a, generator=g), 0.3 * torch.randn(len(TASKS), *b, generator=g))
+              for k, (a, b) in adapters.shapes().items()}
+    tok = tiny_tokenizer()
+    return lm, adapters, params, tok, tokenize_split(ROWS, TASKS, tok, 64)
+
+
+def hand_choice_logprobs(lm, adapters, params, tok, row, task):
+    """log softmax over the choices of sum_j log p(choice token j | prompt, earlier choice tokens), each choice run
+    alone through the plain transformers model (no padding, no bora batching)."""
+    scores = []
+    p = tok(row["prompt"])["input_ids"]
+    for c in row["choices"]:
+        ids = torch.tensor(p + tok(c, add_special_tokens=False)["input_ids"])
+        with torch.no_grad(), adapters.use(params, torch.tensor([task])):
+            logp = torch.log_softmax(lm(input_ids=ids[None]).logits[0, :-1].double(), -1)
+        tgt = ids[1:]
+        scores.append(float(logp[torch.arange(len(tgt)), tgt][len(p) - 1:].sum()))
+    return torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0)
+
+
+def test_rows_expand_to_one_sequence_per_choice(setup):
+    *_, split = setup
+    assert split.is_classification and split.num_choices().tolist() == [3, 2, 4]
+    assert split.scored.tolist() == [1, 1, 1] and split.num_tokens() == 3  # one scored unit per row
+    b = collate(split, [2, 0])
+    assert b["input_ids"].shape[0] == 7 and b["choice_row"].tolist() == [0] * 4 + [1] * 3
+    assert b["choice_index"].tolist() == [0, 1, 2, 3, 0, 1, 2] and b["label"].tolist() == [3, 1]
+    assert b["task_ids"].tolist() == [0, 0] and b["index"].tolist() == [2, 0]
+    assert b["sequence"].tolist() == [5, 6, 7, 8, 0, 1, 2]
+    assert b["loss_mask"].sum(1).tolist() == [4, 1, 2, 1, 1, 3, 2]  # each choice's own tokens are scored
+    # the correct choice alone (the 'answer' loss, or prompt/completion data)
+    assert torch.equal(split.input_ids[0], split.choices[0][1])
+    answer = tokenize_split(ROWS, TASKS, setup[3], 64, choice_loss="answer")
+    assert answer.scored.tolist() == [3, 2, 1] and "choice_row" not in collate(answer, [0, 1])
+    sub = split.subset([2])
+    assert sub.labels.tolist() == [3] and len(sub.choices[0]) == 4
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_loglik_is_log_softmax_over_choices(setup, with_prefix):
+    lm, adapters, params, tok, split = setup
+    prefix = FrozenPrefix(lm, adapters.first_layer) if with_prefix and adapters.first_layer else None
+    lik = LMLikelihood(lm, adapters, prefix=prefix)
+    feed = Feed(split, prefix=prefix)
+    want = torch.zeros(len(ROWS), 4, dtype=torch.float64).fill_(-math.inf)
+    for i, row in enumerate(ROWS):
+        lp = hand_choice_logprobs(lm, adapters, params, tok, row, TASKS.index(row["task"]))
+        want[i, :len(lp)] = lp
+    labels = torch.tensor([r["label"] for r in ROWS])
+    with torch.no_grad():
+        batch = feed.batch(torch.arange(len(ROWS)))  # one padded batch of 9 sequences of 2 to 10 tokens
+        assert len(set(batch["attention_mask"].sum(1).tolist())) > 3
+        got = lik.choice_log_probs(batch, params).double()
+        assert torch.allclose(got.exp(), want.exp(), atol=1e-5)
+        ll = lik.loglik(batch, params)
+        assert torch.allclose(ll.double(), want[torch.arange(3), labels], atol=1e-4)
+        for i in range(len(ROWS)):  # each row alone
+            one = lik.loglik(feed.batch(torch.tensor([i])), params)
+            assert torch.allclose(one.double(), want[i, labels[i]].reshape(1), atol=1e-4)
+    ll_doc, toks = doc_loglik(lik, params, feed)
+    assert toks.tolist() == [1, 1, 1] and torch.allclose(ll_doc.double(), want[torch.arange(3), labels], atol=1e-4)
+
+    class M(LMLikelihood):
+        num_tasks = 2
+    probs = choice_probs(M(lm, adapters, prefix=prefix), params, feed, batch_size=2)
+    assert torch.allclose(probs, want.exp(), atol=1e-5)
+
+
+def test_fisher_differentiates_the_row_loglik(setup):
+    """The empirical Fisher of a task with one row is the square of the gradient of that row's classification
+    log-likelihood (not of its choices' token sums)."""
+    lm, adapters, params, tok, split = setup
+
+    class M(LMLikelihood):
+        num_tasks = 2
+    model = M(lm, adapters)
+    one = split.subset([1])  # task b's only row
+    tf = task_fisher(model, params, Feed(one))
+    leaves = {k: tuple(x.detach().clone().requires_grad_(True) for x in v) for k, v in params.items()}
+    ll = model.loglik(collate(one, [0]), leaves).sum()
+    key = next(iter(params))
+    gA = torch.autograd.grad(ll, leaves[key][0])[0]
+    assert torch.allclose(tf.fisher[key][0][1], gA[1].square(), rtol=1e-4, atol=1e-10)
+    assert float(tf.fisher[key][0][1].abs().sum()) > 0 and tf.used.tolist() == [0, 1]
+
+
+def test_metrics_against_hand_values():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.5, 0.5, 0.0], [0.05, 0.15, 0.8]])
+    labels = torch.tensor([0, 0, 1, 2])
+    m = row_metrics(probs, labels)
+    assert m["accuracy"] == pytest.approx(2 / 4)  # row 2: a tie goes to the first choice, wrong
+    assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(0.5) + math.log(0.8)) / 4)
+    brier = [0.3 ** 2 + 0.2 ** 2 + 0.1 ** 2, 0.7 ** 2 + 0.6 ** 2 + 0.1 ** 2, 0.5 ** 2 + 0.5 ** 2,
+             0.05 ** 2 + 0.15 ** 2 + 0.2 ** 2]
+    assert m["brier"] == pytest.approx(sum(brier) / 4)
+    # 15 bins of width 1/15: 0.7 -> bin 10 (hit), 0.6 -> bin 8 (miss), 0.5 -> bin 7 (miss), 0.8 -> bin 11 (hit)
+    assert m["ece"] == pytest.approx((0.3 + 0.6 + 0.5 + 0.2) / 4)
+    both = classification_metrics(probs, labels, torch.tensor([0, 0, 1, 1]), ("x", "y"))
+    assert both["per_task"]["x"]["accuracy"] == 0.5 and both["per_task"]["y"]["accuracy"] == 0.5
+    x, y = both["per_task"]["x"], both["per_task"]["y"]
+    assert x["ece"] == pytest.approx((0.3 + 0.6) / 2) and y["ece"] == pytest.approx((0.5 + 0.2) / 2)
+    for k in ("accuracy", "nll", "ece", "brier"):  # every task counts once
+        assert both["overall"][k] == pytest.approx((x[k] + y[k]) / 2)
+        assert both["pooled"][k] == pytest.approx(m[k])
+    assert "z" not in classification_metrics(probs, labels, torch.zeros(4), ("x", "z"))["per_task"]
+
+
+def test_ece_matches_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.classification")
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(2 * torch.randn(500, 4, generator=g), -1)
+    labels = torch.randint(0, 4, (500,), generator=g)
+    want = tm.MulticlassCalibrationError(num_classes=4, n_bins=15, norm="l1")(probs, labels)
+    assert row_metrics(probs, labels)["ece"] == pytest.approx(float(want), abs=1e-6)
+
+
+def test_shakespeare_mc_corpus():
+    from bora.data.shakespeare import parse_play, play_path
+    from bora.data.shakespeare_mc import DEFAULT_TASKS
+
+    cfg = DataConfig(source="shakespeare-mc")
+    assert cfg.mode == "classification"
+    docs = load_documents(cfg)
+    assert docs == load_documents(cfg)  # deterministic
+    splits = split_documents(docs, cfg)
+    train = splits.counts()
+    assert len(splits.tasks) == len(DEFAULT_TASKS) >= 8
+    sizes = sorted(c["train"] for c in train.values())
+    assert sum(s <= 30 for s in sizes) >= 2 and len(set(sizes)) > 5
+    speeches = parse_play(play_path("hamlet"))
+    ghost = [d for d in docs if d["task"] == "hamlet/Ghost"]
+    lines = [(speeches[j - 1], t) for j, (sp, t) in enumerate(speeches) if sp == "Ghost"]
+    assert len(ghost) == len(lines)
+    for d, ((cue_sp, cue), text) in zip(ghost, lines):
+        assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4
+        assert d["choices"][d["label"]] == " " + text.split("\n")[0].strip()  # the speaker's actual next line
+        assert d["prompt"] == f"{cue_sp}: {cue.splitlines()[-1].strip()}\nGhost:"
+        firsts = {" " + t.split("\n")[0].strip() for sp, t in speeches if sp == "Ghost"}
+        assert set(d["choices"]) <= firsts  # distractors: the same speaker's other lines
+    assert len({d["label"] for d in docs}) == 4
+
+
+TINY = ["--task-column", "speaker", "--targets", "q_proj", "v_proj", "--layers", "-1", "--rank", "2",
+        "--steps", "6", "--batch-size", "4", "--device", "cpu", "--quiet"]
+
+
+def write_mc(path, sizes=(12, 8, 6)):
+    """Multiple-choice rows: each speaker's correct choice is its own word."""
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for t, n in enumerate(sizes):
+            for i in range(n):
+                choices = [f" w{rng.randrange(10, 40)} w{rng.randrange(10, 40)}", f" w{t + 5}", f" w{40 + i % 5}"]
+                k = i % 3
+                choices[1], choices[k] = choices[k], choices[1]
+                f.write(json.dumps({"q": f"w{rng.randrange(10, 40)}", "choices": choices,
+                                    "answer": k if i % 2 else choices[k], "speaker": f"spk{t}"}) + "\n")
+    return path
+
+
+def test_cli_multiple_choice_end_to_end(tmp_path, capsys):
+    model, data = tiny_model_dir(tmp_path / "model"), write_mc(tmp_path / "mc.jsonl")
+    out = tmp_path / "fit"
+    assert main(["fit", "--model", str(model), "--data", str(data), "--prompt-column", "q", "--choices-column",
+                 "choices", "--label-column", "answer", "--output", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "classification" in printed and "Brier" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    cls = metrics["test"]["classification"]
+    cfg = DataConfig(source=str(data), prompt_column="q", choices_column="choices", label_column="answer",
+                     task_column="speaker")
+    test = split_documents(load_documents(cfg), cfg).test
+    assert cls["map"]["overall"]["rows"] == len(test) == metrics["test"]["fit"]["overall"]["tokens"]
+    assert set(cls["map"]["per_task"]) == {"spk0", "spk1", "spk2"}
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--quiet", "--device", "cpu", "--json", str(tmp_path / "ev.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "MAP" in printed and "post. avg (S=10)" in printed and "ECE" in printed and "Brier" in printed
+    ev = json.loads((tmp_path / "ev.json").read_text())["classification"]
+    assert ev["samples"] == 10 and not ev["point_fit"]
+    assert ev["map"]["overall"] == pytest.approx(cls["map"]["overall"])
+    pa = ev["posterior_average"]
+    assert pa["overall"] != ev["map"]["overall"] and 0 <= pa["overall"]["accuracy"] <= 1
+    for k in ("accuracy", "nll", "ece", "brier"):
+        assert pa["overall"][k] == pytest.approx(sum(m[k] for m in pa["per_task"].values()) / 3)
+        assert f"{ev['map']['overall'][k]:.4f}" in printed and f"{pa['overall'][k]:.4f}" in printed
+
+
+def test_cli_fixed_label_set(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "map.json").write_text(json.dumps({"yes": " w5", "no": " w6", "maybe": " w7 w8"}))
+    rows = [{"q": f"w{10 + i}", "y": ("yes", "no", "maybe")[i % 3], "speaker": f"spk{t}"}
+            for t in range(2) for i in range(9)]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fit"
+    assert main(["fit", "--model", str(model), "--data", str(tmp_path / "l.jsonl"), "--prompt-column", "q",
+                 "--label-column", "y", "--label-map", str(tmp_path / "map.json"), "--guide", "map",
+                 "--output", str(out), *TINY]) == 0
+    docs = load_documents(DataConfig(source=str(tmp_path / "l.jsonl"), prompt_column="q", label_column="y",
+                                     label_map=str(tmp_path / "map.json"), task_column="speaker"))
+    assert docs[2] == {"prompt": "w12", "choices": [" w5", " w6", " w7 w8"], "label": 2, "task": "spk0"}
+    assert "rows" in json.loads((out / "metrics.json").read_text())["test"]["classification"]["map"]["overall"]
+    # without a map the label set is the sorted labels, each its own text
+    plain = load_documents(DataConfig(source=str(tmp_path / "l.jsonl"), prompt_column="q", label_column="y",
+                                      task_column="speaker"))
+    assert plain[0]["choices"] == ["maybe", "no", "yes"] and plain[0]["label"] == 2
