@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from bora.lora.base import load_base_model
@@ -19,3 +20,24 @@ def test_smollm2_loads_offline_and_scores_a_speech(monkeypatch):
         loss = lm(input_ids=ids, labels=ids).loss
     ppl = math.exp(float(loss))
     assert math.isfinite(ppl) and 1.0 < ppl < 1000.0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured (analysis/results/tau_lr/): tau 324 at lr 2e-3 and 154.7 at lr 4e-3 (2.1x; test ppl 79.20 and "
+    "78.77): the evidence update runs at early-stopped points whose task deviations grow with the step size, "
+    "so tau tracks the optimiser, not a converged type-II fixed point (issue 24, finding 3)"))
+def test_learned_tau_on_the_embedded_default_hardly_moves_with_the_learning_rate():
+    """The embedded default fitted at lr 2e-3 and 4e-3 (MAP, the default budget): the learned tau within 25%."""
+    from bora.api import Bora
+    from bora.core.config import BoraConfig
+
+    taus = []
+    for lr in (2e-3, 4e-3):
+        cfg = BoraConfig()
+        cfg = cfg.replace(fit=cfg.fit.replace(lr=lr, guide="map"))
+        bora, data = Bora.from_config(cfg, device="cpu")
+        feeds = {k: bora.feed(v, progress=False) for k, v in data.items()}
+        taus.append(bora.fit(feeds["train"], feeds["val"], progress=False).tau["tau"])
+    print(f"learned tau at lr 2e-3 and 4e-3: {taus}")
+    assert max(taus) / min(taus) <= 1.25
