@@ -7,7 +7,9 @@ import torch
 from bora.api import Bora
 from bora.core.config import AdapterConfig, BoraConfig, FitConfig, PriorConfig
 from bora.diagnostics.inference_data import diagnose, load_idata, summary, task_table, to_inference_data
-from bora.diagnostics.pooling import delta_w_ratio, effective_parameters, fisher_means, gain_kept, pooling_factor
+from bora.diagnostics.pooling import (delta_w_ratio, delta_w_sq_distances, effective_parameters, fisher_means,
+                                      gain_kept, identified_delta_w, pooling_factor, tau_per_module)
+from bora.model.hierarchy import site_names
 
 from conftest import TinyTokenizer, task_data, tiny_llama
 
@@ -49,9 +51,9 @@ def test_inference_data_netcdf_round_trip(tmp_path, per_module):
     assert all(lo <= m <= hi for lo, m, hi in zip(t["shrinkage_lo"], t["shrinkage"], t["shrinkage_hi"]))
 
 
-def _fit(mode="learned", guide="map", per_module=False, steps=5):
+def _fit(mode="learned", guide="map", per_module=False, steps=5, tau=10.0):
     cfg = BoraConfig(model="tiny", adapter=AdapterConfig(rank=2, targets=("q_proj", "v_proj"), layers=(-1,)),
-                     prior=PriorConfig(tau_mode=mode, tau=10.0, tau_per_module=per_module),
+                     prior=PriorConfig(tau_mode=mode, tau=tau, tau_per_module=per_module),
                      fit=FitConfig(steps=steps, batch_size=8, lr=2e-2, fisher_docs=4, patience=0, warmup=0.0,
                                    guide=guide, eval_every=steps))
     train, val = task_data(TRAIN, seed=1), task_data(VAL, seed=2)
@@ -92,6 +94,35 @@ def test_diagnostics_of_fits(mode, guide, per_module):
             vals = draws.values(k) if guide == "meanfield" else bora.point()
             want = delta_w_ratio(bora.model.params_from_values(vals), bora.model.global_from_values(vals))
             np.testing.assert_allclose(dwr[k], want, rtol=1e-6)
+    # the point estimate's deviation: delta_w_ratio at bora.point() (a MAP fit's one draw)
+    vals = bora.point()
+    params, glob = bora.model.params_from_values(vals), bora.model.global_from_values(vals)
+    dw_point = const["delta_w_ratio_point"].values
+    if mode == "shared":
+        assert np.all(dw_point == 0) and np.all(const["delta_w_module_point"].values == 0)
+        assert np.all(post["delta_w_identified"].values == 0) and np.all(const["identified_coords"].values == 0)
+    else:
+        np.testing.assert_allclose(dw_point, delta_w_ratio(params, glob), rtol=1e-9)
+        d2, g2 = delta_w_sq_distances(params, glob)
+        np.testing.assert_allclose(const["delta_w_module_point"].values, np.sqrt(d2 / g2[None]), rtol=1e-9)
+        if guide == "map":  # the one draw is the point estimate
+            np.testing.assert_allclose(dwr[0], dw_point, rtol=1e-12)
+            np.testing.assert_allclose(post["delta_w_module"].values[0, 0], const["delta_w_module_point"].values,
+                                       rtol=1e-12)
+    if mode == "uncoupled":  # no global adapter: no identified deviation
+        assert "delta_w_identified" not in post and "identified_coords" not in const
+        assert "uncoupled" in post.attrs["identified_note"]
+    elif mode != "shared":
+        tau_point = tau_per_module(bora.model.coupling, keys, bora.tau_estimate() or {}, bora.config.prior.tau)
+        want, count = identified_delta_w(params, glob, fisher, dict(zip(keys, tau_point.tolist())))
+        np.testing.assert_allclose(const["delta_w_identified_point"].values, want, rtol=1e-9, atol=1e-12)
+        assert const["identified_coords"].values.tolist() == count.tolist()
+        for k in (0, S - 1):
+            vals_k = draws.values(k) if guide == "meanfield" else vals
+            tk = {key: float(tau[k, min(j, tau.shape[1] - 1)]) for j, key in enumerate(keys)}
+            want_k = identified_delta_w(bora.model.params_from_values(vals_k), bora.model.global_from_values(vals_k),
+                                        fisher, tk)[0]
+            np.testing.assert_allclose(post["delta_w_identified"].values[0, k], want_k, rtol=1e-9, atol=1e-12)
     n_coords = sum(A[0].numel() + B[0].numel() for A, B in fisher.values())
     dev = post["deviation"].values
     if mode == "shared":
@@ -126,6 +157,60 @@ def test_diagnostics_of_fits(mode, guide, per_module):
     assert {f"pooling_factor[{t}]" for t in bora.tasks} <= set(summ.index)
     np.testing.assert_allclose(summ.loc[[f"effective_parameters[{t}]" for t in bora.tasks], "mean"],
                                gam.mean(0), rtol=1e-3, atol=1e-3)
+
+
+class _TaskZeroIsGlobal:
+    """A view of a fit whose task 0 uses the global adapter (``B_0 = Theta_B``); everything else is the fit's."""
+
+    def __init__(self, bora):
+        self.bora = bora
+
+    def __getattr__(self, name):
+        return getattr(self.bora, name)
+
+    def point(self):
+        values = dict(self.bora.point())
+        for key in self.bora.model.shapes:
+            n = site_names(key)
+            B = values[n["TB"]].clone()
+            B[0] = values[n["GB"]]
+            values[n["TB"]] = B
+        return values
+
+
+def test_point_deviation_keeps_the_task_structure():
+    """A task whose adapter is the global one has point deviation 0 (every module, identified or not); the others
+    do not. tau small enough that the tiny fit's data identify coordinates (F > tau)."""
+    bora, train = _fit("fixed", "map", tau=1e-3)
+    view = _TaskZeroIsGlobal(bora)
+    idata = diagnose(view, train=train, draws=1)
+    const = idata.constant_data
+    dw, dw_mod = const["delta_w_ratio_point"].values, const["delta_w_module_point"].values
+    assert dw[0] == 0 and np.all(dw_mod[0] == 0) and np.all(dw[1:] > 0) and np.all(dw_mod[1:] > 0)
+    ident, count = const["delta_w_identified_point"].values, const["identified_coords"].values
+    assert ident[0] == 0 and np.all(count > 0) and np.all(ident[1:] > 0)
+    assert np.all(ident <= dw + 1e-12)  # the identified part of the deviation is part of it
+    table = task_table(idata)
+    assert table["delta_w_ratio_point"] == dw.tolist() and table["identified_coords"] == count.tolist()
+    assert not table["tau_varies"] and not table["pooling_factor_varies"]  # one draw
+
+
+def test_task_table_flags_what_varies_between_draws():
+    idata = _random_idata(False, S=5)  # tau varies between draws
+    t = task_table(idata)
+    assert t["tau_varies"] and t["shrinkage_varies"]
+    fixed = to_inference_data(tasks=["a", "b"], modules=["m"], tau=np.full((3, 1), 10.0),
+                              deviation=np.random.default_rng(0).random((3, 2, 1)), global_norm=np.ones((3, 1)),
+                              fisher=np.array([10.0, 30.0]), fisher_module=np.array([[10.0], [30.0]]),
+                              coords_per_module=np.array([4]), train_docs=np.array([5, 9]),
+                              train_tokens=np.array([50, 90]), pooling_factor=np.full((3, 2), 0.4),
+                              effective_parameters=np.full((3, 2), 1.5),
+                              delta_w_identified=np.array([[0.1, 0.0], [0.2, 0.0], [0.3, 0.0]]),
+                              delta_w_ratio_point=np.array([0.2, 0.0]), identified_coords=np.array([3, 0]))
+    t = task_table(fixed)
+    assert not t["tau_varies"] and not t["pooling_factor_varies"] and not t["effective_parameters_varies"]
+    assert t["delta_w_identified_varies"] and t["deviation_total_varies"]
+    assert t["delta_w_ratio_point"] == [0.2, 0.0] and t["identified_coords"] == [3, 0]
 
 
 def test_gain_kept_is_function_space_and_gauge_invariant():

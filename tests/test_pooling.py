@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from bora.diagnostics.pooling import (adapter_norms, delta_w_ratio, effective_parameters, fisher_means, gain_kept,
-                                      pooling_factor,
-                          shrinkage, spearman)
+                                      identified_delta_w, identified_mask, pooling_factor, shrinkage, spearman)
 
 
 def test_shrinkage_limits_and_broadcasting():
@@ -232,3 +231,69 @@ def test_gain_kept_matches_normal_normal_closed_form():
 
         kept = gain_kept(nll(mu), nll(post), nll(ybar))
         assert float(kept) == pytest.approx(F**2 / (F**2 - tau**2), rel=0.02)
+
+
+# ----------------------------------------------------------------------------- identified-coordinate deviation
+def _orthonormal_A(r, d_in, g):
+    return torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))[0].T  # [r, in]
+
+
+def test_identified_delta_w_by_hand():
+    """Two tasks, one module, r = 2, out = 2, A = I: the ratio is the norm of the masked B deviation by hand."""
+    A, GB = torch.eye(2, dtype=torch.float64), torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    B = torch.stack([GB + torch.tensor([[0.3, -0.4], [1.0, 0.0]]), GB + torch.tensor([[0.0, 2.0], [0.5, 0.5]])])
+    F = torch.tensor([[[20.0, 20.0], [1.0, 0.0]],     # task 0: the first row is identified (F > tau = 10)
+                      [[0.0, 5.0], [10.0, 11.0]]], dtype=torch.float64)  # task 1: only (1, 1); F = tau is not
+    ratio, count = identified_delta_w({"m": (A, B)}, {"m": (A, GB)}, {"m": (torch.zeros_like(F), F)}, 10.0)
+    np.testing.assert_allclose(ratio, [math.sqrt(0.3**2 + 0.4**2) / math.sqrt(5.0), 0.5 / math.sqrt(5.0)])
+    assert count.tolist() == [2, 1]
+    assert identified_mask({"m": F}, 10.0)["m"].sum().item() == 3
+    # a task whose adapter is the global one: 0 whatever is identified
+    same = torch.stack([GB, B[1]])
+    assert identified_delta_w({"m": (A, same)}, {"m": (A, GB)}, {"m": F}, 10.0)[0][0] == 0.0
+
+
+def test_identified_delta_w_with_a_shared_orthonormal_a_against_dense_products():
+    g = torch.Generator().manual_seed(5)
+    T, r, d_in, d_out = 3, 2, 7, 4
+    A = {"m": _orthonormal_A(r, d_in, g), "n": _orthonormal_A(r, 5, g)}
+    GB = {"m": torch.randn(d_out, r, generator=g, dtype=torch.float64), "n": torch.randn(3, r, generator=g,
+                                                                                       dtype=torch.float64)}
+    B = {k: GB[k] + 0.4 * torch.randn(T, *GB[k].shape, generator=g, dtype=torch.float64) for k in A}
+    F = {k: torch.rand(T, *GB[k].shape, generator=g, dtype=torch.float64) * 20 for k in A}
+    tau = {"m": 8.0, "n": (3.0, 12.0)}  # (tau_A, tau_B): the B one applies
+    adapters = {k: (A[k].expand(T, -1, -1), B[k]) for k in A}  # a shared A, expanded as params_from_values does
+    ref = {k: (A[k], GB[k]) for k in A}
+    ratio, count = identified_delta_w(adapters, ref, F, tau)
+    num, den, n = np.zeros(T), 0.0, np.zeros(T)
+    for k, t in (("m", 8.0), ("n", 12.0)):
+        M = F[k] > t
+        num += ((M * (B[k] - GB[k])) @ A[k]).square().sum((1, 2)).numpy()
+        den += float((GB[k] @ A[k]).square().sum())
+        n += M.flatten(1).sum(1).numpy()
+    np.testing.assert_allclose(ratio, np.sqrt(num / den), rtol=1e-10)
+    assert count.tolist() == n.tolist() and 0 < n.min() and n.max() < sum(x[0].numel() for x in F.values())
+    # tau -> inf: nothing identified; tau -> 0: every coordinate with data, the full deviation (orthonormal A)
+    r_inf, c_inf = identified_delta_w(adapters, ref, F, math.inf)
+    assert r_inf.tolist() == [0.0] * T and c_inf.tolist() == [0] * T
+    np.testing.assert_allclose(identified_delta_w(adapters, ref, F, 1e12)[0], 0.0)
+    r0, c0 = identified_delta_w(adapters, ref, F, 0.0)
+    np.testing.assert_allclose(r0, delta_w_ratio(adapters, ref), rtol=1e-10)
+    np.testing.assert_allclose(identified_delta_w(adapters, ref, F, 1e-12)[0], r0, rtol=1e-10)
+    assert c0.tolist() == [sum(x[0].numel() for x in F.values())] * T
+    # a coordinate without data is never identified, even at tau = 0
+    F0 = {k: v.clone() for k, v in F.items()}
+    F0["m"][0, 0, 0] = 0.0
+    assert identified_delta_w(adapters, ref, F0, 0.0)[1][0] == c0[0] - 1
+    # identified deviations are part of the whole: never above the full ratio
+    assert np.all(ratio <= r0 + 1e-12)
+
+
+def test_identified_delta_w_refuses_task_level_a():
+    params, glob = _random_adapters()  # hierarchy 'AB': each task its own A
+    F = {k: torch.ones(3, *B.shape[-2:]) for k, (A, B) in params.items()}
+    assert identified_delta_w(params, glob, F, 1.0) is None
+    with pytest.raises(ValueError):
+        identified_mask({"m": -torch.ones(1, 2, 2)}, 1.0)
+    with pytest.raises(ValueError):
+        identified_mask({"m": torch.ones(1, 2, 2)}, -1.0)

@@ -37,21 +37,43 @@ def check_report(out, tasks, draws):
     post = idata.posterior
     assert post.sizes["draw"] == draws
     assert post["task"].values.tolist() == list(tasks)
+    const = idata.constant_data
+    tau_varies = draws > 1 and np.ptp(post["tau"].values) > 0
+    assert rep["tau_varies"] == tau_varies
     for i, t in enumerate(tasks):  # report.json carries the InferenceData's posterior means
         d = rep["per_task"][t]
-        for var in ("pooling_factor", "effective_parameters", "delta_w_ratio"):
+        for var in ("pooling_factor", "effective_parameters", "delta_w_ratio", "delta_w_identified"):
             assert d[var] == pytest.approx(float(post[var].values[0, :, i].mean()), rel=1e-9)
-            lo, hi = d[var + "_hdi"]
-            assert lo - 1e-12 <= d[var] <= hi + 1e-12
-            assert (lo == hi) == (draws == 1 or np.ptp(post[var].values[0, :, i]) == 0)
+            x = post[var].values[0]
+            if draws == 1 or np.all(x == x[:1]):  # the same in every draw: no (zero-width) interval
+                assert d[var + "_hdi"] is None and not rep["intervals"][var]
+            else:
+                lo, hi = d[var + "_hdi"]
+                assert lo - 1e-12 <= d[var] <= hi + 1e-12 and rep["intervals"][var]
+        if not tau_varies:  # the pooling factor and gamma vary only through tau
+            assert d["pooling_factor_hdi"] is None and d["effective_parameters_hdi"] is None
+        for var in ("delta_w_ratio_point", "delta_w_identified_point", "identified_coords"):
+            assert d[var] == pytest.approx(float(const[var].values[i]), rel=1e-12)
         assert d["shrinkage_coord_mean"] == pytest.approx(float(post["shrinkage"].values[0, :, i].mean()))
         assert d["fit_ppl"] > 1 and d["base_ppl"] > 1
     # the per-task table: the new summaries, intervals only with draws, one line on how to read each
     table = index.split("## per task", 1)[1]
     assert "pooling λᶠ" in table and "eff. params γ" in table and "ΔW dev." in table
-    assert table.count("- **") >= 3
-    first = next(line for line in table.splitlines() if line.startswith(f"| {tasks[0]} |"))
-    assert (" [" in first) == (draws > 1)
+    assert "identified ΔW dev." in table and "identified coords" in table
+    assert table.count("- **") >= 5
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| task |")}
+    assert set(rows) == set(tasks), (list(rows), table)
+    for t in tasks:  # brackets exactly where a shown quantity varies between draws
+        d = rep["per_task"][t]
+        shown = [d[v + "_hdi"] for v in ("pooling_factor", "effective_parameters", "delta_w_identified")]
+        assert (" [" in "".join(rows[t])) == any(h is not None for h in shown)
+    first = rows[tasks[0]]
+    # λᶠ and γ (columns 3, 4) carry brackets only when tau varies between draws; the ΔW column is the point estimate
+    assert ("[" in first[3]) == ("[" in first[4]) == tau_varies
+    assert ("no HDI for λᶠ, γ" in table) == (draws > 1 and not tau_varies)
+    for i, t in enumerate(tasks):
+        assert float(rows[t][5]) == pytest.approx(rep["per_task"][t]["delta_w_ratio_point"], abs=6e-4)
     return rep
 
 
@@ -81,6 +103,12 @@ def test_write_report_in_memory(tmp_path, guide):
     if guide == "meanfield":  # posterior draws of the adapters: the function-space deviation has an interval
         lo, hi = rep["per_task"]["task0"]["delta_w_ratio_hdi"]
         assert lo < hi
+    else:  # a MAP fit: one draw, the point estimate; no interval anywhere
+        assert all(d[k] is None for d in rep["per_task"].values() for k in d if k.endswith("_hdi"))
+    # the point deviation is delta_w_ratio at the point estimate
+    vals = bora.point()
+    want = pooling.delta_w_ratio(bora.model.params_from_values(vals), bora.model.global_from_values(vals))
+    np.testing.assert_allclose([rep["per_task"][t]["delta_w_ratio_point"] for t in train.tasks], want, rtol=1e-9)
 
 
 def test_main_report_from_saved_fit(tmp_path, capsys):
@@ -97,6 +125,10 @@ def test_main_report_from_saved_fit(tmp_path, capsys):
     assert out == fit_dir / "report"
     rep = check_report(out, ("spk0", "spk1", "spk2"), 30)  # a MAP fit's report has posterior draws
     assert all(d["delta_w_ratio_hdi"][0] < d["delta_w_ratio_hdi"][1] for d in rep["per_task"].values())
+    if not rep["tau_varies"]:  # a point tau: the pooling factor and gamma have no (zero-width) interval
+        index = (out / "index.md").read_text()
+        assert all(d["pooling_factor_hdi"] is None for d in rep["per_task"].values())
+        assert "no HDI for λᶠ, γ" in index
     assert rep["perplexity_source"] == "metrics.json"
     metrics = json.loads((fit_dir / "metrics.json").read_text())
     for t, d in rep["per_task"].items():

@@ -19,8 +19,20 @@ interface; ``train`` its training split)::
 
 With several posterior draws of (adapters, tau), every summary is computed per draw; the Fisher
 is computed once, at the point estimate, so ``pooling_factor`` and ``effective_parameters`` vary
-only through tau (a fit with a point estimate of tau gives them zero-width intervals), while
-``delta_w_ratio`` varies with the adapters. :func:`task_table` reports means and HDIs.
+only through tau (a fit with a point estimate of tau gives them zero-width intervals, which
+:func:`task_table` flags with ``*_varies = False``), while ``delta_w_ratio`` varies with the
+adapters. :func:`task_table` reports means and HDIs.
+
+**Where tasks differ.** The posterior mean of ``delta_w_ratio`` is a poor guide to it: in each draw
+most adapter coordinates carry no data from the task and sit about one prior sd (``tau^-1/2``) from
+the global adapter, so every task's draws have about the same norm (prior noise), whatever its
+data say. Two quantities keep the task structure: the **point estimate's** deviation
+(``delta_w_ratio_point``, ``delta_w_module_point``: :func:`~bora.diagnostics.pooling.delta_w_ratio`
+at ``bora.point()``, the MAP, or the posterior median for mean-field), where the uninformed
+coordinates sit at the global adapter, and the **identified deviation** ``delta_w_identified``
+(:func:`~bora.diagnostics.pooling.identified_delta_w`): per draw, the deviation restricted to the
+coordinates with ``F_ti > tau`` (the task's data outweigh the prior), whose HDI is meaningful;
+``identified_coords`` counts those coordinates (at the point estimate's tau).
 
 **InferenceData layout.** Dimensions ``chain``, ``draw``, ``task``, ``module`` (adapter keys such
 as ``model_layers_3_self_attn_q_proj``). ``posterior``: ``pooling_factor``,
@@ -29,16 +41,22 @@ module]`` (the ratio per module), ``tau`` (``[chain, draw]``, or ``[chain, draw,
 one tau per module), ``shrinkage`` ``[.., task]`` and ``shrinkage_module`` ``[.., task, module]``
 (coordinate-averaged factors), ``deviation`` ``[.., task, module]`` (Frobenius norm of ``theta_t -
 Theta`` over A and B together; not gauge invariant), ``deviation_total`` ``[.., task]``,
-``global_norm`` ``[.., module]`` and ``global_norm_total`` (``||Theta||``). ``constant_data``:
+``global_norm`` ``[.., module]``, ``global_norm_total`` (``||Theta||``) and ``delta_w_identified``
+``[.., task]``. ``constant_data``:
 ``train_docs``, ``train_tokens``, ``fisher`` ``[task]`` (mean over coordinates), ``fisher_module``
-``[task, module]``, ``fisher_docs`` (documents used per task) and ``coords_per_module``. A fit
+``[task, module]``, ``fisher_docs`` (documents used per task), ``coords_per_module``, and at the point
+estimate ``delta_w_ratio_point`` ``[task]``, ``delta_w_module_point`` ``[task, module]``,
+``delta_w_identified_point`` ``[task]`` and ``identified_coords`` ``[task]``. The identified
+deviation needs hierarchy 'B' (one shared ``A``) and a global adapter: ``uncoupled`` and
+hierarchy 'AB' fits have none of the three ``*identified*`` variables (``attrs["identified_note"]``
+says why). A fit
 whose posterior samples are all its point estimate (MAP) contributes one draw (``chain=1,
 draw=1``); otherwise ``draws`` samples of :meth:`bora.api.Bora.posterior` (the same samples as
 ``bora evaluate --samples`` with that seed). The reference ``Theta`` is the global adapter, except
 for ``uncoupled`` fits (``tau = 0``, ``pooling_factor = 0``), which have none: there deviations
 are measured from the mean of the task adapters (mean ``Delta W`` for ``delta_w_ratio``;
 ``attrs["reference"] == "task_mean"``). ``shared`` fits (``tau = inf``) have no task adapters:
-``pooling_factor = 1``, ``effective_parameters = 0`` and deviations 0.
+``pooling_factor = 1``, ``effective_parameters = 0``, deviations 0 and no identified coordinates.
 """
 
 from __future__ import annotations
@@ -52,16 +70,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .pooling import (adapter_norms, delta_w_sq_distances, fisher_means, pooling_from_sums, precision_sums, shrinkage,
-                      tau_per_module)
+from .pooling import (adapter_norms, delta_w_sq_distances, fisher_means, identified_delta_w, pooling_from_sums,
+                      precision_sums, shrinkage, tau_per_module)
 from .view import FitView, fit_splits
 
 with warnings.catch_warnings():  # arviz announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-__all__ = ["to_inference_data", "compute_fisher", "inference_data", "diagnose", "task_table", "summary", "load_idata",
-           "quiet_arviz"]
+__all__ = ["to_inference_data", "compute_fisher", "inference_data", "diagnose", "task_table", "varies", "summary",
+           "load_idata", "quiet_arviz", "identified_note"]
 
 
 def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.ndarray,
@@ -71,6 +89,11 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
                       fisher_docs: Optional[np.ndarray] = None, tau_per_module: bool = False,
                       pooling_factor: Optional[np.ndarray] = None, effective_parameters: Optional[np.ndarray] = None,
                       delta_w_ratio: Optional[np.ndarray] = None, delta_w_module: Optional[np.ndarray] = None,
+                      delta_w_identified: Optional[np.ndarray] = None,
+                      delta_w_ratio_point: Optional[np.ndarray] = None,
+                      delta_w_module_point: Optional[np.ndarray] = None,
+                      delta_w_identified_point: Optional[np.ndarray] = None,
+                      identified_coords: Optional[np.ndarray] = None,
                       attrs: Optional[dict] = None) -> az.InferenceData:
     """Assemble the InferenceData from per-draw arrays (leading dim: draws ``S``, one chain).
 
@@ -80,8 +103,11 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     :func:`bora.diagnostics.pooling.shrinkage`.
     The per-task pooling summaries (:func:`~bora.diagnostics.pooling.pooling_factor`,
     :func:`~bora.diagnostics.pooling.effective_parameters`,
-    :func:`~bora.diagnostics.pooling.delta_w_ratio` ``[S, T]``, and the per-module ``delta_w_module`` ``[S, T, M]``) are
-    stored when given.
+    :func:`~bora.diagnostics.pooling.delta_w_ratio` ``[S, T]``, the per-module ``delta_w_module`` ``[S, T, M]``,
+    :func:`~bora.diagnostics.pooling.identified_delta_w`'s ``delta_w_identified`` ``[S, T]``) are
+    stored when given, and so are the point estimate's ``delta_w_ratio_point`` ``[T]``,
+    ``delta_w_module_point`` ``[T, M]``, ``delta_w_identified_point`` ``[T]`` and
+    ``identified_coords`` ``[T]`` (in ``constant_data``).
     """
     tau = np.asarray(tau, dtype=np.float64)
     deviation = np.asarray(deviation, dtype=np.float64)
@@ -107,12 +133,10 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     }
     for name, arr, shape in (("pooling_factor", pooling_factor, (S, T)),
                              ("effective_parameters", effective_parameters, (S, T)),
-                             ("delta_w_ratio", delta_w_ratio, (S, T)), ("delta_w_module", delta_w_module, (S, T, M))):
+                             ("delta_w_ratio", delta_w_ratio, (S, T)), ("delta_w_module", delta_w_module, (S, T, M)),
+                             ("delta_w_identified", delta_w_identified, (S, T))):
         if arr is not None:
-            arr = np.asarray(arr, dtype=np.float64)
-            if arr.shape != shape:
-                raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
-            post[name] = arr[None]
+            post[name] = _checked(name, arr, shape)[None]
     const = {
         "train_docs": np.asarray(train_docs, dtype=np.int64),
         "train_tokens": np.asarray(train_tokens, dtype=np.int64),
@@ -122,11 +146,20 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     }
     if fisher_docs is not None:
         const["fisher_docs"] = np.asarray(fisher_docs, dtype=np.int64)
+    for name, arr, shape in (("delta_w_ratio_point", delta_w_ratio_point, (T,)),
+                             ("delta_w_module_point", delta_w_module_point, (T, M)),
+                             ("delta_w_identified_point", delta_w_identified_point, (T,))):
+        if arr is not None:
+            const[name] = _checked(name, arr, shape)
+    if identified_coords is not None:
+        const["identified_coords"] = _checked("identified_coords", identified_coords, (T,)).astype(np.int64)
     dims = {"tau": ["module"] if tau_per_module else [], "shrinkage": ["task"],
             "shrinkage_module": ["task", "module"], "deviation": ["task", "module"],
             "deviation_total": ["task"], "global_norm": ["module"], "global_norm_total": [],
             "pooling_factor": ["task"], "effective_parameters": ["task"], "delta_w_ratio": ["task"],
-            "delta_w_module": ["task", "module"],
+            "delta_w_module": ["task", "module"], "delta_w_identified": ["task"],
+            "delta_w_ratio_point": ["task"], "delta_w_module_point": ["task", "module"],
+            "delta_w_identified_point": ["task"], "identified_coords": ["task"],
             "train_docs": ["task"], "train_tokens": ["task"], "fisher": ["task"],
             "fisher_module": ["task", "module"], "coords_per_module": ["module"], "fisher_docs": ["task"]}
     idata = az.from_dict(posterior=post, constant_data=const, dims=dims,
@@ -136,20 +169,39 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     return idata
 
 
+def _checked(name: str, arr, shape) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+    return arr
+
+
+def varies(draws) -> bool:
+    """Whether an array ``[S, ...]`` of draws differs between draws (NaN equal to NaN): whether an HDI has width."""
+    x = np.asarray(draws, dtype=np.float64)
+    return bool(x.shape[0] > 1 and not np.array_equal(x, np.broadcast_to(x[:1], x.shape), equal_nan=True))
+
+
 def task_table(idata: az.InferenceData, hdi_prob: float = 0.94) -> dict:
     """Per-task numbers for plots and reports: plain lists in task order.
 
-    For each of ``pooling_factor``, ``effective_parameters``, ``delta_w_ratio`` (when present),
-    ``shrinkage`` and ``deviation_total``: the posterior mean (the point estimate for a single-draw
-    MAP fit) and ``*_lo`` / ``*_hi``, its ``hdi_prob`` HDI over the draws (equal to the mean when
-    there is a single draw).
+    For each of ``pooling_factor``, ``effective_parameters``, ``delta_w_ratio``,
+    ``delta_w_identified`` (when present), ``shrinkage`` and ``deviation_total``: the posterior
+    mean (the point estimate for a single-draw MAP fit), ``*_lo`` / ``*_hi``, its ``hdi_prob`` HDI
+    over the draws (equal to the mean when there is a single draw), and ``*_varies``: whether the
+    variable differs between draws at all (else its HDI has zero width and means nothing; e.g. the
+    pooling factor and ``gamma`` under a point estimate of tau). ``tau_varies``: whether tau does.
+    The point estimate's ``delta_w_ratio_point``, ``delta_w_identified_point`` and
+    ``identified_coords`` are copied from ``constant_data`` when present.
     """
     post, const = idata.posterior, idata.constant_data
     n_draws = post.sizes["chain"] * post.sizes["draw"]
     out = {"task": [str(t) for t in post["task"].values], "draws": int(n_draws), "hdi_prob": hdi_prob,
            "train_docs": const["train_docs"].values.tolist(), "train_tokens": const["train_tokens"].values.tolist(),
-           "fisher": const["fisher"].values.tolist()}
-    for var in ("pooling_factor", "effective_parameters", "delta_w_ratio", "shrinkage", "deviation_total"):
+           "fisher": const["fisher"].values.tolist(),
+           "tau_varies": varies(post["tau"].values.reshape(n_draws, -1))}
+    for var in ("pooling_factor", "effective_parameters", "delta_w_ratio", "delta_w_identified", "shrinkage",
+                "deviation_total"):
         if var not in post:
             continue
         x = post[var]
@@ -163,6 +215,10 @@ def task_table(idata: az.InferenceData, hdi_prob: float = 0.94) -> dict:
         out[var] = mean.tolist()
         out[var + "_lo"] = np.asarray(lo).tolist()
         out[var + "_hi"] = np.asarray(hi).tolist()
+        out[var + "_varies"] = varies(x.values.reshape(n_draws, -1))
+    for var in ("delta_w_ratio_point", "delta_w_identified_point", "identified_coords"):
+        if var in const:
+            out[var] = const[var].values.tolist()
     return out
 
 
@@ -180,7 +236,8 @@ def quiet_arviz():
 
 
 def summary(idata: az.InferenceData, var_names=("tau", "pooling_factor", "effective_parameters", "delta_w_ratio",
-                                                "shrinkage", "deviation_total", "global_norm_total"),
+                                                "delta_w_identified", "shrinkage", "deviation_total",
+                                                "global_norm_total"),
             hdi_prob: float = 0.94):
     """``az.summary`` of the compact variables (statistics only for a single-draw MAP fit)."""
     n_draws = idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]
@@ -243,6 +300,33 @@ def _draw_site_values(bora: FitView, draws: int, seed: int, progress: bool):
         yield values, (taus or fallback)
 
 
+def _delta_w(model, params, glob, keys) -> tuple[np.ndarray, np.ndarray]:
+    """``(ratio [T], per module [T, M])``: :func:`~bora.diagnostics.pooling.delta_w_ratio` and its per-module parts."""
+    if not model.has_tasks:  # shared: every task uses the global adapter
+        return np.zeros(model.num_tasks), np.zeros((model.num_tasks, len(keys)))
+    d2, g2 = delta_w_sq_distances(params, glob)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(d2.sum(1)) / math.sqrt(g2.sum()), np.sqrt(d2) / np.sqrt(g2)[None]
+
+
+def _identified(model, params, glob, fisher, tau_m, keys) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """:func:`~bora.diagnostics.pooling.identified_delta_w` at these adapters and tau (``None`` where undefined)."""
+    if not model.has_tasks:
+        return np.zeros(model.num_tasks), np.zeros(model.num_tasks, dtype=np.int64)
+    if glob is None or not model.shared_A:
+        return None
+    return identified_delta_w(params, glob, fisher.fisher, {k: float(t) for k, t in zip(keys, tau_m)})
+
+
+def identified_note(model) -> str:
+    """Why a fit has no ``delta_w_identified`` ('' when it has)."""
+    if model.has_tasks and not model.has_global:
+        return "uncoupled: no global adapter to deviate from"
+    if model.has_tasks and not model.shared_A:
+        return "hierarchy 'AB': each task's A deviates too, which the B coordinates' mask does not cover"
+    return ""
+
+
 def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed: int = 0,
                    progress: bool = False) -> az.InferenceData:
     """InferenceData of a fit given its :class:`~bora.fit.fisher.TaskFisher` (see the module docstring)."""
@@ -251,7 +335,7 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
     coupling = model.coupling
     mode = coupling.name
     F, F_mod, coords = fisher_means(fisher.fisher, keys)
-    taus, devs, globs, pools, gammas, dws, dw_mods = [], [], [], [], [], [], []
+    taus, devs, globs, pools, gammas, dws, dw_mods, idents = [], [], [], [], [], [], [], []
     pool_cache: dict = {}
     n_draws = 0
     for values, tau_vals in _draw_site_values(bora, draws, seed, progress):
@@ -270,14 +354,17 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
             pool_cache[ck] = (pooling_from_sums(gam, R), gam)
         pools.append(pool_cache[ck][0])
         gammas.append(pool_cache[ck][1])
-        if model.has_tasks:
-            d2, g2 = delta_w_sq_distances(params, glob)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                dws.append(np.sqrt(d2.sum(1)) / math.sqrt(g2.sum()))
-                dw_mods.append(np.sqrt(d2) / np.sqrt(g2)[None])
-        else:  # shared: every task uses the global adapter
-            dws.append(np.zeros(model.num_tasks))
-            dw_mods.append(np.zeros((model.num_tasks, len(keys))))
+        dw, dw_mod = _delta_w(model, params, glob, keys)
+        dws.append(dw)
+        dw_mods.append(dw_mod)
+        ident = _identified(model, params, glob, fisher, tau_m, keys)
+        idents.append(None if ident is None else ident[0])
+    # the point estimate (MAP; the posterior median = mean for mean-field) and its tau
+    values = bora.point()
+    params, glob = model.params_from_values(values), model.global_from_values(values)
+    tau_point = tau_per_module(coupling, keys, bora.tau_estimate() or {}, bora.config.prior.tau)
+    dw_point, dw_mod_point = _delta_w(model, params, glob, keys)
+    ident_point = _identified(model, params, glob, fisher, tau_point, keys)
     if train is not None and not hasattr(train, "task_tokens"):
         train = getattr(train, "split", None)
     docs = fisher.sizes.numpy() if train is None else train.task_sizes().numpy()
@@ -286,13 +373,18 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
     attrs = {"tau_mode": mode, "guide": bora.config.fit.guide, "model": bora.config.model,
              "reference": coupling.reference,
              "draws_from": "posterior" if n_draws > 1 else "point_estimate",
-             "tau_per_module": int(per_module)}
+             "tau_per_module": int(per_module), "identified_note": identified_note(model) or None}
+    has_ident = ident_point is not None
     return to_inference_data(tasks=bora.tasks, modules=keys, tau=np.stack(taus), deviation=np.stack(devs),
                              global_norm=np.stack(globs), fisher=F, fisher_module=F_mod, coords_per_module=coords,
                              train_docs=docs, train_tokens=tokens, fisher_docs=fisher.used.numpy(),
                              tau_per_module=per_module, pooling_factor=np.stack(pools),
                              effective_parameters=np.stack(gammas), delta_w_ratio=np.stack(dws),
-                             delta_w_module=np.stack(dw_mods), attrs=attrs)
+                             delta_w_module=np.stack(dw_mods),
+                             delta_w_identified=np.stack(idents) if has_ident else None,
+                             delta_w_ratio_point=dw_point, delta_w_module_point=dw_mod_point,
+                             delta_w_identified_point=ident_point[0] if has_ident else None,
+                             identified_coords=ident_point[1] if has_ident else None, attrs=attrs)
 
 
 def diagnose(bora: FitView, *, train=None, fisher_docs: Optional[int] = None, draws: int = 200, seed: int = 0,

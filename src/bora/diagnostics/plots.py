@@ -38,6 +38,7 @@ FOREST_VARS = {
     "pooling_factor": ("pooling factor λᶠ", "Fisher-weighted τ/(τ+F)\n0: own data, 1: global"),
     "effective_parameters": ("effective parameters γ", "Σ F/(F+τ): coordinates\nset by the task's data"),
     "delta_w_ratio": ("ΔW deviation", "‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖"),
+    "delta_w_identified": ("identified ΔW deviation", "‖(M ⊙ (B_t − Θ_B)) A‖ / ‖Θ_B Θ_A‖\nM: coordinates with F > τ"),
 }
 
 
@@ -118,6 +119,9 @@ def pooling_forest(idata, path, *, sizes: Optional[Sequence[float]] = None, hdi_
     One ``arviz.plot_forest`` panel per variable (default :data:`FOREST_VARS`), one row per task,
     tasks sorted by training size (``sizes``, default ``constant_data["train_tokens"]``; largest at
     the top), with the posterior mean and ``hdi_prob`` HDI (a single-draw MAP fit: points only).
+    Variables missing from ``idata`` are left out (``delta_w_identified`` exists for hierarchy 'B'
+    fits with a global adapter); the report draws the pooling factor, gamma and the identified
+    deviation, whose intervals mean something, rather than the full ``delta_w_ratio``.
     """
     return _save(forest_figure(idata, sizes=sizes, hdi_prob=hdi_prob, var_names=var_names, title=title), path)
 
@@ -332,7 +336,8 @@ def perplexity_bars(tasks: Sequence[str], base: Sequence[float], fit: Sequence[f
 def deviation_heatmap(tasks: Sequence[str], modules: Sequence[str], deviation: np.ndarray, path, *,
                       title: str = "‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖ per task and module",
                       label: str = "relative ΔW deviation") -> str:
-    """Heat map of a per-task, per-module quantity ``[T, M]`` (the report: ``delta_w_module``)."""
+    """Heat map of a per-task, per-module quantity ``[T, M]`` (the report: ``delta_w_module_point``, the point
+    estimate's relative deviation per module)."""
     d = np.asarray(deviation, dtype=float)
     T, M = d.shape
     fig = _figure(max(6.0, 1.5 + 0.22 * M), _height(T, 0.3, 2.4))

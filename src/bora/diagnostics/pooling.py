@@ -27,6 +27,12 @@ and ``lambda_ti = tau_i / (tau_i + F_ti) = 1 / (1 + r_ti)`` the coordinate's shr
 * :func:`delta_w_ratio` ``||B_t A_t - Theta_B Theta_A||_F / ||Theta_B Theta_A||_F`` over all modules:
   how far the task's weight update is from the global one, relative to the global update's size;
   independent of how ``Delta W`` splits into ``B`` and ``A``.
+* :func:`identified_delta_w` the same ratio restricted to the coordinates the task's data determine
+  (``F_ti > tau_i``, i.e. ``lambda_ti < 1/2``; hierarchy 'B'): ``||(M_t * (B_t - Theta_B)) A|| / ||Theta_B A||``.
+  The coordinates the data do not inform sit at the prior's spread around ``Theta_B`` in every
+  posterior draw, so the full ratio of a draw is mostly prior noise (about the same for every task);
+  the masked one is the part of the deviation the data speak to, and its posterior interval means
+  something.
 * :func:`gain_kept` ``(nll_base - nll_fit) / (nll_base - nll_indep)`` per task: the fraction of
   the independent fit's held-out gain the task keeps (function space; needs an independent fit).
 
@@ -46,7 +52,8 @@ import torch
 from ..core.coupling import coupling_of
 
 __all__ = ["pooling_factor", "effective_parameters", "precision_sums", "pooling_from_sums", "delta_w_ratio",
-           "delta_w_sq_distances", "gain_kept", "shrinkage", "fisher_means", "tau_per_module", "adapter_norms",
+           "delta_w_sq_distances", "identified_mask", "identified_delta_w", "gain_kept", "shrinkage", "fisher_means",
+           "tau_per_module", "adapter_norms",
            "spearman"]
 
 
@@ -213,6 +220,96 @@ def delta_w_ratio(adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     d2, g2 = delta_w_sq_distances(adapters, reference)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.sqrt(d2.sum(1)) / math.sqrt(g2.sum())
+
+
+def _tau_B(tau, key: str) -> float:
+    """The prior precision of ``key``'s ``B`` coordinates: a scalar, ``{key: scalar}`` or ``{key: (.., tau_B)}``."""
+    t = tau[key] if isinstance(tau, Mapping) else tau
+    if isinstance(t, (tuple, list)):
+        t = t[-1]
+    t = _scalar(t)
+    if t < 0 or math.isnan(t):
+        raise ValueError("tau must be >= 0")
+    return t
+
+
+def _fisher_B(F) -> torch.Tensor:
+    return F[-1] if isinstance(F, (tuple, list)) else F
+
+
+def identified_mask(fisher: Mapping[str, object], tau) -> dict[str, torch.Tensor]:
+    """``key -> M [T, out, r]`` (bool): the task-level ``B`` coordinates task ``t``'s own data determine.
+
+    Coordinate ``i`` is identified when ``F_ti > tau_i``: the precision the task's data give it
+    exceeds the prior's, i.e. its shrinkage factor ``lambda_ti = tau_i / (tau_i + F_ti) < 1/2``.
+    ``fisher`` maps a key to ``F_B [T, out, r]`` or to a :class:`~bora.fit.fisher.TaskFisher` pair
+    ``(F_A, F_B)`` (its ``F_B`` is used); ``tau`` is a scalar, ``{key: scalar}`` or ``{key: (tau_A,
+    tau_B)}``. ``tau = inf`` identifies nothing, ``tau = 0`` every coordinate with ``F > 0``.
+
+    >>> import torch
+    >>> identified_mask({"m": torch.tensor([[[0.0, 5.0, 20.0]]])}, 10.0)["m"].tolist()
+    [[[False, False, True]]]
+    """
+    out = {}
+    for key, F in fisher.items():
+        F = _fisher_B(F).detach()
+        if torch.any(F < 0):
+            raise ValueError("the Fisher information must be >= 0")
+        out[key] = F > _tau_B(tau, key)
+    return out
+
+
+def identified_delta_w(adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       fisher: Mapping[str, object], tau, *, atol: float = 1e-6,
+                       ) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(ratio [T], count [T])``: each task's ``Delta W`` deviation in the directions its own data identify.
+
+    ``ratio_t = sqrt(sum_m ||(M_tm * (B_tm - Theta_Bm)) Theta_Am||_F^2) / sqrt(sum_m ||Theta_Bm Theta_Am||_F^2)``
+    with ``M_t`` the :func:`identified_mask` (``F_ti > tau_i``), and ``count_t`` the number of
+    identified coordinates. The denominator is :func:`delta_w_ratio`'s. For hierarchy 'B' (every
+    task uses the global ``A``, rows orthonormal) the masked ``B`` entries are coordinates of
+    ``Delta W_t - Delta W`` in that basis, so ``tau = 0`` (every coordinate with data identified)
+    gives :func:`delta_w_ratio` and ``tau = inf`` gives 0. Computed in float64 through ``r x r`` Gram
+    matrices, as :func:`delta_w_sq_distances`.
+
+    ``adapters``: ``key -> (A, B [T, out, r])`` with ``A`` the shared ``[r, in]`` (or it expanded to
+    ``[T, r, in]``); ``reference``: ``key -> (Theta_A, Theta_B)``; ``fisher``, ``tau`` as for
+    :func:`identified_mask`. Returns ``None`` when a task's ``A`` differs from ``Theta_A`` (beyond
+    ``atol``; hierarchy 'AB'): then the deviation has an ``A`` part the ``B`` mask does not cover.
+
+    >>> import torch
+    >>> G = {"m": (torch.eye(2), torch.eye(2))}                               # Theta_B Theta_A = I
+    >>> task = {"m": (torch.eye(2), torch.tensor([[[1.0, 0.3], [0.4, 1.5]]]))}  # deviation [[0, .3], [.4, .5]]
+    >>> F = {"m": torch.tensor([[[0.0, 1.0], [20.0, 50.0]]])}                 # the data inform the second row
+    >>> ratio, count = identified_delta_w(task, G, F, tau=10.0)               # ||[[0, 0], [.4, .5]]|| / ||I||
+    >>> ratio.round(4).tolist(), count.tolist()
+    ([0.4528], [2])
+    """
+    masks = identified_mask(fisher, tau)
+    num, den, count = None, 0.0, None
+    for key, (A, B) in adapters.items():
+        GA, GB = (x.detach().double() for x in reference[key])
+        A, B = A.detach().double().to(GA.device), B.detach().double().to(GA.device)
+        if A.dim() == 3 and not torch.allclose(A, GA.expand_as(A), rtol=0.0, atol=atol):
+            return None  # task-level A (hierarchy 'AB')
+        if B.dim() != 3:
+            raise ValueError(f"{key}: B has no task dimension (a shared adapter has no task deviations)")
+        M = masks[key].to(B.device)
+        if M.shape != B.shape:
+            raise ValueError(f"{key}: Fisher of shape {tuple(M.shape)} for B of shape {tuple(B.shape)}")
+        D = torch.where(M, B - GB, torch.zeros_like(B))  # [T, out, r]
+        gram_A = GA @ GA.T  # [r, r]
+        d2 = ((D.transpose(-1, -2) @ D) * gram_A).sum((-1, -2)).clamp_min(0.0)
+        num = d2 if num is None else num + d2
+        den += float(((GB.T @ GB) * gram_A).sum())
+        c = M.flatten(1).sum(1)
+        count = c if count is None else count + c
+    if num is None:
+        raise ValueError("adapters is empty")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.sqrt(num.cpu().numpy()) / math.sqrt(den)
+    return ratio, count.cpu().numpy().astype(np.int64)
 
 
 def gain_kept(nll_base, nll_fit, nll_indep) -> np.ndarray:

@@ -14,13 +14,26 @@ From a saved fit (``bora report FIT_DIR`` on the command line)::
     write_report(bora, "out", independent="runs/independent")     # adds the "gain kept" column
 
 The folder holds ``index.md`` (every plot with a one-line explanation, and a per-task table of
-the pooling summaries of :mod:`bora.diagnostics.pooling` with their HDIs when the fit has posterior draws,
-each column explained in one line), ``summary.md`` / ``summary.csv`` (``az.summary`` of tau, the
+the pooling summaries of :mod:`bora.diagnostics.pooling`, each column explained in one line: the pooling
+factor and gamma, the point estimate's ΔW deviation, the deviation in the coordinates the task's
+data identify and their number; an HDI in brackets only for a quantity that varies between the
+fit's posterior draws, so none for the pooling factor and gamma under a point estimate of tau),
+``summary.md`` / ``summary.csv`` (``az.summary`` of tau, the
 pooling summaries, the coordinate-averaged shrinkage, deviation and global norms),
-``diagnostics.nc`` (the full InferenceData), ``report.json`` (per-task numbers and the Spearman
-rank correlation between training tokens and the pooling factor) and the PNGs:
+``diagnostics.nc`` (the full InferenceData), ``report.json`` and the PNGs.
+
+``report.json``: the Spearman rank correlation between training tokens and the pooling factor,
+tau, ``tau_varies`` and ``intervals`` (per quantity: whether it varies between draws), and per
+task ``pooling_factor``, ``effective_parameters``, ``delta_w_ratio`` (posterior means) with
+``*_hdi`` ``[lo, hi]`` (``null`` where the quantity is the same in every draw: a single draw, or
+the pooling factor and gamma under a point tau), ``delta_w_ratio_point`` (the point estimate's),
+``delta_w_identified`` with ``delta_w_identified_hdi``, ``delta_w_identified_point`` and
+``identified_coords`` (absent for uncoupled and hierarchy 'AB' fits; ``identified_note`` says
+why), the coordinate-averaged shrinkage, perplexities and, with an independent fit, ``gain_kept``.
+The PNGs:
 ``shrinkage_forest.png`` (ArviZ forest of the pooling summaries), ``shrinkage_vs_size.png``,
-``tau.png``, ``training_curve.png``, ``perplexity.png`` and ``deviation_heatmap.png``. The Fisher
+``tau.png``, ``training_curve.png``, ``perplexity.png`` and ``deviation_heatmap.png`` (the point
+estimate's ΔW deviation per task and module). The Fisher
 pass over the training split (``fisher_docs`` documents per task) is the slow step; the training
 and test splits are reloaded from the fit's data config unless given.
 """
@@ -50,7 +63,9 @@ PLOTS = {
         "Pooling per task",
         "Per task (largest training set at the top): the Fisher-weighted pooling factor λᶠ (1: pulled all the "
         "way to the global adapter, 0: own data decide), the effective number of task-level parameters γ and "
-        "the relative ΔW deviation from the global adapter; bars: HDI over posterior draws."),
+        "the relative ΔW deviation from the global adapter in the coordinates the task's data identify (F > τ; "
+        "the full deviation where that is undefined); bars: HDI over posterior draws (none for λᶠ and γ when τ "
+        "is a point estimate: they vary only through τ)."),
     "shrinkage_vs_size.png": (
         "Pooling factor against task size",
         "Pooling factor λᶠ against the task's number of training tokens: tasks with more data should be pooled "
@@ -68,8 +83,10 @@ PLOTS = {
         "Per-task held-out perplexity of the base model and of the fit (percent change next to each bar)."),
     "deviation_heatmap.png": (
         "Task deviations per module",
-        "‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖ per task and adapted module (posterior mean): where the tasks' "
-        "weight updates differ from the global one."),
+        "‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖ per task and adapted module at the point estimate (MAP; posterior "
+        "median for mean-field): where the tasks' weight updates differ from the global one. Not the posterior "
+        "mean of the norm: in every draw the coordinates the data do not inform sit about one prior sd from the "
+        "global adapter, which gives every task about the same norm and hides the structure."),
 }
 
 # per-task table column -> one line on how to read it (index.md, under the table)
@@ -77,12 +94,20 @@ COLUMNS = {
     "pooling λᶠ": "Fisher-weighted pooling factor Σ F λ / Σ F with λ = τ/(τ+F) per coordinate: 0 = the task's own "
                   "data decide, 1 = pulled all the way to the global adapter.",
     "eff. params γ": "Σ F/(F+τ): how many adapter coordinates the task's own data determine (each counts 0 to 1).",
-    "ΔW dev.": "‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖ over all modules: 0 = the task's weight update equals the global "
-               "one; 1 = it differs by as much as the global update's own size.",
+    "ΔW dev.": "‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖ over all modules at the point estimate (MAP; posterior median for "
+               "mean-field): 0 = the task's weight update equals the global one; 1 = it differs by as much as the "
+               "global update's own size. The posterior mean of this norm (report.json's delta_w_ratio) is "
+               "mostly prior noise in the coordinates the data do not inform, about equal for every task.",
+    "identified ΔW dev.": "the same ratio restricted to the coordinates the task's data identify (F > τ, i.e. λ < "
+                          "1/2; 0 when there are none): its mean over the posterior draws (the point estimate when "
+                          "there is one draw), with an HDI that shows how well the data pin that deviation down.",
+    "identified coords": "how many task-level coordinates have F > τ (at the point estimate's τ).",
     "gain kept": "(base − fit) / (base − independent) held-out NLL: the share of an independent fit's gain the task "
                  "keeps; above 1, pooling beats fitting the task alone.",
-    "[HDI]": "highest-density interval over posterior draws (the pooling factor and γ vary only through τ, since "
-             "the Fisher is taken at the point estimate); none for a single point estimate.",
+    "[HDI]": "highest-density interval over posterior draws, shown only for a quantity that varies between draws; "
+             "report.json writes null for an interval of zero width.",
+    "no HDI for λᶠ, γ": "τ is a point estimate (the same in every draw) and the Fisher is taken at the point "
+                        "estimate, so the pooling factor and γ are the same in every draw: no interval.",
 }
 
 
@@ -131,7 +156,10 @@ def _independent_nll(independent, tasks) -> Optional[list]:
     return [_num(independent.get(t)) for t in tasks]
 
 
-def _hdi(table: dict, var: str, i: int) -> list:
+def _hdi(table: dict, var: str, i: int) -> Optional[list]:
+    """``[lo, hi]`` of task ``i``'s HDI, or ``None`` when ``var`` is the same in every draw (a zero-width interval)."""
+    if not table.get(var + "_varies", True):
+        return None
     return [table[var + "_lo"][i], table[var + "_hi"][i]]
 
 
@@ -159,6 +187,10 @@ def write_report(bora: FitView, out_dir, *, train=None, test=None, fisher_docs: 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+# the per-task quantities whose HDIs report.json carries (None where the quantity does not vary between draws)
+_INTERVAL_VARS = ("pooling_factor", "effective_parameters", "delta_w_ratio", "delta_w_identified")
 
 
 def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_docs, draws, seed, hdi_prob,
@@ -212,7 +244,9 @@ def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_
               "guide": bora.config.fit.guide, "draws": table["draws"], "hdi_prob": hdi_prob,
               "draws_from": post.attrs.get("draws_from", ""),
               "fisher_docs": fisher_docs or bora.config.fit.fisher_docs, "perplexity_source": ppl_src,
-              "model": bora.config.model, "plots": list(PLOTS), "per_task": per_task}
+              "model": bora.config.model, "plots": list(PLOTS), "tau_varies": table["tau_varies"],
+              "intervals": {v: table[v + "_varies"] for v in _INTERVAL_VARS if v + "_varies" in table},
+              "identified_note": post.attrs.get("identified_note", ""), "per_task": per_task}
     write_json(out / "report.json", report)
     (out / "index.md").write_text(_index_md(bora, report, tasks, history))
     if progress:
@@ -227,19 +261,27 @@ def _draw_plots(idata, out: Path, table: dict, sizes, rho: float, use_tokens: bo
     tasks = table["task"]
     tau_draws = post["tau"].values.reshape(post.sizes["chain"] * post.sizes["draw"], -1)
     modules = [str(m) for m in post["module"].values]
-    plots.pooling_forest(idata, out / "shrinkage_forest.png", sizes=sizes, hdi_prob=hdi_prob, title=title)
+    forest = ["pooling_factor", "effective_parameters",
+              "delta_w_identified" if "delta_w_identified" in post else "delta_w_ratio"]
+    plots.pooling_forest(idata, out / "shrinkage_forest.png", sizes=sizes, hdi_prob=hdi_prob, title=title,
+                         var_names=forest)
     plots.shrinkage_vs_size(tasks, sizes, table["pooling_factor"], out / "shrinkage_vs_size.png",
                             lo=table["pooling_factor_lo"], hi=table["pooling_factor_hi"], rho=rho,
                             xlabel=("training tokens" if use_tokens else "training documents") + " (log scale)")
     plots.tau_plot(tau_draws, out / "tau.png", modules=modules if tau_draws.shape[1] > 1 else None, mode=mode)
     plots.training_curve(history, out / "training_curve.png")
     plots.perplexity_bars(tasks, base_ppl, fit_ppl, out / "perplexity.png")
-    plots.deviation_heatmap(tasks, modules, post["delta_w_module"].mean(("chain", "draw")).values,
-                            out / "deviation_heatmap.png")
+    const = idata.constant_data
+    if "delta_w_module_point" in const:  # the point estimate's deviations (see PLOTS)
+        dev, what = const["delta_w_module_point"].values, "point estimate"
+    else:  # diagnostics written before the point deviations were stored
+        dev, what = post["delta_w_module"].mean(("chain", "draw")).values, "posterior mean"
+    plots.deviation_heatmap(tasks, modules, dev, out / "deviation_heatmap.png",
+                            title=f"‖B_t A_t − Θ_B Θ_A‖ / ‖Θ_B Θ_A‖ per task and module ({what})")
 
 
 def _per_task_rows(table: dict, base_ppl, fit_ppl, kept, indep) -> dict:
-    """``report.json``'s per-task numbers."""
+    """``report.json``'s per-task numbers (an ``*_hdi`` is ``None`` where the quantity is the same in every draw)."""
     per_task = {}
     for i, t in enumerate(table["task"]):
         per_task[t] = {"train_docs": table["train_docs"][i], "train_tokens": table["train_tokens"][i],
@@ -251,6 +293,14 @@ def _per_task_rows(table: dict, base_ppl, fit_ppl, kept, indep) -> dict:
                        "delta_w_ratio": table["delta_w_ratio"][i], "delta_w_ratio_hdi": _hdi(table, "delta_w_ratio", i),
                        "shrinkage_coord_mean": table["shrinkage"][i],
                        "deviation": table["deviation_total"][i], "base_ppl": base_ppl[i], "fit_ppl": fit_ppl[i]}
+        if "delta_w_ratio_point" in table:
+            per_task[t]["delta_w_ratio_point"] = table["delta_w_ratio_point"][i]
+        if "delta_w_identified" in table:
+            per_task[t].update({"delta_w_identified": table["delta_w_identified"][i],
+                                "delta_w_identified_hdi": _hdi(table, "delta_w_identified", i)})
+        for var in ("delta_w_identified_point", "identified_coords"):
+            if var in table:
+                per_task[t][var] = table[var][i]
         if kept is not None:
             per_task[t]["gain_kept"] = kept[i]
             per_task[t]["independent_nll"] = indep[i]
@@ -278,30 +328,41 @@ def _index_md(bora: FitView, report: dict, tasks, history) -> str:
     for name, (title, text) in PLOTS.items():
         lines += [f"## {title}", "", f"![{title}]({name})", "", text, ""]
 
-    def cell(d, var, fmt):
-        v = f"{d[var]:{fmt}}"
-        if draws > 1:
+    def cell(d, var, fmt, value=None):
+        v = f"{d[var] if value is None else value:{fmt}}"
+        if draws > 1 and d.get(var + "_hdi") is not None:
             lo, hi = d[var + "_hdi"]
             v += f" [{lo:{fmt}}, {hi:{fmt}}]"
         return v
 
     has_kept = any("gain_kept" in report["per_task"][t] for t in tasks)
+    has_ident = all("delta_w_identified" in report["per_task"][t] for t in tasks)
     rows = []
     for t in tasks:
         d = report["per_task"][t]
+        dev = d.get("delta_w_ratio_point", d["delta_w_ratio"])
         row = [t, d["train_docs"], d["train_tokens"], cell(d, "pooling_factor", ".3f"),
-               cell(d, "effective_parameters", ".4g"), cell(d, "delta_w_ratio", ".3f")]
+               cell(d, "effective_parameters", ".4g"), f"{dev:.3f}"]
+        if has_ident:
+            row += [cell(d, "delta_w_identified", ".3f"), d.get("identified_coords", "n/a")]
         if has_kept:
             row.append(float(d["gain_kept"]))
         rows.append(row + [float(d["base_ppl"]), float(d["fit_ppl"])])
     header = ["task", "train docs", "train tokens", "pooling λᶠ", "eff. params γ", "ΔW dev."]
+    header += ["identified ΔW dev.", "identified coords"] if has_ident else []
     header += ["gain kept"] if has_kept else []
     header += ["base ppl", "fit ppl"]
     lines += ["## per task", "", markdown_table(header, rows), ""]
-    explain = [c for c in ("pooling λᶠ", "eff. params γ", "ΔW dev.") + (("gain kept",) if has_kept else ())]
+    explain = ["pooling λᶠ", "eff. params γ", "ΔW dev."]
+    explain += ["identified ΔW dev.", "identified coords"] if has_ident else []
+    explain += ["gain kept"] if has_kept else []
     lines += [f"- **{c}**: {COLUMNS[c]}" for c in explain]
+    if not has_ident and report.get("identified_note"):
+        lines.append(f"- no identified ΔW deviation: {report['identified_note']}.")
     if draws > 1:
         lines.append(f"- **[…]**: {level}% {COLUMNS['[HDI]']}")
+        if not report.get("intervals", {}).get("pooling_factor", True):
+            lines.append(f"- **no HDI for λᶠ, γ**: {COLUMNS['no HDI for λᶠ, γ']}")
     else:
         lines.append("- no intervals: the fit has a single point estimate (fit a posterior, e.g. Laplace or "
                      "mean-field, for intervals).")
