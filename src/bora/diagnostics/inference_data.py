@@ -334,7 +334,10 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
     keys = list(model.shapes)
     coupling = model.coupling
     mode = coupling.name
-    F, F_mod, coords = fisher_means(fisher.fisher, keys)
+    # the coordinates tau ties to the global adapter: B alone for hierarchy 'B' (A is one shared, global factor),
+    # A and B for 'AB'; a shared fit has no task-level factor and keeps its factors (tau = inf: pooling 1)
+    task_level = {k: tuple(fisher.fisher[k][i] for i in model.task_factors()) for k in keys}
+    F, F_mod, coords = fisher_means(task_level, keys)
     taus, devs, globs, pools, gammas, dws, dw_mods, idents = [], [], [], [], [], [], [], []
     pool_cache: dict = {}
     n_draws = 0
@@ -350,7 +353,7 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
         ck = tuple(tau_m.tolist())
         if ck not in pool_cache:  # the Fisher is fixed: the pooling summaries change only with tau
             tau_key = {k: float(t) for k, t in zip(keys, tau_m)}
-            gam, R = precision_sums(fisher.fisher, tau_key)
+            gam, R = precision_sums(task_level, tau_key)
             pool_cache[ck] = (pooling_from_sums(gam, R), gam)
         pools.append(pool_cache[ck][0])
         gammas.append(pool_cache[ck][1])
