@@ -28,6 +28,20 @@ def tiny_llama(layers: int = 3, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def adapted_tiny_llama(num_tasks: int, layers: int = 3):
+    """``(lm, adapters, params)``: a tiny Llama with rank-2 adapters on every projection and random task adapters
+    ``key -> (A [T, r, in], B [T, out, r])`` (sd 0.3, seed 0), for likelihood tests against plain transformers."""
+    from bora.core.config import AdapterConfig
+    from bora.lora.inject import inject_adapters_
+
+    lm = tiny_llama(layers=layers)
+    adapters = inject_adapters_(lm, AdapterConfig(rank=2, layers=None))
+    g = torch.Generator().manual_seed(0)
+    params = {k: (0.3 * torch.randn(num_tasks, *a, generator=g), 0.3 * torch.randn(num_tasks, *b, generator=g))
+              for k, (a, b) in adapters.shapes().items()}
+    return lm, adapters, params
+
+
 def tiny_gpt2(layers: int = 3, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

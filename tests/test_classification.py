@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from bora.cli.main import main
-from bora.core.config import AdapterConfig, DataConfig
+from bora.core.config import DataConfig
 from bora.data.batching import collate
 from bora.data.documents import load_documents, split_documents, tokenize_split
 from bora.data.feed import Feed
 from bora.evaluation.classification import choice_probs, classification_metrics, row_metrics
 from bora.evaluation.evaluate import doc_loglik
 from bora.fit.fisher import task_fisher
-from bora.lora.inject import inject_adapters_
 from bora.lora.prefix import FrozenPrefix
 from bora.model.likelihood import LMLikelihood
 
-from conftest import tiny_llama, tiny_model_dir, tiny_tokenizer
+from conftest import adapted_tiny_llama, tiny_model_dir, tiny_tokenizer
 
 TASKS = ("a", "b")
 ROWS = [  # different numbers of choices, and of tokens per choice and per prompt
@@ -32,11 +31,7 @@ ROWS = [  # different numbers of choices, and of tokens per choice and per promp
 
 @pytest.fixture(scope="module")
 def setup():
-    lm = tiny_llama(layers=3)
-    adapters = inject_adapters_(lm, AdapterConfig(rank=2, layers=None))
-    g = torch.Generator().manual_seed(0)
-    params = {k: (0.3 * torch.randn(len(TASKS), *a, generator=g), 0.3 * torch.randn(len(TASKS), *b, generator=g))
-              for k, (a, b) in adapters.shapes().items()}
+    lm, adapters, params = adapted_tiny_llama(len(TASKS))
     tok = tiny_tokenizer()
     return lm, adapters, params, tok, tokenize_split(ROWS, TASKS, tok, 64)
 

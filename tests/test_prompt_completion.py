@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from bora.cli.main import main
-from bora.core.config import AdapterConfig, ConfigError, DataConfig
+from bora.core.config import ConfigError, DataConfig
 from bora.data.batching import collate, scored_positions
 from bora.data.documents import load_documents, split_documents, tokenize_split
 from bora.data.feed import Feed
 from bora.data.modes import assistant_spans, encode_chat, encode_pair, fit_to_length
 from bora.evaluation.evaluate import doc_loglik, token_log_probs
-from bora.lora.inject import inject_adapters_
 from bora.lora.prefix import FrozenPrefix
 from bora.model.likelihood import LMLikelihood
 
-from conftest import TINY_CHAT_TEMPLATE, VOCAB, tiny_llama, tiny_model_dir, tiny_tokenizer
+from conftest import adapted_tiny_llama, TINY_CHAT_TEMPLATE, VOCAB, tiny_model_dir, tiny_tokenizer
 
 TASKS = ("a", "b")
 DOCS = [
@@ -45,11 +44,7 @@ def reference_nll(lm, ids, mask, adapters=None, params=None, task=None):
 
 @pytest.fixture(scope="module")
 def setup():
-    lm = tiny_llama(layers=3)
-    adapters = inject_adapters_(lm, AdapterConfig(rank=2, layers=None))
-    g = torch.Generator().manual_seed(0)
-    params = {k: (0.3 * torch.randn(len(TASKS), *a, generator=g), 0.3 * torch.randn(len(TASKS), *b, generator=g))
-              for k, (a, b) in adapters.shapes().items()}
+    lm, adapters, params = adapted_tiny_llama(len(TASKS))
     tok = tiny_tokenizer(TINY_CHAT_TEMPLATE)
     split = tokenize_split(DOCS, TASKS, tok, 64)
     return lm, adapters, params, tok, split

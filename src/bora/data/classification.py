@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.config import ConfigError, DataConfig
-from .modes import encode_pair, fit_to_length
+from .modes import encode_pair, fit_to_length, json_cell
 
 __all__ = ["read_label_map", "label_set", "read_classification_rows", "check_choices", "encode_choices"]
 
@@ -97,14 +97,7 @@ def label_set(labels, label_map: Optional[dict]) -> tuple[str, ...]:
 def check_choices(value, where: str, column: str) -> list[str]:
     """``value`` as a list of at least 2 distinct non-empty strings, or a ConfigError naming ``where``. A string
     holding JSON (a CSV cell) is parsed."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{where}: the choices column {column!r} must hold a list of strings, got a string "
-                              "that is not JSON") from None
-    if value is None:
-        raise ConfigError(f"{where}: no choices (column {column!r} is missing or empty)")
+    value = json_cell(value, where, column, holds="a list of strings", noun="choices")
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where}: the choices column {column!r} must hold a list of strings, got "
                           f"{type(value).__name__}")

@@ -53,8 +53,8 @@ from typing import Optional, Sequence
 
 from ..core.config import ConfigError, DataConfig
 
-__all__ = ["read_row", "check_string", "check_messages", "encode_pair", "encode_chat", "encode_row", "fit_to_length",
-           "warn_cut"]
+__all__ = ["read_row", "check_string", "json_cell", "check_messages", "encode_pair", "encode_chat", "encode_row",
+           "fit_to_length", "warn_cut"]
 
 
 def _where(ds, i: int) -> str:
@@ -77,17 +77,24 @@ def check_string(value, where: str, role: str, column: str) -> str:
     return value
 
 
-def check_messages(value, where: str, column: str) -> list[dict]:
-    """``value`` as a list of ``{"role": str, "content": str}`` turns with a non-empty assistant turn, or a
-    :class:`~bora.core.config.ConfigError` naming ``where``. A string holding JSON (a CSV cell) is parsed."""
+def json_cell(value, where: str, column: str, *, holds: str, noun: str):
+    """A row's structured cell: a string is parsed as JSON (a CSV cell); ``None`` is a ConfigError naming ``where``
+    (``no <noun>``), and so is a string that is not JSON (the column ``must hold <holds>``)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ConfigError(f"{where}: the messages column {column!r} must hold a list of "
-                              "{'role', 'content'} objects, got a string that is not JSON") from None
+            raise ConfigError(f"{where}: the {noun} column {column!r} must hold {holds}, got a string that is not "
+                              "JSON") from None
     if value is None:
-        raise ConfigError(f"{where}: no messages (column {column!r} is missing or empty)")
+        raise ConfigError(f"{where}: no {noun} (column {column!r} is missing or empty)")
+    return value
+
+
+def check_messages(value, where: str, column: str) -> list[dict]:
+    """``value`` as a list of ``{"role": str, "content": str}`` turns with a non-empty assistant turn, or a
+    :class:`~bora.core.config.ConfigError` naming ``where``. A string holding JSON (a CSV cell) is parsed."""
+    value = json_cell(value, where, column, holds="a list of {'role', 'content'} objects", noun="messages")
     if not isinstance(value, (list, tuple)) or not value:
         got = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
         raise ConfigError(f"{where}: the messages column {column!r} must hold a non-empty list of "
