@@ -264,14 +264,15 @@ class Loop(Variant):
 
 
 def bora_config(guide: str, *, layers=None, tau_mode: str = "learned", cache_prefix: bool = False,
-                rank=RANK, alpha=ALPHA, targets=TARGETS, init_scale: float = 1e-3, device="cpu") -> BoraConfig:
+                rank=RANK, alpha=ALPHA, targets=TARGETS, init_scale: float = 1e-3, device="cpu",
+                task_updates: str = "eager") -> BoraConfig:
     # the arithmetic of the baselines: float32 on CPU (bora's default would run bf16 on an AMX CPU), bf16 on CUDA
     precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     return BoraConfig(
         adapter=AdapterConfig(rank=rank, alpha=alpha, targets=tuple(targets), layers=layers),
         prior=PriorConfig(tau_mode=tau_mode),
         fit=FitConfig(guide=guide, lr=LR, clip_norm=CLIP, init_scale=init_scale, cache_prefix=cache_prefix,
-                      precision=precision),
+                      precision=precision, task_updates=task_updates),
     )
 
 
@@ -280,12 +281,12 @@ class BoraStep(Variant):
 
     def __init__(self, lm, batch, num_tasks, guide: str, *, layers=None, device="cpu", tau_mode="learned",
                  num_docs=4096, cache_prefix=False, bora_obj: Optional[Bora] = None,
-                 ntok_total: Optional[int] = None, targets=TARGETS):
+                 ntok_total: Optional[int] = None, targets=TARGETS, task_updates: str = "eager"):
         super().__init__(device)
-        self.name = guide
+        self.name = guide if task_updates == "eager" else f"{guide}_{task_updates}"
         if bora_obj is None:
             bora_obj = Bora(bora_config(guide, layers=layers, tau_mode=tau_mode, cache_prefix=cache_prefix,
-                                        targets=targets, device=device), lm, Tok(),
+                                        targets=targets, device=device, task_updates=task_updates), lm, Tok(),
                             [f"task{t}" for t in range(num_tasks)], num_docs, device=device)
         self.bora = bora_obj
         self.model = bora_obj.model
@@ -309,6 +310,10 @@ class BoraStep(Variant):
         if bora_obj.tau is not None and not isinstance(bora_obj.guide, AutoNormal) and cfg.tau_curvature == "steps":
             sizes = torch.full((num_tasks,), max(1, num_docs // num_tasks), dtype=torch.long)
             self.curv = StepFisher.for_model(self.model, sizes)
+
+    def num_trainable(self) -> int:
+        """The guide's values (a lazy step optimises the task rows outside ``params``)."""
+        return sum(p.numel() for p in self.bora.guide.parameters())
 
     def step(self, batch=None):
         batch = self.batch if batch is None else batch
@@ -441,6 +446,9 @@ def make_variant(kind: str, lm, batch, num_tasks, *, layers=None, device="cpu", 
     if kind in ("map", "meanfield"):
         return BoraStep(lm, batch, num_tasks, kind, layers=layers, device=device, tau_mode=tau_mode, num_docs=num_docs,
                         targets=targets)
+    if kind == "map_lazy":  # --task-updates lazy: only the batch's tasks are touched (bora.fit.lazy)
+        return BoraStep(lm, batch, num_tasks, "map", layers=layers, device=device, tau_mode=tau_mode,
+                        num_docs=num_docs, targets=targets, task_updates="lazy")
     if kind in ("hand_map", "hand_mf", "hand_mf_rb"):
         guide = {"hand_map": "map", "hand_mf": "meanfield", "hand_mf_rb": "meanfield_rb"}[kind]
         return Hand(lm, batch, num_tasks, guide, layers=layers, device=device, num_docs=num_docs, targets=targets)

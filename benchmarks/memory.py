@@ -33,7 +33,7 @@ import common as C  # noqa: E402
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", required=True,
-                    choices=["lm", "plain", "map", "meanfield", "hand_map", "hand_mf", "loop"])
+                    choices=["lm", "plain", "map", "map_lazy", "meanfield", "hand_map", "hand_mf", "loop"])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--smollm2", action="store_true", help="use the real SmolLM2-135M instead of --preset")
     ap.add_argument("--tasks", type=int, default=64)
