@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["world", "is_main", "init_from_env", "shard_rows", "all_reduce_sum_", "data_parallel", "barrier", "close"]
+__all__ = ["world", "is_main", "init_from_env", "shard_rows", "task_owners", "shard_tasks", "all_reduce_sum_",
+           "gather_rows_", "data_parallel", "barrier", "close"]
 
 
 def _dist():
@@ -89,6 +90,60 @@ def shard_rows(rows: torch.Tensor, rank: Optional[int] = None, world_size: Optio
     if len(local) == 0:
         return rows[:1], 0.0
     return local, world_size * len(local) / len(rows)
+
+
+def task_owners(sizes, world_size: int) -> torch.Tensor:
+    """The rank that owns each task (``LongTensor [T]``): size-balanced, largest task first onto the least
+    loaded rank (by training documents; ties to the lower task index and rank). Deterministic, so every rank
+    computes the same assignment; independent of the ranks' state, so any number of ranks can resume a fit.
+
+    >>> task_owners([30, 12, 6, 1], 2).tolist()
+    [0, 1, 1, 1]
+    """
+    import heapq
+
+    sizes = torch.as_tensor(sizes).long().cpu()
+    owner = torch.zeros(len(sizes), dtype=torch.long)
+    loads = [(0, r) for r in range(world_size)]
+    for t in torch.argsort(-sizes, stable=True).tolist():
+        load, r = heapq.heappop(loads)
+        owner[t] = r
+        heapq.heappush(loads, (load + int(sizes[t]), r))
+    return owner
+
+
+def shard_tasks(rows: torch.Tensor, task_ids: torch.Tensor, owner: torch.Tensor, rank: Optional[int] = None,
+                world_size: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a global batch in a task-sharded fit and the weight of their likelihood:
+    ``(rows whose task this rank owns, b_r / B)`` (``task_ids``: each row's task, ``owner``: :func:`task_owners`).
+
+    The weight makes every document count ``N / B`` as in a single process, so the ranks' likelihoods *sum* to the
+    global batch's. A rank left without rows gets the batch's first row at weight 0 (it still takes part in the
+    collectives).
+
+    >>> shard_tasks(torch.arange(5), torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 1]), rank=1, world_size=2)
+    (tensor([1, 2, 4]), 0.6)
+    """
+    if rank is None or world_size is None:
+        rank, world_size = world()
+    if world_size == 1:
+        return rows, 1.0
+    local = rows[owner.to(task_ids.device)[task_ids] == rank]
+    if len(local) == 0:
+        return rows[:1], 0.0
+    return local, len(local) / len(rows)
+
+
+def gather_rows_(mine: torch.Tensor, *tensors: torch.Tensor) -> None:
+    """Every rank's own task rows of each ``[T, ...]`` tensor, onto every rank, in place: a rank zeroes the rows
+    it does not own (``mine``: bool ``[T]``) and the tensors are summed over ranks (exact: one term per row is
+    nonzero). A no-op in a single process."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return
+    for t in tensors:
+        t.masked_fill_(~mine.to(t.device).reshape(-1, *([1] * (t.dim() - 1))), 0)
+    all_reduce_sum_(*tensors)
 
 
 def all_reduce_sum_(*tensors: torch.Tensor) -> None:
