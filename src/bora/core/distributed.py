@@ -1,4 +1,5 @@
-"""Data-parallel fits on ``torch.distributed`` (processes launched by ``torchrun``): sharding and sums.
+"""Data-parallel fits on ``torch.distributed`` (processes launched by ``torchrun``): sharding and sums, by
+documents or by tasks.
 
 >>> import torch
 >>> from bora.core.distributed import shard_rows
@@ -22,6 +23,20 @@ of the Laplace posterior shard their documents the same way and sum across ranks
 holds the same numbers and takes the same decisions (early stopping, tau). Only rank 0 writes
 files and prints. Each rank keeps its own frozen-prefix cache. Adapter dropout draws its masks
 per rank, so a fit with dropout is equivalent in distribution, not bit for bit.
+
+**Two modes, one per fit** (``FitConfig.parallel``, ``--parallel``): they are alternatives, not layers of one
+scheme. ``'documents'`` (the default, above) splits each batch's rows round-robin and DDP averages every gradient,
+task rows included. ``'tasks'`` (:mod:`bora.fit.sharding`) gives each rank a size-balanced subset of the tasks
+(:func:`task_owners`) and the batch's rows of those tasks (:func:`shard_tasks`, weight ``b_r / B``, so the ranks'
+likelihoods *sum* to the global batch's); the ELBO is not wrapped in DDP: a task row's gradient is complete on its
+owner and is never communicated, only the global parameters' gradients are summed (with the global prior on rank 0
+alone, the sum is the single-process gradient), and the tasks' rows are brought to every rank
+(:func:`gather_rows_`) before each validation, checkpoint and at the end, after which validation, the tau update's
+curvature and the Laplace curvature run as in ``'documents'``. ``'tasks'`` needs a point guide, offset task sites
+and a fixed or learned tau (one-line ``ConfigError`` otherwise); it supports ``task_updates='eager'`` and
+``'lazy'`` (which needs it in a multi-process run). Every rank still holds every task's rows (memory per rank is
+not reduced); its checkpoints hold the full state and resume on any number of ranks. In a single process both
+modes are the ordinary fit.
 """
 
 from __future__ import annotations

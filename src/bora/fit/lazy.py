@@ -70,6 +70,13 @@ best state kept, and the tau update's statistics ``S = sum_t ||delta_t||^2`` and
 fit's actual values: nothing is maintained incrementally) and at the end of the fit (before the best state is
 restored). Checkpoints save the unflushed offsets with the lazy state (``L``, every ``L_t``, the moments and
 counts): flushing there would round differently from an uninterrupted run, and resuming is bit-identical.
+
+**Several processes.** Lazy updates need ``parallel='tasks'`` there (:mod:`bora.fit.sharding`): each rank's batch
+holds only its own tasks' rows (``U`` is a subset of its tasks), so it flushes and steps only those; the global
+parameters' gradients are summed across ranks before the AdamW step, the gradient norm is the whole step's, and
+``L`` advances identically on every rank. A rank without rows of the batch steps no rows (it still takes part
+in the gradient sum). Every task's offsets and lazy state (moments, counts, ``L_t``) are gathered from their
+owners before each validation, checkpoint and the end of the fit.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ With ``task_updates='lazy'`` the step is :class:`bora.fit.lazy.LazyStep` (only t
 flushes every task's pending prior shrinkage before each validation and at the end of the fit, and its lazy
 state (``parts()['lazy']``) is checkpointed with the rest.
 
+In a multi-process run, ``cfg.parallel`` picks how each global batch is split (:mod:`bora.core.distributed`): by
+documents (every ``N``-th row, DDP) or by tasks (:mod:`bora.fit.sharding`: the rows of this rank's tasks; each rank
+updates only its own tasks' rows, and :meth:`FitLoop.gather_tasks_` brings every task's rows to every rank before
+each validation, each checkpoint and at the end).
+
 State and resume (as NumPyro's ``SVI.init/update`` and Hugging Face's ``TrainerState``): the loop carries
 an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gathers it with every other stateful
 part (guide, optimiser, scheduler, batch stream, phase timer, each named callback, every RNG state) from one
