@@ -78,7 +78,8 @@ def two_ranks(tmp_path_factory):
 
 
 def _read(out, name, rank):
-    return load_file(str(out / f"{name}-rank{rank}.safetensors")), json.loads((out / f"{name}-rank{rank}.json").read_text())
+    info = json.loads((out / f"{name}-rank{rank}.json").read_text())
+    return load_file(str(out / f"{name}-rank{rank}.safetensors")), info
 
 
 def _close(got: dict, want: dict) -> None:
@@ -137,3 +138,31 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
         single, _ = run_fit(name)
         resumed, _ = run_fit(name, resume=c.state)
         _close(resumed, single)
+
+
+def test_torchrun_task_sharded_lazy_fit_and_refusals(tmp_path, capsys):
+    """``torchrun --nproc-per-node 2 -m bora fit --parallel tasks --task-updates lazy`` writes a loadable fit;
+    unsupported combinations exit 2 with one line."""
+    import subprocess
+    import sys
+
+    from bora.cli.main import main
+    from conftest import tiny_model_dir, write_jsonl
+
+    model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
+    common = ["--model", str(model), "--data", str(data), "--task-column", "speaker", "--targets", "q_proj",
+              "--layers", "-1", "--rank", "2", "--steps", "4", "--batch-size", "4", "--quiet", "--device", "cpu"]
+    out = tmp_path / "fit"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bora", "fit",
+           *common, "--tau-mode", "learned", "--parallel", "tasks", "--task-updates", "lazy", "--output", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("overall: exp(mean per-task NLL)") == 1
+    assert json.loads((out / "config.json").read_text())["fit"]["parallel"] == "tasks"
+    assert main(["evaluate", str(out), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for extra, msg in ((["--guide", "meanfield"], "parallel='tasks' needs a point guide"),
+                       (["--tau-mode", "uncoupled"], "parallel='tasks' needs offset task sites")):
+        assert main(["fit", *common, "--parallel", "tasks", *extra, "--output", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bora: error:") and msg in err and "\n" not in err, err

@@ -59,7 +59,8 @@ def build_step(model, guide, cfg: FitConfig, *, total: int, n_tokens: int, targe
     reduce = None
     if shards is not None:
         found = guide_params(guide)
-        task = [found[site + LATENT_SUFFIX["offset"]]["loc"] for k in model.shapes for _, site, _ in model.task_sites(k)]
+        task = [found[site + LATENT_SUFFIX["offset"]]["loc"]
+                for k in model.shapes for _, site, _ in model.task_sites(k)]
         glob = [p for p in params if all(p is not q for q in task)]
         mine = shards.mine.to(task[0].device)
         shards.tensors = eager_task_tensors(task, opt)
