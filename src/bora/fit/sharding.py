@@ -34,6 +34,8 @@ The design (:mod:`bora.core.distributed` says how it relates to the document-par
   therefore *not* reduced: the gain is that a step's likelihood work on the task rows is split by task and, with
   ``task_updates='lazy'``, a rank touches only its own tasks' rows. Checkpoints hold the full state, so a fit
   resumes on any number of ranks (or in one process).
+* **Reported numbers**: the history's ``train_loss`` and ``train_nll`` are rank 0's, over its own rows only (as in
+  the document-parallel mode, each rank's own); validation, tau and the saved fit are the whole fit's.
 """
 
 from __future__ import annotations
