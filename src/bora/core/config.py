@@ -66,6 +66,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 TAU_CURVATURES = ("steps", "pass")
 TASK_UPDATES = ("eager", "lazy")
+PARALLEL = ("documents", "tasks")
 LAPLACE_LABELS = ("sampled", "empirical")
 LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
@@ -358,6 +359,12 @@ class FitConfig(_JsonConfig):
         "an exact shrinkage composed over the steps since it was last in a batch; a step costs O(batch); "
         "bora.fit.lazy). 'lazy' needs a point guide, offset task sites and a fixed or learned tau.",
         choices=TASK_UPDATES)
+    parallel: str = _f(
+        "documents", "How a multi-process fit (torchrun) splits the work: 'documents' (every rank fits its share of "
+        "each batch's rows with every task's adapter; DDP averages all gradients) or 'tasks' (each rank owns a "
+        "size-balanced subset of the tasks and fits only their rows; only the global adapter's gradients are "
+        "summed across ranks; needs a point guide, offset task sites and a fixed or learned tau; "
+        "bora.core.distributed). No effect in a single process.", choices=PARALLEL)
     cache_prefix: bool = _f(
         True, "Compute the frozen layers below the lowest adapted layer once per document and reuse them."
     )
@@ -395,6 +402,8 @@ class FitConfig(_JsonConfig):
                "task_updates='lazy' needs a point guide ('map' or 'laplace'), not 'meanfield'")
         _check(self.task_updates == "eager" or self.weight_decay == 0,
                "task_updates='lazy' needs weight_decay=0 (the lazy task update has no decoupled decay)")
+        _check(self.parallel == "documents" or self.guide != "meanfield",
+               "parallel='tasks' needs a point guide ('map' or 'laplace'), not 'meanfield'")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),
                f"laplace_docs must be a positive integer, got {self.laplace_docs!r}")
         _check(self.init_scale > 0, "init_scale must be > 0")

@@ -1,4 +1,5 @@
-"""Data-parallel fits on ``torch.distributed`` (processes launched by ``torchrun``): sharding and sums.
+"""Data-parallel fits on ``torch.distributed`` (processes launched by ``torchrun``): sharding and sums, by
+documents or by tasks.
 
 >>> import torch
 >>> from bora.core.distributed import shard_rows
@@ -22,6 +23,20 @@ of the Laplace posterior shard their documents the same way and sum across ranks
 holds the same numbers and takes the same decisions (early stopping, tau). Only rank 0 writes
 files and prints. Each rank keeps its own frozen-prefix cache. Adapter dropout draws its masks
 per rank, so a fit with dropout is equivalent in distribution, not bit for bit.
+
+**Two modes, one per fit** (``FitConfig.parallel``, ``--parallel``): they are alternatives, not layers of one
+scheme. ``'documents'`` (the default, above) splits each batch's rows round-robin and DDP averages every gradient,
+task rows included. ``'tasks'`` (:mod:`bora.fit.sharding`) gives each rank a size-balanced subset of the tasks
+(:func:`task_owners`) and the batch's rows of those tasks (:func:`shard_tasks`, weight ``b_r / B``, so the ranks'
+likelihoods *sum* to the global batch's); the ELBO is not wrapped in DDP: a task row's gradient is complete on its
+owner and is never communicated, only the global parameters' gradients are summed (with the global prior on rank 0
+alone, the sum is the single-process gradient), and the tasks' rows are brought to every rank
+(:func:`gather_rows_`) before each validation, checkpoint and at the end, after which validation, the tau update's
+curvature and the Laplace curvature run as in ``'documents'``. ``'tasks'`` needs a point guide, offset task sites
+and a fixed or learned tau (one-line ``ConfigError`` otherwise); it supports ``task_updates='eager'`` and
+``'lazy'`` (which needs it in a multi-process run). Every rank still holds every task's rows (memory per rank is
+not reduced); its checkpoints hold the full state and resume on any number of ranks. In a single process both
+modes are the ordinary fit.
 """
 
 from __future__ import annotations
@@ -31,7 +46,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["world", "is_main", "init_from_env", "shard_rows", "all_reduce_sum_", "data_parallel", "barrier", "close"]
+__all__ = ["world", "is_main", "init_from_env", "shard_rows", "task_owners", "shard_tasks", "all_reduce_sum_",
+           "gather_rows_", "data_parallel", "barrier", "close"]
 
 
 def _dist():
@@ -89,6 +105,60 @@ def shard_rows(rows: torch.Tensor, rank: Optional[int] = None, world_size: Optio
     if len(local) == 0:
         return rows[:1], 0.0
     return local, world_size * len(local) / len(rows)
+
+
+def task_owners(sizes, world_size: int) -> torch.Tensor:
+    """The rank that owns each task (``LongTensor [T]``): size-balanced, largest task first onto the least
+    loaded rank (by training documents; ties to the lower task index and rank). Deterministic, so every rank
+    computes the same assignment; independent of the ranks' state, so any number of ranks can resume a fit.
+
+    >>> task_owners([30, 12, 6, 1], 2).tolist()
+    [0, 1, 1, 1]
+    """
+    import heapq
+
+    sizes = torch.as_tensor(sizes).long().cpu()
+    owner = torch.zeros(len(sizes), dtype=torch.long)
+    loads = [(0, r) for r in range(world_size)]
+    for t in torch.argsort(-sizes, stable=True).tolist():
+        load, r = heapq.heappop(loads)
+        owner[t] = r
+        heapq.heappush(loads, (load + int(sizes[t]), r))
+    return owner
+
+
+def shard_tasks(rows: torch.Tensor, task_ids: torch.Tensor, owner: torch.Tensor, rank: Optional[int] = None,
+                world_size: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a global batch in a task-sharded fit and the weight of their likelihood:
+    ``(rows whose task this rank owns, b_r / B)`` (``task_ids``: each row's task, ``owner``: :func:`task_owners`).
+
+    The weight makes every document count ``N / B`` as in a single process, so the ranks' likelihoods *sum* to the
+    global batch's. A rank left without rows gets the batch's first row at weight 0 (it still takes part in the
+    collectives).
+
+    >>> shard_tasks(torch.arange(5), torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 1]), rank=1, world_size=2)
+    (tensor([1, 2, 4]), 0.6)
+    """
+    if rank is None or world_size is None:
+        rank, world_size = world()
+    if world_size == 1:
+        return rows, 1.0
+    local = rows[owner.to(task_ids.device)[task_ids] == rank]
+    if len(local) == 0:
+        return rows[:1], 0.0
+    return local, len(local) / len(rows)
+
+
+def gather_rows_(mine: torch.Tensor, *tensors: torch.Tensor) -> None:
+    """Every rank's own task rows of each ``[T, ...]`` tensor, onto every rank, in place: a rank zeroes the rows
+    it does not own (``mine``: bool ``[T]``) and the tensors are summed over ranks (exact: one term per row is
+    nonzero). A no-op in a single process."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return
+    for t in tensors:
+        t.masked_fill_(~mine.to(t.device).reshape(-1, *([1] * (t.dim() - 1))), 0)
+    all_reduce_sum_(*tensors)
 
 
 def all_reduce_sum_(*tensors: torch.Tensor) -> None:

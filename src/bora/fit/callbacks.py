@@ -311,7 +311,8 @@ class ProgressBar(Callback):
 
 class CheckpointFunction(Callback):
     """``fn(step, validated, capture)`` after step 0's validation and after every step; ``capture()`` returns
-    :meth:`bora.fit.loop.FitLoop.state_dict` (live tensors: serialise at once)."""
+    :meth:`bora.fit.loop.FitLoop.state_dict` (live tensors: serialise at once). In a task-sharded fit every task's
+    rows are gathered onto every rank before each call (:meth:`bora.fit.loop.FitLoop.gather_tasks_`)."""
 
     phase = "checkpoint"
 
@@ -319,6 +320,7 @@ class CheckpointFunction(Callback):
         self.fn = fn
 
     def on_save(self, loop, validated):
+        loop.gather_tasks_()  # a task-sharded fit: capture() must see every task (a collective at every step)
         self.fn(loop.state.step, validated, loop.state_dict)
 
 

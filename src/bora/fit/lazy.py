@@ -70,6 +70,13 @@ best state kept, and the tau update's statistics ``S = sum_t ||delta_t||^2`` and
 fit's actual values: nothing is maintained incrementally) and at the end of the fit (before the best state is
 restored). Checkpoints save the unflushed offsets with the lazy state (``L``, every ``L_t``, the moments and
 counts): flushing there would round differently from an uninterrupted run, and resuming is bit-identical.
+
+**Several processes.** Lazy updates need ``parallel='tasks'`` there (:mod:`bora.fit.sharding`): each rank's batch
+holds only its own tasks' rows (``U`` is a subset of its tasks), so it flushes and steps only those; the global
+parameters' gradients are summed across ranks before the AdamW step, the gradient norm is the whole step's, and
+``L`` advances identically on every rank. A rank without rows of the batch steps no rows (it still takes part
+in the gradient sum). Every task's offsets and lazy state (moments, counts, ``L_t``) are gathered from their
+owners before each validation, checkpoint and the end of the fit.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ from ..core.config import ConfigError, FitConfig
 from ..core.distributed import world
 from ..model.distributions import IsotropicNormal, LATENT_SUFFIX
 from ..model.guides import guide_params
+from .sharding import TaskShards
 from .step import NumericalError, make_optimizer, make_scheduler
 
 __all__ = ["LazyRows", "LazyStep", "build_lazy_step", "RULES"]
@@ -194,11 +202,11 @@ class LazyStep:
 
     def __init__(self, model, guide, cfg: FitConfig, *, total: int, n_tokens: int,
                  tau_values: Optional[Mapping[str, torch.Tensor]] = None, pyro_checks: bool = False,
-                 rule: str = "adam"):
+                 rule: str = "adam", shards: Optional[TaskShards] = None):
         if not model.has_tasks or not model.coupling.has_tau or model.parameterisation != "offset":
             raise ConfigError("task_updates='lazy' needs offset task sites coupled by a fixed or learned tau")
-        if world()[1] > 1:
-            raise ConfigError("task_updates='lazy' does not support data-parallel fits yet")
+        if world()[1] > 1 and shards is None:
+            raise ConfigError("task_updates='lazy' in a multi-process fit needs parallel='tasks'")
         self.model, self.cfg, self.n_tokens = model, cfg, float(n_tokens)
         self.tau_values = tau_values if tau_values is not None else {}
         self.pyro_checks = pyro_checks
@@ -219,6 +227,10 @@ class LazyStep:
                              {s: groups.get(self.key_of[s], "tau") for s in deltas}, rule=rule,
                              betas=group["betas"], eps=group["eps"])
         self.params = list(self.globals.values())
+        self.shards = shards
+        if shards is not None:  # what a task-sharded fit gathers from the tasks' owners (bora.fit.sharding)
+            r = self.rows
+            shards.tensors = lambda: [*r.deltas.values(), *r.m.values(), *r.v.values(), r.count, *r.last.values()]
 
     def flush_(self) -> None:
         """Bring every task up to date (before validation, tau updates, saving, the end of a fit)."""
@@ -244,6 +256,8 @@ class LazyStep:
         w = float(batch.get("loglik_scale", 1.0)) * model.num_docs / len(batch["index"])
         s = model.prior.global_scale
         log_prior = sum(IsotropicNormal.zero_mean(p.shape, s, like=p).log_prob(p).sum() for p in self.globals.values())
+        if not batch.get("global_prior", True):  # a task-sharded rank other than 0: the prior counts once, on rank 0
+            log_prior = 0.0
         return -(w * ll.sum() + log_prior) / self.n_tokens, leaves
 
     @contextlib.contextmanager
@@ -275,14 +289,20 @@ class LazyStep:
         for x in leaves.values():
             if x.grad is None:
                 x.grad = torch.zeros_like(x)
+        if self.shards is not None:  # the global gradients summed over ranks; the rows are this rank's own
+            norm = self.shards.reduce_grads_(self.params, [x.grad for x in leaves.values()])
         targets = [p for p in self.params if p.grad is not None] + list(leaves.values())
-        norm = torch.nn.utils.get_total_norm([p.grad for p in targets])
+        if self.shards is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in targets])
         if not bool(torch.isfinite(norm)):
             raise NumericalError(step, "gradient norm", float(norm))
         if self.cfg.clip_norm > 0 and self.cfg.clip_norm / (float(norm) + 1e-6) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(targets, self.cfg.clip_norm, norm)
         self.optimizer.step()
-        self.rows.step_(u, {s: x.grad for s, x in leaves.items()}, lr, self._rates())
+        grads = {s: x.grad for s, x in leaves.items()}
+        if float(batch.get("loglik_scale", 1.0)) == 0:  # a placeholder row (a task-sharded rank without rows)
+            u, grads = u[:0], {s: g[:0] for s, g in grads.items()}
+        self.rows.step_(u, grads, lr, self._rates())
         self.scheduler.step()
         return loss.detach(), norm.detach()
 
@@ -292,8 +312,10 @@ def _remapped(sink: Callable, u: torch.Tensor) -> Callable:
 
 
 def build_lazy_step(model, guide, cfg: FitConfig, *, total: int, n_tokens: int,
-                    tau_values: Optional[Mapping[str, torch.Tensor]] = None) -> LazyStep:
-    """The :class:`LazyStep` of a point fit of ``guide`` (``cfg.task_updates='lazy'``)."""
+                    tau_values: Optional[Mapping[str, torch.Tensor]] = None,
+                    shards: Optional[TaskShards] = None) -> LazyStep:
+    """The :class:`LazyStep` of a point fit of ``guide`` (``cfg.task_updates='lazy'``; ``shards``: a task-sharded
+    fit's, :mod:`bora.fit.sharding`)."""
     return LazyStep(model, guide, cfg, total=total, n_tokens=n_tokens, tau_values=tau_values,
-                    pyro_checks=pyro.distributions.is_validation_enabled())
+                    pyro_checks=pyro.distributions.is_validation_enabled(), shards=shards)
 

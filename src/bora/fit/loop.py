@@ -22,6 +22,11 @@ With ``task_updates='lazy'`` the step is :class:`bora.fit.lazy.LazyStep` (only t
 flushes every task's pending prior shrinkage before each validation and at the end of the fit, and its lazy
 state (``parts()['lazy']``) is checkpointed with the rest.
 
+In a multi-process run, ``cfg.parallel`` picks how each global batch is split (:mod:`bora.core.distributed`): by
+documents (every ``N``-th row, DDP) or by tasks (:mod:`bora.fit.sharding`: the rows of this rank's tasks; each rank
+updates only its own tasks' rows, and :meth:`FitLoop.gather_tasks_` brings every task's rows to every rank before
+each validation, each checkpoint and at the end).
+
 State and resume (as NumPyro's ``SVI.init/update`` and Hugging Face's ``TrainerState``): the loop carries
 an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gathers it with every other stateful
 part (guide, optimiser, scheduler, batch stream, phase timer, each named callback, every RNG state) from one
@@ -44,7 +49,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from ..core.config import FitConfig
-from ..core.distributed import shard_rows
+from ..core.distributed import shard_rows, world
 from ..core.seeding import rng_state, set_rng_state_
 from ..data.batching import BatchStream, scored_positions
 from ..data.feed import Feed
@@ -52,6 +57,7 @@ from ..evaluation.evaluate import evaluate
 from ..model.guides import point_values
 from .builder import build_step
 from .lazy import LazyStep
+from .sharding import TaskShards
 from .callbacks import BestState, Callback, CheckpointFunction, EvidenceTau, PerTaskBest, ProgressBar, \
     VariationalTau, combined_context
 from .state import FitState, PhaseTimer
@@ -119,12 +125,15 @@ class FitLoop:
             val.build_cache_()
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.stream = BatchStream(len(train), cfg.batch_size, self.generator)
+        # parallel='tasks' in a multi-process run: this rank's tasks (bora.fit.sharding)
+        self.shards = TaskShards(train.split.task_sizes()) if cfg.parallel == "tasks" and world()[1] > 1 else None
+        self.gathered_step: Optional[int] = None
         self.state = FitState(pending=next(self.stream))  # step 1's rows (the guide runs once on their batch)
         self._first: Optional[dict] = self.rank_batch(self.state.pending)
         guide(self._first)  # sets up the guide's parameters (runs the model once)
         self.step_fn = build_step(model, guide, cfg, total=self.total, n_tokens=self.n_tokens,
                                   target=tau.model if tau is not None else model,
-                                  tau_values=tau.values if tau is not None else None)
+                                  tau_values=tau.values if tau is not None else None, shards=self.shards)
         self.lazy: Optional[LazyStep] = self.step_fn if isinstance(self.step_fn, LazyStep) else None
         self.optimizer, self.scheduler = self.step_fn.optimizer, self.step_fn.scheduler
         self.timer = PhaseTimer()
@@ -158,15 +167,32 @@ class FitLoop:
             p.load_state_dict(state[k])
         set_rng_state_(state["rng"], self.generator)  # last: nothing above may draw random numbers
         self._first = None
+        self.gathered_step = None
 
     # ------------------------------------------------------------------ pieces
     def rank_batch(self, rows: torch.Tensor) -> dict:
-        """This process's shard of the global batch ``rows`` (all of it in a single process)."""
-        local, weight = shard_rows(rows)
+        """This process's shard of the global batch ``rows`` (all of it in a single process): every ``N``-th row
+        (``parallel='documents'``) or the rows of this rank's tasks (``'tasks'``; ranks other than 0 leave out the
+        global prior)."""
+        if self.shards is not None:
+            local, weight = self.shards.batch_rows(rows, self.train.split.task_ids[rows])
+        else:
+            local, weight = shard_rows(rows)
         b = self.train.batch(local)
         if weight != 1.0:
             b["loglik_scale"] = weight
+        if self.shards is not None and self.shards.rank != 0:
+            b["global_prior"] = False
         return b
+
+    def gather_tasks_(self, force: bool = False) -> None:
+        """A task-sharded fit: every task's rows (offsets and their optimiser state) from its owning rank onto every
+        rank, once per step (``force``: again). A collective: every rank calls it at the same step. A no-op
+        otherwise."""
+        if self.shards is None or (self.gathered_step == self.state.step and not force):
+            return
+        self.shards.gather_()
+        self.gathered_step = self.state.step
 
     def flush_(self) -> None:
         """Bring every task's lazily updated offset up to date (``task_updates='lazy'``; nothing otherwise)."""
@@ -204,6 +230,7 @@ class FitLoop:
         state = self.state
         train_loss, train_nll = state.take_running_()
         self.flush_()  # lazy task updates: validation, the best state and the tau update see up-to-date offsets
+        self.gather_tasks_(force=True)  # task-sharded: ... and every task's, on every rank
         point = self.point()
         entry = {"step": state.step, "epoch": state.step / self.per_epoch, "train_loss": train_loss,
                  "train_nll": train_nll, "lr": self.optimizer.param_groups[0]["lr"], "time": self.timer.elapsed()}
@@ -249,6 +276,7 @@ class FitLoop:
                     self.validate()
                 self._save(validated)
             self.flush_()  # before a callback restores a kept state
+            self.gather_tasks_(force=True)
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         finally:

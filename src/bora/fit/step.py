@@ -13,7 +13,9 @@
 
 :class:`TrainStep` runs ``zero_grad``, the loss, a finite check, ``backward`` (under an optional
 context, e.g. :meth:`bora.lora.inject.AdapterSet.record_task_grads`), the gradient norm and its finite
-check, gradient clipping where the norm exceeds ``clip_norm``, the optimiser and the scheduler. A NaN or
+check, gradient clipping where the norm exceeds ``clip_norm``, the optimiser and the scheduler. ``reduce_grads``
+(a task-sharded fit, :mod:`bora.fit.sharding`) replaces the norm: it sums the global gradients across ranks and
+returns the whole gradient's norm. A NaN or
 infinite loss or gradient norm raises :class:`NumericalError` naming the step before anything is applied. With
 ``pyro_checks`` Pyro's distribution-argument validation runs on the first step only (afterwards it
 would re-check every element of every adapter tensor on every step, for shapes that cannot change).
@@ -80,8 +82,9 @@ class TrainStep:
 
     def __init__(self, loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.Tensor],
                  optimizer: torch.optim.Optimizer, scheduler=None, *, clip_norm: float = 0.0,
-                 pyro_checks: bool = False):
+                 pyro_checks: bool = False, reduce_grads: Optional[Callable[[], torch.Tensor]] = None):
         self.loss_fn = loss_fn
+        self.reduce_grads = reduce_grads
         self.params = list(params)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -97,8 +100,10 @@ class TrainStep:
             if not bool(torch.isfinite(loss.detach())):
                 raise NumericalError(step, "loss", float(loss.detach()))
             loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
+        if self.reduce_grads is not None:  # a task-sharded fit: sums what it must across ranks, returns the norm
+            norm = self.reduce_grads()
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if not bool(torch.isfinite(norm)):
             raise NumericalError(step, "gradient norm", float(norm))
         # clip_grad_norm_'s scaling, max_norm / (norm + 1e-6) capped at 1, done only where it is below 1 (a step

@@ -200,10 +200,10 @@ class Checkpointer(Callback):
         step = loop.state.step
         if os.environ.get("BORA_TEST_KILL"):
             _test_kill("step", step)
-        if self.every == 0 or not is_main():  # data-parallel runs: rank 0 writes
-            return
-        due = validated if self.every is None else step % self.every == 0
-        if due:
+        due = self.every != 0 and (validated if self.every is None else step % self.every == 0)
+        if due:  # a task-sharded fit: every rank sends its tasks' rows (a collective), then rank 0 writes
+            loop.gather_tasks_()
+        if due and is_main():  # data-parallel runs: rank 0 writes
             _write_checkpoint(self.root, step, loop.state_dict(), self.meta)
             self.last_step = step
 

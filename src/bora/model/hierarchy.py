@@ -40,6 +40,7 @@ the same code path):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -47,6 +48,7 @@ import pyro
 import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch import nn
@@ -59,7 +61,16 @@ from ..lora.inject import AdapterSet
 from .likelihood import LMLikelihood, Params
 from ..lora.prefix import FrozenPrefix
 
-__all__ = ["BoraModel", "Params", "site_names", "orthonormal_rows"]
+__all__ = ["BoraModel", "Params", "site_names", "orthonormal_rows", "MaskGlobalSites"]
+
+
+class MaskGlobalSites(Messenger):
+    """Mask the log-density of every sample site outside all plates (the global adapter's, a learned tau's):
+    they count as 0 in the ELBO. The task sites (in ``plate('tasks')``) and the likelihood are left alone."""
+
+    def _pyro_sample(self, msg):
+        if not msg["cond_indep_stack"] and not site_is_subsample(msg):
+            msg["mask"] = False
 
 def site_names(key: str) -> dict[str, str]:
     return {"GA": f"Theta_A:{key}", "GB": f"Theta_B:{key}", "TA": f"theta_A:{key}", "TB": f"theta_B:{key}"}
@@ -234,12 +245,17 @@ class BoraModel(LMLikelihood):
 
     # ----------------------------------------------------------------- the model
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> None:
-        params = self.sample_adapters()
+        # a task-sharded rank other than 0 leaves out the global sites' prior (bora.core.distributed: the ranks'
+        # gradients of the global adapter are summed, and the prior must count once)
+        with contextlib.nullcontext() if batch.get("global_prior", True) else MaskGlobalSites():
+            params = self.sample_adapters()
         ll = self.loglik(batch, params)
         # for progress display only: the minibatch's mean next-token NLL
         self.last_nll = float(-ll.detach().sum() / scored_positions(batch).sum().clamp_min(1))
-        # a data-parallel rank's shard of the global batch weighs b_r / B of it (bora.distributed)
-        with poutine.scale(scale=float(batch.get("loglik_scale", 1.0))), \
+        # a data-parallel rank's shard of the global batch weighs a share of it (bora.core.distributed); a rank
+        # without rows of the batch runs a placeholder row at weight 0 (masked: poutine.scale refuses 0)
+        scale = float(batch.get("loglik_scale", 1.0))
+        with poutine.scale(scale=scale) if scale > 0 else poutine.mask(mask=False), \
                 pyro.plate("data", self.num_docs, subsample=batch["index"], dim=-1):
             pyro.factor("loglik", ll)
 

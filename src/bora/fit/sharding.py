@@ -1,0 +1,111 @@
+"""Task-sharded data parallelism (``FitConfig.parallel='tasks'``): which rank fits which task, the step's gradient
+reduction, and bringing every rank's task rows together.
+
+>>> import torch
+>>> from bora.fit.sharding import TaskShards
+>>> shards = TaskShards(torch.tensor([30, 12, 6]), rank=1, world_size=2)   # tasks' training documents
+>>> shards.owner.tolist(), shards.mine.tolist()
+([0, 1, 1], [False, True, True])
+>>> shards.batch_rows(torch.arange(4), torch.tensor([0, 2, 0, 1]))      # this rank's rows, weight b_r / B
+(tensor([1, 3]), 0.5)
+
+The design (:mod:`bora.core.distributed` says how it relates to the document-parallel mode):
+
+* **Ownership**: :func:`bora.core.distributed.task_owners`, size-balanced by training documents (a batch's rows are
+  uniform over documents, so each rank expects a share of the rows proportional to its tasks' documents; ``t mod N``
+  would put two large tasks on one rank by chance).
+* **Rows**: every rank draws the same global minibatch and keeps the rows of its own tasks at likelihood weight
+  ``b_r / B`` (each document counts ``N / B``, as in one process); a rank without rows runs a placeholder row at
+  weight 0, so that it still takes part in the collectives.
+* **Gradients** (:meth:`TaskShards.reduce_grads_`): a task row's gradient is complete on its owner (its documents are
+  all there, and with offset task sites ``theta_t = Theta + delta_t`` its prior ``-log p(delta_t)`` does not involve
+  the global adapter), so the task rows are never communicated. The global parameters' gradients are summed over
+  ranks (factor 1: ``sum_r`` of the ranks' likelihood gradients is the global batch's, and only rank 0's loss holds
+  the global prior, :class:`bora.model.hierarchy.MaskGlobalSites`), which equals the single-process gradient. The
+  gradient norm (NaN/inf check, clipping) is ``sqrt(|g_global|^2 + sum_r |g_rows of r's tasks|^2)``: one
+  all-reduce of one flat buffer per step (the global gradients, the squared norm, a flag per global parameter that
+  has a gradient on some rank).
+* **State**: every rank holds every task's rows (the offsets, their Adam moments, the lazy state) but updates only
+  its own; the others go stale (eager AdamW keeps moving them on zero likelihood gradient, which nothing reads).
+  :meth:`TaskShards.gather_` replaces them by their owners' values (:func:`bora.core.distributed.gather_rows_`, an
+  all-reduce of ``[T, ...]`` tensors) before each validation (so validation, the tau update's ``S = sum_t
+  |delta_t|^2`` and curvature, the best state and early stopping see the same full point on every rank, and are
+  computed as in the document-parallel mode), before each checkpoint and at the end of the fit. Memory per rank is
+  therefore *not* reduced: the gain is that a step's likelihood work on the task rows is split by task and, with
+  ``task_updates='lazy'``, a rank touches only its own tasks' rows. Checkpoints hold the full state, so a fit
+  resumes on any number of ranks (or in one process).
+* **Reported numbers**: the history's ``train_loss`` and ``train_nll`` are rank 0's, over its own rows only (as in
+  the document-parallel mode, each rank's own); validation, tau and the saved fit are the whole fit's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..core.distributed import all_reduce_sum_, gather_rows_, shard_tasks, task_owners, world
+
+__all__ = ["TaskShards", "eager_task_tensors"]
+
+
+class TaskShards:
+    """This rank's share of the tasks (``owner [T]``: each task's rank; ``mine``: bool ``[T]``) in a task-sharded
+    fit of ``world_size`` ranks (default: the process group's), assigned by ``task_sizes`` (training documents)."""
+
+    def __init__(self, task_sizes, rank: Optional[int] = None, world_size: Optional[int] = None):
+        if rank is None or world_size is None:
+            rank, world_size = world()
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.owner = task_owners(task_sizes, self.world_size)
+        self.mine = self.owner == self.rank
+        self.tensors: Callable[[], Sequence[torch.Tensor]] = lambda: ()
+
+    def batch_rows(self, rows: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's rows of the global batch ``rows`` (``task_ids``: their tasks) and their likelihood weight."""
+        return shard_tasks(rows, task_ids, self.owner, self.rank, self.world_size)
+
+    def reduce_grads_(self, global_params: Sequence[torch.Tensor], row_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sum the global parameters' gradients over ranks (in place; a parameter without a gradient on this rank
+        contributes zeros, and keeps none if no rank had one) and return the whole gradient's norm, ``row_grads``
+        being the gradients of this rank's own task rows."""
+        params = list(global_params)
+        dev = params[0].device if params else (row_grads[0].device if row_grads else torch.device("cpu"))
+        own = sum((g.detach().float().square().sum() for g in row_grads), torch.zeros((), device=dev))
+        flat = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        has = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+        buf = torch.cat([*flat, own.reshape(1).to(dev), has])
+        all_reduce_sum_(buf)
+        flags = buf[len(buf) - len(params):].tolist()
+        start = 0
+        for p, flag in zip(params, flags):
+            n = p.numel()
+            if flag > 0:
+                g = buf[start:start + n].view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            start += n
+        glob = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]) if params \
+            else torch.zeros((), device=dev)
+        return (glob.float().square() + buf[start]).sqrt()
+
+    def gather_(self) -> None:
+        """Every task's rows from its owner onto every rank (the tensors :attr:`tensors` lists, each ``[T, ...]``)."""
+        gather_rows_(self.mine, *self.tensors())
+
+
+def eager_task_tensors(task_params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer
+                       ) -> Callable[[], list[torch.Tensor]]:
+    """The ``[T, ...]`` tensors of an eager fit's task rows: the offsets and their AdamW moments (once they exist)."""
+
+    def tensors() -> list[torch.Tensor]:
+        out = []
+        for p in task_params:
+            out.append(p.data)
+            state = optimizer.state.get(p, {})
+            out.extend(state[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in state)
+        return out
+
+    return tensors
