@@ -62,18 +62,23 @@ BEYOND = [
     "## Past one GPU's memory", "",
     "What bora supports today:",
     "- the default top-4-layer adapters (1B, rank 8: about 11 MiB of MAP state per task, so ~1,000 tasks in 12 GiB "
-    "of state, about 2.3x that at the peak of a step on CPU);",
-    "- data-parallel fits (`torchrun`, README \"Many GPUs\"): they split the *documents*, not the tasks; every rank "
-    "holds every task's adapters and optimiser state, so per-GPU adapter memory is the single-GPU figure above;",
+    "of state; the measured peak per task on CPU is 1.2-1.4x the counted bytes, below);",
+    "- data-parallel fits (`torchrun`, README \"Many GPUs\"): `--parallel documents` splits the documents, "
+    "`--parallel tasks` the tasks (each rank fits only its own tasks' rows; only the global adapter's gradients are "
+    "all-reduced); in both every rank holds every task's adapters and optimiser state, so per-GPU adapter memory is "
+    "the single-GPU figure above;",
+    "- lazy task updates (`--task-updates lazy`): a step touches only the batch's tasks, so its time and transient "
+    "memory do not grow with T (`benchmarks/RESULTS_task_scaling.md`); the state itself is still O(T);",
     "- a 4-/8-bit frozen base (`--load-in-4bit`/`--load-in-8bit`), which shrinks the base model, not the adapters.", "",
     "What it does not support (not implemented; the ways to get there):",
-    "- task-sharded adapters: rank k owning the tasks k, k+N, ... and routing each document to its task's rank "
-    "(the task plate is conditionally independent given the global adapter, so only Theta's gradient and the "
-    "tau statistics need an all-reduce);",
+    "- task-sharded adapter *memory*: `--parallel tasks` already routes each document to its task's rank and "
+    "all-reduces only the global gradients, but gathers every task's rows onto every rank at validations and "
+    "checkpoints; keeping only the owned rows (and gathering to rank 0 only for writing) would divide the per-task "
+    "state by the number of ranks;",
     "- optimiser state sharded across ranks (ZeRO-1, e.g. `torch.distributed.optim.ZeroRedundancyOptimizer`), "
     "which divides the 12 of MAP's 16 bytes per value by the number of ranks;",
-    "- adapters of tasks absent from the current batch offloaded to CPU memory (AdamW with weight decay touches "
-    "every task at every step, so this needs a lazy optimiser first).", ""]
+    "- adapters and moments of tasks absent from the current batch offloaded to CPU memory or a memory-mapped file "
+    "(a task bank; lazy updates make it possible, not built).", ""]
 
 
 def gib(x: float) -> str:
