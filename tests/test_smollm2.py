@@ -34,8 +34,8 @@ def test_learned_tau_on_the_embedded_default_hardly_moves_with_the_learning_rate
 
     taus = []
     for lr in (2e-3, 4e-3):
-        cfg = BoraConfig()
-        cfg = cfg.replace(fit=cfg.fit.replace(lr=lr, guide="map"))
+        cfg = BoraConfig()  # the profiled evidence the measurement was made with (the integrated default: untested)
+        cfg = cfg.replace(fit=cfg.fit.replace(lr=lr, guide="map"), prior=cfg.prior.replace(tau_evidence="profiled"))
         bora, data = Bora.from_config(cfg, device="cpu")
         feeds = {k: bora.feed(v, progress=False) for k, v in data.items()}
         taus.append(bora.fit(feeds["train"], feeds["val"], progress=False).tau["tau"])

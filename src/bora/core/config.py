@@ -256,10 +256,11 @@ class PriorConfig(_JsonConfig):
     )
     tau_per_module: bool = _f(False, "Learn one tau per adapted module instead of one scalar.")
     tau_evidence: str = _f(
-        "profiled", "The evidence a learned tau maximises ('learned', MAP and Laplace fits): 'profiled' (the global "
-        "adapter held at its estimate, tau = gamma / S) or 'integrated' (the global adapter integrated out too, "
-        "a REML-type correction: tau = (gamma - gamma_Theta) / S, where gamma_Theta counts the global coordinates "
-        "the tasks determine; with few tasks the profiled tau leans toward pooling).", choices=TAU_EVIDENCES)
+        "integrated", "The evidence a learned tau maximises ('learned', MAP and Laplace fits): 'integrated' (the "
+        "global adapter integrated out as well, a REML-type type-II estimate: tau = (gamma - gamma_Theta) / S, where "
+        "gamma_Theta counts the global coordinates the tasks determine) or 'profiled' (the global adapter held at "
+        "its estimate, tau = gamma / S: with few tasks it leans toward pooling and its Laplace intervals are too "
+        "narrow; the default before 2026-12-07).", choices=TAU_EVIDENCES)
     tau_shape: float = _f(1.0, "Shape a of the Gamma(a, b) hyperprior on tau ('learned').")
     tau_rate: float = _f(1e-4, "Rate b of the Gamma(a, b) hyperprior on tau ('learned').")
     hierarchy: str = _f(

@@ -35,13 +35,16 @@ loop alternates optimiser steps at fixed tau with this update at every validatio
 EM; the example above runs the same alternation in closed form and recovers the true tau). With
 ``tau_per_module`` each module's coordinates give their own tau.
 
-The global adapter: by default (``tau_evidence='profiled'``) it is held at its estimate, which with few tasks
-counts its coordinates as if the tasks had determined them and leans toward pooling. With
-``tau_evidence='integrated'`` it is integrated out too (the Laplace volume of the joint Hessian over task and
-global coordinates): the evidence gains ``-1/2 sum_i log(1/s^2 + sum_t tau F_ti / (F_ti + tau))`` and the
-re-estimate becomes ``tau = (gamma - gamma_Theta) / S`` (REML-type), ``gamma_Theta`` the number of global
-coordinates the tasks determine. On the linear-Gaussian stand-in with 16 unequal tasks it lands within 5% of
-the exact type-II tau, which the profiled objective misses by 19% (``tests/test_statistics.py``).
+The global adapter: by default (``tau_evidence='integrated'``) it is integrated out too (the Laplace volume of
+the joint Hessian over task and global coordinates): the evidence gains
+``-1/2 sum_i log(1/s^2 + sum_t tau F_ti / (F_ti + tau))`` and the re-estimate becomes
+``tau = (gamma - gamma_Theta) / S`` (REML-type), ``gamma_Theta`` the number of global coordinates the tasks
+determine. On the linear-Gaussian stand-in with 16 unequal tasks it lands within 5% of the exact type-II tau,
+which the profiled objective misses by 19%, and the Laplace intervals of what fits ship cover at their nominal
+rates (``tests/test_statistics.py``). With ``tau_evidence='profiled'`` the global adapter is held at its
+estimate, which with few tasks counts its coordinates as if the tasks had determined them and leans toward
+pooling (the default before 2026-12-07; on the embedded default the two give tau 324 and 298 and the same test
+perplexity, 79.20 and 79.22).
 """
 
 from __future__ import annotations
