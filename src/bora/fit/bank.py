@@ -23,7 +23,8 @@ log-products) are dense ``[T, ...]`` tensors. The bank decides where those tenso
 
 :meth:`TaskBank.fetch` pages the rows of a set of tasks in to the fit's device (``index_select`` where they live,
 then one copy); :meth:`TaskBank.put_` writes them back (one copy, then ``index_copy_``); :meth:`TaskBank.chunks`
-splits all ``T`` tasks into blocks of rows of at most ``chunk_bytes`` (64 MiB) for the operations that touch every
+splits all ``T`` tasks into blocks of rows of at most ``chunk_bytes`` (16 MiB per tensor) for the operations that
+touch every
 task (the lazy rows' full flush), so those never hold more than one block on the device. The values are copied,
 never converted: every arithmetic operation of the lazy step runs on the device on the same values in the same
 order whatever the bank, so a fit with a bank is bit-identical to one without (``tests/test_task_bank.py``).
@@ -50,7 +51,7 @@ from ..core.config import ConfigError
 __all__ = ["TaskBank", "BANK_KINDS"]
 
 BANK_KINDS = ("device", "cpu", "disk")
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 class TaskBank:
