@@ -69,6 +69,11 @@ BEYOND = [
     "the single-GPU figure above;",
     "- lazy task updates (`--task-updates lazy`): a step touches only the batch's tasks, so its time and transient "
     "memory do not grow with T (`benchmarks/RESULTS_task_scaling.md`); the state itself is still O(T);",
+    "- a task bank for lazy fits (`--task-bank cpu|disk`, bora.fit.bank): every task's offsets and lazy-Adam state "
+    "(the lazy step's 12 bytes per task value, not a learned tau's 4 of curvature) kept in CPU memory (pinned "
+    "on CUDA) or in memory-mapped files, "
+    "the batch's rows paged to the device per step, bit-identical to the fit without it "
+    "(`benchmarks/RESULTS_task_bank.md`); validation still copies the point to the device whole;",
     "- a 4-/8-bit frozen base (`--load-in-4bit`/`--load-in-8bit`), which shrinks the base model, not the adapters.", "",
     "What it does not support (not implemented; the ways to get there):",
     "- task-sharded adapter *memory*: `--parallel tasks` already routes each document to its task's rank and "
@@ -77,8 +82,8 @@ BEYOND = [
     "state by the number of ranks;",
     "- optimiser state sharded across ranks (ZeRO-1, e.g. `torch.distributed.optim.ZeroRedundancyOptimizer`), "
     "which divides the 12 of MAP's 16 bytes per value by the number of ranks;",
-    "- adapters and moments of tasks absent from the current batch offloaded to CPU memory or a memory-mapped file "
-    "(a task bank; lazy updates make it possible, not built).", ""]
+    "- a task bank in a multi-process fit (`--parallel tasks` gathers every task's rows on the device), and "
+    "validation streamed through the bank by blocks of tasks (it evaluates the whole point on the device).", ""]
 
 
 def gib(x: float) -> str:

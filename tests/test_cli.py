@@ -171,6 +171,8 @@ def test_every_config_field_has_a_flag_or_a_documented_reason(capsys):
             argv = ["fit", "-o", "x", "--" + fl.name] + ([] if fl.switch else _other_value(fl))
             if f.name == "num_particles":  # several particles need a guide that draws
                 argv += ["--guide", "meanfield"]
+            if f.name in ("task_bank", "task_bank_dir"):  # a task bank needs lazy updates; its folder, the disk bank
+                argv += ["--task-updates", "lazy"] + (["--task-bank", "disk"] if f.name == "task_bank_dir" else [])
             if f.name in ("prompt_column", "completion_column"):  # prompt/completion data needs both columns
                 argv += ["--completion-column" if f.name == "prompt_column" else "--prompt-column", "other"]
             if f.name in ("label_column", "choices_column", "label_map"):  # classification: a prompt and a label

@@ -67,6 +67,7 @@ SCHEDULES = ("cosine", "constant")
 TAU_CURVATURES = ("steps", "pass")
 TASK_UPDATES = ("eager", "lazy")
 PARALLEL = ("documents", "tasks")
+TASK_BANKS = ("device", "cpu", "disk")
 LAPLACE_LABELS = ("sampled", "empirical")
 LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
@@ -366,6 +367,17 @@ class FitConfig(_JsonConfig):
         "size-balanced subset of the tasks and fits only their rows; only the global adapter's gradients are "
         "summed across ranks; needs a point guide, offset task sites and a fixed or learned tau; "
         "bora.core.distributed). No effect in a single process.", choices=PARALLEL)
+    task_bank: str = _f(
+        "device", "Where a lazy fit (task_updates='lazy') keeps every task's rows (the offsets delta_t, their Adam "
+        "moments, per-task update counts and last-seen log-products): 'device' (dense [tasks, ...] tensors on the "
+        "fit's device), 'cpu' (CPU memory, pinned when the fit runs on CUDA) or 'disk' (a memory-mapped file, "
+        "task_bank_dir); with 'cpu' or 'disk' only the batch's rows are copied to the device per step and written "
+        "back after it, with the same arithmetic: the fit is bit-identical to 'device' (bora.fit.bank). Needs "
+        "task_updates='lazy' and a single process.", choices=TASK_BANKS)
+    task_bank_dir: Optional[str] = _f(
+        None, "With task_bank='disk': the folder for the bank's memory-mapped files (a fresh temporary folder is "
+        "made inside it and removed at the fit's end; default: the system's temporary folder, $TMPDIR).",
+        metavar="DIR")
     cache_prefix: bool = _f(
         True, "Compute the frozen layers below the lowest adapted layer once per document and reuse them."
     )
@@ -403,6 +415,10 @@ class FitConfig(_JsonConfig):
                "task_updates='lazy' needs a point guide ('map' or 'laplace'), not 'meanfield'")
         _check(self.task_updates == "eager" or self.weight_decay == 0,
                "task_updates='lazy' needs weight_decay=0 (the lazy task update has no decoupled decay)")
+        _check(self.task_bank == "device" or self.task_updates == "lazy",
+               f"task_bank={self.task_bank!r} needs task_updates='lazy' (an eager step updates every task's rows)")
+        _check(self.task_bank_dir is None or self.task_bank == "disk",
+               f"task_bank_dir is only used with task_bank='disk', got task_bank={self.task_bank!r}")
         _check(self.parallel == "documents" or self.guide != "meanfield",
                "parallel='tasks' needs a point guide ('map' or 'laplace'), not 'meanfield'")
         _check(self.laplace_docs is None or (isinstance(self.laplace_docs, int) and self.laplace_docs >= 1),

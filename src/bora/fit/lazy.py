@@ -92,6 +92,7 @@ from ..core.config import ConfigError, FitConfig
 from ..core.distributed import world
 from ..model.distributions import IsotropicNormal, LATENT_SUFFIX
 from ..model.guides import guide_params
+from .bank import TaskBank
 from .sharding import TaskShards
 from .step import NumericalError, make_optimizer, make_scheduler
 
@@ -104,81 +105,100 @@ class LazyRows:
     """The task rows of offset tensors ``deltas`` (``{site: [T, ...]}``, updated in place) and their lazy state.
 
     ``groups`` maps each site to its tau group (sites of one group share the running sum ``L``). ``rule``:
-    'adam' (sparse Adam, prior in its metric) or 'sgd' (proximal SGD). See the module docstring."""
+    'adam' (sparse Adam, prior in its metric) or 'sgd' (proximal SGD). See the module docstring. ``bank``
+    (:class:`bora.fit.bank.TaskBank`, default: the deltas' own device) is where the rows and their state live: the
+    offsets are copied into it (:attr:`deltas` are the bank's tensors: point the guide's parameters at them), and
+    every operation fetches the rows it needs to the bank's device and writes them back."""
 
     def __init__(self, deltas: Mapping[str, torch.Tensor], groups: Mapping[str, str], *, rule: str = "adam",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, bank: Optional[TaskBank] = None):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        self.deltas, self.groups, self.rule = dict(deltas), dict(groups), rule
+        first = next(iter(deltas.values()))
+        self.bank = bank if bank is not None else TaskBank("device", first.device)
+        self.device = self.bank.device  # where the arithmetic runs
+        self.deltas = {s: self.bank.store(f"delta.{s}", d) for s, d in deltas.items()}
+        self.groups, self.rule = dict(groups), rule
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
-        first = next(iter(self.deltas.values()))
-        T, dev = first.shape[0], first.device
+        T, bank = first.shape[0], self.bank
         self.L = {g: 0.0 for g in set(self.groups.values())}  # running sums (Python floats: float64)
-        self.last = {s: torch.zeros(T, dtype=torch.float64, device=dev) for s in self.deltas}
-        self.count = torch.zeros(T, dtype=torch.long, device=dev)  # each task's sparse-Adam updates
+        self.last = {s: bank.zeros(f"last.{s}", (T,), torch.float64) for s in self.deltas}
+        self.count = bank.zeros("count", (T,), torch.long)  # each task's sparse-Adam updates
         adam = rule == "adam"
-        self.m = {s: torch.zeros_like(d) for s, d in self.deltas.items()} if adam else {}
-        self.v = {s: torch.zeros_like(d) for s, d in self.deltas.items()} if adam else {}
+        self.m = {s: bank.zeros(f"m.{s}", d.shape, d.dtype) for s, d in self.deltas.items()} if adam else {}
+        self.v = {s: bank.zeros(f"v.{s}", d.shape, d.dtype) for s, d in self.deltas.items()} if adam else {}
+
+    def rows(self, site: str, u: torch.Tensor) -> torch.Tensor:
+        """The offsets of tasks ``u`` at ``site`` on the fit's device (a copy)."""
+        return self.bank.fetch(self.deltas[site], u)
 
     def _inv_denominator(self, site: str, u: torch.Tensor) -> torch.Tensor:
         """``1 / D`` of rows ``u`` (0 for a row never updated); 1 for rule 'sgd'."""
         if self.rule == "sgd":
             return torch.ones((), dtype=torch.float64, device=u.device)
-        c = self.count.index_select(0, u)
-        v = self.v[site].index_select(0, u).double()
+        c = self.bank.fetch(self.count, u)
+        v = self.bank.fetch(self.v[site], u).double()
         bc2 = (1.0 - torch.tensor(self.betas[1], dtype=torch.float64, device=u.device) ** c)
         bc2 = bc2.reshape(-1, *([1] * (v.dim() - 1)))
         seen = (c > 0).reshape(bc2.shape)
         d = (v / torch.where(seen, bc2, torch.ones_like(bc2))).sqrt() + self.eps
         return torch.where(seen, 1.0 / d, torch.zeros_like(d))
 
+    def _shrink_(self, site: str, rows: torch.Tensor, dL: torch.Tensor) -> None:
+        """Multiply rows ``rows`` (on the fit's device) of ``site`` by ``exp(-dL / D)``; mark them up to date."""
+        delta = self.deltas[site]
+        x = dL.reshape(-1, *([1] * (delta.dim() - 1))) * self._inv_denominator(site, rows)
+        factor = torch.exp(-x).to(delta.dtype)
+        self.bank.put_(delta, rows, self.bank.fetch(delta, rows) * factor)
+        self.last[site].index_fill_(0, rows.to(self.last[site].device), self.L[self.groups[site]])
+
     @torch.no_grad()
     def flush_(self, u: Optional[torch.Tensor] = None) -> None:
-        """Apply the pending prior shrinkage of tasks ``u`` (default: every task)."""
+        """Apply the pending prior shrinkage of tasks ``u`` (default: every task, in blocks of rows of the bank's
+        ``chunk_bytes``, only those with pending shrinkage)."""
         for site, delta in self.deltas.items():
-            if u is None:
-                rows = torch.arange(delta.shape[0], device=delta.device)
-            else:
-                rows = u
-            dL = self.L[self.groups[site]] - self.last[site].index_select(0, rows)  # [U] float64
-            if u is None:
+            L = self.L[self.groups[site]]
+            if u is not None:
+                self._shrink_(site, u, L - self.bank.fetch(self.last[site], u))  # [U] float64
+                continue
+            for block in self.bank.chunks(delta):
+                rows = torch.arange(block.start, block.stop, device=self.device)
+                dL = L - self.bank.fetch(self.last[site], rows)
                 keep = dL != 0
-                if not bool(keep.any()):
-                    continue
-                rows, dL = rows[keep], dL[keep]
-            x = dL.reshape(-1, *([1] * (delta.dim() - 1))) * self._inv_denominator(site, rows)
-            factor = torch.exp(-x).to(delta.dtype)
-            delta.index_copy_(0, rows, delta.index_select(0, rows) * factor)
-            self.last[site].index_fill_(0, rows, self.L[self.groups[site]])
+                if bool(keep.any()):
+                    self._shrink_(site, rows[keep], dL[keep])
 
     @torch.no_grad()
     def step_(self, u: torch.Tensor, grads: Mapping[str, torch.Tensor], lr: float, rate: Mapping[str, float]) -> None:
         """Update rows ``u`` (flushed: :meth:`flush_`) with their likelihood gradients ``grads`` (``{site:
         [|U|, ...]}``) at learning rate ``lr``, then advance every group's ``L`` by this step's prior factor at
         precision ``rate[group]`` (``tau'``)."""
+        bank = self.bank
+        c = bank.fetch(self.count, u) + 1
+        bank.put_(self.count, u, c)
         if self.rule == "adam":
             b1, b2 = self.betas
-            c = self.count.index_select(0, u) + 1
-            self.count.index_copy_(0, u, c)
             for site, delta in self.deltas.items():
                 g = grads[site]
                 shape = (-1, *([1] * (g.dim() - 1)))
                 bc1 = (1.0 - b1 ** c.double()).reshape(shape).to(g.dtype)
                 bc2 = (1.0 - b2 ** c.double()).reshape(shape).to(g.dtype)
-                m = self.m[site].index_select(0, u).mul_(b1).add_(g, alpha=1 - b1)
-                v = self.v[site].index_select(0, u).mul_(b2).addcmul_(g, g, value=1 - b2)
-                self.m[site].index_copy_(0, u, m)
-                self.v[site].index_copy_(0, u, v)
+                m = bank.fetch(self.m[site], u).mul_(b1).add_(g, alpha=1 - b1)
+                v = bank.fetch(self.v[site], u).mul_(b2).addcmul_(g, g, value=1 - b2)
+                bank.put_(self.m[site], u, m)
+                bank.put_(self.v[site], u, v)
                 upd = (m / bc1) / ((v / bc2).sqrt() + self.eps)
-                delta.index_copy_(0, u, delta.index_select(0, u) - lr * upd)
+                bank.put_(delta, u, bank.fetch(delta, u) - lr * upd)
         else:
-            self.count.index_add_(0, u, torch.ones_like(u))
             for site, delta in self.deltas.items():
-                delta.index_copy_(0, u, delta.index_select(0, u) - lr * grads[site])
+                bank.put_(delta, u, bank.fetch(delta, u) - lr * grads[site])
         for group in self.L:
             x = lr * float(rate[group])
             self.L[group] += x if self.rule == "adam" else math.log1p(x)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every ``[T, ...]`` tensor of the rows and their state (what a task-sharded fit gathers)."""
+        return [*self.deltas.values(), *self.m.values(), *self.v.values(), self.count, *self.last.values()]
 
     def state_dict(self) -> dict:
         return {"rule": self.rule, "L": dict(self.L), "count": self.count.clone(),
@@ -223,14 +243,38 @@ class LazyStep:
         self.optimizer = make_optimizer([{"params": list(self.globals.values()), "lr": cfg.lr}], cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, total)
         group = self.optimizer.param_groups[0]
+        device = next(iter(deltas.values())).device
+        if cfg.task_bank != "device" and (world()[1] > 1 or shards is not None):
+            raise ConfigError(f"task_bank={cfg.task_bank!r} needs a single-process fit (a task-sharded fit gathers "
+                              "every task's rows on the device)")
+        bank = TaskBank(cfg.task_bank, device, cfg.task_bank_dir)
         self.rows = LazyRows({s: d.data for s, d in deltas.items()},
                              {s: groups.get(self.key_of[s], "tau") for s in deltas}, rule=rule,
-                             betas=group["betas"], eps=group["eps"])
+                             betas=group["betas"], eps=group["eps"], bank=bank)
+        self.deltas = deltas
+        for s, d in deltas.items():  # the guide's offsets are the bank's tensors (the device copy is freed)
+            if self.banked:
+                d.data = self.rows.deltas[s]
+        self.released = False
         self.params = list(self.globals.values())
         self.shards = shards
         if shards is not None:  # what a task-sharded fit gathers from the tasks' owners (bora.fit.sharding)
-            r = self.rows
-            shards.tensors = lambda: [*r.deltas.values(), *r.m.values(), *r.v.values(), r.count, *r.last.values()]
+            shards.tensors = self.rows.tensors
+
+    @property
+    def banked(self) -> bool:
+        """Whether the task rows live off the fit's device (``task_bank`` 'cpu' or 'disk')."""
+        return self.rows.bank.kind != "device"
+
+    def release_(self) -> None:
+        """The fit's end: the guide's offsets back on the fit's device (a copy out of the bank) and the bank's
+        files removed. A no-op without a bank; idempotent."""
+        if not self.banked or self.released:
+            return
+        for d in self.deltas.values():
+            d.data = d.data.to(self.rows.device, copy=True)
+        self.rows.bank.close_()
+        self.released = True
 
     def flush_(self) -> None:
         """Bring every task up to date (before validation, tau updates, saving, the end of a fit)."""
@@ -249,7 +293,7 @@ class LazyStep:
         values: dict[str, torch.Tensor] = dict(self.globals)
         leaves = {}
         for _, _, site, glob in self.sites:
-            leaves[site] = self.rows.deltas[site].index_select(0, u).requires_grad_(True)
+            leaves[site] = self.rows.rows(site, u).requires_grad_(True)
             values[site] = values[glob] + leaves[site]
         ll = model.loglik(dict(batch, task_ids=inv), model.params_from_values(values))
         model.last_nll = float(-ll.detach().sum() / batch["attention_mask"][:, 1:].sum().clamp_min(1))

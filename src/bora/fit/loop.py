@@ -20,7 +20,10 @@ validated state, and the tau it was trained under, are restored at the end.
 
 With ``task_updates='lazy'`` the step is :class:`bora.fit.lazy.LazyStep` (only the batch's tasks); the loop
 flushes every task's pending prior shrinkage before each validation and at the end of the fit, and its lazy
-state (``parts()['lazy']``) is checkpointed with the rest.
+state (``parts()['lazy']``) is checkpointed with the rest. With ``task_bank`` 'cpu' or 'disk'
+(:mod:`bora.fit.bank`) the task rows and their lazy state live off the device during the fit (the guide's offset
+parameters are the bank's tensors); :meth:`FitLoop.point` copies the point to the device for validation and the
+callbacks, and the offsets return to the device when :meth:`FitLoop.run` ends.
 
 In a multi-process run, ``cfg.parallel`` picks how each global batch is split (:mod:`bora.core.distributed`): by
 documents (every ``N``-th row, DDP) or by tasks (:mod:`bora.fit.sharding`: the rows of this rank's tasks; each rank
@@ -200,7 +203,12 @@ class FitLoop:
             self.lazy.flush_()
 
     def point(self) -> dict:
-        return self.model.complete({**point_values(self.guide), **(self.tau.values if self.tau is not None else {})})
+        """The guide's point estimate (and tau), on the fit's device: with a task bank (``task_bank`` 'cpu' or
+        'disk', :mod:`bora.fit.bank`) the task rows are copied there whole (a no-op on CPU)."""
+        values = point_values(self.guide)
+        if self.lazy is not None and self.lazy.banked:
+            values = {k: v.to(self.lazy.rows.device) for k, v in values.items()}
+        return self.model.complete({**values, **(self.tau.values if self.tau is not None else {})})
 
     def _next_batch(self) -> dict:
         if self._first is not None:
@@ -280,6 +288,8 @@ class FitLoop:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         finally:
+            if self.lazy is not None:  # a task bank: the guide's offsets back on the device, its files removed
+                self.lazy.release_()
             for cb in self.callbacks:
                 cb.close(self)
         return self.result()
