@@ -205,3 +205,44 @@ def test_per_task_tau_with_homogeneous_tasks_stays_near_the_single_tau():
     assert res.tau_hyper["a"] > 50
     assert float(got.max() / got.min()) < 1.5
     assert float((got / single - 1).abs().max()) < 0.05
+
+
+# ----------------------------------------------------------------------------- a saved fit, the CLI
+def test_per_task_fit_saves_loads_evaluates_and_reports(tmp_path, capsys):
+    import json
+
+    from bora.api import Bora
+    from bora.cli.main import main
+    from conftest import tiny_model_dir, write_jsonl
+
+    model_dir, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
+    out = tmp_path / "fit"
+    rc = main(["fit", "--model", str(model_dir), "--data", str(data), "--task-column", "speaker", "--targets",
+               "q_proj", "--layers", "-1", "--rank", "2", "--steps", "8", "--batch-size", "4", "--lr", "0.02",
+               "--eval-every", "4", "--tau-mode", "learned", "--tau-per-task", "--output", str(out), "--quiet",
+               "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "per-task tau (Gamma(a=" in text and "spk2=" in text
+    state = json.loads((out / "state.json").read_text())
+    taus = state["tau"]["tau"]
+    assert isinstance(taus, list) and len(taus) == 3 and all(t > 0 for t in taus)
+    assert set(state["tau_hyper"]) == {"a", "b"} and state["result"]["tau_hyper"] == state["tau_hyper"]
+    bora = Bora.load(out, device="cpu")
+    assert bora.tau.as_dict()["tau"] == pytest.approx(taus) and bora.tau.hyper_dict() == state["tau_hyper"]
+    # the Laplace posterior gives each task its own prior precision
+    (lap_tau,) = set(map(tuple, bora.laplace.tau.values()))
+    assert list(lap_tau) == pytest.approx(taus)
+    key = next(iter(bora.laplace.task))
+    F = bora.laplace.task[key][1]
+    torch.testing.assert_close(bora.laplace.task_sd(key, 1),
+                               (F + torch.tensor(taus, dtype=F.dtype).view(-1, 1, 1)).rsqrt())
+    with pytest.raises(ValueError, match="one tau per task"):
+        bora.model.tau_by_key(bora.point())
+    assert main(["evaluate", str(out), "--samples", "3", "--quiet", "--device", "cpu"]) == 0
+    assert main(["report", str(out), "-o", str(tmp_path / "report"), "--draws", "3", "--quiet", "--device",
+                 "cpu"]) == 0
+    rep = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert rep["tau"]["tau"] == pytest.approx(taus) and rep["tau_hyper"] == state["tau_hyper"]
+    assert [rep["per_task"][t]["tau"] for t in ("spk0", "spk1", "spk2")] == pytest.approx(taus)
+    assert "learned Gamma(a = " in (tmp_path / "report" / "index.md").read_text()
