@@ -14,7 +14,7 @@ from bora.fit.tau import A_BOUNDS, EmpiricalBayesTau, gamma_gamma_evidence, gamm
 from bora.model.distributions import IsotropicNormal
 from bora.model.guides import make_guide, point_values
 
-from gaussian import GaussianModel, exact_posterior
+from gaussian import GaussianModel
 
 from bora.data.documents import TokenizedSplit
 from bora.data.feed import Feed
@@ -30,7 +30,8 @@ def _log_marginal_numeric(a, b, S, gamma):
     tau = np.exp(u)
     out = 0.0
     for s, g in zip(S, gamma):
-        logf = (a * math.log(b) - math.lgamma(a) + (a - 1) * u - b * tau) + 0.5 * g * u - 0.5 * tau * s + u  # dtau = tau du
+        # the Gamma(a, b) density times the task's Gamma-shaped evidence, in log tau (dtau = tau du)
+        logf = (a * math.log(b) - math.lgamma(a) + (a - 1) * u - b * tau) + 0.5 * g * u - 0.5 * tau * s + u
         m = logf.max()
         out += m + math.log(np.trapezoid(np.exp(logf - m), u))
     return out
@@ -201,7 +202,8 @@ def test_per_task_tau_with_homogeneous_tasks_stays_near_the_single_tau():
     _, single_res, _ = _fit(single_model, feed1)
     got = torch.tensor(res.tau["tau"])
     single = single_res.tau["tau"]
-    print(f"homogeneous: per-task tau {[round(float(t), 2) for t in got]}, a={res.tau_hyper['a']:.3g}; single {single:.3g}")
+    print(f"homogeneous: per-task tau {[round(float(t), 2) for t in got]}, a={res.tau_hyper['a']:.3g}; "
+          f"single {single:.3g}")
     assert res.tau_hyper["a"] > 50
     assert float(got.max() / got.min()) < 1.5
     assert float((got / single - 1).abs().max()) < 0.05

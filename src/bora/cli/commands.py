@@ -232,7 +232,8 @@ def cmd_laplace(args) -> int:
     sd = lap.median_task_sd()
     taus = sorted({x for t in lap.tau.values() for x in (t if isinstance(t, list) else [t])})  # a list: per task
     prior_sd = [t ** -0.5 for t in taus if 0 < t < math.inf]
-    shown = (f"{min(prior_sd):.4g}..{max(prior_sd):.4g} over the tasks" if any(isinstance(t, list) for t in lap.tau.values())
+    per_task = any(isinstance(t, list) for t in lap.tau.values())
+    shown = (f"{min(prior_sd):.4g}..{max(prior_sd):.4g} over the tasks" if per_task
              else ", ".join(f"{x:.4g}" for x in prior_sd))
     print(f"Laplace posterior written to {args.fit_dir / 'laplace.safetensors'}: median posterior sd of a task "
           f"coordinate {sd:.4g} (prior sd tau^-1/2: {shown})")

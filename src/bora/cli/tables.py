@@ -151,4 +151,5 @@ def format_tau(v, spec: str = ".4g") -> str:
 def format_task_taus(tasks, taus, hyper: dict) -> str:
     """Every task's tau of a per-task fit and the learned ``Gamma(a, b)`` they are drawn from, one line."""
     each = ", ".join(f"{t}={v:.4g}" for t, v in zip(tasks, taus))
-    return f"per-task tau (Gamma(a={hyper['a']:.4g}, b={hyper['b']:.4g}), mean a/b={hyper['a'] / hyper['b']:.4g}): {each}"
+    a, b = hyper["a"], hyper["b"]
+    return f"per-task tau (Gamma(a={a:.4g}, b={b:.4g}), mean a/b={a / b:.4g}): {each}"

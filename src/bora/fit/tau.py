@@ -47,24 +47,32 @@ the exact type-II tau, which the profiled objective misses by 19% (``tests/test_
 hard as a typical one. With ``tau_t ~ Gamma(a, b)`` per task (marginally a Student-t prior on each task's
 deviation) and ``(a, b)`` learned, the same Laplace evidence is used task by task. As a function of ``tau_t``,
 task ``t``'s evidence ``-tau_t S_t/2 - 1/2 sum_i log(1 + F_ti/tau_t)`` (``S_t = ||delta_t||^2``, ``F_ti`` the
-task's own Fisher) has slope ``gamma_t/2 - tau_t S_t/2`` in ``log tau_t``, ``gamma_t = sum_i F_ti/(F_ti + tau_t)``;
-holding ``gamma_t`` at its current value makes it Gamma-shaped,
+task's own Fisher) has slope ``(gamma_t - tau_t S_t)/2`` in ``u = log tau_t``, ``gamma_t = sum_i w_ti``,
+``w_ti = F_ti/(F_ti + tau_t)``; holding the counts at the current point makes it Gamma-shaped,
 
-    log p(y_t | tau_t) ~ const + (gamma_t/2) log tau_t - tau_t S_t/2,
+    log p(y_t | tau_t) ~ const + (nu_t/2) log tau_t - tau_t R_t/2,
 
 so ``tau_t`` integrates out in closed form (the Gamma-Gamma marginal) and the type-II objective of ``(a, b)`` is
 
-    L(a, b) = sum_t [a log b - lgamma(a) + lgamma(a + gamma_t/2) - (a + gamma_t/2) log(b + S_t/2)],
+    L(a, b) = sum_t [a log b - lgamma(a) + lgamma(a + nu_t/2) - (a + nu_t/2) log(b + R_t/2)],
 
 maximised over ``(log a, log b)`` (:func:`gamma_hyper`: ``b`` profiled out, since ``dL/dlog b = sum_t [a - (a +
-gamma_t/2) b/(b + S_t/2)]`` is decreasing in ``log b``; then a refined grid over ``log a``). Each task's
-``tau_t | y_t ~ Gamma(a + gamma_t/2, b + S_t/2)``, whose mode ``(a + gamma_t/2 - 1)/(b + S_t/2)`` is its
-estimate; ``gamma_t`` is then recomputed at the new ``tau_t`` and the two steps repeated to a fixed point
-(:func:`per_task_tau`). ``a`` is bounded to ``[1e-2, 1e8]``: ``a -> inf`` with ``a/b`` fixed is the single-tau
-model (every ``tau_t = a/b``, and ``L`` tends to the single-tau evidence ``sum_t (gamma_t/2) log tau - tau S/2``),
-so homogeneous tasks drive ``a`` to the upper bound and give every task nearly the shared tau. The
-``Gamma(tau_shape, tau_rate)`` hyperprior of a single tau is not used: ``(a, b)`` are estimated instead (flat in
-``log a, log b``).
+nu_t/2) b/(b + R_t/2)]`` is decreasing in ``log b``; then a refined grid over ``log a``). Each task's
+``tau_t | y_t ~ Gamma(a + nu_t/2, b + R_t/2)``; its estimate is the posterior mean ``(a + nu_t/2)/(b + R_t/2)``, the
+precision the MAP step of ``delta_t`` uses with ``tau_t`` integrated out (EM for a Student-t prior: the expected log
+prior is linear in ``tau_t``; the mode ``(a + nu_t/2 - 1)/(b + R_t/2)`` sends a task the data say little about to
+``(a - 1)/b``, near 0 when ``a ~ 1``). The counts are then recomputed at the new taus and the two steps repeated to a
+fixed point (:func:`per_task_tau`).
+
+Which ``(nu_t, R_t)`` (:func:`task_gamma_kernel`): ``nu_t = gamma_t``, ``R_t = S_t`` has the evidence's slope and
+root but its curvature in ``u`` is ``gamma_t/2``, while the evidence's expected curvature is ``1/2 sum_i w_ti^2``
+(differentiate the slope with ``S_t(tau)`` at the MAP and take ``E[S]`` under the model): where ``F ~ tau`` it
+overstates what a task says about its tau and finds spread between identical tasks. The default scales both by
+``c = sum_ti w_ti^2 / sum_ti w_ti`` (``nu_t = c gamma_t``, ``R_t = c S_t``): the same root per task, the curvature
+matched over the tasks, and ``a -> inf`` with ``a/b`` fixed (``a`` is bounded to ``[1e-2, 1e8]``) is exactly the
+single-tau model, every ``tau_t = sum gamma / sum S`` (MacKay's update), so homogeneous tasks drive ``a`` to its
+upper bound. The ``Gamma(tau_shape, tau_rate)`` hyperprior of a single tau is not used: ``(a, b)`` are estimated
+instead (flat in ``log a, log b``).
 """
 
 from __future__ import annotations
