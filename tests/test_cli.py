@@ -175,6 +175,8 @@ def test_every_config_field_has_a_flag_or_a_documented_reason(capsys):
                 argv += ["--task-updates", "lazy"] + (["--task-bank", "disk"] if f.name == "task_bank_dir" else [])
             if f.name in ("prompt_column", "completion_column"):  # prompt/completion data needs both columns
                 argv += ["--completion-column" if f.name == "prompt_column" else "--prompt-column", "other"]
+            if f.name == "tau_per_task":  # per-task taus use the profiled evidence
+                argv += ["--tau-evidence", "profiled"]
             if f.name in ("label_column", "choices_column", "label_map"):  # classification: a prompt and a label
                 argv += ["--prompt-column", "other"] + ([] if f.name == "label_column" else ["--label-column", "y"])
             args = build_parser().parse_args(argv)

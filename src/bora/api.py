@@ -55,7 +55,7 @@ def _laplace_at(model: BoraModel, point: dict, feed: Feed, cfg, *, docs: Optiona
     keep = task_layout(model) if structure == "lowrank" and model.has_tasks else None
     tf = task_fisher(model, model.params_from_values(point), feed, max_per_task=docs or cfg.laplace_docs,
                      generator=gen, labels=labels or cfg.laplace_labels, progress=progress, gradients=keep)
-    return laplace_from_point(model, tf, model.tau_by_key(point))
+    return laplace_from_point(model, tf, model.tau_by_key(point, per_task=True))
 
 
 class Bora:

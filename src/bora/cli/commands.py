@@ -18,7 +18,7 @@ from typing import Optional
 
 from .args import COMMON_FLAGS, config_from_args, explicit_flags
 from ..core.config import BoraConfig, CheckpointConfig, ConfigError
-from .tables import format_classification_table, format_posterior_table, format_table
+from .tables import format_classification_table, format_posterior_table, format_table, format_tau, format_task_taus
 
 __all__ = ["main_report", "cmd_fit", "cmd_evaluate", "cmd_laplace", "cmd_sample", "cmd_export"]
 
@@ -127,7 +127,7 @@ def fit_command(args, argv) -> int:
                           "as a fit") from None
     if bora.map_phase is not None:
         m = bora.map_phase
-        print(f"MAP phase: tau {', '.join(f'{k}={v:.4g}' for k, v in (m.tau or {}).items()) or 'n/a'}, "
+        print(f"MAP phase: tau {', '.join(f'{k}={format_tau(v)}' for k, v in (m.tau or {}).items()) or 'n/a'}, "
               f"best step {m.best_step} of {m.steps}, best validation NLL {m.best_val_nll:.4f}", flush=True)
     fitted = bora.evaluate(feeds["test"])
     from ..evaluation.evaluate import by_task_size
@@ -149,9 +149,11 @@ def fit_command(args, argv) -> int:
     else:
         print(format_table(base, fitted, train_sizes=sizes))
     tau = bora.tau_estimate()
-    print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}   steps: {result.steps}   "
+    print(f"\ntau: {', '.join(f'{k}={format_tau(v)}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
+    if result.tau_hyper:  # a per-task tau: every task's and the learned Gamma(a, b)
+        print(format_task_taus(bora.tasks, tau.get("tau") or [], result.tau_hyper))
     if result.tau_residual:
         print("tau fixed-point residual at the returned adapters: " + ", ".join(
             f"{k} {100 * v:.1f}%" for k, v in result.tau_residual.items())
@@ -188,14 +190,14 @@ def cmd_evaluate(args) -> int:
                               predictive=args.predictive)
         res = evaluate_classification(post, feed, batch_size=args.batch_size)
         print(format_classification_table(res, title=args.split))
-        print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
+        _print_tau(bora, tau)
         _write_evaluation(args.json, {"split": args.split, "classification": res, "tau": tau})
         return 0
     base = bora.evaluate(feed, base=True)
     fitted = bora.evaluate(feed)
     print(format_table(base, fitted, title=args.split,
                        train_sizes=dict(zip(bora.tasks, data["train"].task_sizes().tolist()))))
-    print(f"\ntau: {', '.join(f'{k}={v:.4g}' for k, v in tau.items())}")
+    _print_tau(bora, tau)
     post = bora.posterior(1 if args.samples is None else args.samples, seed=args.seed, predictive=args.predictive)
     res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet, doc_estimator=args.doc_estimator)
     print()
@@ -228,10 +230,22 @@ def cmd_laplace(args) -> int:
                             progress=not args.quiet)
     write_laplace(lap, args.fit_dir / "laplace.safetensors")
     sd = lap.median_task_sd()
-    taus = sorted(set(lap.tau.values()))
+    taus = sorted({x for t in lap.tau.values() for x in (t if isinstance(t, list) else [t])})  # a list: per task
+    prior_sd = [t ** -0.5 for t in taus if 0 < t < math.inf]
+    per_task = any(isinstance(t, list) for t in lap.tau.values())
+    shown = (f"{min(prior_sd):.4g}..{max(prior_sd):.4g} over the tasks" if per_task
+             else ", ".join(f"{x:.4g}" for x in prior_sd))
     print(f"Laplace posterior written to {args.fit_dir / 'laplace.safetensors'}: median posterior sd of a task "
-          f"coordinate {sd:.4g} (prior sd tau^-1/2: {', '.join(f'{t ** -0.5:.4g}' for t in taus if 0 < t < math.inf)})")
+          f"coordinate {sd:.4g} (prior sd tau^-1/2: {shown})")
     return 0
+
+
+def _print_tau(bora, tau: dict) -> None:
+    """The fit's tau after an evaluation table (a per-task tau: every task's and the learned Gamma(a, b))."""
+    print(f"\ntau: {', '.join(f'{k}={format_tau(v)}' for k, v in tau.items())}")
+    hyper = bora.tau.hyper_dict() if bora.tau is not None else {}
+    if hyper:
+        print(format_task_taus(bora.tasks, tau.get("tau") or [], hyper))
 
 
 def cmd_sample(args) -> int:

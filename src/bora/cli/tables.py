@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["format_table", "format_posterior_table", "format_classification_table"]
+__all__ = ["format_table", "format_posterior_table", "format_classification_table", "format_tau", "format_task_taus"]
 
 
 #: above this many tasks the tables group tasks by training-split size instead of listing each one
@@ -139,3 +139,17 @@ def format_classification_table(res: dict, *, title: str = "test") -> str:
     if res.get("point_fit"):
         lines.append("(MAP fit without a posterior: the posterior average is the MAP)")
     return "\n".join(lines)
+
+
+def format_tau(v, spec: str = ".4g") -> str:
+    """A tau estimate for printing: the number, or a per-task tau (a list) as ``min..max``."""
+    if isinstance(v, (list, tuple)):
+        return f"{min(v):{spec}}..{max(v):{spec}} over {len(v)} tasks" if v else "n/a"
+    return f"{float(v):{spec}}"
+
+
+def format_task_taus(tasks, taus, hyper: dict) -> str:
+    """Every task's tau of a per-task fit and the learned ``Gamma(a, b)`` they are drawn from, one line."""
+    each = ", ".join(f"{t}={v:.4g}" for t, v in zip(tasks, taus))
+    a, b = hyper["a"], hyper["b"]
+    return f"per-task tau (Gamma(a={a:.4g}, b={b:.4g}), mean a/b={a / b:.4g}): {each}"

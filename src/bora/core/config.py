@@ -256,6 +256,10 @@ class PriorConfig(_JsonConfig):
         "the starting value for 'learned'.",
     )
     tau_per_module: bool = _f(False, "Learn one tau per adapted module instead of one scalar.")
+    tau_per_task: bool = _f(
+        False, "Learn one tau per task ('learned', MAP and Laplace fits, offset task sites): tau_t ~ Gamma(a, b) with "
+        "(a, b) estimated by the evidence, so an unusual task is pulled less toward the global adapter "
+        "(docs/tau.md, 'Per-task tau').")
     tau_evidence: str = _f(
         "integrated", "The evidence a learned tau maximises ('learned', MAP and Laplace fits): 'integrated' (the "
         "global adapter integrated out as well, a REML-type type-II estimate: tau = (gamma - gamma_Theta) / S, where "
@@ -293,6 +297,15 @@ class PriorConfig(_JsonConfig):
                "(use tau_mode='uncoupled' or 'shared' for the limits)")
         _check(self.tau_shape > 0 and self.tau_rate > 0, "tau_shape and tau_rate must be > 0")
         _check(self.global_scale > 0, f"global_scale must be > 0, got {self.global_scale!r}")
+        if self.tau_per_task:
+            _check(self.tau_mode == "learned", f"tau_per_task needs tau_mode='learned', got {self.tau_mode!r}")
+            _check(not self.tau_per_module, "tau_per_task and tau_per_module cannot be combined")
+            _check(self.hierarchy == "B", "tau_per_task needs hierarchy='B' (with 'AB' tau is not identifiable)")
+            _check(self.parameterisation in ("auto", "offset"),
+                   f"tau_per_task needs offset task sites (parameterisation 'auto' or 'offset'), got "
+                   f"{self.parameterisation!r}")
+            _check(self.tau_evidence == "profiled", "tau_per_task needs tau_evidence='profiled' (--tau-evidence "
+                   "profiled; the integrated evidence is not derived for per-task taus)")
 
 
 @dataclass(frozen=True)
@@ -561,6 +574,10 @@ class BoraConfig(_JsonConfig):
             _check(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")
         _check(self.fit.task_updates == "eager" or self.prior.tau_mode in ("fixed", "learned"),
                f"task_updates='lazy' needs tau_mode 'fixed' or 'learned', got {self.prior.tau_mode!r}")
+        _check(not self.prior.tau_per_task or self.fit.guide != "meanfield",
+               "tau_per_task needs a point guide ('map' or 'laplace'), not 'meanfield'")
+        _check(not self.prior.tau_per_task or self.fit.task_updates == "eager",
+               "tau_per_task needs task_updates='eager'")
         _check(self.fit.task_updates == "eager" or self.prior.parameterisation in ("auto", "offset"),
                f"task_updates='lazy' needs offset task sites (parameterisation 'auto' or 'offset'), got "
                f"{self.prior.parameterisation!r}")

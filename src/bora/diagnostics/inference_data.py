@@ -94,10 +94,11 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
                       delta_w_module_point: Optional[np.ndarray] = None,
                       delta_w_identified_point: Optional[np.ndarray] = None,
                       identified_coords: Optional[np.ndarray] = None,
-                      attrs: Optional[dict] = None) -> az.InferenceData:
+                      attrs: Optional[dict] = None, tau_per_task: bool = False) -> az.InferenceData:
     """Assemble the InferenceData from per-draw arrays (leading dim: draws ``S``, one chain).
 
-    ``tau`` is ``[S, M]`` (per-module prior precision); ``deviation`` ``[S, T, M]``,
+    ``tau`` is ``[S, M]`` (per-module prior precision), or ``[S, T]`` with ``tau_per_task`` (each task's own prior
+    precision, which its shrinkage factors then use); ``deviation`` ``[S, T, M]``,
     ``global_norm`` ``[S, M]``; the Fisher arrays and task sizes are per task (``[T]``,
     ``[T, M]``). The coordinate-averaged shrinkage factors are computed here with
     :func:`bora.diagnostics.pooling.shrinkage`.
@@ -116,14 +117,19 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     fisher_module = np.asarray(fisher_module, dtype=np.float64)
     w = np.asarray(coords_per_module, dtype=np.float64)
     S, T, M = deviation.shape
-    if tau.shape != (S, M) or global_norm.shape != (S, M) or fisher.shape != (T,) or fisher_module.shape != (T, M):
+    if tau.shape != ((S, T) if tau_per_task else (S, M)) or global_norm.shape != (S, M) or fisher.shape != (T,) \
+            or fisher_module.shape != (T, M):
         raise ValueError("inconsistent shapes for draws/tasks/modules")
-    lam_mod = shrinkage(tau[:, None, :], fisher_module[None])  # [S, T, M]
-    with np.errstate(invalid="ignore"):  # coordinate-weighted mean tau (inf stays inf)
-        tau_bar = np.where(np.isinf(tau).any(1), np.inf, (tau * w).sum(1) / w.sum())
-    lam = shrinkage(tau_bar[:, None], fisher[None])  # [S, T]
+    if tau_per_task:  # task t's coordinates shrink with its own tau_t
+        lam_mod = shrinkage(tau[:, :, None], fisher_module[None])  # [S, T, M]
+        lam = shrinkage(tau, fisher[None])  # [S, T]
+    else:
+        lam_mod = shrinkage(tau[:, None, :], fisher_module[None])  # [S, T, M]
+        with np.errstate(invalid="ignore"):  # coordinate-weighted mean tau (inf stays inf)
+            tau_bar = np.where(np.isinf(tau).any(1), np.inf, (tau * w).sum(1) / w.sum())
+        lam = shrinkage(tau_bar[:, None], fisher[None])  # [S, T]
     post = {
-        "tau": (tau if tau_per_module else tau[:, :1].reshape(S))[None],
+        "tau": (tau if tau_per_module or tau_per_task else tau[:, :1].reshape(S))[None],
         "shrinkage": lam[None],
         "shrinkage_module": lam_mod[None],
         "deviation": deviation[None],
@@ -153,7 +159,7 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
             const[name] = _checked(name, arr, shape)
     if identified_coords is not None:
         const["identified_coords"] = _checked("identified_coords", identified_coords, (T,)).astype(np.int64)
-    dims = {"tau": ["module"] if tau_per_module else [], "shrinkage": ["task"],
+    dims = {"tau": ["task"] if tau_per_task else ["module"] if tau_per_module else [], "shrinkage": ["task"],
             "shrinkage_module": ["task", "module"], "deviation": ["task", "module"],
             "deviation_total": ["task"], "global_norm": ["module"], "global_norm_total": [],
             "pooling_factor": ["task"], "effective_parameters": ["task"], "delta_w_ratio": ["task"],
@@ -296,7 +302,8 @@ def _draw_site_values(bora: FitView, draws: int, seed: int, progress: bool):
     groups = bora.model.tau_groups()
     for k in tqdm(range(post.num_samples), desc="posterior draws", disable=not progress, leave=False):
         values = post.values(k)
-        taus = {name: float(values[name]) for name in groups if name in values}
+        taus = {name: (values[name].tolist() if values[name].dim() else float(values[name]))
+                for name in groups if name in values}
         yield values, (taus or fallback)
 
 
@@ -310,12 +317,33 @@ def _delta_w(model, params, glob, keys) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _identified(model, params, glob, fisher, tau_m, keys) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """:func:`~bora.diagnostics.pooling.identified_delta_w` at these adapters and tau (``None`` where undefined)."""
+    """:func:`~bora.diagnostics.pooling.identified_delta_w` at these adapters and tau (``None`` where undefined);
+    with a per-task tau, ``tau_m`` is ``[T]`` and task ``t``'s row uses its own ``tau_t``."""
     if not model.has_tasks:
         return np.zeros(model.num_tasks), np.zeros(model.num_tasks, dtype=np.int64)
     if glob is None or not model.shared_A:
         return None
+    if model.tau_per_task:
+        rows = [identified_delta_w(params, glob, fisher.fisher, {k: float(t) for k in keys}) for t in tau_m]
+        return (np.array([r[0][i] for i, r in enumerate(rows)]),
+                np.array([r[1][i] for i, r in enumerate(rows)], dtype=np.int64))
     return identified_delta_w(params, glob, fisher.fisher, {k: float(t) for k, t in zip(keys, tau_m)})
+
+
+def _tau_array(model, coupling, keys, tau_vals, fixed_tau) -> np.ndarray:
+    """``[M]`` per module, or ``[T]`` per task for a per-task tau (``tau_vals = {"tau": [one per task]}``)."""
+    if model.tau_per_task:
+        return np.asarray(tau_vals["tau"], dtype=np.float64).reshape(model.num_tasks)
+    return tau_per_module(coupling, keys, tau_vals, fixed_tau)
+
+
+def _pooling_sums(model, task_level, keys, tau_m) -> tuple[np.ndarray, np.ndarray]:
+    """``(gamma [T], R [T])`` of :func:`~bora.diagnostics.pooling.precision_sums`; with a per-task tau each task's
+    row at its own ``tau_t``."""
+    if not model.tau_per_task:
+        return precision_sums(task_level, {k: float(t) for k, t in zip(keys, tau_m)})
+    rows = [precision_sums(task_level, {k: float(t) for k in keys}) for t in tau_m]
+    return (np.array([r[0][i] for i, r in enumerate(rows)]), np.array([r[1][i] for i, r in enumerate(rows)]))
 
 
 def identified_note(model) -> str:
@@ -346,14 +374,13 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
         params = model.params_from_values(values)
         glob = model.global_from_values(values)
         d, g = adapter_norms(params, glob, keys, model.num_tasks)
-        tau_m = tau_per_module(coupling, keys, tau_vals, bora.config.prior.tau)
+        tau_m = _tau_array(model, coupling, keys, tau_vals, bora.config.prior.tau)
         taus.append(tau_m)
         devs.append(d)
         globs.append(g)
         ck = tuple(tau_m.tolist())
         if ck not in pool_cache:  # the Fisher is fixed: the pooling summaries change only with tau
-            tau_key = {k: float(t) for k, t in zip(keys, tau_m)}
-            gam, R = precision_sums(task_level, tau_key)
+            gam, R = _pooling_sums(model, task_level, keys, tau_m)
             pool_cache[ck] = (pooling_from_sums(gam, R), gam)
         pools.append(pool_cache[ck][0])
         gammas.append(pool_cache[ck][1])
@@ -365,7 +392,7 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
     # the point estimate (MAP; the posterior median = mean for mean-field) and its tau
     values = bora.point()
     params, glob = model.params_from_values(values), model.global_from_values(values)
-    tau_point = tau_per_module(coupling, keys, bora.tau_estimate() or {}, bora.config.prior.tau)
+    tau_point = _tau_array(model, coupling, keys, bora.tau_estimate() or {}, bora.config.prior.tau)
     dw_point, dw_mod_point = _delta_w(model, params, glob, keys)
     ident_point = _identified(model, params, glob, fisher, tau_point, keys)
     if train is not None and not hasattr(train, "task_tokens"):
@@ -376,7 +403,8 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
     attrs = {"tau_mode": mode, "guide": bora.config.fit.guide, "model": bora.config.model,
              "reference": coupling.reference,
              "draws_from": "posterior" if n_draws > 1 else "point_estimate",
-             "tau_per_module": int(per_module), "identified_note": identified_note(model) or None}
+             "tau_per_module": int(per_module), "tau_per_task": int(model.tau_per_task),
+             "identified_note": identified_note(model) or None}
     has_ident = ident_point is not None
     return to_inference_data(tasks=bora.tasks, modules=keys, tau=np.stack(taus), deviation=np.stack(devs),
                              global_norm=np.stack(globs), fisher=F, fisher_module=F_mod, coords_per_module=coords,
@@ -387,7 +415,8 @@ def inference_data(bora: FitView, fisher, *, train=None, draws: int = 200, seed:
                              delta_w_identified=np.stack(idents) if has_ident else None,
                              delta_w_ratio_point=dw_point, delta_w_module_point=dw_mod_point,
                              delta_w_identified_point=ident_point[0] if has_ident else None,
-                             identified_coords=ident_point[1] if has_ident else None, attrs=attrs)
+                             identified_coords=ident_point[1] if has_ident else None, attrs=attrs,
+                             tau_per_task=model.tau_per_task)
 
 
 def diagnose(bora: FitView, *, train=None, fisher_docs: Optional[int] = None, draws: int = 200, seed: int = 0,

@@ -240,13 +240,18 @@ def _write_report(bora: FitView, out: Path, shown: Path, *, train, test, fisher_
                 title=f"Per-task pooling ({mode}, {bora.config.fit.guide})", mode=mode, hdi_prob=hdi_prob)
     tau_est = bora.tau_estimate() or {}
     per_task = _per_task_rows(table, base_ppl, fit_ppl, kept, indep)
+    tau_hyper = bora.result.tau_hyper if bora.result is not None else None
+    if bora.model.tau_per_task:  # every task's own tau (report["tau"]["tau"] lists them in task order)
+        for t, v in zip(per_task, tau_est.get("tau") or []):
+            per_task[t]["tau"] = v
     report = {"spearman": rho, "spearman_between": [size_name, "pooling_factor"], "tau": tau_est, "tau_mode": mode,
               "guide": bora.config.fit.guide, "draws": table["draws"], "hdi_prob": hdi_prob,
               "draws_from": post.attrs.get("draws_from", ""),
               "fisher_docs": fisher_docs or bora.config.fit.fisher_docs, "perplexity_source": ppl_src,
               "model": bora.config.model, "plots": list(PLOTS), "tau_varies": table["tau_varies"],
               "intervals": {v: table[v + "_varies"] for v in _INTERVAL_VARS if v + "_varies" in table},
-              "identified_note": post.attrs.get("identified_note", ""), "per_task": per_task}
+              "identified_note": post.attrs.get("identified_note", ""), "per_task": per_task,
+              "tau_hyper": tau_hyper}
     write_json(out / "report.json", report)
     (out / "index.md").write_text(_index_md(bora, report, tasks, history))
     if progress:
@@ -268,7 +273,9 @@ def _draw_plots(idata, out: Path, table: dict, sizes, rho: float, use_tokens: bo
     plots.shrinkage_vs_size(tasks, sizes, table["pooling_factor"], out / "shrinkage_vs_size.png",
                             lo=table["pooling_factor_lo"], hi=table["pooling_factor_hi"], rho=rho,
                             xlabel=("training tokens" if use_tokens else "training documents") + " (log scale)")
-    plots.tau_plot(tau_draws, out / "tau.png", modules=modules if tau_draws.shape[1] > 1 else None, mode=mode)
+    per_task_tau = "task" in post["tau"].dims  # a per-task tau: one bar (or histogram) per task
+    labels = [str(t) for t in tasks] if per_task_tau else modules
+    plots.tau_plot(tau_draws, out / "tau.png", modules=labels if tau_draws.shape[1] > 1 else None, mode=mode)
     plots.training_curve(history, out / "training_curve.png")
     plots.perplexity_bars(tasks, base_ppl, fit_ppl, out / "perplexity.png")
     const = idata.constant_data
@@ -307,8 +314,18 @@ def _per_task_rows(table: dict, base_ppl, fit_ppl, kept, indep) -> dict:
     return per_task
 
 
+def _tau_text(v) -> str:
+    """A tau for the report: the number, or a per-task tau's values."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+    return f"{v:.4g}"
+
+
 def _index_md(bora: FitView, report: dict, tasks, history) -> str:
-    tau = ", ".join(f"{k} = {v:.4g}" for k, v in report["tau"].items()) or "n/a"
+    tau = ", ".join(f"{k} = {_tau_text(v)}" for k, v in report["tau"].items()) or "n/a"
+    if report.get("tau_hyper"):
+        h = report["tau_hyper"]
+        tau += f" (per task, drawn from the learned Gamma(a = {h['a']:.4g}, b = {h['b']:.4g}))"
     rho = report["spearman"]
     r = "n/a" if not math.isfinite(rho) else f"{rho:+.3f}"
     steps = bora.result.steps if bora.result is not None else 0

@@ -106,7 +106,7 @@ def unsupported(post) -> Optional[str]:
     if not post.model.has_tasks:
         return "the fit has no task-level adapters"
     if lap is not None:
-        if not all(0 <= t < float("inf") for t in lap.tau.values()):
+        if not all(isinstance(t, list) or 0 <= t < float("inf") for t in lap.tau.values()):  # a list: per task
             return "the fit has no task-level adapters"
         if lap.has_global and lap.sample_global:
             return "the Laplace posterior samples the global adapter too (its tasks' draws are then correlated)"

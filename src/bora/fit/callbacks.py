@@ -48,7 +48,7 @@ from ..model.distributions import LATENT_SUFFIX, guide_value
 from ..model.guides import set_locs_
 from .curvature import StepFisher, probe_documents
 from .fisher import task_fisher
-from .tau import EmpiricalBayesTau
+from .tau import EmpiricalBayesTau, format_tau
 
 __all__ = ["Callback", "BestState", "PerTaskBest", "EvidenceTau", "VariationalTau", "ProgressBar", "CheckpointFunction"]
 
@@ -112,7 +112,8 @@ class BestState(Callback):
             self.best_val_nll, self.best_step = entry["val_nll"], entry["step"]
         if improved:
             self.best = {"guide": {k: v.detach().clone() for k, v in loop.guide.state_dict().items()},
-                         "tau": loop.tau.as_dict() if loop.tau is not None else None}
+                         "tau": loop.tau.as_dict() if loop.tau is not None else None,
+                         "tau_hyper": loop.tau.hyper_dict() if loop.tau is not None else None}
             self.bad = 0
         elif entry["step"] > 0:
             self.bad += 1
@@ -124,7 +125,7 @@ class BestState(Callback):
             return
         loop.guide.load_state_dict(self.best["guide"])
         if loop.tau is not None and self.best["tau"] is not None:
-            loop.tau.load_(self.best["tau"])
+            loop.tau.load_(self.best["tau"], self.best.get("tau_hyper"))
 
     def state_dict(self):
         return {"best": self.best, "best_step": self.best_step, "best_val_nll": self.best_val_nll, "bad": self.bad}
@@ -165,7 +166,7 @@ class PerTaskBest(Callback):
     def on_fit_end(self, loop):
         model = loop.model
         point = loop.point()
-        tau = model.tau_by_key(point)
+        tau = model.tau_by_key(point) if model.noncentred else {}  # only the non-centred z depend on tau
         changes = {}
         for site, glob in _task_sites(model).items():
             natural = point[site].detach().clone()
@@ -174,7 +175,7 @@ class PerTaskBest(Callback):
                 if row is not None:
                     natural[t] = row
             name = site + LATENT_SUFFIX.get(model.parameterisation, "")  # the guide's site for these task rows
-            changes[name] = guide_value(name, {**point, site: natural}, glob=glob, tau=tau[site.partition(":")[2]])
+            changes[name] = guide_value(name, {**point, site: natural}, glob=glob, tau=tau.get(site.partition(":")[2]))
         with torch.no_grad():
             set_locs_(loop.guide, changes)
 
@@ -249,13 +250,15 @@ class EvidenceTau(Callback):
                 entry["fisher_probe_ratio"] = ratio
             entry["log_evidence"] = self.tau.update_(point, tf, guide=loop.guide, optimizer=loop.optimizer)
         entry["tau"] = self.tau.as_dict()
+        if self.tau.per_task:
+            entry["tau_hyper"] = self.tau.hyper_dict()  # the learned Gamma(a, b) of the per-task taus
 
     def state_dict(self):
-        return {"tau": self.tau.as_dict(), "generator": self.generator.get_state(),
+        return {"tau": self.tau.as_dict(), "tau_hyper": self.tau.hyper_dict(), "generator": self.generator.get_state(),
                 "curvature": None if self.curv is None else self.curv.state_dict()}
 
     def load_state_dict(self, state):
-        self.tau.load_(state["tau"])
+        self.tau.load_(state["tau"], state.get("tau_hyper"))
         if self.curv is not None and state["curvature"] is not None:
             self.curv.load_state_dict(state["curvature"])
         self.generator.set_state(state["generator"].to(torch.uint8))
@@ -300,7 +303,7 @@ class ProgressBar(Callback):
         if hist and "val_ppl" in hist[-1]:
             post["val_ppl"] = f"{hist[-1]['val_ppl']:.3f}"
         if loop.tau is not None:
-            post["tau"] = ",".join(f"{v:.3g}" for v in loop.tau.as_dict().values())
+            post["tau"] = ",".join(format_tau(v) for v in loop.tau.as_dict().values())
         self.bar.set_postfix(post, refresh=False)
 
     def close(self, loop):

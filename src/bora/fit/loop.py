@@ -89,6 +89,8 @@ class FitResult:
     seconds_posterior: float = 0.0  # the Laplace posterior's curvature pass after the fit (set by Bora.fit)
     # per tau: |the evidence update at the returned point - the tau it was trained under| / that tau
     tau_residual: Optional[dict] = None
+    # a per-task tau's learned Gamma(a, b) ({"a": a, "b": b}; None for a single tau)
+    tau_hyper: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -97,11 +99,17 @@ class FitResult:
 def tau_residual(history: list, step: int) -> Optional[dict]:
     """The fixed-point residual of an evidence-updated tau at the validation of ``step``: per tau,
     ``|tau_new - tau| / tau`` where ``tau`` is what the adapters there were trained under and ``tau_new`` the
-    update computed from them (None when tau was not re-estimated at that step)."""
+    update computed from them (None when tau was not re-estimated at that step). A per-task tau gives the largest
+    residual over its tasks."""
     entry = next((h for h in history if h["step"] == step), None)
     if entry is None or "log_evidence" not in entry:
         return None
-    return {k: abs(float(entry["tau"][k]) - float(v)) / float(v) for k, v in entry["tau_trained"].items()}
+    out = {}
+    for k, v in entry["tau_trained"].items():
+        old = torch.as_tensor(v, dtype=torch.float64)
+        new = torch.as_tensor(entry["tau"][k], dtype=torch.float64)
+        out[k] = float(((new - old).abs() / old).max())
+    return out
 
 
 def num_steps(cfg: FitConfig, num_docs: int) -> int:
@@ -298,6 +306,7 @@ class FitLoop:
         return FitResult(history=self.state.history, steps=self.state.step, best_step=self.best.best_step,
                          best_val_nll=self.best.best_val_nll, stopped_early=self.state.stopped_early,
                          tau=self.tau.as_dict() if self.tau is not None else None,
+                         tau_hyper=(self.tau.hyper_dict() or None) if self.tau is not None else None,
                          tau_residual=tau_residual(self.state.history, self.best.best_step), **self.timer.summary())
 
 

@@ -45,6 +45,37 @@ rates (``tests/test_statistics.py``). With ``tau_evidence='profiled'`` the globa
 estimate, which with few tasks counts its coordinates as if the tasks had determined them and leans toward
 pooling (the default before 2026-12-07; on the embedded default the two give tau 324 and 298 and the same test
 perplexity, 79.20 and 79.22).
+
+**Per-task tau** (``tau_per_task``; point fits with offset task sites). One tau pulls an unusual small task as
+hard as a typical one. With ``tau_t ~ Gamma(a, b)`` per task (marginally a Student-t prior on each task's
+deviation) and ``(a, b)`` learned, the same Laplace evidence is used task by task. As a function of ``tau_t``,
+task ``t``'s evidence ``-tau_t S_t/2 - 1/2 sum_i log(1 + F_ti/tau_t)`` (``S_t = ||delta_t||^2``, ``F_ti`` the
+task's own Fisher) has slope ``(gamma_t - tau_t S_t)/2`` in ``u = log tau_t``, ``gamma_t = sum_i w_ti``,
+``w_ti = F_ti/(F_ti + tau_t)``; holding the counts at the current point makes it Gamma-shaped,
+
+    log p(y_t | tau_t) ~ const + (nu_t/2) log tau_t - tau_t R_t/2,
+
+so ``tau_t`` integrates out in closed form (the Gamma-Gamma marginal) and the type-II objective of ``(a, b)`` is
+
+    L(a, b) = sum_t [a log b - lgamma(a) + lgamma(a + nu_t/2) - (a + nu_t/2) log(b + R_t/2)],
+
+maximised over ``(log a, log b)`` (:func:`gamma_hyper`: ``b`` profiled out, since ``dL/dlog b = sum_t [a - (a +
+nu_t/2) b/(b + R_t/2)]`` is decreasing in ``log b``; then a refined grid over ``log a``). Each task's
+``tau_t | y_t ~ Gamma(a + nu_t/2, b + R_t/2)``; its estimate is the posterior mean ``(a + nu_t/2)/(b + R_t/2)``, the
+precision the MAP step of ``delta_t`` uses with ``tau_t`` integrated out (EM for a Student-t prior: the expected log
+prior is linear in ``tau_t``; the mode ``(a + nu_t/2 - 1)/(b + R_t/2)`` sends a task the data say little about to
+``(a - 1)/b``, near 0 when ``a ~ 1``). The counts are then recomputed at the new taus and the two steps repeated to a
+fixed point (:func:`per_task_tau`).
+
+Which ``(nu_t, R_t)`` (:func:`task_gamma_kernel`): ``nu_t = gamma_t``, ``R_t = S_t`` has the evidence's slope and
+root but its curvature in ``u`` is ``gamma_t/2``, while the evidence's expected curvature is ``1/2 sum_i w_ti^2``
+(differentiate the slope with ``S_t(tau)`` at the MAP and take ``E[S]`` under the model): where ``F ~ tau`` it
+overstates what a task says about its tau and finds spread between identical tasks. The default scales both by
+``c = sum_ti w_ti^2 / sum_ti w_ti`` (``nu_t = c gamma_t``, ``R_t = c S_t``): the same root per task, the curvature
+matched over the tasks, and ``a -> inf`` with ``a/b`` fixed (``a`` is bounded to ``[1e-2, 1e8]``) is exactly the
+single-tau model, every ``tau_t = sum gamma / sum S`` (MacKay's update), so homogeneous tasks drive ``a`` to its
+upper bound. The ``Gamma(tau_shape, tau_rate)`` hyperprior of a single tau is not used: ``(a, b)`` are estimated
+instead (flat in ``log a, log b``).
 """
 
 from __future__ import annotations
@@ -59,7 +90,11 @@ from ..model.distributions import natural_site
 from .fisher import TaskFisher
 
 __all__ = ["evidence_tau", "log_evidence", "variational_em_tau", "guide_moments", "EmpiricalBayesTau",
-           "rescale_decentered_"]
+           "rescale_decentered_", "gamma_gamma_evidence", "gamma_hyper", "per_task_tau", "A_BOUNDS", "format_tau",
+           "task_gamma_kernel"]
+
+# the bounds of the per-task tau's Gamma shape a (a -> inf with a/b fixed: one shared tau)
+A_BOUNDS = (1e-2, 1e8)
 
 
 def _clean(F: torch.Tensor) -> torch.Tensor:
@@ -119,6 +154,105 @@ def evidence_tau(S: float | torch.Tensor, F: torch.Tensor, a: float = 1.0, b: fl
     return math.exp(0.5 * (lo + hi))
 
 
+def format_tau(v, spec: str = ".3g") -> str:
+    """A tau for printing: the number, or a per-task tau (a list) as ``min..max``."""
+    if isinstance(v, (list, tuple)):
+        return f"{min(v):{spec}}..{max(v):{spec}}" if v else "n/a"
+    return f"{float(v):{spec}}"
+
+
+def gamma_gamma_evidence(a, b, S: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``sum_t [a log b - lgamma(a) + lgamma(a + gamma_t/2) - (a + gamma_t/2) log(b + S_t/2)]``: the type-II
+    objective of a per-task tau's ``Gamma(a, b)`` (each task's evidence Gamma-shaped in ``tau_t``, integrated out;
+    module docstring). ``a``, ``b`` broadcast against a trailing task dim: ``[N]`` gives ``[N]``."""
+    a = torch.as_tensor(a, dtype=torch.float64).unsqueeze(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).unsqueeze(-1)
+    g, s = 0.5 * gamma.double(), 0.5 * S.double()
+    out = a * torch.log(b) - torch.lgamma(a) + torch.lgamma(a + g) - (a + g) * torch.log(b + s)
+    return out.sum(-1)
+
+
+def _profile_log_b(a: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    # the root in log b of dL/dlog b = sum_t [a - (a + g_t) b / (b + s_t)] (strictly decreasing), per a [N]
+    lo = torch.full_like(a, -90.0)
+    hi = torch.full_like(a, 90.0)
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        b = torch.exp(mid).unsqueeze(-1)
+        d = (a.unsqueeze(-1) - (a.unsqueeze(-1) + g) * b / (b + s)).sum(-1)
+        lo, hi = torch.where(d > 0, mid, lo), torch.where(d > 0, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def gamma_hyper(S: torch.Tensor, gamma: torch.Tensor, *, bounds: tuple[float, float] = A_BOUNDS) -> tuple[float, float]:
+    """``(a, b)`` maximising :func:`gamma_gamma_evidence` given every task's ``S_t`` and ``gamma_t`` (``[T]``), with
+    ``a`` in ``bounds``: ``b`` profiled out (a root in ``log b``), ``log a`` on a grid refined four times."""
+    g, s = 0.5 * gamma.double().flatten(), 0.5 * S.double().flatten()
+    if not bool((g > 0).any()) or not bool((s > 0).all()):
+        raise ValueError("per-task tau needs every task's S_t > 0 and some gamma_t > 0")
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    grid = torch.linspace(lo, hi, 121, dtype=torch.float64)
+    for _ in range(5):
+        a = grid.exp()
+        log_b = _profile_log_b(a, g, s)
+        L = gamma_gamma_evidence(a, log_b.exp(), 2 * s, 2 * g)
+        i = int(torch.argmax(L))
+        h = float(grid[1] - grid[0])
+        best = (float(a[i]), float(log_b[i].exp()))
+        grid = torch.linspace(max(lo, float(grid[i]) - 2 * h), min(hi, float(grid[i]) + 2 * h), 41,
+                              dtype=torch.float64)
+    return best
+
+
+def task_gamma_kernel(S: torch.Tensor, F: torch.Tensor, tau: torch.Tensor, *, form: str = "pooled"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nu [T], R [T])`` of each task's Gamma-shaped evidence ``(nu_t/2) log tau_t - tau_t R_t/2`` at the current
+    ``tau [T]`` (module docstring), ``w_ti = F_ti/(F_ti + tau_t)``, ``gamma_t = sum_i w_ti``: ``form='pooled'`` (the
+    default) ``nu_t = c gamma_t``, ``R_t = c S_t`` with ``c = sum_ti w_ti^2 / sum_ti w_ti`` (the evidence's slope
+    and root per task, its expected curvature in ``log tau`` summed over tasks, and exactly the single-tau limit);
+    ``'matched'`` ``nu_t = sum_i w_ti^2``, ``R_t = nu_t S_t / gamma_t`` (the curvature matched task by task);
+    ``'gamma'`` ``nu_t = gamma_t``, ``R_t = S_t`` (the slope alone, with ``gamma_t`` held fixed)."""
+    w = F / (F + tau[:, None])
+    gamma = w.sum(1)
+    if form == "gamma":
+        return gamma, S
+    if form == "pooled":
+        c = w.square().sum() / gamma.sum().clamp_min(1e-300)
+        return c * gamma, c * S
+    if form != "matched":
+        raise ValueError(f"form must be 'matched', 'pooled' or 'gamma', got {form!r}")
+    nu = w.square().sum(1)
+    return nu, S * nu / gamma.clamp_min(1e-300)
+
+
+def per_task_tau(S: torch.Tensor, F: torch.Tensor, tau0=None, *, rounds: int = 30, rtol: float = 1e-4,
+                 lo: float = -12.0, hi: float = 35.0, bounds: tuple[float, float] = A_BOUNDS, form: str = "pooled",
+                 estimate: str = "mean") -> tuple[torch.Tensor, float, float]:
+    """``(tau [T], a, b)``: every task's tau (the mode of ``Gamma(a + nu_t/2, b + R_t/2)``) and the learned
+    ``Gamma(a, b)`` (:func:`gamma_hyper` of the tasks' Gamma-shaped evidences, :func:`task_gamma_kernel`), iterated
+    with ``(nu_t, R_t)`` recomputed at the new taus to a fixed point (at most ``rounds``, until no tau moves by more
+    than ``rtol``). ``S``: ``[T]`` squared deviations, ``F``: ``[T, M]`` each task's Fisher; ``tau0`` the starting
+    taus (default: the single-tau estimate). Taus clipped to ``[exp(lo), exp(hi)]``."""
+    S = S.detach().double().flatten()
+    F = _clean(F)
+    if F.dim() != 2 or F.shape[0] != S.shape[0]:
+        raise ValueError(f"F must be [tasks, coordinates] with {S.shape[0]} tasks, got {tuple(F.shape)}")
+    if tau0 is None:
+        tau = torch.full_like(S, evidence_tau(S.sum(), F))
+    else:
+        tau = torch.as_tensor(tau0, dtype=torch.float64).flatten().expand_as(S).clone()
+    a, b = float("nan"), float("nan")
+    for _ in range(rounds):
+        nu, R = task_gamma_kernel(S, F, tau, form=form)
+        a, b = gamma_hyper(R, nu, bounds=bounds)
+        new = ((a + 0.5 * nu - (1.0 if estimate == "mode" else 0.0)) / (b + 0.5 * R)).clamp(math.exp(lo), math.exp(hi))
+        done = bool(((new - tau).abs() <= rtol * tau).all())
+        tau = new
+        if done:
+            break
+    return tau, a, b
+
+
 class EmpiricalBayesTau:
     """Holds the current tau estimates and the model conditioned on them (for AutoDelta fits).
 
@@ -131,16 +265,34 @@ class EmpiricalBayesTau:
         if not model.coupling.learned:
             raise ValueError("empirical-Bayes tau needs tau_mode='learned'")
         self.base_model = model
-        self.values = {name: torch.tensor(float(model.prior.tau), device=model.device)
+        self.per_task = bool(model.tau_per_task)
+        if self.per_task and model.parameterisation != "offset":
+            raise ValueError(f"a per-task tau needs offset task sites (a point guide), got {model.parameterisation!r}")
+        shape = (model.num_tasks,) if self.per_task else ()
+        self.values = {name: torch.full(shape, float(model.prior.tau), device=model.device)
                        for name in model.tau_groups()}
+        # the learned Gamma(a, b) of a per-task tau; it starts at the single-tau limit (a at its upper bound)
+        self.hyper = ({"a": A_BOUNDS[1], "b": A_BOUNDS[1] / float(model.prior.tau)} if self.per_task else {})
         self.model = poutine.condition(model, data=self.values)
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.values.items()}
+    def as_dict(self) -> dict[str, float | list[float]]:
+        """``{tau site: value}``: a float, or with a per-task tau the list of the tasks' taus (in task order)."""
+        return {k: v.tolist() if v.dim() else float(v) for k, v in self.values.items()}
 
-    def load_(self, values: Mapping[str, float]) -> None:
+    def hyper_dict(self) -> dict[str, float]:
+        """The learned ``Gamma(a, b)`` of a per-task tau as ``{"a": a, "b": b}`` (empty for a single tau)."""
+        return dict(self.hyper)
+
+    def load_(self, values: Mapping[str, float | list[float]], hyper: Optional[Mapping[str, float]] = None) -> None:
+        """Set the taus (as :meth:`as_dict` gives them) and, for a per-task tau, ``hyper`` (:meth:`hyper_dict`)."""
         for k, v in values.items():
-            self.values[k].fill_(float(v))
+            t = self.values[k]
+            v = torch.as_tensor(v, dtype=t.dtype)
+            if v.shape != t.shape and v.numel() != 1:
+                raise ValueError(f"tau {k!r}: expected {max(t.numel(), 1)} value(s), got {v.numel()}")
+            t.copy_(v.expand(t.shape) if v.numel() == 1 else v)
+        if hyper:
+            self.hyper.update({k: float(hyper[k]) for k in ("a", "b") if k in hyper})
 
     def statistics(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, keys) -> tuple[float, torch.Tensor]:
         """``(S, F)``: summed squared task deviations, and every task coordinate's Fisher as ``[T, M]`` (tasks x
@@ -156,6 +308,15 @@ class EmpiricalBayesTau:
                 Fs.append(F.double().reshape(F.shape[0], -1).cpu())
         return S, torch.cat(Fs, dim=1)
 
+    def task_statistics(self, point: Mapping[str, torch.Tensor], tf: TaskFisher, keys) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """``(S [T], F [T, M])``: every task's own squared deviation ``||theta_t - Theta||^2`` and Fisher."""
+        S = torch.zeros(self.base_model.num_tasks, dtype=torch.float64)
+        for k in keys:
+            for _, task_site, glob_site in self.base_model.task_sites(k):
+                S += (point[task_site] - point[glob_site]).double().square().flatten(1).sum(1).cpu()
+        return S, self.statistics(point, tf, keys)[1]
+
     @property
     def global_precision(self) -> Optional[float]:
         """The prior precision ``1/s^2`` of the global adapter's coordinates when the evidence integrates the
@@ -170,6 +331,8 @@ class EmpiricalBayesTau:
         ``E_q ||theta_t - Theta||^2 = ||m_t - m_Theta||^2 + sum(s_t^2) + T sum(s_Theta^2)`` per coordinate;
         returns ``{name: E_q[S]}``."""
         model = self.base_model
+        if self.per_task:
+            raise ValueError("a per-task tau (tau_per_task) has no variational M-step: use a point guide")
         if model.noncentred:
             raise ValueError("the variational M-step for tau needs parameterisation='centred'")
         loc, scale = guide_moments(guide)
@@ -197,6 +360,15 @@ class EmpiricalBayesTau:
         is, and drops ``optimizer``'s moments of those parameters (they were in the old units)."""
         P = self.base_model.prior
         evidence, factors = {}, {}
+        if self.per_task:  # offset sites only (checked in __init__): nothing to rescale
+            for name, keys in self.base_model.tau_groups().items():
+                S, F = self.task_statistics(point, tf, keys)
+                new, a, b = per_task_tau(S, F, self.values[name].cpu())
+                self.values[name].copy_(new.to(self.values[name]))
+                self.hyper.update(a=a, b=b)
+                nu, R = task_gamma_kernel(S, _clean(F), new)
+                evidence[name] = float(gamma_gamma_evidence(a, b, R, nu))
+            return evidence
         for name, keys in self.base_model.tau_groups().items():
             S, F = self.statistics(point, tf, keys)
             old = float(self.values[name])

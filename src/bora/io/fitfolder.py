@@ -221,6 +221,7 @@ def save_fit(bora: FitFolderSource, path) -> Path:
         state = {k: v.detach().to("cpu").contiguous() for k, v in bora.guide.state_dict().items()}
         save_safetensors(state, tmp / "guide.safetensors", metadata={"format": str(FORMAT_VERSION)})
         write_json(tmp / "state.json", {"tau": bora.tau.as_dict() if bora.tau is not None else None,
+                                        "tau_hyper": (bora.tau.hyper_dict() or None) if bora.tau is not None else None,
                                         "result": bora.result.to_dict() if bora.result is not None else None})
         write_json(tmp / "metrics.json", bora.metrics)
         save_safetensors(natural_estimates(bora), tmp / "estimates.safetensors",
@@ -269,7 +270,7 @@ def restore_fit_(bora: FitFolderSource, path, meta: dict, state: dict, tensors: 
                           f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     if bora.tau is not None and state.get("tau"):
         try:
-            bora.tau.load_(state["tau"])
+            bora.tau.load_(state["tau"], state.get("tau_hyper"))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ConfigError(f"corrupt {path / 'state.json'}: bad tau estimate") from None
     if state.get("result"):
@@ -304,7 +305,7 @@ def read_laplace(path: Path):
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["laplace"])
-        meta["tau"] = {k: float(v) for k, v in meta["tau"].items()}
+        meta["tau"] = {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in meta["tau"].items()}
         return HierarchicalLaplace.from_saved(read_safetensors(path), meta)
     except (KeyError, ValueError, OSError) as e:
         raise ConfigError(f"corrupt Laplace posterior {path}: {e}") from None

@@ -125,6 +125,8 @@ def warm_start_from_(bora: WarmStartTarget, natural: dict, *, config, src_tasks:
     fit with ``config`` over ``src_tasks`` (its Laplace posterior ``lap``, its saved ``tensors`` and ``state``
     where it has them); :func:`warm_start_` reads all of these from a fit folder."""
     model = bora.model
+    if model.tau_per_task or getattr(config.prior, "tau_per_task", False):
+        raise ConfigError("warm starts to or from a fit with a per-task tau (tau_per_task) are not supported")
     natural = dict(natural)
     src_tau = _source_tau(config, natural, state or {})
     report: dict = {"copied": [], "derived": [], "kept": []}

@@ -47,7 +47,8 @@ def natural_site(name: str) -> tuple[str, Optional[str]]:
 
 
 class IsotropicNormal(TorchDistribution):
-    """``Normal(loc, scale)`` over the last two dims of ``loc`` (event_dim 2), ``scale`` a scalar tensor."""
+    """``Normal(loc, scale)`` over the last two dims of ``loc`` (event_dim 2), ``scale`` a scalar tensor (or one
+    scale per batch entry, broadcast over the two event dims)."""
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     support = constraints.independent(constraints.real, 2)
@@ -59,8 +60,11 @@ class IsotropicNormal(TorchDistribution):
         self._number = float(scale) if isinstance(scale, (int, float)) else None
         self._zero_loc = False  # set by zero_mean: the location is known to be 0 (no subtraction in log_prob)
         self.scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
-        if self.scale.dim() != 0:
-            raise ValueError("IsotropicNormal takes a scalar scale")
+        # a scalar, or one scale per batch entry (a per-task tau: [T] over [T, r, c])
+        if self.scale.dim() != 0 and (self.scale.dim() > loc.dim() - 2
+                                      or any(s not in (1, b) for s, b in zip(reversed(self.scale.shape),
+                                                                          reversed(loc.shape[:-2])))):
+            raise ValueError("IsotropicNormal takes a scalar scale or one of its batch shape")
         super().__init__(loc.shape[:-2], loc.shape[-2:], validate_args=False)
 
     @classmethod
@@ -85,12 +89,15 @@ class IsotropicNormal(TorchDistribution):
 
     @property
     def variance(self) -> torch.Tensor:
-        return self.scale.square().expand(self.loc.shape)
+        return self._event_scale().square().expand(self.loc.shape)
+
+    def _event_scale(self) -> torch.Tensor:
+        return self.scale if self.scale.dim() == 0 else self.scale[..., None, None]
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc.expand(shape) + self.scale * eps
+        return self.loc.expand(shape) + self._event_scale() * eps
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         n = self.event_shape.numel()

@@ -24,7 +24,8 @@ the same code path):
   module ``m`` (outside every plate); with ``hierarchy='B'`` (default) ``Theta_A`` is the one ``A`` every
   task uses, its rows orthonormalised (:func:`orthonormal_rows`);
 * precision ``tau``: a constant (``fixed``), or ``tau ~ Gamma(a, b)`` (``learned``; one site, or
-  ``tau:<m>`` per module);
+  ``tau:<m>`` per module, or one site ``tau`` of shape ``[T]`` with ``tau_per_task``: task ``t``'s sites then
+  have prior sd ``tau_t^-1/2``);
 * in ``plate("tasks", T)``: ``theta_B:<m> ~ Normal(Theta_B:<m>, tau^-1/2)`` (and ``theta_A`` for
   ``hierarchy='AB'``); ``uncoupled`` draws them from ``Normal(0, s)`` with no global ``B``, ``shared``
   has no task sites and every task uses the global adapter. In the offset form (the default for point
@@ -167,17 +168,35 @@ class BoraModel(LMLikelihood):
             return {f"tau:{k}": [k] for k in self.shapes}
         return {"tau": list(self.shapes)}
 
-    def tau_by_key(self, values: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, float]:
+    @property
+    def tau_per_task(self) -> bool:
+        """Whether every task has its own learned tau (``prior.tau_per_task``: the tau site is ``[T]``)."""
+        return self.coupling.learned and bool(getattr(self.prior, "tau_per_task", False))
+
+    def tau_by_key(self, values: Optional[Mapping[str, torch.Tensor]] = None, *,
+                   per_task: bool = False) -> dict[str, float | list[float]]:
         """Per adapter key, the precision tying a task to the global adapter: 0 for 'uncoupled', inf for
         'shared', the configured value for 'fixed', and the tau site's value in ``values`` for 'learned'
-        (the configured starting value if ``values`` lacks it)."""
+        (the configured starting value if ``values`` lacks it).
+
+        A per-task tau (:attr:`tau_per_task`) has one value per task: with ``per_task=True`` each key maps to the
+        list of the tasks' taus (every other fit still gives one float); without it a per-task fit raises, so that
+        no caller takes one number for all tasks by mistake."""
+        if self.tau_per_task and not per_task:
+            raise ValueError("this fit has one tau per task (tau_per_task); a single tau per adapter key is "
+                             "undefined here")
         t = self.coupling.tau_value(self.prior)
         if t is not None:
             return {k: float(t) for k in self.shapes}
         values = values or {}
         out = {}
         for name, keys in self.tau_groups().items():
-            t = float(values[name]) if name in values else float(self.prior.tau)
+            v = values[name] if name in values else float(self.prior.tau)
+            if self.tau_per_task:
+                v = torch.as_tensor(v, dtype=torch.float64).flatten()
+                t = (v.expand(self.num_tasks) if v.numel() == 1 else v).tolist()
+            else:
+                t = float(v)
             out.update({k: t for k in keys})
         return out
 
@@ -195,7 +214,10 @@ class BoraModel(LMLikelihood):
         for name, keys in self.tau_groups().items():
             conc = torch.tensor(float(P.tau_shape), device=self.device)
             rate = torch.tensor(float(P.tau_rate), device=self.device)
-            t = pyro.sample(name, dist.Gamma(conc, rate))
+            prior = dist.Gamma(conc, rate)
+            if self.tau_per_task:  # one tau per task, [T]: each task site's prior scale tau_t^-1/2
+                prior = prior.expand([self.num_tasks]).to_event(1)
+            t = pyro.sample(name, prior)
             for k in keys:
                 out[k] = t
         return out
@@ -273,7 +295,7 @@ class BoraModel(LMLikelihood):
         if kind in ("Theta_B", "theta_B"):
             return torch.zeros(site["fn"].shape(), device=self.device)
         if kind == "tau":
-            return torch.tensor(float(self.prior.tau), device=self.device)
+            return torch.full(site["fn"].shape(), float(self.prior.tau), device=self.device)
         raise KeyError(f"unknown site {name}")
 
     def complete(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -73,13 +73,17 @@ class HierarchicalLaplace:
     the order of ``task``, keys then factors).
 
     ``task[key][factor]`` is the per-task Fisher ``[T, ...]`` of factor 0 (``A``) or 1 (``B``) of
-    adapter ``key``; ``tau[key]`` its prior precision (``0``: uncoupled, ``inf``: shared)."""
+    adapter ``key``; ``tau[key]`` its prior precision (``0``: uncoupled, ``inf``: shared), or a list of one finite
+    positive precision per task (a per-task tau: task ``t``'s coordinates then have prior precision ``tau[key][t]``)."""
 
-    def __init__(self, task: Mapping[str, Mapping[int, torch.Tensor]], tau: Mapping[str, float], *,
+    def __init__(self, task: Mapping[str, Mapping[int, torch.Tensor]], tau: Mapping[str, float | Sequence[float]], *,
                  global_scale: float, has_global: bool, sample_global: bool = True,
                  gradients: Optional[Sequence[torch.Tensor]] = None):
         self.task = {k: {int(i): F.detach().float().cpu() for i, F in fs.items()} for k, fs in task.items()}
-        self.tau = {k: float(v) for k, v in tau.items()}
+        self.tau = {k: _tau_value(v) for k, v in tau.items()}
+        for k, t in self.tau.items():
+            if isinstance(t, list) and (len(t) != self._num_tasks() or not all(0 < x < math.inf for x in t)):
+                raise ValueError(f"tau[{k!r}]: a per-task tau needs {self._num_tasks()} finite positive values")
         # stored in bfloat16 (half the disk of float32; ~3 significant digits are plenty for a curvature),
         # rounded here already so that a fit's draws are the same before and after saving
         self.gradients = None if gradients is None else [G.detach().cpu().to(torch.bfloat16).float() for G in gradients]
@@ -101,8 +105,23 @@ class HierarchicalLaplace:
         return next(iter(next(iter(self.task.values())).values())).shape[0]
 
     # ------------------------------------------------------------------ precisions
-    def _prior_prec(self, key: str) -> float:
+    def _is_shared(self, key: str) -> bool:
         t = self.tau[key]
+        return not isinstance(t, list) and math.isinf(t)
+
+    def _tau_like(self, key: str, F: torch.Tensor):
+        """``tau[key]`` broadcastable against ``F`` ``[T, ...]``: a float, or ``[T, 1, ...]`` for a per-task tau."""
+        t = self.tau[key]
+        if isinstance(t, list):
+            return torch.tensor(t, dtype=F.dtype).view(-1, *([1] * (F.dim() - 1)))
+        return t
+
+    def _prior_prec(self, key: str, task: Optional[int] = None):
+        """The prior precision of ``key``'s task coordinates: a float, of task ``task`` with a per-task tau, or
+        (``task=None``) ``[T, 1, ...]`` for a per-task tau."""
+        t = self.tau[key]
+        if isinstance(t, list):
+            return t[task] if task is not None else self._tau_like(key, next(iter(self.task[key].values())))
         return 1.0 / self.global_scale ** 2 if t == 0 else t
 
     def task_sd(self, key: str, factor: int) -> torch.Tensor:
@@ -121,18 +140,19 @@ class HierarchicalLaplace:
 
     def pooling(self, key: str, factor: int) -> torch.Tensor:
         """``lambda = tau / (F + tau)`` per task coordinate (0 for uncoupled, 1 where the data say nothing)."""
-        t = self.tau[key]
-        if t == 0:
-            return torch.zeros_like(self.task[key][factor])
-        if math.isinf(t):
-            return torch.ones_like(self.task[key][factor])
-        return t / (self.task[key][factor] + t)
+        F = self.task[key][factor]
+        t = self._tau_like(key, F)
+        if isinstance(t, float) and t == 0:
+            return torch.zeros_like(F)
+        if self._is_shared(key):
+            return torch.ones_like(F)
+        return t / (F + t)
 
     def global_precision(self, key: str, factor: int) -> torch.Tensor:
         """Marginal posterior precision of ``Theta`` (task adapters integrated out), per coordinate."""
         F = self.task[key][factor]
-        t = self.tau[key]
-        like = F.sum(0) if math.isinf(t) else (t * F / (F + t)).sum(0)
+        t = self._tau_like(key, F)
+        like = F.sum(0) if self._is_shared(key) else (t * F / (F + t)).sum(0)
         return like + 1.0 / self.global_scale ** 2
 
     # ------------------------------------------------------------------ sampling
@@ -151,7 +171,7 @@ class HierarchicalLaplace:
                     eps = torch.randn(G.shape, generator=generator).to(G.device)
                     shift = eps * self.global_precision(key, factor).rsqrt().to(G.device)
                     out[g_site] = G + shift
-                if self.gradients is None and t_site in point and not math.isinf(self.tau[key]):
+                if self.gradients is None and t_site in point and not self._is_shared(key):
                     th = point[t_site]
                     eps = torch.randn(th.shape, generator=generator).to(th.device)
                     draw = th + eps * self.task_sd(key, factor).to(th.device)
@@ -170,15 +190,16 @@ class HierarchicalLaplace:
         return [(key, i, site_names(key)["TA" if i == 0 else "TB"])
                 for key, fs in self.task.items() for i in sorted(fs)]
 
-    def _prior_vector(self) -> torch.Tensor:
-        """The prior precision of every coordinate of a task's vector, ``[P]``."""
-        return torch.cat([torch.full((self.task[k][i][0].numel(),), self._prior_prec(k)) for k, i, _ in self._layout()])
+    def _prior_vector(self, t: int) -> torch.Tensor:
+        """The prior precision of every coordinate of task ``t``'s vector, ``[P]``."""
+        return torch.cat([torch.full((self.task[k][i][0].numel(),), float(self._prior_prec(k, t)))
+                          for k, i, _ in self._layout()])
 
     def _whitened_eig(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(d, Q, lam)`` of task ``t``: ``d = D^-1/2`` (prior sds), and ``W W^T = Q diag(lam) Q^T`` with
         ``W = D^-1/2 G_t``, so the posterior covariance is ``D^-1/2 (I - Q diag(lam/(1+lam)) Q^T) D^-1/2``."""
         if t not in self._eig:
-            d = self._prior_vector().rsqrt()
+            d = self._prior_vector(t).rsqrt()
             W = self.gradients[t].double() * d.double()[:, None]
             lam, V = torch.linalg.eigh(W.T @ W) if W.shape[1] else (torch.zeros(0), torch.zeros(0, 0))
             keep = lam > 1e-10 * lam.max().clamp_min(1e-300) if len(lam) else lam > 0
@@ -189,7 +210,7 @@ class HierarchicalLaplace:
 
     def _sample_lowrank_(self, out: dict, point: Mapping[str, torch.Tensor], shifts: dict,
                          generator: torch.Generator) -> None:
-        layout = [(k, i, site) for k, i, site in self._layout() if site in point and not math.isinf(self.tau[k])]
+        layout = [(k, i, site) for k, i, site in self._layout() if site in point and not self._is_shared(k)]
         if not layout:
             return
         T = self._num_tasks()
@@ -214,7 +235,7 @@ class HierarchicalLaplace:
         ``gradients``): the linearised posterior variance of a quantity with gradient ``g`` (e.g. a document's
         log-likelihood); ``prior=True``: under the prior alone, ``g^T D^-1 g``. ``[n]``, float64."""
         G = G.double()
-        d = self._prior_vector().double().rsqrt()
+        d = self._prior_vector(t).double().rsqrt()
         if prior:
             return (G * d[:, None]).square().sum(0)
         if self.gradients is None:
@@ -229,7 +250,7 @@ class HierarchicalLaplace:
         coordinates in the order of :meth:`layout`), ``[P, n]`` float64 (e.g. the mean shift of a proposal tilted
         by a document's gradient, :mod:`bora.evaluation.tilted`)."""
         G = G.double()
-        d = self._prior_vector().double().rsqrt()
+        d = self._prior_vector(t).double().rsqrt()
         if self.gradients is None:
             F = torch.cat([self.task[k][i][t].flatten() for k, i, _ in self._layout()]).double()
             return G / (F + d.pow(-2))[:, None]
@@ -271,7 +292,7 @@ class HierarchicalLaplace:
         order = meta.get("order")  # the coordinate order of the gradients: (key, factor) pairs
         if order is not None:
             task = {k: {int(i): task[k][int(i)] for i in fs} for k, fs in order}
-        tau = {k: float(v) for k, v in meta["tau"].items()}
+        tau = {k: _tau_value(v) for k, v in meta["tau"].items()}
         if grads and sorted(grads) != list(range(len(grads))):
             raise ValueError("laplace: the saved per-task gradients are not numbered 0..T-1")
         return cls(task, tau, global_scale=float(meta["global_scale"]), has_global=bool(meta["has_global"]),
@@ -279,14 +300,22 @@ class HierarchicalLaplace:
                    gradients=[grads[t] for t in range(len(grads))] if grads else None)
 
 
+def _tau_value(v) -> float | list[float]:
+    """A saved or given tau: a float, or a per-task tau as a list of floats."""
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+
+
 def task_layout(model) -> dict[str, list[int]]:
     """The task-level factors of every adapter key (all factors for a 'shared' fit), in the Laplace order."""
     return {key: sorted([i for i, _, _ in model.task_sites(key)] or list(model.task_factors())) for key in model.shapes}
 
 
-def laplace_from_point(model, tf: TaskFisher, tau: Mapping[str, float], *,
+def laplace_from_point(model, tf: TaskFisher, tau: Mapping[str, float | Sequence[float]], *,
                        sample_global: bool = False) -> HierarchicalLaplace:
-    """The Laplace posterior of ``model`` at the point where ``tf`` was computed; ``tau`` per adapter key.
+    """The Laplace posterior of ``model`` at the point where ``tf`` was computed; ``tau`` per adapter key (a list of
+    the tasks' taus for a per-task tau: ``model.tau_by_key(point, per_task=True)``).
 
     By default the global adapter is held at its estimate (with tau: the empirical-Bayes predictive):
     in the many coordinates that the data barely inform, its diagonal marginal is the vague

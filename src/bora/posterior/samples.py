@@ -191,6 +191,8 @@ class Posterior:
         if not coupling.has_tasks:
             return {key: (A.clone(), B.clone()) for key, (A, B) in glob.items()}
         tau = tau_tensors(self.bora, vals)
+        if self.model.tau_per_task:  # a new task's own tau: a draw from the learned Gamma(a, b) (Student-t adapter)
+            tau = {k: _new_task_tau(self.bora.tau.hyper_dict(), g) for k in tau}
         shared_A = self.model.shared_A_from_values(vals) if self.model.shared_A else None
         out = {}
         for key, shapes in self.model.shapes.items():
@@ -292,11 +294,23 @@ class Posterior:
 
 
 def tau_tensors(bora: TauSource, values: Mapping[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
-    """Per adapter key, the prior precision of task adapters around the global one as a 0-d tensor, given the site
-    ``values`` (and the fit's empirical-Bayes tau, which ``values`` override); ``None`` for every key when the
-    coupling has no global adapter ('uncoupled'). :meth:`bora.model.hierarchy.BoraModel.tau_by_key` gives the
-    same precisions as floats."""
+    """Per adapter key, the prior precision of task adapters around the global one as a 0-d tensor (``[T]``, one per
+    task, for a per-task tau), given the site ``values`` (and the fit's empirical-Bayes tau, which ``values``
+    override); ``None`` for every key when the coupling has no global adapter ('uncoupled').
+    :meth:`bora.model.hierarchy.BoraModel.tau_by_key` gives the same precisions as floats."""
     if not bora.model.coupling.has_global:
         return {k: None for k in bora.model.shapes}
     vals = {**(bora.tau.values if bora.tau is not None else {}), **values}
-    return {k: torch.tensor(t) for k, t in bora.model.tau_by_key(vals).items()}
+    return {k: torch.tensor(t) for k, t in bora.model.tau_by_key(vals, per_task=True).items()}
+
+
+def _new_task_tau(hyper: Mapping[str, float], g: Optional[torch.Generator]) -> torch.Tensor:
+    """A task not in a per-task-tau fit: its tau drawn from the learned ``Gamma(a, b)`` with ``g`` (its mean
+    ``a/b`` when ``g`` is None: the adapter's mean does not depend on it)."""
+    a, b = float(hyper["a"]), float(hyper["b"])
+    if g is None:
+        return torch.tensor(a / b)
+    import numpy as np
+
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
+    return torch.tensor(float(rng.gamma(a, 1.0 / b)))
