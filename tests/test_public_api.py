@@ -74,8 +74,10 @@ def _modules() -> set[str]:
 def test_api_reference_documents_every_module():
     """docs/api has one page per subpackage (and bora.api), each module under ``automodule``; the index lists them."""
     pages = {p.stem: p.read_text(encoding="utf-8") for p in DOCS.glob("*.rst")}
-    documented = {m for text in pages.values() for m in re.findall(r"^\.\. automodule:: (\S+)", text, re.M)}
+    listed = [m for text in pages.values() for m in re.findall(r"^\.\. automodule:: (\S+)", text, re.M)]
+    documented = set(listed)
     assert documented == _modules() | {"bora"}, sorted(documented ^ (_modules() | {"bora"}))
+    assert len(listed) == len(documented), sorted(m for m in documented if listed.count(m) > 1)  # once each
     toctree = pages["index"].split(":maxdepth:")[1].split()[1:]
     subpackages = [p.name for p in sorted(PKG.iterdir()) if (p / "__init__.py").exists()] + ["api"]
     assert sorted(toctree) == sorted(subpackages)
