@@ -355,7 +355,7 @@ def test_every_case_is_documented():
     text = DOCS.read_text()
     missing = [c[0] for c in CASES if f"| {c[0]} |" not in text]
     assert not missing, missing
-    assert len(CASES) >= 30
+    assert len(CASES) >= 30 and f"**{len(CASES)} inputs tried" in text  # the page's count is the test's
 
 
 # ---------------------------------------------------------------- what bora may replace
