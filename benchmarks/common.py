@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import sys
+import json
 import time
 from typing import Callable, Optional, Sequence
 
@@ -581,3 +582,15 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def run_json(argv: list, threads: int = 1) -> dict:
+    """Run ``python argv...`` in a fresh process (``threads`` torch/OMP threads) and return the JSON object its last
+    line of stdout prints; its stderr ends the benchmark if it fails (one process per memory point)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode != 0:
+        raise SystemExit(r.stderr)
+    return json.loads(r.stdout.strip().splitlines()[-1])

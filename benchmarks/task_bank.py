@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -37,7 +36,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import CLIP, LR, BoraStep, Tok, interleave, machine_info, make_lm, shared_copy, summarize  # noqa: E402
+from common import (CLIP, LR, BoraStep, Tok, interleave, machine_info, make_lm, run_json, shared_copy,  # noqa: E402
+                    summarize)
 from task_scaling import BATCH, NUM_DOCS, PRESET, RANK, SEQ, batches, state_bytes  # noqa: E402
 
 from bora.api import Bora  # noqa: E402
@@ -138,11 +138,7 @@ def main() -> None:
     del variants, steps
     for T in args.tasks:
         for name in VARIANTS:
-            r = subprocess.run([sys.executable, __file__, "--point", str(T), name, "--steps", str(args.steps)],
-                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if r.returncode != 0:
-                raise SystemExit(r.stderr)
-            out["points"][f"{T}/{name}"]["memory"] = json.loads(r.stdout.strip().splitlines()[-1])
+            out["points"][f"{T}/{name}"]["memory"] = run_json([__file__, "--point", T, name, "--steps", args.steps])
             print(f"T={T} {name}: {out['points'][f'{T}/{name}']['memory']}", flush=True)
     out["seconds"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CLIP, LR, BoraStep, Tok, interleave, machine_info, make_batch, make_lm, shared_copy,  # noqa: E402
+from common import (CLIP, LR, BoraStep, Tok, interleave, machine_info, make_batch, make_lm, run_json, shared_copy,  # noqa: E402
                     summarize)
 
 from bora.api import Bora  # noqa: E402
@@ -154,11 +153,7 @@ def main() -> None:
     if not args.no_rss:
         for T in args.tasks:
             for m in MODES:
-                r = subprocess.run([sys.executable, __file__, "--rss", str(T), m], capture_output=True, text=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-                if r.returncode != 0:
-                    raise SystemExit(r.stderr)
-                out["points"][f"{T}/{m}"]["rss"] = json.loads(r.stdout.strip().splitlines()[-1])
+                out["points"][f"{T}/{m}"]["rss"] = run_json([__file__, "--rss", T, m])
                 print(f"T={T} {m}: RSS {out['points'][f'{T}/{m}']['rss']}", flush=True)
     out["seconds"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:

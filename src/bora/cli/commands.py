@@ -78,6 +78,21 @@ def cmd_fit(args, argv) -> int:
         close(ok)  # every rank done (rank 0 has written the fit) before the connections go
 
 
+def _test_metrics(bora, test, base: dict, fitted: dict, sizes: dict) -> dict:
+    """``metrics.json``'s test section of a finished fit: base and fit perplexities, by training-split size, and for
+    classification rows the accuracy/NLL/ECE/Brier of the point estimate."""
+    from ..evaluation.evaluate import by_task_size
+
+    out = {"base": base, "fit": fitted, "by_train_size": by_task_size(fitted, base, sizes)}
+    if test.split.is_classification:
+        from ..evaluation.classification import evaluate_classification
+
+        out["classification"] = evaluate_classification(bora.posterior(1), test,
+                                                        batch_size=bora.config.fit.eval_batch_size)
+        out["classification"].pop("posterior_average")  # one draw is no average: `bora evaluate` takes >= 10
+    return out
+
+
 def fit_command(args, argv) -> int:
     from ..api import Bora
     from ..core.distributed import is_main
@@ -130,17 +145,8 @@ def fit_command(args, argv) -> int:
         print(f"MAP phase: tau {', '.join(f'{k}={format_tau(v)}' for k, v in (m.tau or {}).items()) or 'n/a'}, "
               f"best step {m.best_step} of {m.steps}, best validation NLL {m.best_val_nll:.4f}", flush=True)
     fitted = bora.evaluate(feeds["test"])
-    from ..evaluation.evaluate import by_task_size
-
     sizes = dict(zip(bora.tasks, feeds["train"].split.task_sizes().tolist()))
-    bora.metrics = {"test": {"base": base, "fit": fitted, "by_train_size": by_task_size(fitted, base, sizes)}}
-    if data["test"].is_classification:
-        from ..evaluation.classification import evaluate_classification
-
-        classification = evaluate_classification(bora.posterior(1), feeds["test"],
-                                                 batch_size=config.fit.eval_batch_size)
-        classification.pop("posterior_average")  # one draw is no average: `bora evaluate` takes >= 10
-        bora.metrics["test"]["classification"] = classification
+    bora.metrics = {"test": _test_metrics(bora, feeds["test"], base, fitted, sizes)}
     if is_main():
         save_fit(bora, out)
     print()
