@@ -3,6 +3,7 @@
     python analysis/tau_sweep.py                       # embedded default (SmolLM2 + 16 Shakespeare speakers)
     python analysis/tau_sweep.py --data fortunes --seed 1     # the second corpus, another fitting seed
     python analysis/tau_sweep.py --tiny --epochs 1     # seconds: smoke run on a random-init tiny model
+    python analysis/tau_sweep.py --data shakespeare-all --sample-tasks 128   # a random 128 of the 1,023 tasks
 
 Fits ``uncoupled`` (the tau -> 0 limit, A shared), ``shared``, every fixed tau of ``--taus`` and the
 learned tau (MAP with the
@@ -17,7 +18,12 @@ nothing is tuned on. The frozen lower layers are computed once per document for 
 * ``ppl_vs_tau.png`` and ``gain_vs_size.png`` (Pearson and Spearman r; the paper's r is -0.43);
 * ``meta.json`` -- the exact command, package versions, subset sizes, wall time and the paired bootstraps;
 * ``test_doc_nll.json`` -- every setting's per-document test NLL (plus ``_tokens`` and ``_task_ids``), for
-  :func:`bora.evaluation.evaluate.paired_bootstrap` of any other pair.
+  :func:`bora.evaluation.evaluate.paired_bootstrap` of any other pair;
+* ``by_size.md`` -- the same paired comparisons within buckets of tasks by training documents (``1-2`` is the
+  cold-start bucket: a task that small is served mostly by the global adapter).
+
+``--sample-tasks N`` keeps a random ``N`` of the source's tasks (seeded by ``--sample-seed``; the list is in
+``meta.json``): a many-task corpus at a cost this machine can pay, with the corpus's size distribution.
 """
 
 from __future__ import annotations
@@ -65,6 +71,42 @@ def settings_from(args) -> list[tuple[str, dict]]:
             if not args.only or name.split(" ")[0] in args.only]
 
 
+def sample_tasks(docs, n: int, seed: int) -> tuple[str, ...]:
+    """A seeded random ``n`` of the tasks of ``docs`` (sorted), or every task when there are ``n`` or fewer."""
+    import random
+
+    names = sorted({d["task"] for d in docs})
+    return tuple(sorted(random.Random(seed).sample(names, n))) if n < len(names) else tuple(names)
+
+
+#: bucket edges of training documents per task for ``by_size.md`` (``1-2``: cold start)
+SIZE_EDGES = (2, 9, 29)
+
+
+def bucket_bootstraps(docs: dict, train_docs: list, pairs, edges=SIZE_EDGES) -> list[dict]:
+    """Paired document bootstraps of each ``(a, b)`` of ``pairs`` within each bucket of tasks by training
+    documents (``train_docs[t]``: task ``t``'s), one row per (bucket, pair) with the bucket's task count."""
+    from bora.evaluation.evaluate import paired_bootstrap
+
+    tid, toks = docs["_task_ids"], docs["_tokens"]
+    bounds = [(1, edges[0])] + [(lo + 1, hi) for lo, hi in zip(edges, edges[1:])] + [(edges[-1] + 1, None)]
+    out = []
+    for lo, hi in bounds:
+        keep = [t for t, n in enumerate(train_docs) if n >= lo and (hi is None or n <= hi)]
+        rows = [i for i, t in enumerate(tid) if t in set(keep)]
+        if not rows:
+            continue
+        remap = {t: k for k, t in enumerate(keep)}
+        label = f"{lo}-{hi}" if hi is not None else f">{lo - 1}"
+        for a, b in pairs:
+            if a in docs and b in docs:
+                r = paired_bootstrap([docs[a][i] for i in rows], [docs[b][i] for i in rows], [toks[i] for i in rows],
+                                     [remap[tid[i]] for i in rows], resamples=2000, level=0.95)
+                out.append({"bucket": label, "tasks": len(keep), "test_docs": len(rows), "a": a, "b": b,
+                            "ppl_a": r["a"], "ppl_b": r["b"], "diff": r["diff"], "lo": r["lo"], "hi": r["hi"]})
+    return out
+
+
 def run(args) -> dict:
     import torch
 
@@ -76,7 +118,8 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     base_cfg = BoraConfig()
     fit_cfg = base_cfg.fit.replace(epochs=args.epochs, patience=args.patience, seed=args.seed,
-                                   eval_every=args.eval_every, lr=args.lr)
+                                   eval_every=args.eval_every, lr=args.lr,
+                                   task_updates=getattr(args, "task_updates", "eager"))
     data_cfg = base_cfg.data if args.data is None else DataConfig(source=args.data)
     if args.tiny:
         from bora.lora.base import tiny_model
@@ -89,6 +132,9 @@ def run(args) -> dict:
         from bora.lora.base import load_base_model
 
         lm, tok = load_base_model(base_cfg.model)
+    if args.sample_tasks:
+        data_cfg = data_cfg.replace(tasks=sample_tasks(load_documents(data_cfg), args.sample_tasks,
+                                                       args.sample_seed))
     base_cfg = base_cfg.replace(fit=fit_cfg, data=data_cfg)
     splits = split_documents(load_documents(data_cfg), data_cfg)
     data = load_data(base_cfg, tok, splits=splits)
@@ -208,6 +254,19 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
                          f"({rel:+.2f}%), interval [{r['lo']:+.3f}, {r['hi']:+.3f}]"
                          + (" (excludes 0)" if r["lo"] > 0 or r["hi"] < 0 else " (includes 0)"))
     result["bootstrap"] = boot
+    if docs:
+        train_docs = [by[fits[0]][t]["train_docs"] for t in tasks]
+        size_pairs = [p for p in pairs if p[0] == learned] + [("shared", "uncoupled")]
+        result["by_size"] = bucket_bootstraps(docs, train_docs, size_pairs)
+        md = ["# Paired comparisons by task size (training documents per task; test split)", "",
+              "| bucket | tasks | test docs | a | b | ppl a | ppl b | a - b [95% interval] |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["by_size"]:
+            md.append(f"| {r['bucket']} | {r['tasks']} | {r['test_docs']} | {r['a']} | {r['b']} | {r['ppl_a']:.3f} | "
+                      f"{r['ppl_b']:.3f} | {r['diff']:+.3f} ({100 * r['diff'] / r['ppl_b']:+.2f}%) "
+                      f"[{r['lo']:+.3f}, {r['hi']:+.3f}] |")
+        md += ["", "Documents resampled within each task, the same resample for both settings (2000, 95%); the "
+               "1-2 bucket is the cold-start one."]
+        (out / "by_size.md").write_text("\n".join(md) + "\n")
     if docs:  # per-document test NLL of every setting: any other comparison can be bootstrapped later
         from bora.core.files import write_json
 
@@ -254,7 +313,7 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     meta = {"command": " ".join(argv), "versions": _versions(), "wall_seconds": result["wall_seconds"],
             "structure": result.get("structure"),
             "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
-            "overall": ov, "bootstrap": result.get("bootstrap"),
+            "overall": ov, "bootstrap": result.get("bootstrap"), "by_size": result.get("by_size"),
             "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
     from bora.core.files import write_json
 
@@ -281,6 +340,9 @@ def main(argv=None) -> dict:
                    help="run only these settings (first word of the name: uncoupled shared tau=1000 learned)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps (default: per epoch)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every fit")
+    p.add_argument("--sample-tasks", type=int, default=0, help="keep a random this many of the source's tasks")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample-tasks")
+    p.add_argument("--task-updates", default="eager", choices=["eager", "lazy"], help="bora's task updates")
     args = p.parse_args(argv)
     result = run(args)
     if args.out is None:

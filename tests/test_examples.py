@@ -49,12 +49,31 @@ def test_tau_sweep_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("tau_sweep", ROOT / "analysis" / "tau_sweep.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path)])
+    res = mod.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path),
+                    "--sample-tasks", "2", "--sample-seed", "1"])
     names = {r["setting"] for r in res["rows"]}
     assert names == {"uncoupled", "shared", "tau=100", "learned (MAP, evidence)", "base model"}
-    for f in ("per_task.csv", "table.md", "ppl_vs_tau.png", "gain_vs_size.png", "meta.json"):
+    assert len(res["tasks"]) == 2 and set(res["tasks"]) < {"hamlet/HAMLET", "macbeth/LADY MACBETH", "hamlet/Ghost"}
+    for f in ("per_task.csv", "table.md", "ppl_vs_tau.png", "gain_vs_size.png", "meta.json", "by_size.md"):
         assert (tmp_path / f).stat().st_size > 0
     assert "| learned (MAP, evidence) |" in (tmp_path / "table.md").read_text()
+    rows = res["by_size"]  # every bucket's comparison covers its tasks' test documents, once per pair
+    pairs = {(r["a"], r["b"]) for r in rows}
+    assert ("learned (MAP, evidence)", "shared") in pairs and ("shared", "uncoupled") in pairs
+    for pair in pairs:
+        assert sum(r["test_docs"] for r in rows if (r["a"], r["b"]) == pair) == len(res["docs"]["_task_ids"])
+        assert sum(r["tasks"] for r in rows if (r["a"], r["b"]) == pair) == 2
+    assert all(r["lo"] <= r["diff"] <= r["hi"] for r in rows)
+
+
+def test_sample_tasks_is_seeded_and_sorted():
+    spec = importlib.util.spec_from_file_location("tau_sweep", ROOT / "analysis" / "tau_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    docs = [{"task": t} for t in "edcbaedcba"]
+    a, b = mod.sample_tasks(docs, 3, 0), mod.sample_tasks(docs, 3, 0)
+    assert a == b and list(a) == sorted(a) and len(set(a)) == 3 and set(a) <= set("abcde")
+    assert mod.sample_tasks(docs, 9, 0) == tuple("abcde")
 
 
 def test_combine_seeds_and_parameterisations(tmp_path):
