@@ -3,6 +3,7 @@ training documents and early-stopped on its own validation documents.
 
     python analysis/per_task_lora.py --lr 2e-3 --out analysis/results/baselines/per_task_lora_lr2e-3.json
     python analysis/per_task_lora.py --tiny --out /tmp/smoke.json            # tiny random model, seconds
+    python analysis/per_task_lora.py --data shakespeare-all --sample-tasks 128 --out ...   # tau_sweep's sample
 
 The data, split, tokenisation, adapter targets, layers, rank and alpha are bora's defaults (a ``BoraConfig``),
 so the test documents are exactly those of ``bora fit`` with the same data settings. Each task gets a fresh
@@ -148,12 +149,20 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default="shakespeare")
     p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke run; numbers mean nothing)")
     p.add_argument("--out", required=True)
+    p.add_argument("--sample-tasks", type=int, default=0, help="keep a random this many of the source's tasks "
+                   "(as analysis/tau_sweep.py --sample-tasks: the same seed gives the same tasks)")
+    p.add_argument("--sample-seed", type=int, default=0)
     a = p.parse_args(argv)
     from bora.core.config import BoraConfig, DataConfig
     from bora.core.files import write_json
     from bora.lora.base import load_base_model, tiny_model
 
     cfg = BoraConfig(data=DataConfig(source=a.data))
+    if a.sample_tasks:
+        from bora.data.documents import load_documents, sample_tasks
+
+        cfg = cfg.replace(data=cfg.data.replace(tasks=sample_tasks(load_documents(cfg.data), a.sample_tasks,
+                                                                   a.sample_seed)))
     if a.tiny:
         lm, tok = tiny_model()
         cfg = cfg.replace(model="tiny", adapter=cfg.adapter.replace(targets=("q_proj", "v_proj"), layers=(-1,)),

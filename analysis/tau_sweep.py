@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from bora.data.documents import sample_tasks  # noqa: F401  (--sample-tasks; tests call it from here)
+
 
 def _versions() -> dict:
     import importlib.metadata as md
@@ -69,14 +71,6 @@ def settings_from(args) -> list[tuple[str, dict]]:
     structure = {"hierarchy": args.hierarchy, "parameterisation": args.parameterisation}
     return [(name, {**change, **structure}) for name, change in out
             if not args.only or name.split(" ")[0] in args.only]
-
-
-def sample_tasks(docs, n: int, seed: int) -> tuple[str, ...]:
-    """A seeded random ``n`` of the tasks of ``docs`` (sorted), or every task when there are ``n`` or fewer."""
-    import random
-
-    names = sorted({d["task"] for d in docs})
-    return tuple(sorted(random.Random(seed).sample(names, n))) if n < len(names) else tuple(names)
 
 
 #: bucket edges of training documents per task for ``by_size.md`` (``1-2``: cold start)

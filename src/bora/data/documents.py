@@ -68,6 +68,7 @@ __all__ = [
     "load_documents",
     "Splits",
     "split_documents",
+    "sample_tasks",
     "TokenizedSplit",
     "tokenize_split",
     "tokenize_splits",
@@ -122,6 +123,20 @@ def load_documents(cfg: DataConfig) -> list[dict]:
     if not docs:
         raise ConfigError(f"no documents with non-empty text in {where}")
     return docs
+
+
+def sample_tasks(docs: Sequence[dict], n: int, seed: int = 0) -> tuple[str, ...]:
+    """A seeded random ``n`` of the tasks of ``docs``, sorted (every task when there are ``n`` or fewer): a
+    many-task corpus cut to a size a machine can fit, with the corpus's distribution of task sizes.
+
+    >>> sample_tasks([{"task": t} for t in "cabcab"], 2, seed=0) == sample_tasks([{"task": "a"}, {"task": "b"},
+    ...     {"task": "c"}], 2, seed=0)
+    True
+    """
+    import random
+
+    names = sorted({str(d["task"]) for d in docs})
+    return tuple(sorted(random.Random(seed).sample(names, n))) if n < len(names) else tuple(names)
 
 
 def _content_key(d: dict):
