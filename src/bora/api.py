@@ -226,7 +226,7 @@ class Bora:
     def global_adapter(self) -> dict:
         """The 2-D adapter ``key -> (A, B)`` of a task not in the fit at the point estimate: the global adapter
         ``Theta``, the mean of a new task's prior predictive (the cold-start prediction,
-        :mod:`bora.evaluation.coldstart`; :meth:`bora.posterior.samples.Posterior.global_task_adapter`)."""
+        :mod:`bora.posterior.coldstart`; :meth:`bora.posterior.samples.Posterior.global_task_adapter`)."""
         return self.posterior(1).global_task_adapter()
 
     # ------------------------------------------------------------------ posterior (bora.posterior)

@@ -82,7 +82,7 @@ def cmd_fit(args, argv) -> int:
 def _test_metrics(bora, test, base: dict, fitted: dict, sizes: dict) -> dict:
     """``metrics.json``'s test section of a finished fit: base and fit perplexities, by training-split size, and for
     classification rows the accuracy/NLL/ECE/Brier of the point estimate."""
-    from ..evaluation.coldstart import tiny_tasks
+    from ..posterior.coldstart import tiny_tasks
     from ..evaluation.evaluate import by_task_size
 
     out = {"base": base, "fit": fitted, "by_train_size": by_task_size(fitted, base, sizes)}
@@ -211,7 +211,7 @@ def _evaluate_fitted(args, bora, split, sizes: Optional[dict], title: str, tau: 
     """``bora evaluate``'s tables of documents of fitted tasks (``split``, over the fit's tasks): base vs fit per
     task, the tasks with 1-2 training documents apart (``sizes``: training documents per task), tau, then the point
     vs posterior-average table; returns their numbers for ``--json``."""
-    from ..evaluation.coldstart import tiny_tasks
+    from ..posterior.coldstart import tiny_tasks
 
     feed = bora.feed(split, progress=not args.quiet, desc=f"caching frozen layers ({title})")
     if split.is_classification:
@@ -240,8 +240,8 @@ def _evaluate_fitted(args, bora, split, sizes: Optional[dict], title: str, tau: 
 
 def _evaluate_file(args, bora, tau: dict) -> int:
     """``bora evaluate FIT --data FILE``: every document of FILE; those of fitted tasks as ``bora evaluate`` scores
-    a split, those of tasks not in the fit under the global adapter (:mod:`bora.evaluation.coldstart`)."""
-    from ..evaluation.coldstart import evaluate_new_tasks, read_new_documents
+    a split, those of tasks not in the fit under the global adapter (:mod:`bora.posterior.coldstart`)."""
+    from ..posterior.coldstart import evaluate_new_tasks, read_new_documents
 
     known, new = read_new_documents(bora, args.data)
     if new is not None and not bora.model.has_global:

@@ -58,7 +58,7 @@ def _bracket(lo: float, hi: float) -> str:
 
 
 def format_new_tasks(res: dict) -> str:
-    """The cold-start table of tasks not in the fit (:func:`bora.evaluation.coldstart.evaluate_new_tasks`): per
+    """The cold-start table of tasks not in the fit (:func:`bora.posterior.coldstart.evaluate_new_tasks`): per
     task (up to :data:`MAX_TASK_ROWS` of them) and overall perplexity under the base model and the global adapter,
     and with posterior samples the posterior predictive of a new task and the spread over its draws."""
     base, glob, pred = res["base"], res["global"], res["predictive"]
@@ -102,7 +102,7 @@ def format_new_tasks(res: dict) -> str:
 
 
 def format_tiny_tasks(tiny: dict, *, title: str = "test") -> str:
-    """The fitted tasks with 1-2 training documents (:func:`bora.evaluation.coldstart.tiny_tasks`), apart: their
+    """The fitted tasks with 1-2 training documents (:func:`bora.posterior.coldstart.tiny_tasks`), apart: their
     ``title`` perplexity under the base model, their own adapters and the global adapter alone (one row per task
     up to :data:`MAX_TASK_ROWS` of them). Empty when there are none."""
     names = tiny["tasks"]

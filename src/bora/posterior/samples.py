@@ -112,7 +112,8 @@ class PosteriorSource(TauSource, Protocol):
 
     def params(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "") -> Feed: ...
+    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "",
+             any_tasks: bool = False) -> Feed: ...
 
 
 class Posterior:
@@ -226,7 +227,7 @@ class Posterior:
     def global_task_adapter(self) -> Adapter:
         """The 2-D adapter a task not in the fit gets at the point estimate: the mean of its prior predictive,
         ``E[theta_new] = Theta`` (with the shared ``A`` of ``hierarchy='B'``); the cold-start point prediction
-        (:mod:`bora.evaluation.coldstart`). ConfigError for 'uncoupled', which has no global adapter."""
+        (:mod:`bora.posterior.coldstart`). ConfigError for 'uncoupled', which has no global adapter."""
         if not self.model.has_global:
             raise ConfigError("tau_mode='uncoupled' has no global adapter to serve a task with")
         return self._new_task(self.bora.point(), None)
@@ -241,7 +242,7 @@ class Posterior:
     def tasks_predictive_args(self, k: int, tasks) -> tuple[Adapter, Optional[Adapter]]:
         """:meth:`task_predictive_args` of every task of ``tasks`` (fitted or not) stacked in that order,
         ``key -> (A [len(tasks), r, in], B [len(tasks), out, r])``: the ``(params, direction)`` of sample ``k`` for a
-        split over ``tasks`` (e.g. tasks not in the fit, :func:`bora.evaluation.coldstart.evaluate_new_tasks`)."""
+        split over ``tasks`` (e.g. tasks not in the fit, :func:`bora.posterior.coldstart.evaluate_new_tasks`)."""
         pairs = [self.task_predictive_args(k, t) for t in tasks]
         direction = None if pairs[0][1] is None else _stack([d for _, d in pairs])
         return _stack([a for a, _ in pairs]), direction

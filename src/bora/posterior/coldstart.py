@@ -5,7 +5,7 @@
 >>> from bora.api import Bora
 >>> from bora.core.config import AdapterConfig, BoraConfig, PriorConfig
 >>> from bora.data.documents import TokenizedSplit
->>> from bora.evaluation.coldstart import evaluate_new_tasks
+>>> from bora.posterior.coldstart import evaluate_new_tasks
 >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
 ...                                   num_hidden_layers=2, num_attention_heads=4))
 >>> config = BoraConfig(adapter=AdapterConfig(rank=2, targets=("q_proj",), layers=(-1,)),
@@ -35,6 +35,8 @@ format and splits it into documents of fitted tasks and of new ones (``bora eval
 perplexity ``exp(mean per-task NLL)`` under their own adapters beside the one under the global adapter alone, so
 one sees whether serving them ``Theta`` would do better (``bora fit`` and ``bora evaluate`` print it and write it
 to ``metrics.json`` / ``--json`` under ``tiny_tasks``).
+
+Every function here reads only what :class:`~bora.posterior.samples.PosteriorSource` declares of a fit.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ import torch
 from ..core.config import CLASSIFICATION_CORPORA, ConfigError
 from ..data.documents import TokenizedSplit, load_documents, tokenize_split
 from ..data.feed import Feed
-from .evaluate import _posterior_spread, doc_loglik, evaluate, summarize
-from .metrics import log_mean_exp
+from ..evaluation.evaluate import doc_loglik, evaluate, perplexity_spread, summarize
+from ..evaluation.metrics import log_mean_exp
+from .samples import Posterior, PosteriorSource
 
 __all__ = ["TINY", "read_new_documents", "evaluate_new_tasks", "tiny_tasks"]
 
@@ -59,7 +62,7 @@ TINY = (1, 2)
 _EMBEDDED = ("shakespeare", "shakespeare-all", "fortunes", *CLASSIFICATION_CORPORA)
 
 
-def read_new_documents(bora, source) -> tuple[Optional[TokenizedSplit], Optional[TokenizedSplit]]:
+def read_new_documents(bora: PosteriorSource, source) -> tuple[Optional[TokenizedSplit], Optional[TokenizedSplit]]:
     """Every document of ``source`` (a data file in the fit's format: its text / prompt / completion / task
     columns and tokenisation; or an embedded corpus name), no split: ``(fitted, new)``, the documents of tasks in the
     fit (a split over ``bora.tasks``) and of tasks not in it (a split over their sorted names); ``None`` where there
@@ -100,14 +103,14 @@ def read_new_documents(bora, source) -> tuple[Optional[TokenizedSplit], Optional
     return out
 
 
-def _as_feed(bora, data, progress: bool) -> Feed:
+def _as_feed(bora: PosteriorSource, data, progress: bool) -> Feed:
     if isinstance(data, Feed):
         return data
     return bora.feed(data, any_tasks=True, progress=progress, desc="caching frozen layers (new tasks)")
 
 
 @torch.no_grad()
-def evaluate_new_tasks(bora, data, *, samples: Optional[int] = None, seed: int = 0, predictive: str = "sample",
+def evaluate_new_tasks(bora: PosteriorSource, data, *, samples: Optional[int] = None, seed: int = 0, predictive: str = "sample",
                        batch_size: Optional[int] = None, level: float = 0.9, progress: bool = False) -> dict:
     """Documents of tasks not in the fit (``data``: a :class:`~bora.data.documents.TokenizedSplit` over their
     names, or its Feed from ``bora.feed(split, any_tasks=True)``) under the base model, the global adapter and,
@@ -125,7 +128,7 @@ def evaluate_new_tasks(bora, data, *, samples: Optional[int] = None, seed: int =
     feed = _as_feed(bora, data, progress)
     split = feed.split
     bs = batch_size or bora.config.fit.eval_batch_size
-    post = bora.posterior(samples or 1, seed=seed, predictive=predictive)
+    post = Posterior(bora, samples or 1, seed=seed, predictive=predictive)
     base = evaluate(bora.model, None, feed, bs)
     out = {"tasks": list(split.tasks), "documents": len(split), "base": base,
            "global": evaluate(bora.model, post.global_task_adapter(), feed, bs), "samples": samples, "seed": seed,
@@ -139,7 +142,7 @@ def evaluate_new_tasks(bora, data, *, samples: Optional[int] = None, seed: int =
             rows.append(ll)
         ll = torch.stack(rows).double()
         out["predictive"] = summarize(-log_mean_exp(ll, 0), toks, split.task_ids, split.tasks)
-        out["posterior_spread"] = _posterior_spread(ll, toks, split.task_ids, split.tasks, level)
+        out["posterior_spread"] = perplexity_spread(ll, toks, split.task_ids, split.tasks, level)
     return out
 
 
@@ -148,7 +151,7 @@ def _ppl(res: dict, names) -> Optional[float]:
 
 
 @torch.no_grad()
-def tiny_tasks(bora, data, fitted: dict, base: dict, train_sizes: Mapping[str, int], *,
+def tiny_tasks(bora: PosteriorSource, data, fitted: dict, base: dict, train_sizes: Mapping[str, int], *,
                batch_size: Optional[int] = None) -> dict:
     """The fitted tasks with 1 or 2 training documents (:data:`TINY`; ``train_sizes``: task -> training documents)
     that have documents in ``data`` (a split over ``bora.tasks`` or its Feed), under their own adapters (``fitted``,
@@ -170,7 +173,8 @@ def tiny_tasks(bora, data, fitted: dict, base: dict, train_sizes: Mapping[str, i
         ids = {bora.tasks.index(t) for t in names}
         rows = [i for i, t in enumerate(split.task_ids.tolist()) if t in ids]
         feed = bora.feed(split.subset(rows))
-        glob = evaluate(bora.model, bora.global_adapter(), feed, batch_size or bora.config.fit.eval_batch_size)
+        adapter = Posterior(bora, 1).global_task_adapter()
+        glob = evaluate(bora.model, adapter, feed, batch_size or bora.config.fit.eval_batch_size)
         out["global_ppl"] = _ppl(glob, names)
         out["global_better"] = sum(glob["per_task"][t]["nll"] < fitted["per_task"][t]["nll"] for t in names)
     for t in names:
