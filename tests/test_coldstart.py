@@ -169,3 +169,24 @@ def test_bad_data_files_are_one_line_errors(fitted, capsys, content, extra, msg)
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("bora: error:") and "\n" not in err and msg in err, err
+
+
+def test_classification_rows_of_new_tasks_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from bora.core.config import BoraConfig, ConfigError, DataConfig
+    from bora.posterior.coldstart import read_new_documents
+
+    from conftest import tiny_tokenizer
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps({"q": "w1 w2", "choices": ["w3", "w4"], "answer": 0, "task": t}) + "\n"
+                            for t in ("a", "a", "b")))
+    cfg = BoraConfig(data=DataConfig(source=str(path), prompt_column="q", choices_column="choices",
+                                     label_column="answer"))
+    fit = SimpleNamespace(config=cfg, tasks=("a",), tokenizer=tiny_tokenizer())
+    with pytest.raises(ConfigError, match="classification rows of tasks not in the fit"):
+        read_new_documents(fit, path)
+    path.write_text(path.read_text().replace('"b"', '"a"'))
+    known, new = read_new_documents(fit, path)  # the fitted tasks' rows alone are fine
+    assert new is None and known.is_classification and len(known) == 3
