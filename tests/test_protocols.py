@@ -93,6 +93,20 @@ def test_posterior_reads_only_its_protocol():
     assert torch.equal(post.task_adapters("unseen")[key][1], ref.task_adapters("unseen")[key][1])
 
 
+def test_cold_start_reads_only_the_posterior_protocol():
+    from bora.data.documents import TokenizedSplit
+    from bora.posterior.coldstart import evaluate_new_tasks, tiny_tasks
+
+    bora, split = make()
+    view = View(bora, PosteriorSource)
+    new = TokenizedSplit(split.input_ids[:3], torch.tensor([0, 1, 1]), ("new0", "new1"))
+    got, ref = evaluate_new_tasks(view, new, samples=2), evaluate_new_tasks(bora, new, samples=2)
+    assert got["global"] == ref["global"] and got["predictive"] == ref["predictive"]
+    fitted, base = bora.evaluate(split), bora.evaluate(split, base=True)
+    sizes = {"task0": 1, "task1": 5}
+    assert tiny_tasks(view, split, fitted, base, sizes) == tiny_tasks(bora, split, fitted, base, sizes)
+
+
 def test_tau_tensors_read_only_model_and_tau():
     bora, _ = make(guide="map", mode="learned")
     assert bora.tau is not None

@@ -129,9 +129,12 @@ class Bora:
         pid = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
         return int(pid) if pid is not None else 0
 
-    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "caching frozen layers") -> Feed:
-        """``split`` on this model's device with its frozen-prefix cache; reuse it across fits and evaluations."""
-        if split.tasks != self.tasks:
+    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "caching frozen layers",
+             any_tasks: bool = False) -> Feed:
+        """``split`` on this model's device with its frozen-prefix cache; reuse it across fits and evaluations.
+        Its tasks must be the model's, unless ``any_tasks`` (a split of other tasks, e.g. tasks not in the fit, to
+        score with adapters given per its own tasks or one adapter for every document)."""
+        if split.tasks != self.tasks and not any_tasks:
             raise ConfigError("split's tasks differ from the model's tasks")
         return Feed(split, pad_id=self.pad_id, device=self.device, prefix=self.prefix,
                     cache_batch_size=self.config.fit.eval_batch_size, progress=progress, desc=desc)
@@ -211,10 +214,20 @@ class Bora:
             return self.tau.as_dict()
         return {k: float(v) for k, v in self.point().items() if k.startswith("tau")}
 
-    def evaluate(self, split, *, base: bool = False) -> dict:
-        """Per-task and overall NLL/perplexity of ``split`` under the fit (or the base model)."""
-        return evaluate(self.model, None if base else self.params(), self._as_feed(split),
-                        self.config.fit.eval_batch_size)
+    def evaluate(self, split, *, base: bool = False, adapter: Optional[dict] = None) -> dict:
+        """Per-task and overall NLL/perplexity of ``split`` under the fit (or the base model); with ``adapter``
+        (one 2-D adapter ``key -> (A, B)``, e.g. :meth:`global_adapter`) under that adapter for every document,
+        and then (as with ``base``) ``split`` may hold any tasks (e.g. tasks not in the fit)."""
+        if not base and adapter is None:
+            return evaluate(self.model, self.params(), self._as_feed(split), self.config.fit.eval_batch_size)
+        feed = split if isinstance(split, Feed) else self.feed(split, any_tasks=True)
+        return evaluate(self.model, None if base else adapter, feed, self.config.fit.eval_batch_size)
+
+    def global_adapter(self) -> dict:
+        """The 2-D adapter ``key -> (A, B)`` of a task not in the fit at the point estimate: the global adapter
+        ``Theta``, the mean of a new task's prior predictive (the cold-start prediction,
+        :mod:`bora.posterior.coldstart`; :meth:`bora.posterior.samples.Posterior.global_task_adapter`)."""
+        return self.posterior(1).global_task_adapter()
 
     # ------------------------------------------------------------------ posterior (bora.posterior)
     def posterior(self, num_samples: int = 8, *, seed: int = 0, predictive: str = "sample"):

@@ -214,7 +214,15 @@ def _add_fit(sub, common) -> None:
 def _add_evaluate(sub, common) -> None:
     e = sub.add_parser("evaluate", help="per-task test perplexity of the base model and a saved fit", parents=common)
     e.add_argument("fit_dir", type=Path, help="A folder written by 'bora fit'.")
-    e.add_argument("--split", choices=["test", "val", "train"], default="test", help="Which split to evaluate.")
+    e.add_argument("--split", choices=["test", "val", "train"], default=None,
+                   help="Which split of the fit's data to evaluate (default: test).")
+    e.add_argument("--data", default=None, metavar="FILE",
+                   help="Evaluate every document of FILE instead (no split), a data file in the fit's format (its "
+                        "text / prompt / completion / task columns). Documents of tasks in the fit are scored under "
+                        "their task's adapter; those of tasks not in the fit under the global adapter Theta (the "
+                        "mean of a new task's prior predictive) and, with --samples K, under the posterior "
+                        "predictive of a new task (K draws theta_new ~ Normal(Theta, tau^-1/2)), in a table and "
+                        "--json key of their own ('new_tasks').")
     e.add_argument("--samples", type=int, default=None,
                    help="Posterior samples for the Bayesian-model-average column (Laplace or mean-field fits; 1: "
                         "point estimate only). Default 1; 10 for classification data, whose posterior average is "

@@ -18,7 +18,8 @@ from typing import Optional
 
 from .args import COMMON_FLAGS, config_from_args, explicit_flags
 from ..core.config import BoraConfig, CheckpointConfig, ConfigError
-from .tables import format_classification_table, format_posterior_table, format_table, format_tau, format_task_taus
+from .tables import (format_classification_table, format_new_tasks, format_posterior_table, format_table, format_tau,
+                     format_task_taus, format_tiny_tasks)
 
 __all__ = ["main_report", "cmd_fit", "cmd_evaluate", "cmd_laplace", "cmd_sample", "cmd_export"]
 
@@ -81,10 +82,13 @@ def cmd_fit(args, argv) -> int:
 def _test_metrics(bora, test, base: dict, fitted: dict, sizes: dict) -> dict:
     """``metrics.json``'s test section of a finished fit: base and fit perplexities, by training-split size, and for
     classification rows the accuracy/NLL/ECE/Brier of the point estimate."""
+    from ..posterior.coldstart import tiny_tasks
     from ..evaluation.evaluate import by_task_size
 
     out = {"base": base, "fit": fitted, "by_train_size": by_task_size(fitted, base, sizes)}
-    if test.split.is_classification:
+    if not test.split.is_classification:
+        out["tiny_tasks"] = tiny_tasks(bora, test, fitted, base, sizes)
+    else:
         from ..evaluation.classification import evaluate_classification
 
         out["classification"] = evaluate_classification(bora.posterior(1), test,
@@ -154,6 +158,9 @@ def fit_command(args, argv) -> int:
         print(format_classification_table(bora.metrics["test"]["classification"]))
     else:
         print(format_table(base, fitted, train_sizes=sizes))
+        if bora.metrics["test"]["tiny_tasks"]["tasks"]:
+            print()
+            print(format_tiny_tasks(bora.metrics["test"]["tiny_tasks"]))
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={format_tau(v)}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "
@@ -181,34 +188,82 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--samples and --batch-size must be >= 1")
     if args.json is not None and args.json.is_dir():
         raise ConfigError(f"--json {args.json} is a folder; give a file name, e.g. {args.json / 'evaluation.json'}")
+    if args.data is not None and args.split is not None:
+        raise ConfigError("--split picks a split of the fit's data, --data FILE evaluates every document of FILE: "
+                          "give one of them")
     bora = Bora.load(args.fit_dir, device=args.device)
+    tau = bora.tau_estimate()
+    if args.data is not None:
+        return _evaluate_file(args, bora, tau)
+    name = args.split or "test"
     data = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)
-    split = data[args.split]
+    split = data[name]
     if split.task_sizes().eq(0).any():
         missing = [t for t, n in zip(bora.tasks, split.task_sizes().tolist()) if n == 0]
-        raise ConfigError(f"the data has no {args.split} documents for task(s) {missing[:3]} of this fit")
-    feed = bora.feed(split, progress=not args.quiet, desc=f"caching frozen layers ({args.split})")
-    tau = bora.tau_estimate()
+        raise ConfigError(f"the data has no {name} documents for task(s) {missing[:3]} of this fit")
+    sizes = dict(zip(bora.tasks, data["train"].task_sizes().tolist()))
+    res = _evaluate_fitted(args, bora, split, sizes, name, tau)
+    _write_evaluation(args.json, {"split": name, **res, "tau": tau})
+    return 0
+
+
+def _evaluate_fitted(args, bora, split, sizes: Optional[dict], title: str, tau: dict) -> dict:
+    """``bora evaluate``'s tables of documents of fitted tasks (``split``, over the fit's tasks): base vs fit per
+    task, the tasks with 1-2 training documents apart (``sizes``: training documents per task), tau, then the point
+    vs posterior-average table; returns their numbers for ``--json``."""
+    from ..posterior.coldstart import tiny_tasks
+
+    feed = bora.feed(split, progress=not args.quiet, desc=f"caching frozen layers ({title})")
     if split.is_classification:
         from ..evaluation.classification import evaluate_classification
 
         post = bora.posterior(10 if args.samples is None else args.samples, seed=args.seed,
                               predictive=args.predictive)
         res = evaluate_classification(post, feed, batch_size=args.batch_size)
-        print(format_classification_table(res, title=args.split))
+        print(format_classification_table(res, title=title))
         _print_tau(bora, tau)
-        _write_evaluation(args.json, {"split": args.split, "classification": res, "tau": tau})
-        return 0
+        return {"classification": res}
     base = bora.evaluate(feed, base=True)
     fitted = bora.evaluate(feed)
-    print(format_table(base, fitted, title=args.split,
-                       train_sizes=dict(zip(bora.tasks, data["train"].task_sizes().tolist()))))
+    print(format_table(base, fitted, title=title, train_sizes=sizes))
+    tiny = tiny_tasks(bora, feed, fitted, base, sizes) if sizes is not None else None
+    if tiny is not None and tiny["tasks"]:
+        print()
+        print(format_tiny_tasks(tiny, title=title))
     _print_tau(bora, tau)
     post = bora.posterior(1 if args.samples is None else args.samples, seed=args.seed, predictive=args.predictive)
     res = post.evaluate(feed, batch_size=args.batch_size, progress=not args.quiet, doc_estimator=args.doc_estimator)
     print()
-    print(format_posterior_table(res, title=args.split))
-    _write_evaluation(args.json, {"split": args.split, "base": base, "fit": fitted, "posterior": res, "tau": tau})
+    print(format_posterior_table(res, title=title))
+    return {"base": base, "fit": fitted, "tiny_tasks": tiny, "posterior": res}
+
+
+def _evaluate_file(args, bora, tau: dict) -> int:
+    """``bora evaluate FIT --data FILE``: every document of FILE; those of fitted tasks as ``bora evaluate`` scores
+    a split, those of tasks not in the fit under the global adapter (:mod:`bora.posterior.coldstart`)."""
+    from ..posterior.coldstart import evaluate_new_tasks, read_new_documents
+
+    known, new = read_new_documents(bora, args.data)
+    if new is not None and not bora.model.has_global:
+        raise ConfigError(f"{args.data} has documents of {len(new.tasks)} task(s) not in the fit (e.g. "
+                          f"{new.tasks[0]!r}); this fit (tau_mode='uncoupled') has no global adapter to serve them")
+    k = len(set(known.task_ids.tolist())) if known is not None else 0
+    print(f"{args.data}: {len(known) if known is not None else 0} documents of {k} task(s) in the fit, "
+          f"{len(new) if new is not None else 0} documents of {len(new.tasks) if new is not None else 0} task(s) "
+          "not in the fit", flush=True)
+    out: dict = {"data": str(args.data)}
+    if known is not None:
+        sizes = dict(zip(bora.tasks, bora.task_sizes)) if bora.task_sizes is not None else None
+        out.update(_evaluate_fitted(args, bora, known, sizes, Path(str(args.data)).name, tau))
+        print()
+    out["new_tasks"] = None
+    if new is not None:
+        out["new_tasks"] = evaluate_new_tasks(bora, new, samples=args.samples, seed=args.seed,
+                                              predictive=args.predictive, progress=not args.quiet)
+        print(format_new_tasks(out["new_tasks"]))
+    if known is None:
+        _print_tau(bora, tau)
+    _write_evaluation(args.json, {**out, "tau": tau})
     return 0
 
 

@@ -7,7 +7,9 @@
 
 ``bora fit`` loads the base model and data, evaluates the base model on the held-out test split,
 fits, evaluates the fit, prints a per-task table and saves the fit folder. ``bora evaluate
-FIT_DIR`` recomputes the table from a saved fit; ``bora report FIT_DIR`` writes the diagnostics
+FIT_DIR`` recomputes the table from a saved fit (``--data FILE``: every document of FILE instead, those of tasks
+not in the fit under the global adapter, in a cold-start table of their own; the fitted tasks with 1-2 training
+documents are always reported apart: :mod:`bora.posterior.coldstart`); ``bora report FIT_DIR`` writes the diagnostics
 folder (shrinkage per task, tau, training curve, ArviZ summary; see :mod:`bora.diagnostics.report`). ``bora evaluate
 FIT_DIR --samples S`` adds accuracy, calibration (ECE), Brier score and uncertainty for the point
 estimate and the Bayesian model average over ``S`` posterior samples; ``bora sample FIT_DIR --task

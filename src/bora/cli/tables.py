@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["format_table", "format_posterior_table", "format_classification_table", "format_tau", "format_task_taus"]
+__all__ = ["format_table", "format_posterior_table", "format_classification_table", "format_new_tasks",
+           "format_tiny_tasks", "format_tau", "format_task_taus"]
 
 
 #: above this many tasks the tables group tasks by training-split size instead of listing each one
@@ -49,6 +50,85 @@ def format_table(base: dict, fitted: dict, *, title: str = "test", train_sizes: 
                  f"{fo['ppl_token']:>9.3f}  {100 * (fo['ppl_token'] / bo['ppl_token'] - 1):>+6.1f}%")
     better = sum(fitted["per_task"][n]["ppl"] < base["per_task"][n]["ppl"] for n in names)
     lines.append(f"{title} perplexity lower than the base model on {better} of {len(names)} tasks")
+    return "\n".join(lines)
+
+
+def _bracket(lo: float, hi: float) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def format_new_tasks(res: dict) -> str:
+    """The cold-start table of tasks not in the fit (:func:`bora.posterior.coldstart.evaluate_new_tasks`): per
+    task (up to :data:`MAX_TASK_ROWS` of them) and overall perplexity under the base model and the global adapter,
+    and with posterior samples the posterior predictive of a new task and the spread over its draws."""
+    base, glob, pred = res["base"], res["global"], res["predictive"]
+    names = list(glob["per_task"])
+    S = res["samples"]
+    ph = f"pred. S={S}" if pred is not None else ""
+    lvl = f"{int(round(100 * res['level']))}% spread over draws"
+    cw = max(10, len(ph))
+    w = max([len("overall: exp(mean per-task NLL)") - 15, len("task")]
+            + ([len(n) for n in names] if len(names) <= MAX_TASK_ROWS else []))
+    head = f"{'task':<{w}}  {'docs':>5}  {'tokens':>6}  {'base ppl':>9}  {'global ppl':>10}  {'change':>7}"
+    if pred is not None:
+        head += f"  {ph:>{cw}}  {lvl:>24}"
+    lines = [f"cold start: {len(names)} task{'s' if len(names) != 1 else ''} not in the fit, served by the global "
+             f"adapter (E[theta_new] = Theta)", head]
+    if len(names) <= MAX_TASK_ROWS:
+        for n in names:
+            b, g = base["per_task"][n], glob["per_task"][n]
+            row = (f"{n:<{w}}  {g['docs']:>5}  {g['tokens']:>6}  {b['ppl']:>9.3f}  {g['ppl']:>10.3f}  "
+                   f"{100 * (g['ppl'] / b['ppl'] - 1):>+6.1f}%")
+            if pred is not None:
+                sp = res["posterior_spread"][n]
+                row += f"  {pred['per_task'][n]['ppl']:>{cw}.3f}  {_bracket(sp['lo'], sp['hi']):>24}"
+            lines.append(row)
+    lines.append("-" * len(head))
+    for label, key in (("overall: exp(mean per-task NLL)", "ppl_task_mean"), ("overall: token-weighted", "ppl_token")):
+        bo, go = base["overall"][key], glob["overall"][key]
+        row = f"{label:<{w + 15}}  {bo:>9.3f}  {go:>10.3f}  {100 * (go / bo - 1):>+6.1f}%"
+        if pred is not None:
+            row += f"  {pred['overall'][key]:>{cw}.3f}"
+        lines.append(row)
+    better = sum(glob["per_task"][n]["ppl"] < base["per_task"][n]["ppl"] for n in names)
+    lines.append(f"global adapter perplexity lower than the base model on {better} of {len(names)} new tasks")
+    if pred is not None:
+        lines.append(f"(pred.: the posterior predictive of a new task, per document -log mean_k p(doc | theta_new_k) "
+                     f"over {S} draws theta_new_k ~ Normal(Theta, tau^-1/2), Theta and tau from posterior sample k; "
+                     "spread: the task's perplexity under each draw)")
+    if len(names) > MAX_TASK_ROWS:
+        lines.append(f"({len(names)} new tasks: their per-task numbers are in --json)")
+    return "\n".join(lines)
+
+
+def format_tiny_tasks(tiny: dict, *, title: str = "test") -> str:
+    """The fitted tasks with 1-2 training documents (:func:`bora.posterior.coldstart.tiny_tasks`), apart: their
+    ``title`` perplexity under the base model, their own adapters and the global adapter alone (one row per task
+    up to :data:`MAX_TASK_ROWS` of them). Empty when there are none."""
+    names = tiny["tasks"]
+    if not names:
+        return ""
+    glob = tiny["global_ppl"] is not None
+    lo, hi = min(tiny["train_docs"]), max(tiny["train_docs"])
+    lines = [f"cold start ({lo}-{hi} training documents): {len(names)} task{'s' if len(names) != 1 else ''}, "
+             f"{title} perplexity under the tasks' own adapters" + (" and under the global adapter alone" if glob else "")]
+    listed = len(names) <= MAX_TASK_ROWS
+    w = max([len("exp(mean per-task NLL)") - 12, len("task")] + ([len(n) for n in names] if listed else []))
+    head = f"{'task':<{w}}  {'train docs':>10}  {'base ppl':>9}  {'fit ppl':>9}" + (f"  {'global ppl':>10}" if glob else "")
+    lines.append(head)
+    if listed:
+        for n in names:
+            r = tiny["per_task"][n]
+            lines.append(f"{n:<{w}}  {r['train_docs']:>10}  {r['base_ppl']:>9.3f}  {r['fit_ppl']:>9.3f}"
+                         + (f"  {r['global_ppl']:>10.3f}" if glob else ""))
+    lines.append("-" * len(head))
+    lines.append(f"{'exp(mean per-task NLL)':<{w + 12}}  {tiny['base_ppl']:>9.3f}  {tiny['fit_ppl']:>9.3f}"
+                 + (f"  {tiny['global_ppl']:>10.3f}" if glob else ""))
+    if glob:
+        lines.append(f"global adapter alone lower than the task's own adapter on {tiny['global_better']} of "
+                     f"{len(names)} tasks")
+    else:
+        lines.append("(tau_mode='uncoupled': no global adapter to compare with)")
     return "\n".join(lines)
 
 

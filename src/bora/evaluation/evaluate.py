@@ -290,7 +290,7 @@ def seeds_bootstrap(nll_a, nll_b, tokens, task_ids, *, resamples: int = 2000, le
             "per_seed": d_seed.tolist(), "frac_a_lower": float((d_r < 0).mean())}
 
 # ---------------------------------------------------------------------- posterior predictive (BMA)
-__all__ += ["token_log_probs", "evaluate_posterior"]
+__all__ += ["token_log_probs", "evaluate_posterior", "perplexity_spread"]
 
 
 def token_log_probs(model, batch: dict, params, direction=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,7 +363,7 @@ def evaluate_posterior(post, data, *, batch_size: int = 8, n_bins: int = 15, lev
         nll_doc, bma_doc = -est, summarize(-est, toks, tids, tasks)
     else:
         nll_doc, bma_doc = nll_plain, bma_doc_plain
-    spread = _posterior_spread(ll_s, toks, tids, tasks, level)
+    spread = perplexity_spread(ll_s, toks, tids, tasks, level)
     boot = dict(tasks=tasks, resamples=bootstrap, level=level, seed=post.seed)
     test_interval = {"point": bootstrap_ppl(nll_point, toks, tids, **boot),
                      "bma_doc": bootstrap_ppl(nll_doc, toks, tids, **boot)}
@@ -448,7 +448,7 @@ def _posterior_pass(post, feed: Feed, *, batch_size: int, n_bins: int, tilted, p
             "m_point": m_point, "m_bma": m_bma, "tilted": (t_ll, t_lin, t_quad) if tilted is not None else None}
 
 
-def _posterior_spread(ll_s: torch.Tensor, toks: torch.Tensor, tids: torch.Tensor, tasks, level: float) -> dict:
+def perplexity_spread(ll_s: torch.Tensor, toks: torch.Tensor, tids: torch.Tensor, tasks, level: float) -> dict:
     """Per task with tokens, ``{"lo", "median", "hi", "level"}`` of its perplexity over the samples (the rows of
     the per-document log-likelihoods ``ll_s``): the posterior spread of the plug-in perplexity."""
     T = len(tasks)

@@ -112,7 +112,8 @@ class PosteriorSource(TauSource, Protocol):
 
     def params(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "") -> Feed: ...
+    def feed(self, split: TokenizedSplit, *, progress: bool = False, desc: str = "",
+             any_tasks: bool = False) -> Feed: ...
 
 
 class Posterior:
@@ -218,9 +219,17 @@ class Posterior:
 
     def point_task_adapter(self, task: str) -> Adapter:
         """``task``'s adapter at the point estimate (for a task not in the fit: the mean of its prior
-        predictive, the global adapter): where the linearised predictive expands."""
+        predictive, the global adapter, :meth:`global_task_adapter`): where the linearised predictive expands."""
         if task in self.bora.tasks:
             return _take_task(self.point_params(), self.bora.tasks.index(task))
+        return self._new_task(self.bora.point(), None)
+
+    def global_task_adapter(self) -> Adapter:
+        """The 2-D adapter a task not in the fit gets at the point estimate: the mean of its prior predictive,
+        ``E[theta_new] = Theta`` (with the shared ``A`` of ``hierarchy='B'``); the cold-start point prediction
+        (:mod:`bora.posterior.coldstart`). ConfigError for 'uncoupled', which has no global adapter."""
+        if not self.model.has_global:
+            raise ConfigError("tau_mode='uncoupled' has no global adapter to serve a task with")
         return self._new_task(self.bora.point(), None)
 
     def task_predictive_args(self, k: int, task: str) -> tuple[Adapter, Optional[Adapter]]:
@@ -229,6 +238,14 @@ class Posterior:
             return self.task_adapter(k, task), None
         point = self.point_task_adapter(task)
         return point, tangent(self.task_adapter(k, task), point)
+
+    def tasks_predictive_args(self, k: int, tasks) -> tuple[Adapter, Optional[Adapter]]:
+        """:meth:`task_predictive_args` of every task of ``tasks`` (fitted or not) stacked in that order,
+        ``key -> (A [len(tasks), r, in], B [len(tasks), out, r])``: the ``(params, direction)`` of sample ``k`` for a
+        split over ``tasks`` (e.g. tasks not in the fit, :func:`bora.posterior.coldstart.evaluate_new_tasks`)."""
+        pairs = [self.task_predictive_args(k, t) for t in tasks]
+        direction = None if pairs[0][1] is None else _stack([d for _, d in pairs])
+        return _stack([a for a, _ in pairs]), direction
 
     def task_adapters(self, task: str) -> Adapter:
         """``task``'s adapter in every sample, stacked: ``key -> (A [S, r, in], B [S, out, r])``."""
