@@ -62,7 +62,8 @@ BEYOND = [
     "## Past one GPU's memory", "",
     "What bora supports today:",
     "- the default top-4-layer adapters (1B, rank 8: about 11 MiB of MAP state per task, so ~1,000 tasks in 12 GiB "
-    "of state; the measured peak per task on CPU is 1.2-1.4x the counted bytes, below);",
+    "of state; the measured peak per task on CPU is about 1.0x the counted bytes for a lazy MAP step and "
+    "1.2-1.5x for an eager MAP or mean-field step, below);",
     "- data-parallel fits (`torchrun`, README \"Many GPUs\"): `--parallel documents` splits the documents, "
     "`--parallel tasks` the tasks (each rank fits only its own tasks' rows; only the global adapter's gradients are "
     "all-reduced); in both every rank holds every task's adapters and optimiser state, so per-GPU adapter memory is "
@@ -163,7 +164,8 @@ def main(argv=None) -> None:
         lines += ["", "The measured growth per task against the bytes counted for it: "
                   + ", ".join(f"{v} {r:.2f}x" for v, r in ratios.items())
                   + " (counted: 16 B per value for an eager MAP step, 12 B for a lazy one, 32 B for mean-field, "
-                  "and for the point fits' learned tau 4 B more: the Fisher accumulated from the steps). "
+                  "and for the point fits' learned tau 4 B more: the Fisher accumulated from the steps, for the "
+                  "task-level factor only, B_t under hierarchy B). "
                   "An eager step also holds every task's adapter in natural coordinates (theta_t = Theta + delta_t), "
                   "its gradient and the prior's elementwise temporaries, each T x values x 4 B; a lazy step "
                   "(`--task-updates lazy`, bora.fit.lazy) touches only the batch's tasks."]

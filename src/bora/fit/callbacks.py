@@ -229,12 +229,14 @@ class EvidenceTau(Callback):
     def _task_fisher(self, loop, point) -> tuple[dict, Optional[float]]:
         """Each task's Fisher at ``point``, and the probes' mean ratio (None without probes)."""
         model, params = loop.model, loop.model.params_from_values(point)
+        factors = model.task_factors()  # the update reads only the task-level factors' Fisher
         if self.curv is None:
             return task_fisher(model, params, loop.train, max_per_task=self.cfg.fisher_docs,
-                               generator=self.generator), None
+                               generator=self.generator, factors=factors), None
         rows, ratio = self.curv.probe_rows(), None
         if len(rows):  # the probe documents' gradients at this point against the steps'
-            tf, per_module = self.curv.probe_corrected(task_fisher(model, params, loop.train, rows=rows))
+            tf, per_module = self.curv.probe_corrected(task_fisher(model, params, loop.train, rows=rows,
+                                                                   factors=factors))
             ratio = statistics.fmean(per_module.values())
         else:
             tf = self.curv.task_fisher()

@@ -67,7 +67,11 @@ class StepFisher:
         self.num_tasks = int(num_tasks)
         self.task_sizes = torch.as_tensor(task_sizes).long().cpu()
         self.factors = tuple(factors)
-        self.fisher = {k: tuple(torch.zeros(self.num_tasks, *s, device=device) for s in sh) for k, sh in shapes.items()}
+        # a factor that is not task-level (the shared A of hierarchy 'B') gets no gradients: an expanded zero
+        # (no memory) keeps the (F_A, F_B) layout of a TaskFisher without a [T, r, in] accumulator
+        self.fisher = {k: tuple(torch.zeros(self.num_tasks, *s, device=device) if i in self.factors
+                                else torch.zeros((), device=device).expand(self.num_tasks, *s)
+                                for i, s in enumerate(sh)) for k, sh in shapes.items()}
         self.used = torch.zeros(self.num_tasks, dtype=torch.long)
         self.weight = torch.zeros(self.num_tasks, dtype=torch.float64)  # recency-weighted document count
         self._inv_weight = 0.0
@@ -154,9 +158,12 @@ class StepFisher:
         if int(self.used.sum()) > 0 and not recorded:
             raise ConfigError("tau_curvature='steps' recorded no per-document gradients: the model's likelihood does "
                               "not run through bora's adapter layers; use tau_curvature='pass'")
-        fisher = {k: tuple(F.clone() for F in pair) for k, pair in self.fisher.items()}
+        sums = {k: tuple(pair[i].clone() for i in self.factors) for k, pair in self.fisher.items()}
         # N_t times the (recency-weighted) mean over the task's documents seen
-        return TaskFisher.from_sums(fisher, self.used.clone(), self.task_sizes.clone(), self.weight.clone())
+        tf = TaskFisher.from_sums(sums, self.used.clone(), self.task_sizes.clone(), self.weight.clone())
+        tf.fisher = {k: tuple(sums[k][self.factors.index(i)] if i in self.factors else F for i, F in enumerate(pair))
+                     for k, pair in self.fisher.items()}  # a factor that is not task-level: its expanded zero
+        return tf
 
     def probe_ratio(self, end: TaskFisher, by: str = "module") -> dict:
         """How much smaller the probe documents' squared gradients are at the current point (``end``: their
@@ -193,13 +200,13 @@ class StepFisher:
 
     def reset_(self) -> None:
         for pair in self.fisher.values():
-            for F in pair:
-                F.zero_()
+            for i in self.factors:
+                pair[i].zero_()
         self.used.zero_()
         self.weight.zero_()
 
     def state_dict(self) -> dict:
-        tensors = {f"{k}.{i}": F.clone() for k, pair in self.fisher.items() for i, F in enumerate(pair)}
+        tensors = {f"{k}.{i}": pair[i].clone() for k, pair in self.fisher.items() for i in self.factors}
         probe = {}
         if self.probe is not None:
             probe = {"probe": self.probe.clone(), "probe_seen": self.probe_seen.clone(),
@@ -210,9 +217,9 @@ class StepFisher:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.used.copy_(state["used"])
         self.weight.copy_(state["weight"])
-        for k, pair in self.fisher.items():
-            for i, F in enumerate(pair):
-                F.copy_(state[f"{k}.{i}"])
+        for k, pair in self.fisher.items():  # (a checkpoint may also hold a non-task factor's zeros: ignored)
+            for i in self.factors:
+                pair[i].copy_(state[f"{k}.{i}"])
         if "probe" in state:
             self.probe = state["probe"].clone().bool()
             self.probe_seen = state["probe_seen"].clone().bool()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.T
 def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = False,
                 labels: str = "empirical", gradients: Optional[dict] = None,
-                rows: Optional[torch.Tensor] = None) -> TaskFisher:
+                rows: Optional[torch.Tensor] = None, factors: Optional[Sequence[int]] = None) -> TaskFisher:
     """Diagonal Fisher of each task's log-likelihood with respect to its adapter at ``params``.
 
     ``labels='empirical'`` uses the documents' own next tokens (the empirical Fisher);
@@ -92,21 +92,28 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     ``G_t G_t^T`` is the task's full (not only diagonal) Fisher estimate and its diagonal is ``fisher``.
 
     ``rows``: only these documents of ``feed`` (indices), e.g. the probe documents of
-    :class:`bora.fit.curvature.StepFisher`."""
+    :class:`bora.fit.curvature.StepFisher`.
+
+    ``factors``: only these adapter factors (0: ``A``, 1: ``B``; default both) get a per-task Fisher, e.g.
+    ``model.task_factors()`` for a tau update; another factor is neither copied per task nor differentiated (its
+    Fisher is an expanded zero), which saves four ``[T, r, in]`` tensors under hierarchy 'B'."""
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
     label_seed = None
     if labels == "sampled":  # batch k draws its labels from its own stream: the same on any number of ranks
         label_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
     T = model.num_tasks
-    leaves = {}
-    for k, (A, B) in params.items():
-        A = A.detach().expand(T, *A.shape[-2:]).clone().requires_grad_(True)
-        B = B.detach().expand(T, *B.shape[-2:]).clone().requires_grad_(True)
-        leaves[k] = (A, B)
-    Fs = {k: (torch.zeros_like(A), torch.zeros_like(B)) for k, (A, B) in leaves.items()}
+    factors = (0, 1) if factors is None else tuple(sorted(set(factors)))
+    if gradients is not None and any(i not in factors for fs in gradients.values() for i in fs):
+        raise ValueError(f"gradients={gradients!r} asks for a factor outside factors={factors!r}")
+    leaves, Fs = {}, {}
+    for k, pair in params.items():
+        leaves[k] = tuple(X.detach().expand(T, *X.shape[-2:]).clone().requires_grad_(True) if i in factors
+                          else X.detach().expand(T, *X.shape[-2:]) for i, X in enumerate(pair))
+        Fs[k] = tuple(torch.zeros_like(X) if i in factors else torch.zeros((), device=X.device).expand(X.shape)
+                      for i, X in enumerate(leaves[k]))
     used = torch.zeros(T, dtype=torch.long)
-    flat = [t for pair in leaves.values() for t in pair]
+    flat = [pair[i] for pair in leaves.values() for i in factors]
     model.adapters.train(False)
     batches = list(enumerate(distinct_task_batches(feed.split, max_per_task, generator=generator, rows=rows)))
     rank, size = world()
@@ -128,20 +135,21 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
             ll = model.loglik(b, leaves).sum()
         else:
             ll = _sampled_loglik(model, b, leaves, torch.Generator().manual_seed(label_seed + k)).sum()
-        grads = torch.autograd.grad(ll, flat, allow_unused=True)  # a factor the likelihood ignores has none
-        for (key, (FA, FB)), gA, gB in zip(Fs.items(), grads[0::2], grads[1::2]):
-            if gA is not None:
-                FA.add_(gA.square())
-            if gB is not None:
-                FB.add_(gB.square())
+        got = iter(torch.autograd.grad(ll, flat, allow_unused=True))  # a factor the likelihood ignores has none
+        by_key = {key: tuple(next(got) if i in factors else None for i in range(2)) for key in Fs}
+        for key, pair in Fs.items():
+            for i in factors:
+                if by_key[key][i] is not None:
+                    pair[i].add_(by_key[key][i].square())
         if cols is not None:
-            by_key = dict(zip(Fs, zip(grads[0::2], grads[1::2])))
             g = torch.cat([_or_zeros(by_key[key][i], leaves[key][i]).flatten(1)
                            for key, fs in gradients.items() for i in fs], 1).detach().cpu()
             for t, j in zip(b["task_ids"].cpu().tolist(), slots[k].tolist()):
                 cols[t][:, j] = g[t]
         used += torch.bincount(b["task_ids"].cpu(), minlength=T)
-    tf = TaskFisher.from_sums(Fs, used, feed.split.task_sizes().long())
+    tf = TaskFisher.from_sums({k: tuple(pair[i] for i in factors) for k, pair in Fs.items()}, used,
+                              feed.split.task_sizes().long())
+    tf.fisher = Fs  # summed and scaled in place; a factor outside ``factors``: its expanded zero
     if cols is not None:
         all_reduce_sum_(*cols)
         sizes = feed.split.task_sizes().double()
