@@ -288,6 +288,10 @@ CASES = [
     ("evaluate: an interrupted fit", lambda e, w: ["evaluate", str(interrupted(e, w))], "interrupted fit"),
     ("evaluate: data file gone", lambda e, w: ["evaluate", str(edit_config(e, w, lambda c: c["data"].update(source=str(w / "gone.jsonl"))))], "data file not found"),
     ("evaluate: --samples 0", lambda e, w: ["evaluate", str(e["fit"]), "--samples", "0"], "--samples"),
+    ("evaluate: --data file not found", lambda e, w: ["evaluate", str(e["fit"]), "--data", str(w / "gone.jsonl")], "not found"),
+    ("evaluate: --data file of blank lines", lambda e, w: ["evaluate", str(e["fit"]), "--data", str(write(w, "d.jsonl", "\n\n"))], "empty"),
+    ("evaluate: --data file with other columns", lambda e, w: ["evaluate", str(e["fit"]), "--data", str(write(w, "d.jsonl", json.dumps({"body": "w1 w2 w3", "who": "spk0"}) + "\n"))], "column"),
+    ("evaluate: --data with --split", lambda e, w: ["evaluate", str(e["fit"]), "--data", str(e["data"]), "--split", "val"], "give one of them"),
     # --- report
     ("report: folder that is not a fit", lambda e, w: ["report", str(sentinel(w / "x"))], "missing config.json"),
     ("report: --output folder holding a user's file", lambda e, w: ["report", str(e["fit"]), "-o", str(sentinel(w / "rep"))], "refusing to write a report"),
