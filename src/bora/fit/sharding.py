@@ -40,13 +40,98 @@ The design (:mod:`bora.core.distributed` says how it relates to the document-par
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from ..core.distributed import all_reduce_sum_, gather_rows_, shard_tasks, task_owners, world
 
-__all__ = ["TaskShards", "eager_task_tensors"]
+__all__ = ["TaskShards", "TaskRows", "eager_task_tensors", "task_state_bytes", "tensor_bytes"]
+
+
+class TaskRows:
+    """The rows a rank keeps of per-task state: those of its own tasks ``ids`` (ascending; row ``i`` holds task
+    ``ids[i]``), out of ``num_tasks``. ``mine`` (bool ``[T]``, :attr:`TaskShards.mine`); None: every task, the
+    identity map of one process (every method then returns its argument, or a clone, unchanged)."""
+
+    def __init__(self, num_tasks: int, mine: Optional[torch.Tensor] = None):
+        self.num_tasks = int(num_tasks)
+        self.identity = mine is None
+        self.ids = torch.arange(self.num_tasks) if mine is None else mine.cpu().nonzero().reshape(-1)
+        self.local = torch.full((self.num_tasks,), -1, dtype=torch.long)  # task -> its row here (-1: not kept)
+        self.local[self.ids] = torch.arange(len(self.ids))
+        self._on: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _map(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._on:
+            self._on[key] = getattr(self, name).to(device)
+        return self._on[key]
+
+    def of(self, tasks: torch.Tensor) -> torch.Tensor:
+        """The rows of (owned) ``tasks`` here."""
+        return tasks if self.identity else self._map("local", tasks.device).index_select(0, tasks)
+
+    def tasks(self, rows: torch.Tensor) -> torch.Tensor:
+        """The tasks of rows ``rows`` here."""
+        return rows if self.identity else self._map("ids", rows.device).index_select(0, rows)
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a ``[T, ...]`` tensor (``full`` itself for the identity)."""
+        return full if self.identity else full.index_select(0, self._map("ids", full.device))
+
+    def expand(self, t: torch.Tensor) -> torch.Tensor:
+        """A new ``[T, ...]`` tensor holding ``t``'s rows at their tasks and zeros elsewhere (a clone for the
+        identity)."""
+        if self.identity:
+            return t.clone()
+        out = t.new_zeros((self.num_tasks, *t.shape[1:]))
+        return out.index_copy_(0, self._map("ids", t.device), t)
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """Every task's rows of per-rank tensor ``t``, from their owners, as a new ``[T, ...]`` tensor on every rank
+        (a collective: :meth:`expand` summed over ranks)."""
+        out = self.expand(t)
+        all_reduce_sum_(out)
+        return out
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """``sum(numel * element_size)`` of ``tensors``."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def task_state_bytes(loop) -> dict[str, int]:
+    """The persistent per-task state a rank of fit loop ``loop`` (:class:`bora.fit.loop.FitLoop`) holds, in bytes:
+    ``'offsets'`` (the task rows ``delta``, ``[T, ...]`` on every rank), ``'optimizer'`` (their optimiser state:
+    lazy updates' moments, counts and ``L_t``, or eager AdamW's moments), ``'fisher'`` (a learned tau's step
+    Fisher accumulators, :class:`bora.fit.curvature.StepFisher`), and ``'rows'``: the rows of the optimiser state
+    (the number of tasks it is kept for)."""
+    out = {"offsets": 0, "optimizer": 0, "fisher": 0, "rows": 0}
+    if loop.lazy is not None:
+        rows = loop.lazy.rows
+        out["offsets"] = tensor_bytes(rows.deltas.values())
+        out["optimizer"] = tensor_bytes(rows.state_tensors())
+        out["rows"] = len(rows.local)
+    elif loop.model.has_tasks and loop.model.parameterisation == "offset":  # eager: every rank holds every task's
+        from ..model.distributions import LATENT_SUFFIX
+        from ..model.guides import guide_params
+
+        found = guide_params(loop.guide)
+        task = [found[site + LATENT_SUFFIX["offset"]]["loc"]
+                for k in loop.model.shapes for _, site, _ in loop.model.task_sites(k)]
+        out["offsets"] = tensor_bytes(task)
+        out["optimizer"] = tensor_bytes(t for p in task for k, t in loop.optimizer.state.get(p, {}).items()
+                                        if k != "step")
+        out["rows"] = loop.model.num_tasks
+    for cb in loop.callbacks:
+        curv = getattr(cb, "curv", None)
+        if curv is not None:
+            out["fisher"] += tensor_bytes(curv.state_tensors())
+    return out
 
 
 class TaskShards:
@@ -59,6 +144,7 @@ class TaskShards:
         self.rank, self.world_size = int(rank), int(world_size)
         self.owner = task_owners(task_sizes, self.world_size)
         self.mine = self.owner == self.rank
+        self.rows = TaskRows(len(self.owner), self.mine)  # what this rank keeps of per-task state
         self.tensors: Callable[[], Sequence[torch.Tensor]] = lambda: ()
 
     def batch_rows(self, rows: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -92,7 +178,8 @@ class TaskShards:
         return (glob.float().square() + buf[start]).sqrt()
 
     def gather_(self) -> None:
-        """Every task's rows from its owner onto every rank (the tensors :attr:`tensors` lists, each ``[T, ...]``)."""
+        """Every task's rows from its owner onto every rank (the tensors :attr:`tensors` lists, each ``[T, ...]``:
+        the offsets, and with eager updates their AdamW moments)."""
         gather_rows_(self.mine, *self.tensors())
 
 
