@@ -75,8 +75,10 @@ counts): flushing there would round differently from an uninterrupted run, and r
 holds only its own tasks' rows (``U`` is a subset of its tasks), so it flushes and steps only those; the global
 parameters' gradients are summed across ranks before the AdamW step, the gradient norm is the whole step's, and
 ``L`` advances identically on every rank. A rank without rows of the batch steps no rows (it still takes part
-in the gradient sum). Every task's offsets and lazy state (moments, counts, ``L_t``) are gathered from their
-owners before each validation, checkpoint and the end of the fit.
+in the gradient sum). A rank keeps the lazy state (moments, counts, ``L_t``) of its own tasks only
+(``[T_r, ...]``, :class:`bora.fit.sharding.TaskRows`) and flushes only them; every task's offsets are gathered from
+their owners before each validation and the end of the fit, and the full lazy state transiently for a checkpoint
+(:meth:`LazyRows.gather_state_`), which has the one-process layout.
 """
 
 from __future__ import annotations

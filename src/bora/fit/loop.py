@@ -28,7 +28,8 @@ callbacks, and the offsets return to the device when :meth:`FitLoop.run` ends.
 In a multi-process run, ``cfg.parallel`` picks how each global batch is split (:mod:`bora.core.distributed`): by
 documents (every ``N``-th row, DDP) or by tasks (:mod:`bora.fit.sharding`: the rows of this rank's tasks; each rank
 updates only its own tasks' rows, and :meth:`FitLoop.gather_tasks_` brings every task's rows to every rank before
-each validation, each checkpoint and at the end).
+each validation, each checkpoint and at the end; with lazy updates each rank keeps the optimiser state and step
+Fisher of its own tasks only, and :meth:`FitLoop.full_state` gathers them transiently for a checkpoint).
 
 State and resume (as NumPyro's ``SVI.init/update`` and Hugging Face's ``TrainerState``): the loop carries
 an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gathers it with every other stateful
