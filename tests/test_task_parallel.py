@@ -82,6 +82,9 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
             save_file(state, os.path.join(out, f"{name}-rank{rank}.safetensors"))
             with open(os.path.join(out, f"{name}-rank{rank}.json"), "w") as fh:
                 json.dump(info, fh)
+        # a one-process checkpoint resumed on 2 ranks (each loads its own tasks' rows of the lazy state and Fisher)
+        state, _ = run_fit("lazy", resume=load_checkpoint(os.path.join(out, "one-lazy")).state)
+        save_file(state, os.path.join(out, f"resumed-lazy-rank{rank}.safetensors"))
         ok = True
     finally:
         close(ok)
@@ -90,6 +93,7 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("tasks")
+    run_fit("lazy", checkpoint=Checkpointer(out / "one-lazy", every=CHECKPOINT_EVERY))  # one process
     mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
     return out
 
@@ -222,6 +226,12 @@ def test_sharded_lazy_rows_and_step_fisher_equal_the_full_ones_on_their_tasks():
     cstate = curv_part.state_dict()
     curv_part.release_state_()
     assert {k: v.shape for k, v in cstate.items()} == {k: v.shape for k, v in curv_full.state_dict().items()}
+
+
+def test_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks):
+    single, _ = run_fit("lazy")
+    for rank in range(2):
+        _close(load_file(str(two_ranks / f"resumed-lazy-rank{rank}.safetensors")), single)
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
