@@ -66,8 +66,12 @@ BEYOND = [
     "1.2-1.5x for an eager MAP or mean-field step, below);",
     "- data-parallel fits (`torchrun`, README \"Many GPUs\"): `--parallel documents` splits the documents, "
     "`--parallel tasks` the tasks (each rank fits only its own tasks' rows; only the global adapter's gradients are "
-    "all-reduced); in both every rank holds every task's adapters and optimiser state, so per-GPU adapter memory is "
-    "the single-GPU figure above;",
+    "all-reduced); every rank holds every task's offsets, and with `--parallel tasks --task-updates lazy` a rank "
+    "keeps the optimiser state and step Fisher of its own tasks only (4 B per task value on every rank plus 12 on "
+    "its owner: `4 + 12/N` B instead of 16 with N balanced ranks; measured with bora.fit.sharding.task_state_bytes "
+    "on the tests' tiny 3-task fit, 9,456 B of task state in one process against 4,688 and 7,072 B on the two "
+    "ranks owning 1 and 2 tasks), otherwise (documents, or eager updates) every rank holds every task's optimiser "
+    "state too, the single-GPU figure above;",
     "- lazy task updates (`--task-updates lazy`): a step touches only the batch's tasks, so its time and transient "
     "memory do not grow with T (`benchmarks/RESULTS_task_scaling.md`); the state itself is still O(T);",
     "- a task bank for lazy fits (`--task-bank cpu|disk`, bora.fit.bank): every task's offsets and lazy-Adam state "
@@ -77,13 +81,14 @@ BEYOND = [
     "(`benchmarks/RESULTS_task_bank.md`); validation still copies the point to the device whole;",
     "- a 4-/8-bit frozen base (`--load-in-4bit`/`--load-in-8bit`), which shrinks the base model, not the adapters.", "",
     "What it does not support (not implemented; the ways to get there):",
-    "- task-sharded adapter *memory*: `--parallel tasks` already routes each document to its task's rank and "
-    "all-reduces only the global gradients, but gathers every task's rows onto every rank at validations and "
-    "checkpoints; keeping only the owned rows (and gathering to rank 0 only for writing) would divide the per-task "
-    "state by the number of ranks;",
-    "- optimiser state sharded across ranks (ZeRO-1, e.g. `torch.distributed.optim.ZeroRedundancyOptimizer`), "
-    "which divides the 12 of MAP's 16 bytes per value by the number of ranks;",
-    "- a task bank in a multi-process fit (`--parallel tasks` gathers every task's rows on the device), and "
+    "- task-sharded *offsets*: `--parallel tasks` keeps only a rank's own tasks' optimiser state, but every rank "
+    "still holds every task's offsets (validation evaluates the whole point on every rank); validating each "
+    "rank's own tasks and gathering to rank 0 only for writing would divide the last 4 B per value as well;",
+    "- optimiser state sharded across ranks for eager updates or `--parallel documents` (ZeRO-1, e.g. "
+    "`torch.distributed.optim.ZeroRedundancyOptimizer`), which divides the 12 of MAP's 16 bytes per value by the "
+    "number of ranks;",
+    "- a task bank in a multi-process fit (refused: `--parallel tasks` gathers every task's offsets on the "
+    "device), and "
     "validation streamed through the bank by blocks of tasks (it evaluates the whole point on the device).", ""]
 
 

@@ -1,5 +1,6 @@
 """Task-sharded fits (``parallel='tasks'``) with 2 CPU processes (gloo) equal single-process fits of the same batches;
-their checkpoints hold every task and resume in one process."""
+each rank keeps lazy updates' optimiser state and the step Fisher for its own tasks only; their checkpoints hold every
+task and resume in one process."""
 
 import json
 import os
@@ -12,7 +13,10 @@ from safetensors.torch import load_file, save_file
 from bora.api import Bora
 from bora.core.config import AdapterConfig, BoraConfig, ConfigError, FitConfig, PriorConfig
 from bora.core.distributed import shard_tasks, task_owners
-from bora.fit.sharding import TaskShards
+from bora.fit.callbacks import Callback
+from bora.fit.curvature import StepFisher
+from bora.fit.lazy import LazyRows
+from bora.fit.sharding import TaskRows, TaskShards, task_state_bytes
 from bora.io.checkpoint import Checkpointer, load_checkpoint
 
 from conftest import TinyTokenizer, task_data, tiny_llama
@@ -41,13 +45,26 @@ def snapshot(bora: Bora) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in bora.guide.state_dict().items()}
 
 
+class StateBytes(Callback):
+    """Records :func:`task_state_bytes` at the fit's end, and the first dimension of every per-task state tensor."""
+
+    def on_fit_end(self, loop):
+        self.bytes = task_state_bytes(loop)
+        tensors = list(loop.lazy.rows.state_tensors()) if loop.lazy is not None else []
+        for cb in loop.callbacks:
+            if getattr(cb, "curv", None) is not None:
+                tensors += cb.curv.state_tensors()
+        self.bytes["state_rows"] = sorted({t.shape[0] for t in tensors})
+
+
 def run_fit(scenario: str, checkpoint=None, resume=None) -> tuple[dict, dict]:
     bora, train, val = make(scenario)
-    res = bora.fit(train, val, progress=False, checkpoint=checkpoint, resume=resume)
+    rec = StateBytes()
+    res = bora.fit(train, val, progress=False, checkpoint=checkpoint, resume=resume, callbacks=[rec])
     state = snapshot(bora)
     if bora.laplace is not None:  # the Laplace posterior's curvature after the fit, over every task
         state.update({"laplace." + k: v.contiguous() for k, v in bora.laplace.tensors().items()})
-    return state, {"tau": res.tau, "history": [h.get("val_nll") for h in res.history]}
+    return state, {"tau": res.tau, "history": [h.get("val_nll") for h in res.history], "bytes": rec.bytes}
 
 
 def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -65,6 +82,9 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
             save_file(state, os.path.join(out, f"{name}-rank{rank}.safetensors"))
             with open(os.path.join(out, f"{name}-rank{rank}.json"), "w") as fh:
                 json.dump(info, fh)
+        # a one-process checkpoint resumed on 2 ranks (each loads its own tasks' rows of the lazy state and Fisher)
+        state, _ = run_fit("lazy", resume=load_checkpoint(os.path.join(out, "one-lazy")).state)
+        save_file(state, os.path.join(out, f"resumed-lazy-rank{rank}.safetensors"))
         ok = True
     finally:
         close(ok)
@@ -73,6 +93,7 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("tasks")
+    run_fit("lazy", checkpoint=Checkpointer(out / "one-lazy", every=CHECKPOINT_EVERY))  # one process
     mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
     return out
 
@@ -129,6 +150,88 @@ def test_two_ranks_equal_one_process(two_ranks):
         assert i0["history"] == pytest.approx(info["history"], rel=1e-6)
         moved = max(float((single[k] - v).abs().max()) for k, v in snapshot(make(name)[0]).items())
         assert moved > 1e-3, name  # the fit did move the adapters
+
+
+def test_each_rank_keeps_its_own_tasks_state(two_ranks):
+    """With lazy updates a rank's optimiser state (moments, counts, L_t) and step Fisher are its own tasks' rows: the
+    two ranks' bytes sum to one process's, the offsets stay whole on every rank."""
+    owned = [1, 2]  # rank 0 owns task 0, rank 1 tasks 1 and 2 (TRAIN's sizes)
+    for name in ("lazy", "one_row"):
+        _, single = run_fit(name)
+        one = single["bytes"]
+        assert one["rows"] == len(TRAIN) and one["state_rows"] == [len(TRAIN)]
+        ranks = [_read(two_ranks, name, r)[1]["bytes"] for r in range(2)]
+        for r, b in enumerate(ranks):
+            assert b["rows"] == owned[r] and b["state_rows"] == [owned[r]], (name, r, b)
+            assert b["offsets"] == one["offsets"]
+            assert b["optimizer"] * len(TRAIN) == one["optimizer"] * owned[r]  # every task's rows are one size
+            assert b["fisher"] * len(TRAIN) == one["fisher"] * owned[r]
+        assert sum(b["optimizer"] for b in ranks) == one["optimizer"]
+        assert sum(b["fisher"] for b in ranks) == one["fisher"]
+        # 'one_row' has tau_curvature='pass' (no step Fisher), 'lazy' the default 'steps'
+        assert (one["fisher"] > 0) == (name == "lazy") and one["optimizer"] > 0
+
+
+def test_task_rows_slice_and_expand():
+    rows = TaskRows(4, torch.tensor([False, True, False, True]))
+    assert len(rows) == 2 and rows.of(torch.tensor([3, 1])).tolist() == [1, 0]
+    assert rows.tasks(torch.tensor([1])).tolist() == [3]
+    full = torch.arange(8.0).view(4, 2)
+    assert torch.equal(rows.take(full), full[[1, 3]])
+    assert torch.equal(rows.expand(rows.take(full)), full * torch.tensor([0.0, 1, 0, 1]).view(4, 1))
+    assert torch.equal(rows.full(rows.take(full)), rows.expand(full[[1, 3]]))  # one process: nothing to add
+    ident = TaskRows(4)
+    u = torch.tensor([2, 0])
+    assert ident.identity and ident.of(u) is u and ident.take(full) is full
+
+
+def test_sharded_lazy_rows_and_step_fisher_equal_the_full_ones_on_their_tasks():
+    """A LazyRows / StepFisher keeping tasks 1 and 3 of 4 gives those tasks the same offsets, state and Fisher as
+    one keeping every task, stepping them alone; its state_dict after gather_state_ has the full layout and loads back
+    into either."""
+    torch.manual_seed(0)
+    mine = torch.tensor([False, True, False, True])
+    local = TaskRows(4, mine)
+    d0 = torch.randn(4, 3, 2)
+    full, part = (LazyRows({"d": d0.clone()}, {"d": "tau"}, local=lo) for lo in (None, local))
+    curv_full, curv_part = (StepFisher({"m": ((2, 3), (3, 2))}, 4, torch.tensor([5, 6, 7, 8]), factors=(1,),
+                                       rows=lo) for lo in (None, local))
+    for k in range(5):
+        u = torch.tensor([1, 3]) if k % 2 else torch.tensor([3])
+        g = {"d": torch.randn(len(u), 3, 2)}
+        for rows, curv in ((full, curv_full), (part, curv_part)):
+            rows.flush_(u)
+            rows.step_(u, g, lr=0.1, rate={"tau": 0.5})
+            curv.begin_step(0.5, u)
+            curv.sink("m", 1, g["d"], u)
+    full.flush_()
+    part.flush_()
+    assert torch.equal(full.deltas["d"][mine], part.deltas["d"][mine])
+    assert torch.equal(part.deltas["d"][~mine], d0[~mine])  # other ranks' tasks: never touched here
+    assert part.m["d"].shape[0] == 2 and part.count.tolist() == full.count[mine].tolist()
+    with pytest.raises(RuntimeError, match="gather_state_"):
+        part.state_dict()
+    part.gather_state_()
+    state = part.state_dict()
+    part.release_state_()
+    assert state["m"]["d"].shape == full.m["d"].shape
+    assert torch.equal(state["m"]["d"][mine], full.m["d"][mine]) and not bool(state["m"]["d"][~mine].any())
+    again = LazyRows({"d": d0.clone()}, {"d": "tau"}, local=local)
+    again.load_state_dict(full.state_dict())
+    assert torch.equal(again.v["d"], full.v["d"][mine]) and torch.equal(again.last["d"], full.last["d"][mine])
+    tf_full, tf_part = curv_full.task_fisher(), curv_part.task_fisher()
+    assert torch.equal(tf_full.fisher["m"][1], tf_part.fisher["m"][1]) and torch.equal(tf_full.used, tf_part.used)
+    assert curv_part.fisher["m"][1].shape[0] == 2 and tf_part.fisher["m"][0].shape == (4, 2, 3)
+    curv_part.gather_state_()
+    cstate = curv_part.state_dict()
+    curv_part.release_state_()
+    assert {k: v.shape for k, v in cstate.items()} == {k: v.shape for k, v in curv_full.state_dict().items()}
+
+
+def test_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks):
+    single, _ = run_fit("lazy")
+    for rank in range(2):
+        _close(load_file(str(two_ranks / f"resumed-lazy-rank{rank}.safetensors")), single)
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):

@@ -34,8 +34,10 @@ alone, the sum is the single-process gradient), and the tasks' rows are brought 
 (:func:`gather_rows_`) before each validation, checkpoint and at the end, after which validation, the tau update's
 curvature and the Laplace curvature run as in ``'documents'``. ``'tasks'`` needs a point guide, offset task sites
 and a fixed or learned tau (one-line ``ConfigError`` otherwise); it supports ``task_updates='eager'`` and
-``'lazy'`` (which needs it in a multi-process run). Every rank still holds every task's rows (memory per rank is
-not reduced); its checkpoints hold the full state and resume on any number of ranks. In a single process both
+``'lazy'`` (which needs it in a multi-process run). With ``'lazy'`` a rank keeps the optimiser state and the step
+Fisher of its own tasks only (the offsets stay whole on every rank; :mod:`bora.fit.sharding` has the measured
+bytes); with ``'eager'`` every rank holds every task's rows and moments. Its checkpoints hold the full state and
+resume on any number of ranks. In a single process both
 modes are the ordinary fit.
 """
 

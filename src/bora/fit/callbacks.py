@@ -207,9 +207,20 @@ class EvidenceTau(Callback):
         self.cfg = cfg
         # the Fisher subsample has its own stream: learned- and fixed-tau fits see the same minibatches
         self.generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "fisher"))
-        self.curv = StepFisher.for_model(loop.model, loop.train.split.task_sizes()) \
+        # a task-sharded fit: each rank accumulates (and keeps rows for) its own tasks only
+        rows = loop.shards.rows if loop.shards is not None else None
+        self.curv = StepFisher.for_model(loop.model, loop.train.split.task_sizes(), rows=rows) \
             if cfg.tau_curvature == "steps" else None
         self._new_probes(loop)
+
+    def gather_state_(self) -> None:
+        """A task-sharded fit: every task's step Fisher rows, for :meth:`state_dict` (a collective)."""
+        if self.curv is not None:
+            self.curv.gather_state_()
+
+    def release_state_(self) -> None:
+        if self.curv is not None:
+            self.curv.release_state_()
 
     def _new_probes(self, loop) -> None:
         """Fresh probe documents for the next update's curvature (bora.fit.curvature; none when off)."""
@@ -317,7 +328,10 @@ class ProgressBar(Callback):
 class CheckpointFunction(Callback):
     """``fn(step, validated, capture)`` after step 0's validation and after every step; ``capture()`` returns
     :meth:`bora.fit.loop.FitLoop.state_dict` (live tensors: serialise at once). In a task-sharded fit every task's
-    rows are gathered onto every rank before each call (:meth:`bora.fit.loop.FitLoop.gather_tasks_`)."""
+    rows are gathered onto every rank before each call (:meth:`bora.fit.loop.FitLoop.gather_tasks_`), and so is
+    the per-rank task state for the call's duration (:meth:`bora.fit.loop.FitLoop.full_state`: a collective and a
+    transient ``[T, ...]`` copy of it at every step; :class:`bora.io.checkpoint.Checkpointer` does it only when it
+    writes)."""
 
     phase = "checkpoint"
 
@@ -326,7 +340,8 @@ class CheckpointFunction(Callback):
 
     def on_save(self, loop, validated):
         loop.gather_tasks_()  # a task-sharded fit: capture() must see every task (a collective at every step)
-        self.fn(loop.state.step, validated, loop.state_dict)
+        with loop.full_state():
+            self.fn(loop.state.step, validated, loop.state_dict)
 
 
 @contextlib.contextmanager

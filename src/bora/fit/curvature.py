@@ -43,7 +43,7 @@ scaled (``FitConfig.tau_probe_docs``, 4 by default). On the embedded default thi
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -51,42 +51,56 @@ from ..core.config import ConfigError
 from ..data.batching import distinct_task_batches
 from ..core.distributed import all_reduce_sum_
 from .fisher import TaskFisher
+from .sharding import TaskRows
 
 __all__ = ["StepFisher", "probe_documents"]
 
 
 class StepFisher:
-    """Accumulates ``sum_d g_d**2`` per task coordinate from training steps (see the module docstring)."""
+    """Accumulates ``sum_d g_d**2`` per task coordinate from training steps (see the module docstring).
+
+    ``rows`` (:class:`bora.fit.sharding.TaskRows`; default: every task): the tasks this accumulator keeps, a
+    task-sharded rank's own (its steps see only their documents); its per-task tensors are ``[len(rows), ...]``
+    and :meth:`task_fisher` brings every task's together, summed over ranks."""
 
     def __init__(self, shapes: Mapping[str, tuple[tuple[int, int], tuple[int, int]]], num_tasks: int,
                  task_sizes: torch.Tensor, factors: Sequence[int] = (0, 1), device="cpu",
-                 memory: Optional[float] = None):
+                 memory: Optional[float] = None, rows: Optional[TaskRows] = None):
         if memory is not None and not memory > 0:
             raise ValueError(f"memory must be a positive number of steps, got {memory!r}")
         self.decay = 1.0 if memory is None else math.exp(-1.0 / memory)
         self.num_tasks = int(num_tasks)
         self.task_sizes = torch.as_tensor(task_sizes).long().cpu()
         self.factors = tuple(factors)
+        self.rows = rows if rows is not None else TaskRows(self.num_tasks)
+        n = len(self.rows)  # the rows of the per-task accumulators: this object's tasks
         # a factor that is not task-level (the shared A of hierarchy 'B') gets no gradients: an expanded zero
         # (no memory) keeps the (F_A, F_B) layout of a TaskFisher without a [T, r, in] accumulator
-        self.fisher = {k: tuple(torch.zeros(self.num_tasks, *s, device=device) if i in self.factors
+        self.fisher = {k: tuple(torch.zeros(n, *s, device=device) if i in self.factors
                                 else torch.zeros((), device=device).expand(self.num_tasks, *s)
                                 for i, s in enumerate(sh)) for k, sh in shapes.items()}
-        self.used = torch.zeros(self.num_tasks, dtype=torch.long)
-        self.weight = torch.zeros(self.num_tasks, dtype=torch.float64)  # recency-weighted document count
+        self.used = torch.zeros(n, dtype=torch.long)
+        self.weight = torch.zeros(n, dtype=torch.float64)  # recency-weighted document count
         self._inv_weight = 0.0
         self._particles = 1
         # probe documents (set_probe_): their squared step gradients summed per task, by adapter and factor
         self.probe: Optional[torch.Tensor] = None  # bool [documents]
         self.probe_seen: Optional[torch.Tensor] = None
-        self.probe_sums = {k: {i: torch.zeros(self.num_tasks, device=device) for i in self.factors} for k in shapes}
-        self.probe_visits = torch.zeros(self.num_tasks, dtype=torch.float64)  # a probe seen twice counts twice
+        self.probe_sums = {k: {i: torch.zeros(n, device=device) for i in self.factors} for k in shapes}
+        self.probe_visits = torch.zeros(n, dtype=torch.float64)  # a probe seen twice counts twice
         self._probe_pos: Optional[torch.Tensor] = None
         self._groups: Optional[tuple] = None  # (document of each sequence, task of each document)
+        self._full: Optional[dict] = None  # every task's state, between gather_state_ and release_state_
 
     @classmethod
-    def for_model(cls, model, task_sizes: torch.Tensor, memory: Optional[float] = None) -> "StepFisher":
-        return cls(model.shapes, model.num_tasks, task_sizes, model.task_factors(), model.device, memory=memory)
+    def for_model(cls, model, task_sizes: torch.Tensor, memory: Optional[float] = None,
+                  rows: Optional[TaskRows] = None) -> "StepFisher":
+        return cls(model.shapes, model.num_tasks, task_sizes, model.task_factors(), model.device, memory=memory,
+                   rows=rows)
+
+    def _own(self, counts: torch.Tensor) -> torch.Tensor:
+        """This accumulator's rows of a ``[T]`` per-task count."""
+        return self.rows.take(counts)
 
     def set_probe_(self, rows: torch.Tensor, num_docs: int) -> None:
         """Mark training documents ``rows`` (indices among ``num_docs``) as probes: until the next call,
@@ -123,7 +137,7 @@ class StepFisher:
             pos = self.probe[index].nonzero().reshape(-1)
             if len(pos):
                 self.probe_seen[index[pos]] = True
-                self.probe_visits += torch.bincount(task_ids.cpu()[pos], minlength=self.num_tasks)
+                self.probe_visits += self._own(torch.bincount(task_ids.cpu()[pos], minlength=self.num_tasks))
                 self._probe_pos = pos.to(task_ids.device)
         if self.decay != 1.0:  # older documents count less (their gradients were at older parameters)
             self.weight.mul_(self.decay)
@@ -131,7 +145,7 @@ class StepFisher:
                 for i in self.factors:
                     pair[i].mul_(self.decay)
         if loss_weight != 0:
-            n = torch.bincount(task_ids.cpu(), minlength=self.num_tasks)
+            n = self._own(torch.bincount(task_ids.cpu(), minlength=self.num_tasks))
             self.used += n
             self.weight += n
 
@@ -147,10 +161,11 @@ class StepFisher:
                 .index_add_(0, groups.to(grad.device), grad.detach().float())
             task_ids = task_ids.to(grad.device)
         sq = grad.detach().float().square()  # contiguous, whatever the layout of grad
-        self.fisher[key][factor].index_add_(0, task_ids, sq, alpha=w)
+        rows = self.rows.of(task_ids)
+        self.fisher[key][factor].index_add_(0, rows, sq, alpha=w)
         if self._probe_pos is not None:
             pos = self._probe_pos
-            self.probe_sums[key][factor].index_add_(0, task_ids[pos], sq[pos].flatten(1).sum(1), alpha=w)
+            self.probe_sums[key][factor].index_add_(0, rows[pos], sq[pos].flatten(1).sum(1), alpha=w)
 
     def task_fisher(self) -> TaskFisher:
         """The accumulated Fisher as a :class:`~bora.fit.fisher.TaskFisher` (summed over data-parallel ranks)."""
@@ -158,9 +173,10 @@ class StepFisher:
         if int(self.used.sum()) > 0 and not recorded:
             raise ConfigError("tau_curvature='steps' recorded no per-document gradients: the model's likelihood does "
                               "not run through bora's adapter layers; use tau_curvature='pass'")
-        sums = {k: tuple(pair[i].clone() for i in self.factors) for k, pair in self.fisher.items()}
+        expand = self.rows.expand  # [T, ...] (zeros in other ranks' tasks, summed over ranks in from_sums)
+        sums = {k: tuple(expand(pair[i]) for i in self.factors) for k, pair in self.fisher.items()}
         # N_t times the (recency-weighted) mean over the task's documents seen
-        tf = TaskFisher.from_sums(sums, self.used.clone(), self.task_sizes.clone(), self.weight.clone())
+        tf = TaskFisher.from_sums(sums, expand(self.used), self.task_sizes.clone(), expand(self.weight))
         tf.fisher = {k: tuple(sums[k][self.factors.index(i)] if i in self.factors else F for i, F in enumerate(pair))
                      for k, pair in self.fisher.items()}  # a factor that is not task-level: its expanded zero
         return tf
@@ -173,8 +189,8 @@ class StepFisher:
         ``{(key, factor): ratio}``."""
         if by not in ("global", "module"):
             raise ValueError(f"by must be 'global' or 'module', got {by!r}")
-        steps = {(k, i): v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}
-        visits = self.probe_visits.clone()
+        steps = {(k, i): self.rows.expand(v) for k, sums in self.probe_sums.items() for i, v in sums.items()}
+        visits = self.rows.expand(self.probe_visits)
         all_reduce_sum_(*steps.values(), visits)
         # end's sums were scaled by N_t / n_t (n_t: its probe documents); undo that, and count each probe as
         # often as the steps saw it (more than once when the updates are more than an epoch apart)
@@ -205,28 +221,56 @@ class StepFisher:
         self.used.zero_()
         self.weight.zero_()
 
-    def state_dict(self) -> dict:
-        tensors = {f"{k}.{i}": pair[i].clone() for k, pair in self.fisher.items() for i in self.factors}
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The per-task accumulators, ``[len(rows), ...]`` each (the task-level factors' sums, the counts, the
+        probes' sums)."""
+        return [*(pair[i] for pair in self.fisher.values() for i in self.factors), self.used, self.weight,
+                *(v for sums in self.probe_sums.values() for v in sums.values()), self.probe_visits]
+
+    def _state(self, task: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """The state with ``task`` applied to each per-task tensor (``torch.clone``, or :meth:`TaskRows.full`)."""
+        tensors = {f"{k}.{i}": task(pair[i]) for k, pair in self.fisher.items() for i in self.factors}
         probe = {}
         if self.probe is not None:
-            probe = {"probe": self.probe.clone(), "probe_seen": self.probe_seen.clone(),
-                     "probe_visits": self.probe_visits.clone(),
-                     **{f"probe.{k}.{i}": v.clone() for k, sums in self.probe_sums.items() for i, v in sums.items()}}
-        return {"used": self.used.clone(), "weight": self.weight.clone(), **tensors, **probe}
+            seen = self.probe_seen.clone()
+            if task is not torch.clone:  # the probes any rank saw (one rank writes the checkpoint)
+                seen = seen.long()
+                all_reduce_sum_(seen)
+                seen = seen > 0
+            probe = {"probe": self.probe.clone(), "probe_seen": seen, "probe_visits": task(self.probe_visits),
+                     **{f"probe.{k}.{i}": task(v) for k, sums in self.probe_sums.items() for i, v in sums.items()}}
+        return {"used": task(self.used), "weight": task(self.weight), **tensors, **probe}
+
+    def gather_state_(self) -> None:
+        """Every task's accumulators from its owner, ``[T, ...]``, kept for :meth:`state_dict` until
+        :meth:`release_state_` (a collective in a task-sharded fit: every rank calls it)."""
+        self._full = self._state(self.rows.full)
+
+    def release_state_(self) -> None:
+        self._full = None
+
+    def state_dict(self) -> dict:
+        """Every task's state (a task-sharded rank's only between :meth:`gather_state_` and :meth:`release_state_`):
+        the same layout whatever the number of ranks."""
+        if self._full is None and not self.rows.identity:
+            raise RuntimeError("a task-sharded rank's step Fisher needs gather_state_() (a collective) first")
+        return self._full if self._full is not None else self._state(torch.clone)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.used.copy_(state["used"])
-        self.weight.copy_(state["weight"])
+        """Load :meth:`state_dict`'s every-task state (this accumulator's tasks' rows of it)."""
+        take = self.rows.take
+        self.used.copy_(take(state["used"]))
+        self.weight.copy_(take(state["weight"]))
         for k, pair in self.fisher.items():  # (a checkpoint may also hold a non-task factor's zeros: ignored)
             for i in self.factors:
-                pair[i].copy_(state[f"{k}.{i}"])
+                pair[i].copy_(take(state[f"{k}.{i}"]))
         if "probe" in state:
             self.probe = state["probe"].clone().bool()
             self.probe_seen = state["probe_seen"].clone().bool()
-            self.probe_visits.copy_(state["probe_visits"])
+            self.probe_visits.copy_(take(state["probe_visits"]))
             for k, sums in self.probe_sums.items():
                 for i, v in sums.items():
-                    v.copy_(state[f"probe.{k}.{i}"])
+                    v.copy_(take(state[f"probe.{k}.{i}"]))
 
 
 def probe_documents(split, per_task: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

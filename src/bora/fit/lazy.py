@@ -75,8 +75,10 @@ counts): flushing there would round differently from an uninterrupted run, and r
 holds only its own tasks' rows (``U`` is a subset of its tasks), so it flushes and steps only those; the global
 parameters' gradients are summed across ranks before the AdamW step, the gradient norm is the whole step's, and
 ``L`` advances identically on every rank. A rank without rows of the batch steps no rows (it still takes part
-in the gradient sum). Every task's offsets and lazy state (moments, counts, ``L_t``) are gathered from their
-owners before each validation, checkpoint and the end of the fit.
+in the gradient sum). A rank keeps the lazy state (moments, counts, ``L_t``) of its own tasks only
+(``[T_r, ...]``, :class:`bora.fit.sharding.TaskRows`) and flushes only them; every task's offsets are gathered from
+their owners before each validation and the end of the fit, and the full lazy state transiently for a checkpoint
+(:meth:`LazyRows.gather_state_`), which has the one-process layout.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ from ..core.distributed import world
 from ..model.distributions import IsotropicNormal, LATENT_SUFFIX
 from ..model.guides import guide_params
 from .bank import TaskBank
-from .sharding import TaskShards
+from .sharding import TaskRows, TaskShards
 from .step import NumericalError, make_optimizer, make_scheduler
 
 __all__ = ["LazyRows", "LazyStep", "build_lazy_step", "RULES"]
@@ -108,10 +110,14 @@ class LazyRows:
     'adam' (sparse Adam, prior in its metric) or 'sgd' (proximal SGD). See the module docstring. ``bank``
     (:class:`bora.fit.bank.TaskBank`, default: the deltas' own device) is where the rows and their state live: the
     offsets are copied into it (:attr:`deltas` are the bank's tensors: point the guide's parameters at them), and
-    every operation fetches the rows it needs to the bank's device and writes them back."""
+    every operation fetches the rows it needs to the bank's device and writes them back. ``local``
+    (:class:`bora.fit.sharding.TaskRows`; default: every task) is the tasks whose state this object keeps (a
+    task-sharded rank's own): the moments, counts and ``L_t`` are ``[len(local), ...]``, the offsets ``[T, ...]``,
+    and only those tasks are ever flushed or stepped."""
 
     def __init__(self, deltas: Mapping[str, torch.Tensor], groups: Mapping[str, str], *, rule: str = "adam",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, bank: Optional[TaskBank] = None):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, bank: Optional[TaskBank] = None,
+                 local: Optional[TaskRows] = None):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         first = next(iter(deltas.values()))
@@ -120,53 +126,59 @@ class LazyRows:
         self.deltas = {s: self.bank.store(f"delta.{s}", d) for s, d in deltas.items()}
         self.groups, self.rule = dict(groups), rule
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
-        T, bank = first.shape[0], self.bank
+        bank = self.bank
+        self.local = local if local is not None else TaskRows(first.shape[0])
+        n = len(self.local)  # the rows of the state: this object's tasks
         self.L = {g: 0.0 for g in set(self.groups.values())}  # running sums (Python floats: float64)
-        self.last = {s: bank.zeros(f"last.{s}", (T,), torch.float64) for s in self.deltas}
-        self.count = bank.zeros("count", (T,), torch.long)  # each task's sparse-Adam updates
+        self.last = {s: bank.zeros(f"last.{s}", (n,), torch.float64) for s in self.deltas}
+        self.count = bank.zeros("count", (n,), torch.long)  # each task's sparse-Adam updates
         adam = rule == "adam"
-        self.m = {s: bank.zeros(f"m.{s}", d.shape, d.dtype) for s, d in self.deltas.items()} if adam else {}
-        self.v = {s: bank.zeros(f"v.{s}", d.shape, d.dtype) for s, d in self.deltas.items()} if adam else {}
+        self.m = {s: bank.zeros(f"m.{s}", (n, *d.shape[1:]), d.dtype) for s, d in self.deltas.items()} if adam else {}
+        self.v = {s: bank.zeros(f"v.{s}", (n, *d.shape[1:]), d.dtype) for s, d in self.deltas.items()} if adam else {}
+        self._full: Optional[dict] = None  # every task's state, between gather_state_ and release_state_
 
     def rows(self, site: str, u: torch.Tensor) -> torch.Tensor:
         """The offsets of tasks ``u`` at ``site`` on the fit's device (a copy)."""
         return self.bank.fetch(self.deltas[site], u)
 
-    def _inv_denominator(self, site: str, u: torch.Tensor) -> torch.Tensor:
-        """``1 / D`` of rows ``u`` (0 for a row never updated); 1 for rule 'sgd'."""
+    def _inv_denominator(self, site: str, r: torch.Tensor) -> torch.Tensor:
+        """``1 / D`` of state rows ``r`` (0 for a row never updated); 1 for rule 'sgd'."""
         if self.rule == "sgd":
-            return torch.ones((), dtype=torch.float64, device=u.device)
-        c = self.bank.fetch(self.count, u)
-        v = self.bank.fetch(self.v[site], u).double()
-        bc2 = (1.0 - torch.tensor(self.betas[1], dtype=torch.float64, device=u.device) ** c)
+            return torch.ones((), dtype=torch.float64, device=r.device)
+        c = self.bank.fetch(self.count, r)
+        v = self.bank.fetch(self.v[site], r).double()
+        bc2 = (1.0 - torch.tensor(self.betas[1], dtype=torch.float64, device=r.device) ** c)
         bc2 = bc2.reshape(-1, *([1] * (v.dim() - 1)))
         seen = (c > 0).reshape(bc2.shape)
         d = (v / torch.where(seen, bc2, torch.ones_like(bc2))).sqrt() + self.eps
         return torch.where(seen, 1.0 / d, torch.zeros_like(d))
 
-    def _shrink_(self, site: str, rows: torch.Tensor, dL: torch.Tensor) -> None:
-        """Multiply rows ``rows`` (on the fit's device) of ``site`` by ``exp(-dL / D)``; mark them up to date."""
+    def _shrink_(self, site: str, rows: torch.Tensor, r: torch.Tensor, dL: torch.Tensor) -> None:
+        """Multiply the offsets of tasks ``rows`` (on the fit's device; ``r``: their state rows) of ``site`` by
+        ``exp(-dL / D)``; mark them up to date."""
         delta = self.deltas[site]
-        x = dL.reshape(-1, *([1] * (delta.dim() - 1))) * self._inv_denominator(site, rows)
+        x = dL.reshape(-1, *([1] * (delta.dim() - 1))) * self._inv_denominator(site, r)
         factor = torch.exp(-x).to(delta.dtype)
         self.bank.put_(delta, rows, self.bank.fetch(delta, rows) * factor)
-        self.last[site].index_fill_(0, rows.to(self.last[site].device), self.L[self.groups[site]])
+        self.last[site].index_fill_(0, r.to(self.last[site].device), self.L[self.groups[site]])
 
     @torch.no_grad()
     def flush_(self, u: Optional[torch.Tensor] = None) -> None:
-        """Apply the pending prior shrinkage of tasks ``u`` (default: every task, in blocks of rows of the bank's
-        ``chunk_bytes``, only those with pending shrinkage)."""
+        """Apply the pending prior shrinkage of tasks ``u`` (default: every task of :attr:`local`, in blocks of rows
+        of the bank's ``chunk_bytes``, only those with pending shrinkage)."""
+        local = self.local
+        r = None if u is None else local.of(u)
         for site, delta in self.deltas.items():
             L = self.L[self.groups[site]]
             if u is not None:
-                self._shrink_(site, u, L - self.bank.fetch(self.last[site], u))  # [U] float64
+                self._shrink_(site, u, r, L - self.bank.fetch(self.last[site], r))  # [U] float64
                 continue
-            for block in self.bank.chunks(delta):
-                rows = torch.arange(block.start, block.stop, device=self.device)
+            for block in self.bank.chunks(delta[:len(local)]):
+                rows = torch.arange(block.start, block.stop, device=self.device)  # state rows
                 dL = L - self.bank.fetch(self.last[site], rows)
                 keep = dL != 0
                 if bool(keep.any()):
-                    self._shrink_(site, rows[keep], dL[keep])
+                    self._shrink_(site, local.tasks(rows[keep]), rows[keep], dL[keep])
 
     @torch.no_grad()
     def step_(self, u: torch.Tensor, grads: Mapping[str, torch.Tensor], lr: float, rate: Mapping[str, float]) -> None:
@@ -174,8 +186,9 @@ class LazyRows:
         [|U|, ...]}``) at learning rate ``lr``, then advance every group's ``L`` by this step's prior factor at
         precision ``rate[group]`` (``tau'``)."""
         bank = self.bank
-        c = bank.fetch(self.count, u) + 1
-        bank.put_(self.count, u, c)
+        r = self.local.of(u)
+        c = bank.fetch(self.count, r) + 1
+        bank.put_(self.count, r, c)
         if self.rule == "adam":
             b1, b2 = self.betas
             for site, delta in self.deltas.items():
@@ -183,10 +196,10 @@ class LazyRows:
                 shape = (-1, *([1] * (g.dim() - 1)))
                 bc1 = (1.0 - b1 ** c.double()).reshape(shape).to(g.dtype)
                 bc2 = (1.0 - b2 ** c.double()).reshape(shape).to(g.dtype)
-                m = bank.fetch(self.m[site], u).mul_(b1).add_(g, alpha=1 - b1)
-                v = bank.fetch(self.v[site], u).mul_(b2).addcmul_(g, g, value=1 - b2)
-                bank.put_(self.m[site], u, m)
-                bank.put_(self.v[site], u, v)
+                m = bank.fetch(self.m[site], r).mul_(b1).add_(g, alpha=1 - b1)
+                v = bank.fetch(self.v[site], r).mul_(b2).addcmul_(g, g, value=1 - b2)
+                bank.put_(self.m[site], r, m)
+                bank.put_(self.v[site], r, v)
                 upd = (m / bc1) / ((v / bc2).sqrt() + self.eps)
                 bank.put_(delta, u, bank.fetch(delta, u) - lr * upd)
         else:
@@ -197,22 +210,43 @@ class LazyRows:
             self.L[group] += x if self.rule == "adam" else math.log1p(x)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every ``[T, ...]`` tensor of the rows and their state (what a task-sharded fit gathers)."""
-        return [*self.deltas.values(), *self.m.values(), *self.v.values(), self.count, *self.last.values()]
+        """The ``[T, ...]`` offsets (what a task-sharded fit gathers from their owners; the state stays per rank)."""
+        return list(self.deltas.values())
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The per-task state, ``[len(local), ...]`` each: the moments, the counts and every ``L_t``."""
+        return [*self.m.values(), *self.v.values(), self.count, *self.last.values()]
+
+    def _state(self, clone: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        return {"count": clone(self.count), "last": {s: clone(t) for s, t in self.last.items()},
+                "m": {s: clone(t) for s, t in self.m.items()}, "v": {s: clone(t) for s, t in self.v.items()}}
+
+    def gather_state_(self) -> None:
+        """Every task's state from its owner, ``[T, ...]``, kept for :meth:`state_dict` until
+        :meth:`release_state_` (a collective in a task-sharded fit: every rank calls it)."""
+        self._full = self._state(self.local.full)
+
+    def release_state_(self) -> None:
+        self._full = None
 
     def state_dict(self) -> dict:
-        return {"rule": self.rule, "L": dict(self.L), "count": self.count.clone(),
-                "last": {s: t.clone() for s, t in self.last.items()},
-                "m": {s: t.clone() for s, t in self.m.items()}, "v": {s: t.clone() for s, t in self.v.items()}}
+        """The state of every task (a task-sharded rank's only between :meth:`gather_state_` and
+        :meth:`release_state_`): the same layout whatever the number of ranks."""
+        if self._full is None and not self.local.identity:
+            raise RuntimeError("a task-sharded rank's lazy state needs gather_state_() (a collective) first")
+        return {"rule": self.rule, "L": dict(self.L),
+                **(self._full if self._full is not None else self._state(torch.clone))}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Load :meth:`state_dict`'s every-task state (this object's tasks' rows of it)."""
         if state["rule"] != self.rule:
             raise ConfigError(f"the lazy state is for rule {state['rule']!r}, this fit uses {self.rule!r}")
         self.L = {g: float(x) for g, x in state["L"].items()}
-        self.count.copy_(state["count"])
+        take = self.local.take
+        self.count.copy_(take(state["count"]))
         for name in ("last", "m", "v"):
             for s, t in getattr(self, name).items():
-                t.copy_(state[name][s])
+                t.copy_(take(state[name][s]))
 
 
 class LazyStep:
@@ -250,7 +284,8 @@ class LazyStep:
         bank = TaskBank(cfg.task_bank, device, cfg.task_bank_dir)
         self.rows = LazyRows({s: d.data for s, d in deltas.items()},
                              {s: groups.get(self.key_of[s], "tau") for s in deltas}, rule=rule,
-                             betas=group["betas"], eps=group["eps"], bank=bank)
+                             betas=group["betas"], eps=group["eps"], bank=bank,
+                             local=shards.rows if shards is not None else None)
         self.deltas = deltas
         for s, d in deltas.items():  # the guide's offsets are the bank's tensors (the device copy is freed)
             if self.banked:
@@ -323,7 +358,8 @@ class LazyStep:
         self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.optimizer.param_groups[0]["lr"])
         u, inv = torch.unique(batch["task_ids"], sorted=True, return_inverse=True)
-        self.rows.flush_(u)
+        placeholder = float(batch.get("loglik_scale", 1.0)) == 0  # a task-sharded rank without rows: not its task
+        self.rows.flush_(u[:0] if placeholder else u)
         checks = pyro.validation_enabled(self.pyro_checks and step == 1)
         with checks, backward_context or contextlib.nullcontext(), self._original_ids(u):
             loss, leaves = self.loss(batch, u, inv)
@@ -344,7 +380,7 @@ class LazyStep:
             torch.nn.utils.clip_grads_with_norm_(targets, self.cfg.clip_norm, norm)
         self.optimizer.step()
         grads = {s: x.grad for s, x in leaves.items()}
-        if float(batch.get("loglik_scale", 1.0)) == 0:  # a placeholder row (a task-sharded rank without rows)
+        if placeholder:  # a placeholder row (a task-sharded rank without rows)
             u, grads = u[:0], {s: g[:0] for s, g in grads.items()}
         self.rows.step_(u, grads, lr, self._rates())
         self.scheduler.step()

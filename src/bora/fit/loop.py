@@ -28,7 +28,8 @@ callbacks, and the offsets return to the device when :meth:`FitLoop.run` ends.
 In a multi-process run, ``cfg.parallel`` picks how each global batch is split (:mod:`bora.core.distributed`): by
 documents (every ``N``-th row, DDP) or by tasks (:mod:`bora.fit.sharding`: the rows of this rank's tasks; each rank
 updates only its own tasks' rows, and :meth:`FitLoop.gather_tasks_` brings every task's rows to every rank before
-each validation, each checkpoint and at the end).
+each validation, each checkpoint and at the end; with lazy updates each rank keeps the optimiser state and step
+Fisher of its own tasks only, and :meth:`FitLoop.full_state` gathers them transiently for a checkpoint).
 
 State and resume (as NumPyro's ``SVI.init/update`` and Hugging Face's ``TrainerState``): the loop carries
 an explicit :class:`~bora.fit.state.FitState`; :meth:`FitLoop.state_dict` gathers it with every other stateful
@@ -43,6 +44,7 @@ adapters are gathered by ``index_select``, :mod:`bora.lora.layers`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -204,6 +206,21 @@ class FitLoop:
             return
         self.shards.gather_()
         self.gathered_step = self.state.step
+
+    @contextlib.contextmanager
+    def full_state(self):
+        """A task-sharded fit: within the block, :meth:`state_dict` holds every task's state (a lazy fit's moments,
+        counts and ``L_t`` and a learned tau's step Fisher, which each rank keeps for its own tasks only:
+        :mod:`bora.fit.sharding`), gathered from their owners on entry (a collective: every rank enters it at the
+        same step) and freed on exit. Nothing otherwise."""
+        parts = [p for p in self.parts().values() if hasattr(p, "gather_state_")] if self.shards is not None else []
+        for p in parts:
+            p.gather_state_()
+        try:
+            yield
+        finally:
+            for p in parts:
+                p.release_state_()
 
     def flush_(self) -> None:
         """Bring every task's lazily updated offset up to date (``task_updates='lazy'``; nothing otherwise)."""

@@ -201,11 +201,13 @@ class Checkpointer(Callback):
         if os.environ.get("BORA_TEST_KILL"):
             _test_kill("step", step)
         due = self.every != 0 and (validated if self.every is None else step % self.every == 0)
-        if due:  # a task-sharded fit: every rank sends its tasks' rows (a collective), then rank 0 writes
-            loop.gather_tasks_()
-        if due and is_main():  # data-parallel runs: rank 0 writes
-            _write_checkpoint(self.root, step, loop.state_dict(), self.meta)
-            self.last_step = step
+        if not due:
+            return
+        loop.gather_tasks_()  # a task-sharded fit: every rank sends its tasks' rows (a collective) ...
+        with loop.full_state():  # ... and their per-rank state, held [T, ...] until written
+            if is_main():  # data-parallel runs: rank 0 writes
+                _write_checkpoint(self.root, step, loop.state_dict(), self.meta)
+                self.last_step = step
 
     def describe(self) -> str:
         if self.last_step is None:
