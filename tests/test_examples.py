@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -179,3 +180,28 @@ def test_compare_fits_pairs_seeds(tmp_path):
     assert one["ppl_a"] == pytest.approx(two["ppl_a"][1]) and one["bootstrap"]["diff"] == pytest.approx(per_seed[1])
     with pytest.raises(SystemExit, match="same number of fits"):
         cf.main([fits["learned", 0], f"{fits['shared', 0]},{fits['shared', 1]}", "--out", str(tmp_path / "x.json")])
+
+
+def test_many_tasks_summary_adds_baselines_and_buckets(tmp_path):
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    load("tau_sweep").main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path / "s0")])
+    docs = json.loads((tmp_path / "s0" / "test_doc_nll.json").read_text())
+    meta = json.loads((tmp_path / "s0" / "meta.json").read_text())
+    copy = {"doc_nll": docs["shared"], "tokens": docs["_tokens"], "task_ids": docs["_task_ids"], "tasks": meta["tasks"]}
+    (tmp_path / "copy.json").write_text(json.dumps(copy))
+    many = load("many_tasks")
+    out = many.main([str(tmp_path / "s0"), "--baseline", f"copy={tmp_path / 'copy.json'}",
+                     "--out", str(tmp_path / "sum.md")])
+    assert out["overall"]["copy"] == out["overall"]["shared"]  # a baseline is compared exactly as a setting
+    assert out["best_grid_by_validation"] == "tau=100" and out["better_limit"] in ("shared", "uncoupled")
+    for s in ("copy", "shared", "uncoupled", "tau=100"):
+        assert sum(r["test_docs"] for r in out["by_size"] if r["b"] == s) == len(docs["_task_ids"])
+    bad = dict(copy, task_ids=list(reversed(copy["task_ids"])))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="test documents"):
+        many.main([str(tmp_path / "s0"), "--baseline", f"bad={tmp_path / 'bad.json'}", "--out", str(tmp_path / "x.md")])
