@@ -253,7 +253,8 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
         size_pairs = [p for p in pairs if p[0] == learned] + [("shared", "uncoupled")]
         result["by_size"] = bucket_bootstraps(docs, train_docs, size_pairs)
         md = ["# Paired comparisons by task size (training documents per task; test split)", "",
-              "| bucket | tasks | test docs | a | b | ppl a | ppl b | a - b [95% interval] |", "|---|---|---|---|---|---|---|---|"]
+              "| bucket | tasks | test docs | a | b | ppl a | ppl b | a - b [95% interval] |",
+              "|---|---|---|---|---|---|---|---|"]
         for r in result["by_size"]:
             md.append(f"| {r['bucket']} | {r['tasks']} | {r['test_docs']} | {r['a']} | {r['b']} | {r['ppl_a']:.3f} | "
                       f"{r['ppl_b']:.3f} | {r['diff']:+.3f} ({100 * r['diff'] / r['ppl_b']:+.2f}%) "

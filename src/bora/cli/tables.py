@@ -111,10 +111,12 @@ def format_tiny_tasks(tiny: dict, *, title: str = "test") -> str:
     glob = tiny["global_ppl"] is not None
     lo, hi = min(tiny["train_docs"]), max(tiny["train_docs"])
     lines = [f"cold start ({lo}-{hi} training documents): {len(names)} task{'s' if len(names) != 1 else ''}, "
-             f"{title} perplexity under the tasks' own adapters" + (" and under the global adapter alone" if glob else "")]
+             f"{title} perplexity under the tasks' own adapters"
+             + (" and under the global adapter alone" if glob else "")]
     listed = len(names) <= MAX_TASK_ROWS
     w = max([len("exp(mean per-task NLL)") - 12, len("task")] + ([len(n) for n in names] if listed else []))
-    head = f"{'task':<{w}}  {'train docs':>10}  {'base ppl':>9}  {'fit ppl':>9}" + (f"  {'global ppl':>10}" if glob else "")
+    head = (f"{'task':<{w}}  {'train docs':>10}  {'base ppl':>9}  {'fit ppl':>9}"
+            + (f"  {'global ppl':>10}" if glob else ""))
     lines.append(head)
     if listed:
         for n in names:

@@ -85,7 +85,8 @@ def read_new_documents(bora: PosteriorSource, source) -> tuple[Optional[Tokenize
     known = [d for d in docs if d["task"] in fitted]
     other = [d for d in docs if d["task"] not in fitted]
     if other and any("choices" in d for d in other):
-        raise ConfigError(f"{src} has classification rows of tasks not in the fit ({sorted({d['task'] for d in other})[0]!r}"
+        first = sorted({d["task"] for d in other})[0]
+        raise ConfigError(f"{src} has classification rows of tasks not in the fit ({first!r}"
                           ", ...); cold-start scoring of new tasks is for plain-text, prompt/completion and chat data")
     tok = bora.tokenizer
     if tok is None:
@@ -110,8 +111,9 @@ def _as_feed(bora: PosteriorSource, data, progress: bool) -> Feed:
 
 
 @torch.no_grad()
-def evaluate_new_tasks(bora: PosteriorSource, data, *, samples: Optional[int] = None, seed: int = 0, predictive: str = "sample",
-                       batch_size: Optional[int] = None, level: float = 0.9, progress: bool = False) -> dict:
+def evaluate_new_tasks(bora: PosteriorSource, data, *, samples: Optional[int] = None, seed: int = 0,
+                       predictive: str = "sample", batch_size: Optional[int] = None, level: float = 0.9,
+                       progress: bool = False) -> dict:
     """Documents of tasks not in the fit (``data``: a :class:`~bora.data.documents.TokenizedSplit` over their
     names, or its Feed from ``bora.feed(split, any_tasks=True)``) under the base model, the global adapter and,
     with ``samples=K``, the posterior predictive of a new task (see the module docstring).
