@@ -11,11 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+def _load(name, folder="examples"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _analysis(name):
+    """A script of ``analysis/`` as a module."""
+    return _load(name, "analysis")
 
 
 def test_examples_import_only_the_public_api():
@@ -47,9 +52,7 @@ def test_own_data_example_smoke(tmp_path, capsys):
 
 
 def test_tau_sweep_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("tau_sweep", ROOT / "analysis" / "tau_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _analysis("tau_sweep")
     res = mod.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path),
                     "--sample-tasks", "2", "--sample-seed", "1"])
     names = {r["setting"] for r in res["rows"]}
@@ -68,9 +71,7 @@ def test_tau_sweep_smoke(tmp_path):
 
 
 def test_sample_tasks_is_seeded_and_sorted():
-    spec = importlib.util.spec_from_file_location("tau_sweep", ROOT / "analysis" / "tau_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _analysis("tau_sweep")
     docs = [{"task": t} for t in "edcbaedcba"]
     a, b = mod.sample_tasks(docs, 3, 0), mod.sample_tasks(docs, 3, 0)
     assert a == b and list(a) == sorted(a) and len(set(a)) == 3 and set(a) <= set("abcde")
@@ -78,18 +79,12 @@ def test_sample_tasks_is_seeded_and_sorted():
 
 
 def test_combine_seeds_and_parameterisations(tmp_path):
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    sweep = load("tau_sweep")
+    sweep = _analysis("tau_sweep")
     sweep.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--parameterisation", "noncentred",
                 "--out", str(tmp_path / "s0")])
     sweep.main(["--tiny", "--epochs", "0.5", "--quiet", "--seed", "1", "--only", "shared", "learned",
                 "--out", str(tmp_path / "s1")])  # 'auto': offset
-    out = load("combine").main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "sum.md")])
+    out = _analysis("combine").main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "sum.md")])
     assert out["seeds"] == [0, 1]
     assert set(out["ppl"]["shared"]) == {0, 1} and set(out["ppl"]["learned [offset]"]) == {1}
     assert set(out["ppl"]["learned [noncentred]"]) == {0} and "tau=100 [noncentred]" in out["ppl"]
@@ -102,7 +97,7 @@ def test_combine_seeds_and_parameterisations(tmp_path):
     sweep.main(["--tiny", "--epochs", "0.5", "--quiet", "--lr", "1e-3", "--only", "shared",
                 "--out", str(tmp_path / "lr")])
     with pytest.raises(SystemExit, match="other fit settings"):
-        load("combine").main([str(tmp_path / "s1"), str(tmp_path / "lr")])
+        _analysis("combine").main([str(tmp_path / "s1"), str(tmp_path / "lr")])
 
 
 def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
@@ -119,31 +114,25 @@ def test_posterior_analysis_scripts_on_a_tiny_laplace_fit(tmp_path):
                       "--lr", "0.02", "--tau-mode", "fixed", "--tau", "10", "--output", str(fit), "--quiet",
                       "--device", "cpu"]) == 0
 
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    res = load("posterior_scale").main([str(fit), "--samples", "3", "--scales", "0", "1", "--out", str(tmp_path)])
+    res = _analysis("posterior_scale").main([str(fit), "--samples", "3", "--scales", "0", "1", "--out", str(tmp_path)])
     for split in ("val", "test"):
         assert res["rows"][split]["0.0"][0] == pytest.approx(res["rows"][split]["map"][0], abs=1e-6)
         assert res["rows"][split]["1.0"][0] != res["rows"][split]["map"][0]
     # the tilted estimator of the same quantity (diagonal Laplace: the default structure), at a narrowed width
-    tilted = load("posterior_scale").main([str(fit), "--samples", "3", "--scales", "0.5", "--estimator", "tilted",
+    tilted = _analysis("posterior_scale").main([str(fit), "--samples", "3", "--scales", "0.5", "--estimator", "tilted",
                                            "--out", str(tmp_path / "tilted")])
     assert tilted["estimator"] == "tilted"
     assert "estimator `tilted`" in (tmp_path / "tilted" / "posterior_scale.md").read_text()
     for split in ("val", "test"):
         assert abs(tilted["rows"][split]["0.5"][0] - res["rows"][split]["map"][0]) < 0.1
-    span = load("gradient_span").main([str(fit), "--docs", "4", "--quiet", "--out", str(tmp_path)])["summary"]
+    span = _analysis("gradient_span").main([str(fit), "--docs", "4", "--quiet", "--out", str(tmp_path)])["summary"]
     assert set(span) == {"train lowrank", "train diag", "test lowrank", "test diag"}
     for row in span.values():
         assert 0 < row["q25"] <= row["median"] <= row["q75"] <= 1 + 1e-6
     # the low-rank posterior pins down its own training documents' directions more than the diagonal does
     assert span["train lowrank"]["median"] < span["train diag"]["median"]
     assert (tmp_path / "posterior_scale.md").exists() and (tmp_path / "gradient_span.md").exists()
-    gain = load("bma_gain").main([str(fit), "--draws", "2", "--samples", "4", "--out", str(tmp_path)])
+    gain = _analysis("bma_gain").main([str(fit), "--draws", "2", "--samples", "4", "--out", str(tmp_path)])
     assert len(gain["rows"]) == 3 and all(r["realised"] > 0 and r["expected"] > 0 for r in gain["rows"])
     assert gain["mean_gain"] == pytest.approx(gain["mean_realised"] - gain["mean_expected"])
     c = gain["sampled"]
@@ -166,9 +155,7 @@ def test_compare_fits_pairs_seeds(tmp_path):
                               "--batch-size", "4", "--tau-mode", mode, "--seed", str(seed), "--output", str(out),
                               "--quiet", "--device", "cpu"]) == 0
             fits[mode, seed] = str(out)
-    spec = importlib.util.spec_from_file_location("compare_fits", ROOT / "analysis" / "compare_fits.py")
-    cf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cf)
+    cf = _analysis("compare_fits")
     two = cf.main([f"{fits['learned', 0]},{fits['learned', 1]}", f"{fits['shared', 0]},{fits['shared', 1]}",
                    "--out", str(tmp_path / "two.json")])
     b = two["bootstrap"]
@@ -183,18 +170,13 @@ def test_compare_fits_pairs_seeds(tmp_path):
 
 
 def test_many_tasks_summary_adds_baselines_and_buckets(tmp_path):
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "analysis" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    load("tau_sweep").main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path / "s0")])
+    _analysis("tau_sweep").main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet",
+                                 "--out", str(tmp_path / "s0")])
     docs = json.loads((tmp_path / "s0" / "test_doc_nll.json").read_text())
     meta = json.loads((tmp_path / "s0" / "meta.json").read_text())
     copy = {"doc_nll": docs["shared"], "tokens": docs["_tokens"], "task_ids": docs["_task_ids"], "tasks": meta["tasks"]}
     (tmp_path / "copy.json").write_text(json.dumps(copy))
-    many = load("many_tasks")
+    many = _analysis("many_tasks")
     out = many.main([str(tmp_path / "s0"), "--baseline", f"copy={tmp_path / 'copy.json'}",
                      "--out", str(tmp_path / "sum.md")])
     assert out["overall"]["copy"] == out["overall"]["shared"]  # a baseline is compared exactly as a setting
