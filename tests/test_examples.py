@@ -93,6 +93,19 @@ def test_combine_seeds_and_parameterisations(tmp_path):
     c = pairs[("learned [noncentred]", "tau=100 [noncentred]")]
     assert c["lo"] <= c["diff"] <= c["hi"] and c["per_seed"] == [c["diff"]]
     assert "| learned [offset] |" in (tmp_path / "sum.md").read_text()
+    # sweep_seeds: named settings of several runs, paired by seed; a setting against itself differs by 0
+    ss = _analysis("sweep_seeds")
+    sides = [f"{tmp_path / 's0'}::shared", f"{tmp_path / 's1'}::shared"]
+    same = ss.main([*[x for s in sides for x in ("--a", s)], *[x for s in sides for x in ("--b", s)],
+                    "--out", str(tmp_path / "same.json")])
+    assert same["diff"] == 0 and same["lo"] == same["hi"] == 0 and same["seeds"] == 2
+    cross = ss.main(["--a", f"{tmp_path / 's1'}::learned (MAP, evidence)", "--b", sides[1],
+                     "--out", str(tmp_path / "cross.json")])
+    assert cross["per_seed"] == [pytest.approx(pairs[("learned [offset]", "shared")]["diff"])]
+    with pytest.raises(SystemExit, match="one of each per seed"):
+        ss.main(["--a", sides[0], "--a", sides[1], "--b", sides[0], "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="no setting"):
+        ss.main(["--a", f"{tmp_path / 's1'}::tau=100", "--b", sides[0], "--out", str(tmp_path / "x.json")])
     # runs with other fit settings (here the learning rate) are not seeds of the same procedure
     sweep.main(["--tiny", "--epochs", "0.5", "--quiet", "--lr", "1e-3", "--only", "shared",
                 "--out", str(tmp_path / "lr")])
