@@ -80,7 +80,7 @@ SIZE_EDGES = (2, 9, 29)
 def bucket_bootstraps(docs: dict, train_docs: list, pairs, edges=SIZE_EDGES) -> list[dict]:
     """Paired document bootstraps of each ``(a, b)`` of ``pairs`` within each bucket of tasks by training
     documents (``train_docs[t]``: task ``t``'s), one row per (bucket, pair) with the bucket's task count."""
-    from bora.evaluation.evaluate import paired_bootstrap
+    from bora.evaluation.evaluate import paired_bootstrap, tasks_bootstrap
 
     tid, toks = docs["_task_ids"], docs["_tokens"]
     bounds = [(1, edges[0])] + [(lo + 1, hi) for lo, hi in zip(edges, edges[1:])] + [(edges[-1] + 1, None)]
@@ -94,10 +94,13 @@ def bucket_bootstraps(docs: dict, train_docs: list, pairs, edges=SIZE_EDGES) -> 
         label = f"{lo}-{hi}" if hi is not None else f">{lo - 1}"
         for a, b in pairs:
             if a in docs and b in docs:
-                r = paired_bootstrap([docs[a][i] for i in rows], [docs[b][i] for i in rows], [toks[i] for i in rows],
-                                     [remap[tid[i]] for i in rows], resamples=2000, level=0.95)
+                args = ([docs[a][i] for i in rows], [docs[b][i] for i in rows], [toks[i] for i in rows],
+                        [remap[tid[i]] for i in rows])
+                r = paired_bootstrap(*args, resamples=2000, level=0.95)
+                rt = tasks_bootstrap(*args, resamples=2000, level=0.95)
                 out.append({"bucket": label, "tasks": len(keep), "test_docs": len(rows), "a": a, "b": b,
-                            "ppl_a": r["a"], "ppl_b": r["b"], "diff": r["diff"], "lo": r["lo"], "hi": r["hi"]})
+                            "ppl_a": r["a"], "ppl_b": r["b"], "diff": r["diff"], "lo": r["lo"], "hi": r["hi"],
+                            "tasks_lo": rt["lo"], "tasks_hi": rt["hi"]})
     return out
 
 
@@ -253,14 +256,17 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
         size_pairs = [p for p in pairs if p[0] == learned] + [("shared", "uncoupled")]
         result["by_size"] = bucket_bootstraps(docs, train_docs, size_pairs)
         md = ["# Paired comparisons by task size (training documents per task; test split)", "",
-              "| bucket | tasks | test docs | a | b | ppl a | ppl b | a - b [95% interval] |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| bucket | tasks | test docs | a | b | ppl a | ppl b | a - b [95%: documents] "
+              "| [95%: tasks, documents] |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for r in result["by_size"]:
             md.append(f"| {r['bucket']} | {r['tasks']} | {r['test_docs']} | {r['a']} | {r['b']} | {r['ppl_a']:.3f} | "
                       f"{r['ppl_b']:.3f} | {r['diff']:+.3f} ({100 * r['diff'] / r['ppl_b']:+.2f}%) "
-                      f"[{r['lo']:+.3f}, {r['hi']:+.3f}] |")
-        md += ["", "Documents resampled within each task, the same resample for both settings (2000, 95%); the "
-               "1-2 bucket is the cold-start one."]
+                      f"[{r['lo']:+.3f}, {r['hi']:+.3f}] | [{r['tasks_lo']:+.3f}, {r['tasks_hi']:+.3f}] |")
+        md += ["", "Intervals (2000 resamples, 95%, the same resample for both settings): documents resampled within "
+               "each task (the tasks held fixed: a task with one test document adds no spread, so a bucket of such "
+               "tasks gets a zero-width interval), and tasks resampled too, then documents within them (the interval "
+               "for other tasks of the same kind). The 1-2 bucket is the cold-start one."]
         (out / "by_size.md").write_text("\n".join(md) + "\n")
     if docs:  # per-document test NLL of every setting: any other comparison can be bootstrapped later
         from bora.core.files import write_json

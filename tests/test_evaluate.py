@@ -121,3 +121,25 @@ def test_by_task_size_groups_tasks_by_training_documents():
     assert rows[">100"]["base_ppl"] == pytest.approx(math.exp(2.0))
     assert rows["0"]["change"] == pytest.approx(math.exp(1.0) / math.exp(2.0) - 1)
     assert sum(r["tasks"] for r in rows.values()) == len(names)
+
+
+def test_tasks_bootstrap_spreads_one_document_tasks_and_agrees_in_sign():
+    """Resampling the tasks gives one-document tasks the spread a document bootstrap cannot (it holds the tasks
+    fixed); equal fits differ by exactly 0; a fit better on every task has an interval below 0."""
+    import numpy as np
+
+    from bora.evaluation.evaluate import paired_bootstrap, tasks_bootstrap
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(2.0, 4.0, size=40)
+    a = b + rng.normal(-0.05, 0.2, size=40)  # mixed: better on some tasks, worse on others
+    tok, tid = [1] * 40, list(range(40))  # 40 tasks of one one-token document
+    doc = paired_bootstrap(a, b, tok, tid, resamples=500)
+    both = tasks_bootstrap(a, b, tok, tid, resamples=500)
+    assert doc["lo"] == doc["hi"] == doc["diff"]  # no spread without resampling the tasks
+    assert both["lo"] < both["diff"] < both["hi"] and both["lo"] < 0 < both["hi"] and both["tasks"] == 40
+    assert both["diff"] == doc["diff"]
+    same = tasks_bootstrap(b, b, tok, tid, resamples=200)
+    assert same["lo"] == same["hi"] == same["diff"] == 0.0
+    better = tasks_bootstrap(b - 0.1, b, tok, tid, resamples=200)
+    assert better["hi"] < 0 and better["frac_a_lower"] == 1.0

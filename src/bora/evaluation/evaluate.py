@@ -40,7 +40,7 @@ from ..data.batching import row_tokens
 from ..data.feed import Feed
 
 __all__ = ["doc_loglik", "summarize", "by_task_size", "evaluate", "bootstrap_ppl", "paired_bootstrap",
-           "seeds_bootstrap"]
+           "tasks_bootstrap", "seeds_bootstrap"]
 
 
 @torch.no_grad()
@@ -247,6 +247,42 @@ def paired_bootstrap(nll_a, nll_b, tokens, task_ids, *, tasks: Optional[Sequence
     return {"a": float(ppl[0]), "b": float(ppl[1]), "diff": float(ppl[0] - ppl[1]), "lo": float(lo),
             "hi": float(hi), "level": level, "resamples": resamples, "seed": seed,
             "frac_a_lower": float((d_r < 0).mean()), "per_task": per_task}
+
+
+def tasks_bootstrap(nll_a, nll_b, tokens, task_ids, *, resamples: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> dict:
+    """Two-level paired bootstrap of ``ppl_task_mean(a) - ppl_task_mean(b)``: the tasks with replacement, then the
+    documents within each drawn task (the same draws for ``a`` and ``b``).
+
+    :func:`paired_bootstrap` holds the tasks fixed, so a task with one test document contributes no spread and a
+    set of such tasks gets a zero-width interval. Resampling the tasks too gives the interval for tasks drawn
+    from the same population, e.g. when the tasks are a random sample of a larger corpus. Returns ``{"a", "b",
+    "diff", "lo", "hi", "level", "resamples", "seed", "frac_a_lower", "tasks"}`` (``tasks``: how many tasks
+    have documents).
+
+    >>> nll = [2.0, 2.0, 2.0]                           # three tasks of one one-token document each
+    >>> r = tasks_bootstrap([x - 0.1 for x in nll[:2]] + [2.3], nll, [1, 1, 1], [0, 1, 2], resamples=400)
+    >>> r["lo"] < 0 < r["hi"], r["tasks"]              # better on two tasks, worse on one: the interval spans 0
+    (True, 3)
+    """
+    _check_level(level)
+    a, b = _as_np(nll_a, np.float64), _as_np(nll_b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError("nll_a and nll_b must score the same documents")
+    tok, tid = _as_np(tokens, np.float64), _as_np(task_ids, np.int64)
+    T = int(tid.max()) + 1 if len(tid) else 0
+    est, boot = _task_nll_resamples(np.stack([a, b]), tok, tid, T, resamples, seed)
+    have = ~np.isnan(est[0])
+    est, boot = est[:, have], boot[:, :, have]  # [2, n], [2, R, n]
+    n = est.shape[1]
+    draw = np.random.default_rng([seed, 1]).integers(0, n, size=(resamples, n))  # [R, n] tasks per resample
+    ppl_r = np.exp(np.take_along_axis(boot, draw[None], axis=2).mean(2))  # [2, R]
+    d_r = ppl_r[0] - ppl_r[1]
+    lo, hi = _interval(d_r, level)
+    ppl = np.exp(est.mean(1))
+    return {"a": float(ppl[0]), "b": float(ppl[1]), "diff": float(ppl[0] - ppl[1]), "lo": float(lo),
+            "hi": float(hi), "level": level, "resamples": resamples, "seed": seed,
+            "frac_a_lower": float((d_r < 0).mean()), "tasks": int(n)}
 
 
 def seeds_bootstrap(nll_a, nll_b, tokens, task_ids, *, resamples: int = 2000, level: float = 0.95,
