@@ -97,6 +97,17 @@ def _test_metrics(bora, test, base: dict, fitted: dict, sizes: dict) -> dict:
     return out
 
 
+def _print_test_tables(test: dict, base: dict, fitted: dict, sizes: dict) -> None:
+    """``bora fit``'s test tables: classification metrics, or perplexity per task and the 1-2-document tasks."""
+    if "classification" in test:  # its NLL per row is the table's; perplexity means little here
+        print(format_classification_table(test["classification"]))
+        return
+    print(format_table(base, fitted, train_sizes=sizes))
+    if test["tiny_tasks"]["tasks"]:
+        print()
+        print(format_tiny_tasks(test["tiny_tasks"]))
+
+
 def fit_command(args, argv) -> int:
     from ..api import Bora
     from ..core.distributed import is_main
@@ -154,13 +165,7 @@ def fit_command(args, argv) -> int:
     if is_main():
         save_fit(bora, out)
     print()
-    if "classification" in bora.metrics["test"]:  # its NLL per row is the table's; perplexity means little here
-        print(format_classification_table(bora.metrics["test"]["classification"]))
-    else:
-        print(format_table(base, fitted, train_sizes=sizes))
-        if bora.metrics["test"]["tiny_tasks"]["tasks"]:
-            print()
-            print(format_tiny_tasks(bora.metrics["test"]["tiny_tasks"]))
+    _print_test_tables(bora.metrics["test"], base, fitted, sizes)
     tau = bora.tau_estimate()
     print(f"\ntau: {', '.join(f'{k}={format_tau(v)}' for k, v in tau.items())}   steps: {result.steps}   "
           f"best step: {result.best_step}   step time: {result.step_seconds:.3f} s   "

@@ -75,6 +75,21 @@ def _sampled_loglik(model, batch, params, generator: torch.Generator) -> torch.T
     return -torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
 
 
+def _gradient_columns(params, gradients: dict, batches, task_ids: torch.Tensor, T: int):
+    """``task_fisher``'s per-document gradient columns: ``([T] zero [P, n_t] tensors, each batch's column per row)``.
+
+    Column j of task t is the j-th batch (in the global order) holding one of t's documents: the same slot on every
+    rank, so the ranks' columns are summed into place."""
+    width = sum(params[k][i].shape[-2] * params[k][i].shape[-1] for k, fs in gradients.items() for i in fs)
+    slot = torch.zeros(T, dtype=torch.long)  # ends as the number of documents per task
+    slots = []
+    for _, idx in batches:
+        tids = task_ids[idx]
+        slots.append(slot[tids].clone())
+        slot[tids] += 1
+    return [torch.zeros(width, int(n)) for n in slot], slots
+
+
 def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = False,
                 labels: str = "empirical", gradients: Optional[dict] = None,
@@ -117,18 +132,8 @@ def task_fisher(model, params, feed: Feed, *, max_per_task: Optional[int] = None
     model.adapters.train(False)
     batches = list(enumerate(distinct_task_batches(feed.split, max_per_task, generator=generator, rows=rows)))
     rank, size = world()
-    cols = None
-    if gradients is not None:
-        # column j of task t is the j-th batch (in the global order) holding one of t's documents: the same slot
-        # on every rank, so the ranks' columns are summed into place
-        width = sum(params[k][i].shape[-2] * params[k][i].shape[-1] for k, fs in gradients.items() for i in fs)
-        slot = torch.zeros(T, dtype=torch.long)  # ends as the number of documents per task
-        slots = []
-        for _, idx in batches:
-            tids = feed.split.task_ids[idx]
-            slots.append(slot[tids].clone())
-            slot[tids] += 1
-        cols = [torch.zeros(width, int(n)) for n in slot]
+    cols, slots = (None, None) if gradients is None else _gradient_columns(params, gradients, batches,
+                                                                           feed.split.task_ids, T)
     for k, idx in tqdm(batches[rank::size], desc="per-task Fisher", disable=not progress, leave=False):
         b = feed.batch(idx)
         if labels == "empirical":
