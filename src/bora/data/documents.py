@@ -99,6 +99,10 @@ def load_documents(cfg: DataConfig) -> list[dict]:
         from .shakespeare_mc import load_shakespeare_mc
 
         docs, where = load_shakespeare_mc(cfg.tasks), "the shakespeare-mc source"
+    elif source == "shakespeare-who":
+        from .shakespeare_who import load_shakespeare_who
+
+        docs, where = load_shakespeare_who(cfg.tasks), "the shakespeare-who source"
     elif source == "shakespeare":
         from .shakespeare import load_shakespeare
 
