@@ -4,6 +4,7 @@ token log-probabilities, computed by hand here with the plain transformers model
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from bora.data.documents import load_documents, split_documents, tokenize_split
 from bora.data.feed import Feed
 from bora.evaluation.classification import choice_probs, classification_metrics, row_metrics
 from bora.evaluation.evaluate import doc_loglik
+from bora.evaluation.metrics import expected_calibration_error
 from bora.fit.fisher import task_fisher
 from bora.lora.prefix import FrozenPrefix
 from bora.model.likelihood import LMLikelihood
@@ -247,6 +249,69 @@ def test_cli_multiple_choice_end_to_end(tmp_path, capsys):
     for k in ("accuracy", "nll", "ece", "brier"):
         assert pa["overall"][k] == pytest.approx(sum(m[k] for m in pa["per_task"].values()) / 3)
         assert f"{ev['map']['overall'][k]:.4f}" in printed and f"{pa['overall'][k]:.4f}" in printed
+    check_rows(out, ev, test, point=False)
+    # out-of-distribution rows: another corpus's rows relabelled with a fitted task, scored under its adapter
+    ood = tmp_path / "ood.jsonl"
+    ood.write_text("".join(json.dumps({"q": f"w{50 + i}", "choices": [f" w{60 + i}", f" w{70 + i} w5", " w80"],
+                                       "answer": i % 3, "speaker": "spk0"}) + "\n" for i in range(5)))
+    assert main(["evaluate", str(out), "--data", str(ood), "--quiet", "--device", "cpu",
+                 "--json", str(tmp_path / "ood.json")]) == 0
+    od = json.loads((tmp_path / "ood.json").read_text())["classification"]["rows"]
+    assert od["task"] == ["spk0"] * 5 and od["label"] == [0, 1, 2, 0, 1] and len(od["p_avg"][0]) == 3
+    new = tmp_path / "new.jsonl"  # classification rows of a task not in the fit stay refused
+    new.write_text(json.dumps({"q": "w5", "choices": [" w6", " w7"], "answer": 0, "speaker": "other"}) + "\n")
+    assert main(["evaluate", str(out), "--data", str(new), "--quiet", "--device", "cpu"]) != 0
+    # analysis/classification.py on these JSONs recomputes bora's numbers from the rows
+    summary = _analysis_classification().main([
+        "--fits", f"learned={tmp_path / 'ev.json'}", "--ood", f"learned={tmp_path / 'ood.json'}",
+        "--resamples", "50", "--out", str(tmp_path / "cls" / "summary.json"), "--plot", str(tmp_path / "p.png")])
+    for key in ("map", "posterior_average"):
+        for k in ("accuracy", "nll", "ece", "brier"):
+            assert summary["settings"]["learned"][key]["overall"][k] == pytest.approx(ev[key]["overall"][k])
+            for t, m in ev[key]["per_task"].items():
+                assert summary["settings"]["learned"][key]["per_task"][t][k] == pytest.approx(m[k])
+    sizes = dict(zip(*(json.loads((out / "tasks.json").read_text())[k] for k in ("tasks", "task_sizes"))))
+    assert {t: r["train_rows"] for t, r in summary["ece_by_size"].items()} == sizes
+    assert 0 <= summary["ood"]["learned"]["auroc_mi"] <= 1 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def _analysis_classification():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "classification_analysis", Path(__file__).resolve().parents[1] / "analysis" / "classification.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check_rows(fit, ev, test_rows, point):
+    """``bora evaluate --json``'s per-row outputs: the MAP's are choice_probs of the fit's point estimate, over each
+    row's own choices; entropy of the average; mutual information 0 for a point fit, >= 0 otherwise."""
+    from bora.api import Bora, load_data
+    from bora.evaluation.metrics import entropy
+
+    rows = ev["rows"]
+    bora = Bora.load(fit, device="cpu")
+    split = load_data(bora.config, bora.tokenizer, tasks=bora.tasks)["test"]
+    want = choice_probs(bora.model, bora.params(), bora.feed(split))
+    k = split.num_choices().tolist()
+    assert rows["task"] == [split.tasks[t] for t in split.task_ids.tolist()] == [r["task"] for r in test_rows]
+    assert rows["label"] == split.labels.tolist() and [len(p) for p in rows["p_map"]] == k
+    for i, n in enumerate(k):
+        assert rows["p_map"][i] == pytest.approx(want[i, :n].tolist(), abs=1e-9)
+        assert sum(rows["p_avg"][i]) == pytest.approx(1.0) and len(rows["p_avg"][i]) == n
+    p_avg = torch.zeros(len(k), max(k), dtype=torch.float64)
+    for i, p in enumerate(rows["p_avg"]):
+        p_avg[i, :len(p)] = torch.tensor(p, dtype=torch.float64)
+    assert rows["entropy_avg"] == pytest.approx(entropy(p_avg).tolist(), abs=1e-9)
+    mi = rows["mutual_information"]
+    if point:
+        assert mi == [0.0] * len(k) and rows["p_avg"] == rows["p_map"]
+    else:
+        assert min(mi) >= 0 and max(mi) > 0
+        assert all(m <= h + 1e-9 for m, h in zip(mi, rows["entropy_avg"]))  # MI <= H(average)
 
 
 def test_cli_fixed_label_set(tmp_path, capsys):
@@ -263,7 +328,115 @@ def test_cli_fixed_label_set(tmp_path, capsys):
                                      label_map=str(tmp_path / "map.json"), task_column="speaker"))
     assert docs[2] == {"prompt": "w12", "choices": [" w5", " w6", " w7 w8"], "label": 2, "task": "spk0"}
     assert "rows" in json.loads((out / "metrics.json").read_text())["test"]["classification"]["map"]["overall"]
+    assert main(["evaluate", str(out), "--quiet", "--device", "cpu", "--json", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())["classification"]
+    assert ev["point_fit"]
+    cfg = DataConfig(source=str(tmp_path / "l.jsonl"), prompt_column="q", label_column="y",
+                     label_map=str(tmp_path / "map.json"), task_column="speaker")
+    check_rows(out, ev, split_documents(load_documents(cfg), cfg).test, point=True)
     # without a map the label set is the sorted labels, each its own text
     plain = load_documents(DataConfig(source=str(tmp_path / "l.jsonl"), prompt_column="q", label_column="y",
                                       task_column="speaker"))
     assert plain[0]["choices"] == ["maybe", "no", "yes"] and plain[0]["label"] == 2
+
+
+def write_eval(path, p_map, labels, tasks, p_avg=None, mi=None, train_sizes=None):
+    """A ``bora evaluate --json`` file with only what analysis/classification.py reads: the per-row outputs."""
+    from bora.evaluation.metrics import entropy
+
+    p_avg = p_map if p_avg is None else p_avg
+    rows = {"task": list(tasks), "label": list(labels), "p_map": p_map, "p_avg": p_avg,
+            "entropy_avg": [float(entropy(torch.tensor(p, dtype=torch.float64))) for p in p_avg],
+            "mutual_information": [0.0] * len(labels) if mi is None else list(mi)}
+    obj = {"classification": {"rows": rows, "point_fit": mi is None, "samples": 1 if mi is None else 10},
+           "train_sizes": train_sizes}
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_classification_analysis_on_synthetic_evaluations(tmp_path):
+    mod = _analysis_classification()
+    g = torch.Generator().manual_seed(0)
+    tasks = ["a"] * 6 + ["b"] * 4 + ["c"] * 3
+    labels = [i % 2 if t != "c" else i % 3 for i, t in enumerate(tasks)]
+    width = [3 if t == "c" else 2 for t in tasks]  # rows with 2 and 3 choices
+    sizes = {"a": 40, "b": 12, "c": 3}
+
+    def probs(seed, right):
+        """Random probabilities; ``right``: the correct choice gets 0.9 (else 0.3 of 2, or 0.2 of 3: wrong)."""
+        out = []
+        for y, k in zip(labels, width):
+            if right is None:
+                p = torch.softmax(torch.randn(k, generator=g), 0).tolist()
+            else:
+                p_y = 0.9 if right else (0.3 if k == 2 else 0.2)
+                p = [(1 - p_y) / (k - 1)] * k
+                p[y] = p_y
+            out.append(p)
+        return out
+    good, bad, learned, ood = [], [], [], []
+    for s in range(2):
+        pm, pa = probs(s, None), probs(s, None)
+        mi = [0.01 * (i % 4) for i in range(len(labels))]
+        learned.append(write_eval(tmp_path / f"l{s}.json", pm, labels, tasks, pa, mi, sizes))
+        good.append(write_eval(tmp_path / f"g{s}.json", probs(s, True), labels, tasks))
+        bad.append(write_eval(tmp_path / f"b{s}.json", probs(s, False), labels, tasks))
+        ood.append(write_eval(tmp_path / f"o{s}.json", probs(s, None)[:5], labels[:5], tasks[:5], probs(s, None)[:5],
+                              [0.5 + i for i in range(5)]))
+    out = tmp_path / "res" / "summary.json"
+    r = mod.main(["--fits", "learned=" + ",".join(learned), "same=" + ",".join(learned), "good=" + ",".join(good),
+                  "bad=" + ",".join(bad), "--ref", "learned", "--ood", "learned=" + ",".join(ood),
+                  "--resamples", "300", "--out", str(out), "--plot", str(tmp_path / "ece.png")])
+    assert out.exists() and out.with_suffix(".md").exists() and (tmp_path / "ece.png").exists()
+    assert json.loads(out.read_text())["paired"] == json.loads(json.dumps(r["paired"]))
+    for m in ("accuracy", "nll"):  # a setting against itself: exactly 0
+        assert (r["paired"]["same"][m]["diff"], r["paired"]["same"][m]["lo"], r["paired"]["same"][m]["hi"]) == (0, 0, 0)
+    # "good" is right with p 0.9 on every row, "bad" wrong on every row: the intervals exclude 0
+    assert r["paired"]["good"]["nll"]["lo"] > 0 and r["paired"]["good"]["accuracy"]["hi"] < 0
+    assert r["paired"]["bad"]["nll"]["hi"] < 0 and r["paired"]["bad"]["accuracy"]["lo"] > 0
+    assert r["settings"]["bad"]["map"]["overall"]["accuracy"] == 0 and "learned MAP" in r["paired"]
+    gb = mod.main(["--fits", "good=" + ",".join(good), "bad=" + ",".join(bad), "--resamples", "300",
+                   "--out", str(tmp_path / "gb.json")])["paired"]["bad"]  # better on every row
+    assert (gb["accuracy"]["lo"], gb["accuracy"]["hi"]) == (1.0, 1.0) and gb["nll"]["hi"] < 0
+    # against a hand computation of the learned setting's overall numbers (mean over seeds of the mean over tasks)
+    for kind, key in (("p_map", "map"), ("p_avg", "posterior_average")):
+        per_seed = []
+        for f in learned:
+            rows = json.loads((tmp_path / f).read_text())["classification"]["rows"]
+            width_ = max(len(p) for p in rows[kind])
+            p = torch.tensor([q + [0.0] * (width_ - len(q)) for q in rows[kind]], dtype=torch.float64)
+            m = classification_metrics(p, torch.tensor(labels), torch.tensor([ord(t) - 97 for t in tasks]),
+                                       ("a", "b", "c"))
+            per_seed.append(m["overall"])
+        for k in ("accuracy", "nll", "ece", "brier"):
+            assert r["settings"]["learned"][key]["overall"][k] == pytest.approx(sum(x[k] for x in per_seed) / 2)
+    # ECE ratio: 1 for a point fit; the estimate inside its interval otherwise
+    assert (r["settings"]["good"]["ece_ratio"]["lo"], r["settings"]["good"]["ece_ratio"]["hi"]) == (1.0, 1.0)
+    er = r["settings"]["learned"]["ece_ratio"]
+    assert er["ratio"] == pytest.approx(er["ece_avg"] / er["ece_map"]) and er["lo"] <= er["hi"]
+    assert {t: v["train_rows"] for t, v in r["ece_by_size"].items()} == sizes
+    # OOD rows have a larger mutual information than every test row: AUROC 1
+    assert r["ood"]["learned"]["auroc_mi"] == 1.0 and [p["mi"] for p in r["ood"]["learned"]["per_seed"]] == [1.0, 1.0]
+    assert 0 <= r["ood"]["learned"]["auroc_entropy"] <= 1
+    with pytest.raises(SystemExit, match="same test rows"):
+        mod.main(["--fits", "learned=" + ",".join(learned), "ood=" + ",".join(ood), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="paired"):
+        mod.main(["--fits", "learned=" + ",".join(learned), "one=" + good[0], "--out", str(tmp_path / "y.json")])
+
+
+def test_classification_analysis_auroc_and_ece():
+    mod = _analysis_classification()
+    # hand case: OOD 0.5 ties one in-distribution 0.5 (half), beats 0.1, 0.2 and 0.5's other pairs
+    assert mod.rank_auroc([0.1, 0.2, 0.5], [0.5, 0.9]) == pytest.approx(5.5 / 6)
+    assert mod.rank_auroc([1.0, 1.0], [1.0]) == 0.5 and mod.rank_auroc([0.0, 0.1], [0.2, 0.3]) == 1.0
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 40) / 4, rng.integers(1, 6, 30) / 4  # many ties
+    assert mod.auroc(a, b)[0] == pytest.approx(mod.rank_auroc(a, b))
+    assert mod.auroc([0.0, 0.1], [3.0, 4.0])[0] == 1.0
+    conf, hit = rng.uniform(0.3, 1, (2, 50)), rng.integers(0, 2, (2, 50)).astype(float)
+    idx = rng.integers(0, 50, (4, 50))
+    got = mod.ece_resampled(conf, hit, idx, 15)
+    for k in range(2):
+        for r in range(4):
+            want = expected_calibration_error(torch.tensor(conf[k, idx[r]]), torch.tensor(hit[k, idx[r]]) > 0, 15)
+            assert got[k, r] == pytest.approx(want, abs=1e-12)

@@ -224,10 +224,10 @@ def _evaluate_fitted(args, bora, split, sizes: Optional[dict], title: str, tau: 
 
         post = bora.posterior(10 if args.samples is None else args.samples, seed=args.seed,
                               predictive=args.predictive)
-        res = evaluate_classification(post, feed, batch_size=args.batch_size)
+        res = evaluate_classification(post, feed, batch_size=args.batch_size, rows=True)  # rows: small, kept
         print(format_classification_table(res, title=title))
         _print_tau(bora, tau)
-        return {"classification": res}
+        return {"classification": res, "train_sizes": sizes}  # training rows per task (analysis/classification.py)
     base = bora.evaluate(feed, base=True)
     fitted = bora.evaluate(feed)
     print(format_table(base, fitted, title=title, train_sizes=sizes))

@@ -38,8 +38,9 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["write_json", "read_json", "check_output", "folder_kind", "replace_dir", "make_temp_dir", "read_safetensors",
-           "save_safetensors", "file_sha256", "fsync_path", "fsync_tree", "foreign_entries", "umask", "json_safe"]
+__all__ = ["write_json", "write_text", "read_json", "check_output", "folder_kind", "replace_dir", "make_temp_dir",
+           "read_safetensors", "save_safetensors", "file_sha256", "fsync_path", "fsync_tree", "foreign_entries",
+           "umask", "json_safe"]
 
 # What bora writes, per kind of output folder: entry name patterns -> None (a file) or the kind of
 # a sub-folder. A folder is bora's (and may be replaced) only if every entry matches.
@@ -119,14 +120,19 @@ def json_safe(x: Any) -> Any:
 
 def write_json(path: Path, obj: Any, *, fsync: bool = False, clean: bool = True) -> None:
     """Write JSON atomically (temp file in the same folder, then rename), with the umask's mode."""
+    text = json.dumps(json_safe(obj) if clean else obj, indent=2, sort_keys=True, allow_nan=not clean)
+    write_text(path, text + "\n", fsync=fsync)
+
+
+def write_text(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` atomically (temp file in the same folder, then rename), with the umask's mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(obj) if clean else obj, f, indent=2, sort_keys=True, allow_nan=not clean)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -21,7 +21,10 @@ A row's prediction is its probabilities over its choices (``probs [N, K]``, zero
 
 ``overall`` is the mean over tasks of each (every task counts once, as bora's ``ppl_task_mean``); ``pooled``
 weighs every row equally. :func:`evaluate_classification` gives them for the point estimate (MAP) and for the
-posterior average, the mean over posterior draws of the choice *probabilities* (``S >= 10`` draws advised).
+posterior average, the mean over posterior draws of the choice *probabilities* (``S >= 10`` draws advised),
+and with ``rows=True`` each row's outputs (:func:`row_outputs`: both predictions over the row's own choices, the
+predictive entropy of the average and the mutual information, for out-of-distribution scores;
+``analysis/classification.py`` compares fits with them).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Sequence
 import torch
 
 from ..data.feed import Feed
-from .metrics import brier, expected_calibration_error
+from .metrics import brier, entropy, expected_calibration_error, mutual_information
 
-__all__ = ["row_metrics", "classification_metrics", "choice_probs", "evaluate_classification"]
+__all__ = ["row_metrics", "classification_metrics", "choice_probs", "evaluate_classification", "row_outputs"]
 
 METRICS = ("accuracy", "nll", "ece", "brier")
 
@@ -88,28 +91,57 @@ def choice_probs(model, params, feed: Feed, batch_size: int = 16, direction=None
     return out
 
 
-def evaluate_classification(post, data, *, batch_size: int = 8, n_bins: int = 15, base: bool = True) -> dict:
+def evaluate_classification(post, data, *, batch_size: int = 8, n_bins: int = 15, base: bool = True,
+                            rows: bool = False) -> dict:
     """Classification metrics (:func:`classification_metrics`) of ``data`` under ``post`` (a
     :class:`~bora.posterior.samples.Posterior`): ``map`` (the point estimate), ``posterior_average`` (the mean over
     the posterior's distinct samples of the choice probabilities; the point estimate for a point fit) and, with
     ``base``, ``base`` (the base model without adapters); ``samples`` (draws averaged), ``seed``, ``point_fit``,
-    ``predictive``."""
+    ``predictive``. With ``rows``, also ``rows`` (:func:`row_outputs`: each row's task, label, MAP and
+    posterior-average probabilities over its own choices, predictive entropy and mutual information)."""
     feed = post.as_feed(data)
     split = feed.split
     model = post.model
     p_map = choice_probs(model, post.point_params(), feed, batch_size)
     if post.is_point:
-        p_bma = p_map
+        p_bma, mi = p_map, torch.zeros(p_map.shape[0], dtype=torch.float64)
     else:
-        p_bma = torch.zeros_like(p_map)
+        draws = []
         for k in range(post.distinct_samples):
             params, direction = post.predictive_args(k)
-            p_bma += choice_probs(model, params, feed, batch_size, direction)
-        p_bma /= post.distinct_samples
+            draws.append(choice_probs(model, params, feed, batch_size, direction))
+        p_s = torch.stack(draws)  # [S, N, K_max], small: one number per choice
+        p_bma = p_s.mean(0)
+        mi = mutual_information(p_s.log()) if rows else None  # log 0 = -inf past a row's last choice: no term
     args = (split.labels, split.task_ids, split.tasks, n_bins)
     out = {"samples": 1 if post.is_point else post.distinct_samples, "seed": post.seed, "point_fit": post.is_point,
            "predictive": post.predictive, "map": classification_metrics(p_map, *args),
            "posterior_average": classification_metrics(p_bma, *args)}
     if base:
         out["base"] = classification_metrics(choice_probs(model, None, feed, batch_size), *args)
+    if rows:
+        out["rows"] = row_outputs(p_map, p_bma, mi, split.num_choices(), split.labels, split.task_ids, split.tasks)
     return out
+
+
+def row_outputs(p_map: torch.Tensor, p_avg: torch.Tensor, mi: torch.Tensor, num_choices, labels, task_ids,
+                tasks: Sequence[str]) -> dict:
+    """Per-row outputs as JSON-ready lists: ``{"task", "label", "p_map", "p_avg", "entropy_avg",
+    "mutual_information"}``; a row's probabilities are over its own ``num_choices`` choices (rows may differ),
+    ``entropy_avg`` the entropy of ``p_avg`` (nats) and ``mutual_information`` ``H(p_avg) - mean_s H(p_s)`` (0 for a
+    point fit; :func:`bora.evaluation.metrics.mutual_information`, a mean of KL terms, so never negative).
+
+    >>> import torch
+    >>> r = row_outputs(torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.5, 0.5, 0.0]]), torch.zeros(1),
+    ...                 [2], [1], [0], ("a",))
+    >>> r["task"], r["p_avg"], round(r["entropy_avg"][0], 4)
+    (['a'], [[0.5, 0.5]], 0.6931)
+    """
+    ks = [int(k) for k in torch.as_tensor(num_choices).tolist()]
+    p_map, p_avg = p_map.double().cpu(), p_avg.double().cpu()
+    return {"task": [tasks[int(t)] for t in torch.as_tensor(task_ids).tolist()],
+            "label": [int(y) for y in torch.as_tensor(labels).tolist()],
+            "p_map": [p_map[i, :k].tolist() for i, k in enumerate(ks)],
+            "p_avg": [p_avg[i, :k].tolist() for i, k in enumerate(ks)],
+            "entropy_avg": entropy(p_avg).tolist(),
+            "mutual_information": mi.double().cpu().tolist()}

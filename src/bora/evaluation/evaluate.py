@@ -40,7 +40,7 @@ from ..data.batching import row_tokens
 from ..data.feed import Feed
 
 __all__ = ["doc_loglik", "summarize", "by_task_size", "evaluate", "bootstrap_ppl", "paired_bootstrap",
-           "tasks_bootstrap", "seeds_bootstrap"]
+           "tasks_bootstrap", "seeds_bootstrap", "seeds_bootstrap_means", "within_task_draws", "seed_draws"]
 
 
 @torch.no_grad()
@@ -128,26 +128,45 @@ def _as_np(x, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def within_task_draws(task_ids, num_tasks: int, resamples: int, seed: int, skip=None):
+    """The document bootstrap's draws: for each task ``t`` with documents (and not ``skip(docs)``), in task order,
+    ``(t, docs [n_t], draws [R, n_t])``, ``draws`` the documents resampled with replacement within the task
+    (one ``numpy`` generator seeded by ``seed``, consumed task by task: the same draws as
+    :func:`paired_bootstrap` and :func:`seeds_bootstrap` make, for any statistic of the resampled documents).
+
+    >>> [(t, d.tolist(), r.shape) for t, d, r in within_task_draws([0, 1, 1], 3, 5, 0)]
+    [(0, [0], (5, 1)), (1, [1, 2], (5, 2))]
+    """
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    task_ids = np.asarray(task_ids)
+    rng = np.random.default_rng(seed)
+    for t in range(num_tasks):
+        docs = np.flatnonzero(task_ids == t)
+        if len(docs) == 0 or (skip is not None and skip(docs)):
+            continue
+        yield t, docs, docs[rng.integers(0, len(docs), size=(resamples, len(docs)))]
+
+
+def seed_draws(num_seeds: int, resamples: int, seed: int) -> np.ndarray:
+    """``[R, K]``: the fitting seeds drawn with replacement in each resample (:func:`seeds_bootstrap`'s draws)."""
+    return np.random.default_rng(seed + 1).integers(0, num_seeds, size=(resamples, num_seeds))
+
+
 def _task_nll_resamples(nlls: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int,
                         resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-task NLL per token of every column of ``nlls [K, N]``: ``(estimate [K, T], resampled [K, R, T])``.
 
-    Documents are resampled with replacement within each task, with the same indices for every
-    column (paired). Tasks without documents are NaN."""
+    Documents are resampled with replacement within each task (:func:`within_task_draws`), with the same indices
+    for every column (paired). Tasks without documents are NaN."""
     K, N = nlls.shape
     if tokens.shape != (N,) or task_ids.shape != (N,):
         raise ValueError("nll, tokens and task_ids must have one entry per document")
-    if resamples < 1:
-        raise ValueError("resamples must be >= 1")
-    rng = np.random.default_rng(seed)
     est = np.full((K, num_tasks), np.nan)
     boot = np.full((K, resamples, num_tasks), np.nan)
-    for t in range(num_tasks):
-        docs = np.flatnonzero(task_ids == t)
-        if len(docs) == 0 or tokens[docs].sum() <= 0:
-            continue
+    for t, docs, idx in within_task_draws(task_ids, num_tasks, resamples, seed,
+                                          skip=lambda d: tokens[d].sum() <= 0):
         est[:, t] = nlls[:, docs].sum(1) / tokens[docs].sum()
-        idx = docs[rng.integers(0, len(docs), size=(resamples, len(docs)))]  # [R, n_t]
         tok = tokens[idx].sum(1)  # [R]
         boot[:, :, t] = nlls[:, idx].sum(-1) / np.maximum(tok, 1)
     return est, boot
@@ -304,6 +323,29 @@ def seeds_bootstrap(nll_a, nll_b, tokens, task_ids, *, resamples: int = 2000, le
     >>> r["lo"] > 0, r["seeds"], r["frac_a_lower"]
     (True, 2, 0.0)
     """
+    return _seeds_bootstrap(nll_a, nll_b, tokens, task_ids, resamples, level, seed, np.exp)
+
+
+def seeds_bootstrap_means(values_a, values_b, task_ids, *, resamples: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> dict:
+    """:func:`seeds_bootstrap` of a per-row quantity's task mean: the paired interval of ``mean over seeds of
+    (mean over tasks of the task's mean row value)`` of ``a`` minus that of ``b``.
+
+    ``values_a`` / ``values_b``: ``[K, N]`` per-row values (e.g. a classification row's NLL, or 1 for a correct
+    prediction) of ``K`` seeds of each setting, paired by seed, on the same ``N`` rows. The rows are resampled
+    within each task and the seeds with replacement, exactly as :func:`seeds_bootstrap` (the same draws). Returns
+    its keys (``a``, ``b``: the means over seeds).
+
+    >>> r = seeds_bootstrap_means([[1.0, 0.0, 1.0, 1.0]], [[0.0, 0.0, 1.0, 0.0]], [0, 0, 1, 1], resamples=200)
+    >>> r["a"], r["b"], r["diff"], r["lo"] >= 0      # a is right on every row b is, and on two more
+    (0.75, 0.25, 0.5, True)
+    """
+    n = np.atleast_2d(_as_np(values_a, np.float64)).shape[-1]
+    return _seeds_bootstrap(values_a, values_b, np.ones(n), task_ids, resamples, level, seed, lambda x: x)
+
+
+def _seeds_bootstrap(nll_a, nll_b, tokens, task_ids, resamples: int, level: float, seed: int, link) -> dict:
+    """:func:`seeds_bootstrap` with ``link`` applied to the mean over tasks (``np.exp``: perplexity)."""
     _check_level(level)
     a, b = np.atleast_2d(_as_np(nll_a, np.float64)), np.atleast_2d(_as_np(nll_b, np.float64))
     if a.shape != b.shape:
@@ -314,11 +356,11 @@ def seeds_bootstrap(nll_a, nll_b, tokens, task_ids, *, resamples: int = 2000, le
     T = int(tid.max()) + 1 if len(tid) else 0
     est, boot = _task_nll_resamples(np.concatenate([a, b]), tok, tid, T, resamples, seed)
     have = ~np.isnan(est[0])
-    ppl = np.exp(est[:, have].mean(1))  # [2K]
-    ppl_r = np.exp(boot[:, :, have].mean(2))  # [2K, R]
+    ppl = link(est[:, have].mean(1))  # [2K]
+    ppl_r = link(boot[:, :, have].mean(2))  # [2K, R]
     d_seed = ppl[:K] - ppl[K:]
     d_seed_r = ppl_r[:K] - ppl_r[K:]  # [K, R]
-    draws = np.random.default_rng(seed + 1).integers(0, K, size=(resamples, K))  # [R, K] seeds per resample
+    draws = seed_draws(K, resamples, seed)  # [R, K] seeds per resample
     d_r = d_seed_r[draws, np.arange(resamples)[:, None]].mean(1)
     lo, hi = _interval(d_r, level)
     return {"a": float(ppl[:K].mean()), "b": float(ppl[K:].mean()), "diff": float(d_seed.mean()), "lo": float(lo),
