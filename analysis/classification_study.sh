@@ -11,6 +11,8 @@
 #   shared    --tau-mode shared --guide map: one LoRA for every task
 #   per_task  --hierarchy AB --tau-mode uncoupled --early-stopping per_task --guide map: each task its own A and B,
 #             no coupling, and its adapter from its own best validation step (one LoRA per task)
+#   meanfield --guide meanfield: learned tau, mean-field posterior started from the MAP (10 draws averaged)
+# SETTINGS="learned shared" picks some (default: learned shared per_task meanfield).
 # Every fit is evaluated on its test split and on two out-of-distribution files (analysis/who_ood.py): dialogue of
 # plays never trained on, and fortune cookies, each row under a trained task's adapter.
 set -euo pipefail
@@ -29,9 +31,11 @@ declare -A FLAGS=(
   [learned]=""
   [shared]="--tau-mode shared --guide map"
   [per_task]="--hierarchy AB --tau-mode uncoupled --early-stopping per_task --guide map"
+  [meanfield]="--guide meanfield"
 )
+read -r -a NAMES <<< "${SETTINGS:-learned shared per_task meanfield}"
 for seed in "${SEEDS[@]}"; do
-  for name in learned shared per_task; do
+  for name in "${NAMES[@]}"; do
     out="$RUNS/${name}_s$seed"
     if [[ ! -f "$out/eval.json" ]]; then
       # shellcheck disable=SC2086
