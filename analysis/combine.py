@@ -59,7 +59,7 @@ def load_runs(folders: list[Path]) -> tuple[dict, dict, dict]:
         nll = json.loads((folder / "test_doc_nll.json").read_text())
         fit = {k: v for k, v in meta["config"]["fit"].items() if k != "seed"}
         key = (meta["tasks"], nll["_tokens"], nll["_task_ids"], meta["config"]["data"], fit,
-               (meta.get("structure") or {}).get("hierarchy"))
+               (meta.get("structure") or {}).get("hierarchy"), meta.get("lrs"))  # lrs: --lrs's grid (or None)
         if ref is None:
             ref = key
         elif key != ref:

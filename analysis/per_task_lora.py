@@ -2,6 +2,7 @@
 training documents and early-stopped on its own validation documents.
 
     python analysis/per_task_lora.py --lr 2e-3 --out analysis/results/baselines/per_task_lora_lr2e-3.json
+    python analysis/per_task_lora.py --lrs 1e-3 2e-3 4e-3 --out ...   # each task's lr chosen on its validation
     python analysis/per_task_lora.py --tiny --out /tmp/smoke.json            # tiny random model, seconds
     python analysis/per_task_lora.py --data shakespeare-all --sample-tasks 128 --out ...   # tau_sweep's sample
 
@@ -15,6 +16,12 @@ the batch's next tokens), validation once per pass over the task's documents and
 bora's test order (``doc_nll``), the tokens and task ids to bootstrap against a bora fit
 (``analysis/compare_fits.py`` style), each task's best pass, and the base model's test perplexity, which
 must equal ``bora fit``'s base column (a check that the scoring is bora's).
+
+``--lrs LR [LR ...]`` (instead of ``--lr``) trains each task's adapter at every learning rate (the same initial
+adapter and batches) and keeps, per task, the one whose best validation NLL is lowest for that task (a practitioner
+tuning each adapter; test is never looked at to choose): ``lr_per_task`` holds the chosen lr of every task,
+``by_lr`` every (task, lr) fit's best pass, validation NLL and test NLL per token (for auditing the choice), and
+``doc_nll``, ``val_nll`` and ``best_pass`` are those of the chosen fits.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from tau_sweep import choose_lr  # noqa: E402  (the same rule as the sweep: lowest validation NLL)
 
 
 def _peft_config(cfg, num_layers: int):
@@ -104,8 +114,10 @@ def train_task(model, name: str, split_tr, split_va, rows_tr, rows_va, pad_id: i
     return best_pass, best
 
 
-def run(cfg, lm, tok, *, lr: float, epochs: float, patience: int, batch_size: int, progress: bool = True) -> dict:
-    """Fit one adapter per task of ``cfg``'s data on ``lm``; per-document test NLL in bora's test order."""
+def run(cfg, lm, tok, *, lr: float | None = None, epochs: float, patience: int, batch_size: int,
+        progress: bool = True, lrs: list[float] | None = None) -> dict:
+    """Fit one adapter per task of ``cfg``'s data on ``lm``; per-document test NLL in bora's test order. With
+    ``lrs``, each task's adapter is trained at every learning rate and the one of the lowest validation NLL kept."""
     from peft import get_peft_model
 
     from bora.diagnostics.view import load_data
@@ -117,32 +129,52 @@ def run(cfg, lm, tok, *, lr: float, epochs: float, patience: int, batch_size: in
     base_nll, toks = doc_nll(lm, test, torch.arange(len(test)), pad_id)
     base = summarize(base_nll, toks, test.task_ids, test.tasks)["overall"]["ppl_task_mean"]
     num_layers = lm.config.num_hidden_layers
+    grid = bool(lrs)
+    lrs = [float(x) for x in lrs] if grid else [float(lr)]
     model, nll, best, val = None, torch.zeros(len(test), dtype=torch.float64), {}, {}
+    chosen_lr, by_lr = {}, {}
     for t, name in enumerate(test.tasks):
-        adapter = f"task{t}"
-        torch.manual_seed(cfg.fit.seed + t)  # each adapter's own A initialisation
-        if model is None:
-            model = get_peft_model(lm, _peft_config(cfg, num_layers), adapter_name=adapter)
-        else:
-            model.add_adapter(adapter, _peft_config(cfg, num_layers))
-        model.set_adapter(adapter)
         rows = {k: (data[k].task_ids == t).nonzero().flatten() for k in ("train", "val", "test")}
-        t0 = time.perf_counter()
-        best[name], val[name] = train_task(model, adapter, data["train"], data["val"], rows["train"], rows["val"],
-                                           pad_id, lr=lr, epochs=epochs, patience=patience, batch_size=batch_size,
-                                           seed=cfg.fit.seed)
-        nll[rows["test"]] = doc_nll(model, test, rows["test"], pad_id)[0]
-        if progress:
-            print(f"{name}: best pass {best[name]}, {time.perf_counter() - t0:.0f} s", flush=True)
+        tries = []  # (adapter, best pass, validation NLL, test NLL per document) per learning rate
+        for k, lr_k in enumerate(lrs):
+            adapter = f"task{t}_lr{k}" if grid else f"task{t}"
+            torch.manual_seed(cfg.fit.seed + t)  # each adapter's own A initialisation (the same at every lr)
+            if model is None:
+                model = get_peft_model(lm, _peft_config(cfg, num_layers), adapter_name=adapter)
+            else:
+                model.add_adapter(adapter, _peft_config(cfg, num_layers))
+            model.set_adapter(adapter)
+            t0 = time.perf_counter()
+            bp, v = train_task(model, adapter, data["train"], data["val"], rows["train"], rows["val"], pad_id,
+                               lr=lr_k, epochs=epochs, patience=patience, batch_size=batch_size, seed=cfg.fit.seed)
+            tries.append((adapter, bp, v, doc_nll(model, test, rows["test"], pad_id)[0]))
+            if progress:
+                print(f"{name}" + (f" @ lr {lr_k:g}" if grid else "") + f": best pass {bp}, val NLL {v:.4f}, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+        k = choose_lr([x[2] for x in tries])  # validation only: the test NLL of tries is never looked at
+        adapter, best[name], val[name], nll[rows["test"]] = tries[k]
+        chosen_lr[name] = lrs[k]
+        test_tokens = toks[rows["test"]].sum().clamp(min=1)
+        by_lr[name] = [{"lr": lrs[i], "best_pass": x[1], "val_nll": x[2],
+                        "test_nll": float(x[3].sum() / test_tokens), "chosen": i == k} for i, x in enumerate(tries)]
+        if grid:  # keep only the chosen adapter
+            model.set_adapter(adapter)
+            for other, *_ in tries:
+                if other != adapter:
+                    model.delete_adapter(other)
+            if progress:
+                print(f"{name}: lr {lrs[k]:g} chosen on validation", flush=True)
     ppl = summarize(nll, toks, test.task_ids, test.tasks)["overall"]["ppl_task_mean"]
     return {"base_ppl": base, "ppl": ppl, "val_nll_task_mean": sum(val.values()) / len(val), "val_nll": val,
-            "best_pass": best, "tasks": list(test.tasks),
+            "best_pass": best, "lr_per_task": chosen_lr, "by_lr": by_lr, "tasks": list(test.tasks),
             "task_ids": test.task_ids.tolist(), "tokens": toks.tolist(), "doc_nll": nll.tolist()}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="a learning-rate grid instead of --lr: each task's lr chosen on its validation NLL")
     p.add_argument("--epochs", type=float, default=4.0, help="passes over each task's training documents")
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
@@ -169,9 +201,11 @@ def main(argv=None) -> dict:
                           data=cfg.data.replace(tasks=("hamlet/Ghost", "julius-caesar/PORTIA")))
     else:
         lm, tok = load_base_model(cfg.model)
-    out = run(cfg, lm, tok, lr=a.lr, epochs=a.epochs, patience=a.patience, batch_size=a.batch_size)
+    out = run(cfg, lm, tok, lr=a.lr, lrs=a.lrs, epochs=a.epochs, patience=a.patience, batch_size=a.batch_size)
     out = {"command": "python analysis/per_task_lora.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "lr": a.lr, "epochs": a.epochs, "patience": a.patience, "batch_size": a.batch_size,
+           "lr": None if a.lrs else a.lr, "lrs": a.lrs,
+           "lr_selection": "per task, the lr of the lowest validation NLL (never test)" if a.lrs else None,
+           "epochs": a.epochs, "patience": a.patience, "batch_size": a.batch_size,
            "config": cfg.to_dict(), **out}
     write_json(a.out, out)
     print(json.dumps({"base_ppl": out["base_ppl"], "ppl": out["ppl"]}))

@@ -4,6 +4,7 @@
     python analysis/tau_sweep.py --data fortunes --seed 1     # the second corpus, another fitting seed
     python analysis/tau_sweep.py --tiny --epochs 1     # seconds: smoke run on a random-init tiny model
     python analysis/tau_sweep.py --data shakespeare-all --sample-tasks 128   # a random 128 of the 1,023 tasks
+    python analysis/tau_sweep.py --lrs 1e-3 2e-3 4e-3  # every setting at every lr, each setting's lr chosen on val
 
 Fits ``uncoupled`` (the tau -> 0 limit, A shared), ``shared``, every fixed tau of ``--taus`` and the
 learned tau (MAP with the
@@ -21,6 +22,14 @@ nothing is tuned on. The frozen lower layers are computed once per document for 
   :func:`bora.evaluation.evaluate.paired_bootstrap` of any other pair;
 * ``by_size.md`` -- the same paired comparisons within buckets of tasks by training documents (``1-2`` is the
   cold-start bucket: a task that small is served mostly by the global adapter).
+
+``--lrs LR [LR ...]`` (instead of the single ``--lr``) fits every setting at every learning rate and keeps, per
+setting, the fit with the lowest best validation NLL (the early-stopping metric; for the fixed-tau grid per tau
+value, and the grid's best tau is then the one of the lowest validation NLL among those): test numbers are never
+looked at to choose (:func:`choose_lr` sees only validation NLLs). Everything above reports the chosen fits;
+``meta.json`` holds every (setting, lr) fit's validation and test numbers (``overall[setting]["by_lr"]``, the
+chosen lr in ``overall[setting]["lr"]``), ``table.md`` lists them, and ``test_doc_nll_by_lr.json`` holds every fit's
+per-document test NLL (``test_doc_nll.json`` keeps the chosen fits', so the comparison scripts read it as before).
 
 ``--sample-tasks N`` keeps a random ``N`` of the source's tasks (seeded by ``--sample-seed``; the list is in
 ``meta.json``): a many-task corpus at a cost this machine can pay, with the corpus's size distribution.
@@ -104,6 +113,13 @@ def bucket_bootstraps(docs: dict, train_docs: list, pairs, edges=SIZE_EDGES) -> 
     return out
 
 
+def choose_lr(val_nll: list) -> int:
+    """Index of the learning rate to keep: the lowest validation NLL (a diverged fit's NaN counts as +inf; ties
+    go to the first). It sees only validation numbers: nothing is chosen on test."""
+    key = [v if isinstance(v, (int, float)) and math.isfinite(v) else math.inf for v in val_nll]
+    return min(range(len(key)), key=lambda i: key[i])
+
+
 def run(args) -> dict:
     import torch
 
@@ -137,52 +153,72 @@ def run(args) -> dict:
     data = load_data(base_cfg, tok, splits=splits)
     train = data["train"]
     feeds = None
-    rows, overall, docs = [], {}, {}
+    grid = bool(getattr(args, "lrs", None))
+    lrs = [float(x) for x in args.lrs] if grid else [float(args.lr)]
+    rows, overall, docs, docs_by_lr = [], {}, {}, {}
     base_test = None
     for name, change in settings_from(args):
-        prior = PriorConfig(**{k: v for k, v in change.items() if k != "guide"})
-        fit = fit_cfg.replace(guide=change.get("guide", "map"))
-        cfg = base_cfg.replace(prior=prior, fit=fit)
-        bora = Bora(cfg, lm, tok, train.tasks, len(train), task_sizes=train.task_sizes().tolist())
-        if feeds is None:  # one frozen-prefix cache per split for the whole sweep
-            feeds = {k: bora.feed(v, progress=True, desc=f"caching frozen layers ({k})") for k, v in data.items()}
-            base_test = bora.evaluate(feeds["test"], base=True)
-        print(f"\n=== {name}", flush=True)
-        t0 = time.perf_counter()
-        res = bora.fit(feeds["train"], feeds["val"], progress=not args.quiet)
-        test = bora.evaluate(feeds["test"])
-        ll, toks = doc_loglik(bora.model, bora.params(), feeds["test"])
-        docs[name] = (-ll).tolist()
-        tau = bora.tau_estimate()
-        tau_value = float(next(iter(tau.values()))) if tau else math.nan
-        overall[name] = {"tau": tau_value, "test": test["overall"], "steps": res.steps, "best_step": res.best_step,
-                         "parameterisation": bora.model.parameterisation,
-                         "best_val_nll": res.best_val_nll, "seconds": time.perf_counter() - t0,
-                         "step_seconds": res.step_seconds}
-        for t, task in enumerate(train.tasks):
-            m = test["per_task"][task]
-            rows.append({"setting": name, "tau": tau_value, "task": task, "train_docs": int(train.task_sizes()[t]),
-                         "train_tokens": int(train.task_tokens()[t]), "test_tokens": m["tokens"],
-                         "test_nll": m["nll"], "test_ppl": m["ppl"]})
-        print(f"{name}: test ppl (task mean) {test['overall']['ppl_task_mean']:.3f}  tau {tau_value:.4g}  "
-              f"steps {res.steps}", flush=True)
-        bora.remove_adapters_()
-        del bora
-        torch.manual_seed(0)
+        tries = []  # one fit per learning rate
+        for lr in lrs:
+            prior = PriorConfig(**{k: v for k, v in change.items() if k != "guide"})
+            fit = fit_cfg.replace(guide=change.get("guide", "map"), lr=lr)
+            cfg = base_cfg.replace(prior=prior, fit=fit)
+            bora = Bora(cfg, lm, tok, train.tasks, len(train), task_sizes=train.task_sizes().tolist())
+            if feeds is None:  # one frozen-prefix cache per split for the whole sweep
+                feeds = {k: bora.feed(v, progress=True, desc=f"caching frozen layers ({k})") for k, v in data.items()}
+                base_test = bora.evaluate(feeds["test"], base=True)
+            print(f"\n=== {name}" + (f" @ lr {lr:g}" if grid else ""), flush=True)
+            t0 = time.perf_counter()
+            res = bora.fit(feeds["train"], feeds["val"], progress=not args.quiet)
+            test = bora.evaluate(feeds["test"])
+            ll, toks = doc_loglik(bora.model, bora.params(), feeds["test"])
+            tau = bora.tau_estimate()
+            tau_value = float(next(iter(tau.values()))) if tau else math.nan
+            o = {"tau": tau_value, "test": test["overall"], "steps": res.steps, "best_step": res.best_step,
+                 "parameterisation": bora.model.parameterisation,
+                 "best_val_nll": res.best_val_nll, "seconds": time.perf_counter() - t0,
+                 "step_seconds": res.step_seconds, "lr": lr}
+            task_rows = []
+            for t, task in enumerate(train.tasks):
+                m = test["per_task"][task]
+                task_rows.append({"setting": name, "tau": tau_value, "lr": lr, "task": task,
+                                  "train_docs": int(train.task_sizes()[t]), "train_tokens": int(train.task_tokens()[t]),
+                                  "test_tokens": m["tokens"], "test_nll": m["nll"], "test_ppl": m["ppl"]})
+            tries.append({"overall": o, "rows": task_rows, "docs": (-ll).tolist()})
+            print(f"{name}: val NLL {res.best_val_nll:.4f}  test ppl (task mean) {test['overall']['ppl_task_mean']:.3f}"
+                  f"  tau {tau_value:.4g}  steps {res.steps}", flush=True)
+            bora.remove_adapters_()
+            del bora
+            torch.manual_seed(0)
+        # the learning rate is chosen on validation only (choose_lr never sees a test number)
+        k = choose_lr([x["overall"]["best_val_nll"] for x in tries])
+        by_lr = [{key: x["overall"][key] for key in ("lr", "best_val_nll", "test", "tau", "steps", "best_step",
+                                                     "seconds")} | {"chosen": i == k} for i, x in enumerate(tries)]
+        overall[name] = {**tries[k]["overall"], "by_lr": by_lr}
+        rows += tries[k]["rows"]
+        docs[name] = tries[k]["docs"]
+        docs_by_lr[name] = {f"{x['overall']['lr']:g}": x["docs"] for x in tries}
+        if grid:
+            print(f"{name}: lr {lrs[k]:g} chosen on validation", flush=True)
     for t, task in enumerate(train.tasks):
         m = base_test["per_task"][task]
-        rows.append({"setting": "base model", "tau": math.nan, "task": task, "train_docs": int(train.task_sizes()[t]),
-                     "train_tokens": int(train.task_tokens()[t]), "test_tokens": m["tokens"],
+        rows.append({"setting": "base model", "tau": math.nan, "lr": math.nan, "task": task,
+                     "train_docs": int(train.task_sizes()[t]), "train_tokens": int(train.task_tokens()[t]),
+                     "test_tokens": m["tokens"],
                      "test_nll": m["nll"], "test_ppl": m["ppl"]})
     overall["base model"] = {"tau": math.nan, "test": base_test["overall"]}
     wall = time.perf_counter() - t_start
     test_split = data["test"]
     docs["_tokens"] = [int(len(x)) - 1 for x in test_split.input_ids]
     docs["_task_ids"] = test_split.task_ids.tolist()
+    config = base_cfg.to_dict()
+    if grid:  # no single learning rate: each setting's is in overall[setting]["lr"]
+        config["fit"]["lr"] = None
+        docs_by_lr.update({"_lrs": lrs, "_tokens": docs["_tokens"], "_task_ids": docs["_task_ids"]})
     return {"rows": rows, "overall": overall, "docs": docs, "wall_seconds": wall, "tasks": list(train.tasks),
             "structure": {"hierarchy": args.hierarchy, "parameterisation": args.parameterisation},
             "sizes": {k: {"docs": len(v), "tokens": v.num_tokens()} for k, v in data.items()},
-            "config": base_cfg.to_dict()}
+            "config": config, "lrs": lrs if grid else None, "docs_by_lr": docs_by_lr if grid else None}
 
 
 def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
@@ -209,25 +245,43 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
 
     grid = [s for s in fits if s.startswith("tau=")]
     # the grid's best tau is the one with the best validation NLL (test numbers are only reported)
+    # (with --lrs each setting's entry is already its fit at the lr of the best validation NLL)
     best_grid = min(grid, key=lambda s: ov[s]["best_val_nll"]) if grid else None
-    lines = ["| setting | tau | test ppl (exp mean per-task NLL) | token-weighted ppl | beats uncoupled on | "
-             "beats shared on | steps (best) |", "|---|---|---|---|---|---|---|"]
+    result["best_grid_by_validation"] = best_grid
+    lrs = result.get("lrs")
+    lr_head, lr_rule = (" lr (chosen on val) |", "---|") if lrs else ("", "")
+    lines = ["| setting | tau |" + lr_head + " test ppl (exp mean per-task NLL) | token-weighted ppl | "
+             "beats uncoupled on | beats shared on | steps (best) |", "|---|---|" + lr_rule + "---|---|---|---|---|"]
     for s in ["base model"] + fits:
         o = ov[s]
         tau = "" if not math.isfinite(o["tau"]) and s == "base model" else f"{o['tau']:.4g}"
+        lr = (f" {o['lr']:g} |" if "lr" in o else " |") if lrs else ""
         bi = (f"{wins(s, 'uncoupled')}/{len(tasks)}"
               if s not in ("uncoupled", "base model") and "uncoupled" in by else "")
         bs = f"{wins(s, 'shared')}/{len(tasks)}" if s not in ("shared", "base model") and "shared" in by else ""
         st = f"{o['steps']} ({o['best_step']})" if "steps" in o else ""
-        lines.append(f"| {s} | {tau} | {o['test']['ppl_task_mean']:.3f} | {o['test']['ppl_token']:.3f} | {bi} | {bs} "
-                     f"| {st} |")
+        lines.append(f"| {s} | {tau} |{lr} {o['test']['ppl_task_mean']:.3f} | {o['test']['ppl_token']:.3f} | {bi} "
+                     f"| {bs} | {st} |")
+    if lrs:  # every (setting, lr) fit, for auditing the choice
+        lines += ["", f"Every fit of the learning-rate grid ({', '.join(f'{x:g}' for x in lrs)}); per setting the lr "
+                  "of the lowest best validation NLL (the early-stopping metric) is kept (marked), test is only "
+                  "reported:", "",
+                  "| setting | lr | best val NLL | test ppl | token-weighted ppl | tau | steps (best) | chosen |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in fits:
+            for x in ov[s].get("by_lr", []):
+                lines.append(f"| {s} | {x['lr']:g} | {x['best_val_nll']:.4f} | {x['test']['ppl_task_mean']:.3f} | "
+                             f"{x['test']['ppl_token']:.3f} | {x['tau']:.4g} | {x['steps']} ({x['best_step']}) | "
+                             f"{'yes' if x['chosen'] else ''} |")
     learned = "learned (MAP, evidence)"
     notes = []
-    if best_grid and learned in ov:
-        a, b = ov[learned]["test"]["ppl_task_mean"], ov[best_grid]["test"]["ppl_task_mean"]
-        notes.append(f"Best grid setting by validation NLL: {best_grid} (test ppl {b:.3f}); "
-                     f"learned tau {ov[learned]['tau']:.4g} "
-                     f"gives {a:.3f}, {100 * (a / b - 1):+.2f}% relative to it.")
+    if best_grid:
+        b = ov[best_grid]["test"]["ppl_task_mean"]
+        note = f"Best grid setting by validation NLL: {best_grid} (test ppl {b:.3f})"
+        if learned in ov:
+            a = ov[learned]["test"]["ppl_task_mean"]
+            note += f"; learned tau {ov[learned]['tau']:.4g} gives {a:.3f}, {100 * (a / b - 1):+.2f}% relative to it"
+        notes.append(note + ".")
     ref = learned if learned in by else (best_grid or fits[0])
     indep = by.get("uncoupled", by[ref])  # a subset run without 'uncoupled' plots zero gains
     gains = [(indep[t]["test_ppl"] - by[ref][t]["test_ppl"]) / indep[t]["test_ppl"] for t in tasks]
@@ -272,6 +326,10 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
         from bora.core.files import write_json
 
         write_json(out / "test_doc_nll.json", docs)
+    if result.get("docs_by_lr"):  # every (setting, lr) fit's, keyed by setting then f"{lr:g}"
+        from bora.core.files import write_json
+
+        write_json(out / "test_doc_nll_by_lr.json", result["docs_by_lr"])
     (out / "table.md").write_text(
         "# Test perplexity by tau (held-out test split; nothing tuned on it)\n\n" + "\n".join(lines) + "\n\n"
         + "\n".join(f"- {n}" for n in notes) + "\n\n"
@@ -315,6 +373,9 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
             "structure": result.get("structure"),
             "sizes": result["sizes"], "tasks": tasks, "config": result["config"],
             "overall": ov, "bootstrap": result.get("bootstrap"), "by_size": result.get("by_size"),
+            "lrs": lrs, "lr_selection": ("per setting, the lr of the lowest best_val_nll (validation; never test)"
+                                         if lrs else None),
+            "best_grid_by_validation": best_grid,
             "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
     from bora.core.files import write_json
 
@@ -341,6 +402,9 @@ def main(argv=None) -> dict:
                    help="run only these settings (first word of the name: uncoupled shared tau=1000 learned)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps (default: per epoch)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every fit")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="a learning-rate grid instead of --lr: every setting at every lr, each setting's lr chosen "
+                        "on validation NLL")
     p.add_argument("--sample-tasks", type=int, default=0, help="keep a random this many of the source's tasks")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample-tasks")
     p.add_argument("--task-updates", default="eager", choices=["eager", "lazy"], help="bora's task updates")

@@ -70,6 +70,90 @@ def test_tau_sweep_smoke(tmp_path):
     assert all(r["lo"] <= r["diff"] <= r["hi"] for r in rows)
 
 
+def test_tau_sweep_lr_grid_keeps_each_settings_validation_best(tmp_path):
+    """--lrs: every setting at every lr; per setting the kept fit is the lr of the lowest recorded validation NLL,
+    and everything reported (table, meta, per-task rows, per-document test NLL) is that fit's."""
+    import csv
+
+    lrs = [1e-3, 4e-3, 2e-2]
+    res = _analysis("tau_sweep").main(["--tiny", "--epochs", "0.5", "--taus", "10", "100", "--quiet",
+                                       "--only", "shared", "tau=10", "tau=100", "learned",
+                                       "--lrs", *map(str, lrs), "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    docs = json.loads((tmp_path / "test_doc_nll.json").read_text())
+    by_lr_docs = json.loads((tmp_path / "test_doc_nll_by_lr.json").read_text())
+    assert meta["lrs"] == lrs and meta["config"]["fit"]["lr"] is None and by_lr_docs["_lrs"] == lrs
+    with open(tmp_path / "per_task.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    settings = ["shared", "tau=10", "tau=100", "learned (MAP, evidence)"]
+    for s in settings:
+        o = meta["overall"][s]
+        fits = o["by_lr"]
+        assert [x["lr"] for x in fits] == lrs and sum(x["chosen"] for x in fits) == 1
+        k = min(range(len(lrs)), key=lambda i: fits[i]["best_val_nll"])
+        assert fits[k]["chosen"] and o["lr"] == lrs[k] and o["best_val_nll"] == fits[k]["best_val_nll"]
+        assert o["test"] == fits[k]["test"] and o["tau"] == fits[k]["tau"]  # the test numbers of the chosen fit
+        assert docs[s] == by_lr_docs[s][f"{lrs[k]:g}"]
+        assert {float(r["lr"]) for r in csv_rows if r["setting"] == s} == {lrs[k]}
+        assert f"| {s} | {lrs[k]:g} | {fits[k]['best_val_nll']:.4f} |" in (tmp_path / "table.md").read_text()
+    grid_val = {s: res["overall"][s]["best_val_nll"] for s in ("tau=10", "tau=100")}
+    assert meta["best_grid_by_validation"] == min(grid_val, key=grid_val.get)
+    # the comparison scripts read the folder as before (the chosen fits)
+    same = _analysis("sweep_seeds").main(["--a", f"{tmp_path}::shared", "--b", f"{tmp_path}::shared",
+                                          "--out", str(tmp_path / "same.json")])
+    assert same["diff"] == 0
+    # a run at one lr is another procedure than the grid: combine refuses to treat them as seeds
+    _analysis("tau_sweep").main(["--tiny", "--epochs", "0.5", "--quiet", "--only", "shared", "--lr", "4e-3",
+                                 "--out", str(tmp_path / "one")])
+    with pytest.raises(SystemExit, match="other fit settings"):
+        _analysis("combine").main([str(tmp_path), str(tmp_path / "one")])
+
+
+def test_tau_sweep_lr_grid_never_chooses_on_test(tmp_path, monkeypatch):
+    """Validation and test made to disagree (validation prefers lr 2e-3 and tau=10, test prefers lr 1e-3 and
+    tau=100): the validation choice wins everywhere, and the test numbers reported are the validation choice's."""
+    from bora.api import Bora
+
+    val = {1e-3: 2.0, 2e-3: 1.0, 4e-3: 3.0}  # validation NLL by lr
+    test = {1e-3: 10.0, 2e-3: 30.0, 4e-3: 20.0}  # test perplexity by lr: the opposite preference
+    fit, evaluate = Bora.fit, Bora.evaluate
+
+    def tau_of(bora):
+        return bora.config.prior.tau if bora.config.prior.tau_mode == "fixed" else None
+
+    def fake_fit(self, *a, **k):
+        res = fit(self, *a, **k)
+        res.best_val_nll = val[self.config.fit.lr] + (0.5 if tau_of(self) == 100 else 0.0)
+        return res
+
+    def fake_evaluate(self, split, **k):
+        out = evaluate(self, split, **k)
+        if not k.get("base") and k.get("adapter") is None:
+            ppl = test[self.config.fit.lr] - (5.0 if tau_of(self) == 100 else 0.0)
+            out = {**out, "overall": {**out["overall"], "ppl_task_mean": ppl, "ppl_token": ppl}}
+        return out
+
+    monkeypatch.setattr(Bora, "fit", fake_fit)
+    monkeypatch.setattr(Bora, "evaluate", fake_evaluate)
+    _analysis("tau_sweep").main(["--tiny", "--epochs", "0.25", "--taus", "10", "100", "--quiet",
+                                 "--only", "shared", "tau=10", "tau=100", "--lrs", "1e-3", "2e-3", "4e-3",
+                                 "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    for s, ppl in (("shared", 30.0), ("tau=10", 30.0), ("tau=100", 25.0)):
+        o = meta["overall"][s]
+        assert o["lr"] == 2e-3 and o["test"]["ppl_task_mean"] == ppl
+        assert min(x["test"]["ppl_task_mean"] for x in o["by_lr"]) < ppl  # test would have chosen otherwise
+    assert meta["best_grid_by_validation"] == "tau=10"
+    assert "Best grid setting by validation NLL: tau=10 (test ppl 30.000)" in (tmp_path / "table.md").read_text()
+
+
+def test_choose_lr_sees_only_validation():
+    mod = _analysis("tau_sweep")
+    assert mod.choose_lr([4.1, 3.9, 4.0]) == 1
+    assert mod.choose_lr([float("nan"), 4.2, 4.2]) == 1  # a diverged fit never wins; ties go to the first
+    assert mod.choose_lr([5.0]) == 0
+
+
 def test_sample_tasks_is_seeded_and_sorted():
     mod = _analysis("tau_sweep")
     docs = [{"task": t} for t in "edcbaedcba"]
