@@ -67,8 +67,8 @@ def read_new_documents(bora: PosteriorSource, source) -> tuple[Optional[Tokenize
     columns and tokenisation; for a fit on an embedded multiple-choice corpus, a file of that corpus's rows,
     ``{"prompt", "choices", "label", "task"}``; or an embedded corpus name), no split: ``(fitted, new)``, the
     documents of tasks in the fit (a split over ``bora.tasks``) and of tasks not in it (a split over their sorted
-    names); ``None`` where there are none. ConfigError for a missing file, columns the fit's data config does not find, no documents, or
-    classification rows of new tasks."""
+    names); ``None`` where there are none. ConfigError for a missing file, columns the fit's data config does not
+    find, no documents, or classification rows of new tasks."""
     src = str(source)
     if src not in _EMBEDDED and not Path(src).expanduser().exists():
         raise ConfigError(f"data file not found: {src}")
