@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The classification study on the embedded shakespeare-who corpus: bora (learned tau, Laplace posterior) against
-# one shared LoRA and one LoRA per task, 3 fitting seeds each, test rows and out-of-distribution rows.
+# The classification study on an embedded classification corpus (CORPUS: shakespeare-who, the default, or
+# fortunes-mine): bora (learned tau, Laplace posterior) against one shared LoRA and one LoRA per task, 3 fitting
+# seeds each, test rows and out-of-distribution rows.
 #
 #   bash analysis/classification_study.sh RUNS_DIR [SEEDS...]      # e.g. bash analysis/classification_study.sh /tmp/cls 0 1 2
-#   python analysis/classification.py ...                          # the comparison: printed at the end
+#   CORPUS=fortunes-mine bash analysis/classification_study.sh /tmp/mine
+#   python analysis/classification.py --fits learned=RUNS_DIR/learned_s0/eval.json,... (analysis/README.md)
 #
-# Settings (every fit: --data shakespeare-who, --epochs $EPOCHS, --eval-every 10, --patience 6, bora's defaults
+# Settings (every fit: --data $CORPUS, --epochs $EPOCHS, --eval-every 10, --patience 6, bora's defaults
 # otherwise: lr 2e-3, rank 8, batch 16):
 #   learned   bora's default: learned tau, Laplace posterior (bora evaluate averages 10 posterior draws)
 #   shared    --tau-mode shared --guide map: one LoRA for every task
@@ -13,20 +15,22 @@
 #             no coupling, and its adapter from its own best validation step (one LoRA per task)
 #   meanfield --guide meanfield: learned tau, mean-field posterior started from the MAP (10 draws averaged)
 # SETTINGS="learned shared" picks some (default: learned shared per_task meanfield).
-# Every fit is evaluated on its test split and on two out-of-distribution files (analysis/who_ood.py): dialogue of
-# plays never trained on, and fortune cookies, each row under a trained task's adapter.
+# Every fit is evaluated on its test split and on two out-of-distribution files (analysis/ood_rows.py: Shakespeare
+# and fortune texts the fit never saw), each row under a trained task's adapter.
 set -euo pipefail
 RUNS=${1:?usage: classification_study.sh RUNS_DIR [SEEDS...]}
 shift
 SEEDS=("$@")
 [[ ${#SEEDS[@]} -eq 0 ]] && SEEDS=(0 1 2)
 EPOCHS=${EPOCHS:-6}
+CORPUS=${CORPUS:-shakespeare-who}
 PY=${PYTHON:-python}
 BORA=${BORA:-bora}
 mkdir -p "$RUNS"
-$PY analysis/who_ood.py --kind plays --out "$RUNS/ood_plays.jsonl"
-$PY analysis/who_ood.py --kind fortunes --out "$RUNS/ood_fortunes.jsonl"
-COMMON=(--data shakespeare-who --epochs "$EPOCHS" --eval-every 10 --patience 6 --quiet)
+for kind in plays fortunes; do
+  $PY analysis/ood_rows.py --corpus "$CORPUS" --kind "$kind" --out "$RUNS/ood_$kind.jsonl"
+done
+COMMON=(--data "$CORPUS" --epochs "$EPOCHS" --eval-every 10 --patience 6 --quiet)
 declare -A FLAGS=(
   [learned]=""
   [shared]="--tau-mode shared --guide map"

@@ -206,32 +206,63 @@ def test_shakespeare_who_corpus():
         load_shakespeare_who(("hamlet/HAMLET",))
 
 
-def test_cli_shakespeare_who_and_its_ood_rows(tmp_path, capsys):
-    """A fit on the embedded corpus (tiny model: plumbing only), then analysis/who_ood.py's rows scored under the
-    fit's tasks by ``bora evaluate --data`` (a row file in the embedded corpus's format)."""
+def _ood_rows_script():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("who_ood", Path(__file__).resolve().parents[1] / "analysis"
-                                                  / "who_ood.py")
-    who_ood = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(who_ood)
-    model, out, tasks = tiny_model_dir(tmp_path / "model"), tmp_path / "fit", ["the-tempest", "measure-for-measure"]
-    # the word-level tokenizer reads every name as <unk>: both choices score alike, so no gradient to learn tau from
-    assert main(["fit", "--model", str(model), "--data", "shakespeare-who", "--tasks", *tasks, "--output", str(out),
+    spec = importlib.util.spec_from_file_location("ood_rows", Path(__file__).resolve().parents[1] / "analysis"
+                                                  / "ood_rows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("corpus,tasks", [("shakespeare-who", ["the-tempest", "measure-for-measure"]),
+                                          ("fortunes-mine", ["magic", "goedel"])])
+def test_cli_embedded_classification_and_its_ood_rows(tmp_path, capsys, corpus, tasks):
+    """A fit on an embedded classification corpus (tiny model: plumbing only), then analysis/ood_rows.py's rows
+    scored under the fit's tasks by ``bora evaluate --data`` (a row file in the embedded corpus's format)."""
+    ood_rows = _ood_rows_script()
+    model, out = tiny_model_dir(tmp_path / "model"), tmp_path / "fit"
+    # the word-level tokenizer reads every word as <unk>: both choices score alike, so no gradient to learn tau from
+    assert main(["fit", "--model", str(model), "--data", corpus, "--tasks", *tasks, "--output", str(out),
                  "--tau-mode", "fixed", "--tau", "10", *TINY[2:]]) == 0
     assert "classification" in capsys.readouterr().out
     for kind in ("plays", "fortunes"):
         ood = tmp_path / f"{kind}.jsonl"
-        assert who_ood.main(["--kind", kind, "--every", "50", "--tasks", *tasks, "--out", str(ood)]) == 0
+        assert ood_rows.main(["--corpus", corpus, "--kind", kind, "--every", "50", "--tasks", *tasks,
+                              "--out", str(ood)]) == 0
         rows = [json.loads(line) for line in ood.read_text().splitlines()]
-        assert {r["task"] for r in rows} == set(tasks) and all(r["prompt"].endswith("\nAnswer:") for r in rows)
+        assert {r["task"] for r in rows} == set(tasks) and all(r["prompt"].endswith("Answer:") for r in rows)
         assert main(["evaluate", str(out), "--data", str(ood), "--quiet", "--device", "cpu", "--samples", "2",
                      "--json", str(tmp_path / f"{kind}.json")]) == 0
         got = json.loads((tmp_path / f"{kind}.json").read_text())["classification"]["rows"]
         assert got["task"] == [r["task"] for r in rows] and len(got["mutual_information"]) == len(rows)
     with pytest.raises(SystemExit):
-        who_ood.main(["--tasks", "hamlet", "--out", str(tmp_path / "x.jsonl")])
+        ood_rows.main(["--corpus", corpus, "--tasks", "hamlet", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_fortunes_mine_corpus():
+    from bora.data.fortunes import load_fortunes
+    from bora.data.fortunes_mine import DEFAULT_TASKS, POSITIVES, QUESTION, load_fortunes_mine, prompt
+
+    cfg = DataConfig(source="fortunes-mine")
+    assert cfg.mode == "classification"
+    docs = load_documents(cfg)
+    assert docs == load_documents(cfg)
+    splits = split_documents(docs, cfg)
+    assert len(splits.tasks) == len(DEFAULT_TASKS) >= 8
+    sizes = sorted(c["train"] for c in splits.counts().values())
+    assert sum(s <= 30 for s in sizes) >= 3 and sizes[-1] > 100
+    by_cat = {c: {prompt(d["text"]) for d in load_fortunes((c,))} for c in DEFAULT_TASKS}
+    for task in ("magic", "zippy"):
+        rows = [d for d in docs if d["task"] == task]
+        assert len(rows) == 2 * POSITIVES[task] and sum(d["label"] for d in rows) == POSITIVES[task]
+        for d in rows:  # a positive is the collector's own category's entry, a negative another category's
+            assert d["choices"] == [" No", " Yes"] and d["prompt"].endswith("\n\n" + QUESTION)
+            assert (d["prompt"] in by_cat[task]) == bool(d["label"])
+    with pytest.raises(ConfigError, match="unknown fortunes-mine task"):
+        load_fortunes_mine(("computers",))
 
 TINY = ["--task-column", "speaker", "--targets", "q_proj", "v_proj", "--layers", "-1", "--rank", "2",
         "--steps", "6", "--batch-size", "4", "--device", "cpu", "--quiet"]

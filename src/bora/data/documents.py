@@ -103,6 +103,10 @@ def load_documents(cfg: DataConfig) -> list[dict]:
         from .shakespeare_who import load_shakespeare_who
 
         docs, where = load_shakespeare_who(cfg.tasks), "the shakespeare-who source"
+    elif source == "fortunes-mine":
+        from .fortunes_mine import load_fortunes_mine
+
+        docs, where = load_fortunes_mine(cfg.tasks), "the fortunes-mine source"
     elif source == "shakespeare":
         from .shakespeare import load_shakespeare
 
