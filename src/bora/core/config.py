@@ -73,7 +73,7 @@ LAPLACE_STRUCTURES = ("lowrank", "diag")
 LONG_DOCUMENTS = ("truncate", "chunk")
 DUPLICATES = ("keep", "drop")
 CHOICE_LOSSES = ("choices", "answer")  # the likelihood of a classification row (bora.data.classification)
-CLASSIFICATION_CORPORA = ("shakespeare-mc", "shakespeare-who", "fortunes-mine")  # embedded corpora whose rows are multiple-choice rows
+CLASSIFICATION_CORPORA = ("shakespeare-mc", "shakespeare-who", "fortunes-mine")  # embedded multiple-choice corpora
 PREDICTIVE_HELP = ("How a posterior sample predicts: 'linear' runs the network linearised at the point estimate "
                    "(the GLM predictive the Laplace posterior describes; bora.linearize), 'sample' runs the network "
                    "at the sampled adapter.")
