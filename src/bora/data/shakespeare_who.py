@@ -22,7 +22,7 @@ lines gives one row:
 
 * ``prompt``: the **cue**, the last line of the speech before it with its speaker's name (``"PROSPERO: ..."``),
   then the speech's first lines (at most :data:`MAX_LINES`) after ``"???: "``, a blank line, and
-  ``"In <Play>, who is ???: <First> or <Second>?\nAnswer:"``;
+  ``"In <Play>, who is ???: <First> or <Second>?\\nAnswer:"``;
 * ``choices``: the two names with a leading space, always in the pair's order (the label set of the task);
 * ``label``: 0 if the first of the pair speaks, 1 if the second.
 
