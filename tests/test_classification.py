@@ -148,18 +148,23 @@ def test_ece_matches_torchmetrics():
     assert row_metrics(probs, labels)["ece"] == pytest.approx(float(want), abs=1e-6)
 
 
-def test_shakespeare_mc_corpus():
-    from bora.data.shakespeare import parse_play, play_path
-    from bora.data.shakespeare_mc import DEFAULT_TASKS
-
-    cfg = DataConfig(source="shakespeare-mc")
+def embedded_corpus(source: str, tasks) -> tuple[list, list]:
+    """An embedded classification corpus's rows (deterministic) and its tasks' sorted training sizes under the
+    default split: at least 8 tasks, those of ``tasks``."""
+    cfg = DataConfig(source=source)
     assert cfg.mode == "classification"
     docs = load_documents(cfg)
     assert docs == load_documents(cfg)  # deterministic
     splits = split_documents(docs, cfg)
-    train = splits.counts()
-    assert len(splits.tasks) == len(DEFAULT_TASKS) >= 8
-    sizes = sorted(c["train"] for c in train.values())
+    assert len(splits.tasks) == len(tasks) >= 8
+    return docs, sorted(c["train"] for c in splits.counts().values())
+
+
+def test_shakespeare_mc_corpus():
+    from bora.data.shakespeare import parse_play, play_path
+    from bora.data.shakespeare_mc import DEFAULT_TASKS
+
+    docs, sizes = embedded_corpus("shakespeare-mc", DEFAULT_TASKS)
     assert sum(s <= 30 for s in sizes) >= 2 and len(set(sizes)) > 5
     speeches = parse_play(play_path("hamlet"))
     ghost = [d for d in docs if d["task"] == "hamlet/Ghost"]
@@ -179,13 +184,8 @@ def test_shakespeare_who_corpus():
     from bora.data.shakespeare import parse_play, play_path
     from bora.data.shakespeare_who import DEFAULT_TASKS, MAX_LINES, OTHER_PAIRS, PAIRS, load_shakespeare_who
 
-    cfg = DataConfig(source="shakespeare-who")
-    assert cfg.mode == "classification"
-    docs = load_documents(cfg)
-    assert docs == load_documents(cfg)  # deterministic
-    splits = split_documents(docs, cfg)
-    assert len(splits.tasks) == len(DEFAULT_TASKS) >= 8 and not set(DEFAULT_TASKS) & set(OTHER_PAIRS)
-    sizes = sorted(c["train"] for c in splits.counts().values())
+    docs, sizes = embedded_corpus("shakespeare-who", DEFAULT_TASKS)
+    assert not set(DEFAULT_TASKS) & set(OTHER_PAIRS)
     assert sum(s <= 30 for s in sizes) >= 3 and len(set(sizes)) == len(sizes)
     # every row is a speech of one of the pair, its label that speaker, its choices the pair in order
     title, first, second, keep = PAIRS["the-tempest"]
@@ -246,13 +246,7 @@ def test_fortunes_mine_corpus():
     from bora.data.fortunes import load_fortunes
     from bora.data.fortunes_mine import DEFAULT_TASKS, POSITIVES, QUESTION, load_fortunes_mine, prompt
 
-    cfg = DataConfig(source="fortunes-mine")
-    assert cfg.mode == "classification"
-    docs = load_documents(cfg)
-    assert docs == load_documents(cfg)
-    splits = split_documents(docs, cfg)
-    assert len(splits.tasks) == len(DEFAULT_TASKS) >= 8
-    sizes = sorted(c["train"] for c in splits.counts().values())
+    docs, sizes = embedded_corpus("fortunes-mine", DEFAULT_TASKS)
     assert sum(s <= 30 for s in sizes) >= 3 and sizes[-1] > 100
     by_cat = {c: {prompt(d["text"]) for d in load_fortunes((c,))} for c in DEFAULT_TASKS}
     for task in ("magic", "zippy"):
