@@ -35,7 +35,7 @@ OTHER_CATEGORIES = ("computers", "science", "pets", "politics", "education", "wi
 
 
 def _who_rows(kind: str, every: int, tasks) -> list[dict]:
-    from bora.data.shakespeare_who import MAX_LINES, OTHER_PAIRS, PAIRS, _name, _question, load_shakespeare_who
+    from bora.data.shakespeare_who import MAX_LINES, OTHER_PAIRS, load_shakespeare_who, question
 
     if kind == "plays":
         bodies = [r["prompt"].split("\n\n")[0] for r in load_shakespeare_who(tuple(OTHER_PAIRS))]
@@ -46,9 +46,8 @@ def _who_rows(kind: str, every: int, tasks) -> list[dict]:
     rows = []
     for k, body in enumerate(bodies):
         task = tasks[k % len(tasks)]
-        title, first, second, _ = PAIRS[task]
-        rows.append({"prompt": body + "\n\n" + _question(title, first, second),
-                     "choices": [" " + _name(first), " " + _name(second)], "label": 0, "task": task})
+        ask, choices = question(task)
+        rows.append({"prompt": body + "\n\n" + ask, "choices": choices, "label": 0, "task": task})
     return rows
 
 

