@@ -14,6 +14,7 @@
 #   per_task  --hierarchy AB --tau-mode uncoupled --early-stopping per_task --guide map: each task its own A and B,
 #             no coupling, and its adapter from its own best validation step (one LoRA per task)
 #   meanfield --guide meanfield: learned tau, mean-field posterior started from the MAP (10 draws averaged)
+#   learned_pt --early-stopping per_task: bora's default, each task's adapter from its own best validation step
 # SETTINGS="learned shared" picks some (default: learned shared per_task meanfield).
 # Every fit is evaluated on its test split and on two out-of-distribution files (analysis/ood_rows.py: Shakespeare
 # and fortune texts the fit never saw), each row under a trained task's adapter.
@@ -36,6 +37,7 @@ declare -A FLAGS=(
   [shared]="--tau-mode shared --guide map"
   [per_task]="--hierarchy AB --tau-mode uncoupled --early-stopping per_task --guide map"
   [meanfield]="--guide meanfield"
+  [learned_pt]="--early-stopping per_task"
 )
 read -r -a NAMES <<< "${SETTINGS:-learned shared per_task meanfield}"
 for seed in "${SEEDS[@]}"; do
