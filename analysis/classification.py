@@ -51,7 +51,11 @@ What it reports, from each JSON's per-row probabilities (``classification.rows``
   rows, out-of-distribution = the ``--ood`` rows, scored by the mutual information and by the predictive entropy
   of the posterior average (sklearn's ``roc_auc_score`` where installed, else torchmetrics' ``binary_auroc``, else
   a rank AUROC with ties counted half: :func:`rank_auroc`). A point fit's mutual information is 0 on every row,
-  so its AUROC by it is 0.5.
+  so its AUROC by it is 0.5. Beside it, the mean predictive entropy of both sets of rows and the accuracy on the
+  OOD rows (under the labels their file gives them): an OOD row the task's adapter answers confidently and rightly
+  is not one its uncertainty can flag;
+* the **ECE floor** of the MAP and of the posterior average (:func:`ece_floor`): the mean-over-tasks ECE that
+  a perfectly calibrated predictor with the same probabilities would still show on these test rows.
 """
 
 from __future__ import annotations
@@ -161,6 +165,21 @@ def task_metrics(p: np.ndarray, labels: np.ndarray, tid: np.ndarray, T: int, n_b
     return out
 
 
+def ece_floor(p: np.ndarray, tid: np.ndarray, T: int, n_bins: int, draws: int = 200, seed: int = 0) -> float:
+    """The expected mean-over-tasks ECE of a perfectly calibrated predictor with the probabilities ``p [N, C]``:
+    labels drawn from ``p`` itself, ``draws`` times. ECE measured on a task's few rows is not 0 even then, so this
+    is the calibration error that finite test rows alone produce; only the part of an observed ECE above it is
+    miscalibration that a better predictor could remove."""
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+    y = (rng.random((draws, len(p), 1)) > cum[None]).sum(-1).clip(max=p.shape[1] - 1)  # [draws, N]
+    hit = (p.argmax(-1)[None] == y).astype(np.float64)
+    conf = np.broadcast_to(p.max(-1), hit.shape)
+    per_task = [ece_resampled(conf, hit, np.flatnonzero(tid == t)[None], n_bins)[:, 0].mean()
+                for t in range(T) if (tid == t).any()]
+    return float(np.mean(per_task))
+
+
 # ----------------------------------------------------------------------------- AUROC
 def rank_auroc(id_scores, ood_scores) -> float:
     """``P(score of an OOD row > score of an in-distribution row)``, ties counted half (Mann-Whitney, midranks).
@@ -260,8 +279,10 @@ def summarize(fits: dict[str, list[dict]], ref: str, ood: dict[str, list[dict]],
             ratio_r = e_r[1] / e_r[0]
         e_map, e_avg = s["map"]["overall"]["ece"], s["posterior_average"]["overall"]["ece"]
         lo, hi = np.quantile(ratio_r, [q, 1 - q])
+        floor = {kind: float(np.mean([ece_floor(r[kind], tid, T, n_bins, seed=seed + k) for k, r in enumerate(runs)]))
+                 for kind in KINDS}
         s["ece_ratio"] = {"ratio": e_avg / e_map if e_map > 0 else math.nan, "lo": float(lo), "hi": float(hi),
-                          "ece_map": e_map, "ece_avg": e_avg}
+                          "ece_map": e_map, "ece_avg": e_avg, "floor_map": floor["p_map"], "floor_avg": floor["p_avg"]}
         out["settings"][name] = s
         per_task_ece[name] = m["p_avg"][:, :, 2].mean(0)
         values[name] = {kind: np.stack([np.stack([v["hit"], v["nll"]]) for v in rv[kind]]) for kind in rv}  # [K, 2, N]
@@ -291,9 +312,13 @@ def summarize(fits: dict[str, list[dict]], ref: str, ood: dict[str, list[dict]],
         for ind, od in zip(fits[name], runs):
             mi, how = auroc(ind["mi"], od["mi"])
             ent, _ = auroc(ind["entropy"], od["entropy"])
-            per_seed.append({"mi": mi, "entropy": ent, "id_rows": int(len(ind["mi"])), "ood_rows": int(len(od["mi"]))})
+            per_seed.append({"mi": mi, "entropy": ent, "id_rows": int(len(ind["mi"])), "ood_rows": int(len(od["mi"])),
+                             "id_entropy": float(ind["entropy"].mean()), "ood_entropy": float(od["entropy"].mean()),
+                             "ood_accuracy": float(row_values(od["p_avg"], od["labels"])["hit"].mean())})
         out["ood"][name] = {"auroc_mi": float(np.mean([p["mi"] for p in per_seed])),
                             "auroc_entropy": float(np.mean([p["entropy"] for p in per_seed])),
+                            **{k: float(np.mean([p[k] for p in per_seed]))
+                               for k in ("id_entropy", "ood_entropy", "ood_accuracy")},
                             "per_seed": per_seed, "method": how}
     return out
 
@@ -310,13 +335,16 @@ def markdown(s: dict) -> str:
     lines = [f"# Classification: {len(s['settings'])} settings on {s['rows']} test rows of {len(s['tasks'])} tasks "
              f"(reference {s['ref']})", "",
              "Means over seeds of the mean over tasks; MAP | posterior average (a point fit's is its MAP). ECE: "
-             f"{s['bins']} bins. ECE ratio: posterior average / MAP, {pct}% interval.", "",
+             f"{s['bins']} bins. ECE ratio: posterior average / MAP, {pct}% interval. ECE floor: the expected ECE of "
+             "a perfectly calibrated predictor with the same probabilities (labels drawn from them; "
+             "`ece_floor`), what the few test rows per task alone produce.", "",
              "| setting | seeds | acc MAP | acc avg | NLL MAP | NLL avg | ECE MAP | ECE avg | Brier MAP | Brier avg "
-             "| ECE avg/MAP |", "|---" * 11 + "|"]
+             "| ECE avg/MAP | ECE floor MAP, avg |", "|---" * 12 + "|"]
     for n, v in s["settings"].items():
         a, b, r = v["map"]["overall"], v["posterior_average"]["overall"], v["ece_ratio"]
         cells = [n, str(K[n])] + [_f(x[m]) for m in METRICS for x in (a, b)]
         cells.append(f"{_f(r['ratio'], 3)} [{_f(r['lo'], 3)}, {_f(r['hi'], 3)}]")
+        cells.append(f"{_f(r['floor_map'], 3)}, {_f(r['floor_avg'], 3)}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"{s['ref']} posterior average minus each (paired: rows within tasks and seeds resampled, "
               f"{s['resamples']} resamples, {pct}%); accuracy > 0 and NLL < 0 favour {s['ref']}.", "",
@@ -325,12 +353,16 @@ def markdown(s: dict) -> str:
         cells = [f"{_f(v[m]['diff'])} [{_f(v[m]['lo'])}, {_f(v[m]['hi'])}]" for m in ("accuracy", "nll")]
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
     if s["ood"]:
-        lines += ["", "OOD AUROC (in-distribution: the setting's test rows), mean over seeds [per seed]:", "",
-                  "| setting | by mutual information | by predictive entropy |", "|---|---|---|"]
+        lines += ["", "OOD AUROC (in-distribution: the setting's test rows), mean over seeds [per seed]; the mean "
+                  "predictive entropy of the in-distribution and OOD rows, and the accuracy on the OOD rows under "
+                  "the labels their file gives them:", "",
+                  "| setting | by mutual information | by predictive entropy | entropy ID | entropy OOD | acc OOD |",
+                  "|---|---|---|---|---|---|"]
         for n, v in s["ood"].items():
             mi = ", ".join(_f(p["mi"], 3) for p in v["per_seed"])
             ent = ", ".join(_f(p["entropy"], 3) for p in v["per_seed"])
-            lines.append(f"| {n} | {_f(v['auroc_mi'], 3)} [{mi}] | {_f(v['auroc_entropy'], 3)} [{ent}] |")
+            extra = " | ".join(_f(v.get(k), 3) for k in ("id_entropy", "ood_entropy", "ood_accuracy"))
+            lines.append(f"| {n} | {_f(v['auroc_mi'], 3)} [{mi}] | {_f(v['auroc_entropy'], 3)} [{ent}] | {extra} |")
     return "\n".join(lines) + "\n"
 
 

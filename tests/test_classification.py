@@ -495,3 +495,22 @@ def test_classification_analysis_auroc_and_ece():
         for r in range(4):
             want = expected_calibration_error(torch.tensor(conf[k, idx[r]]), torch.tensor(hit[k, idx[r]]) > 0, 15)
             assert got[k, r] == pytest.approx(want, abs=1e-12)
+
+
+def test_ece_floor_against_the_binomial_expectation():
+    """Every row with probabilities (0.7, 0.3) falls in one bin; labels drawn from them make the hits
+    Binomial(n, 0.7), so the task's expected ECE is E|0.7 n - H| / n exactly. A sure, right predictor has floor 0."""
+    from scipy.stats import binom
+
+    mod = _analysis_classification()
+    for n in (5, 40):
+        p = np.tile([0.7, 0.3], (n, 1))
+        k = np.arange(n + 1)
+        exact = float((binom.pmf(k, n, 0.7) * np.abs(0.7 * n - k)).sum() / n)
+        got = mod.ece_floor(p, np.zeros(n, dtype=np.int64), 1, 15, draws=20000)
+        assert got == pytest.approx(exact, rel=0.03)
+    two_tasks = np.array([0] * 5 + [1] * 40)
+    both = mod.ece_floor(np.tile([0.7, 0.3], (45, 1)), two_tasks, 2, 15, draws=20000)
+    small = mod.ece_floor(np.tile([0.7, 0.3], (5, 1)), np.zeros(5, dtype=np.int64), 1, 15, draws=20000)
+    assert both < small  # the mean over tasks: the 40-row task's floor is lower
+    assert mod.ece_floor(np.tile([1.0, 0.0], (10, 1)), np.zeros(10, dtype=np.int64), 1, 15) == 0.0

@@ -284,3 +284,35 @@ def test_many_tasks_summary_adds_baselines_and_buckets(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(SystemExit, match="test documents"):
         many.main([str(tmp_path / "s0"), "--baseline", f"bad={tmp_path / 'bad.json'}", "--out", str(tmp_path / "x.md")])
+
+
+def test_bma_seeds_recomputes_each_evaluation(tmp_path, capsys):
+    """analysis/bma_seeds.py on two posterior seeds of a tiny Laplace fit: each seed's MAP and BMA NLL equal the
+    evaluation's own task-mean figures, and a copy that scores other documents is refused."""
+    from bora.cli.main import main
+
+    from conftest import tiny_model_dir, write_jsonl
+
+    model, data, out = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl"), tmp_path / "fit"
+    assert main(["fit", "--model", str(model), "--data", str(data), "--task-column", "speaker", "--targets", "q_proj",
+                 "--layers", "-1", "--rank", "2", "--steps", "4", "--batch-size", "4", "--output", str(out),
+                 "--quiet", "--device", "cpu"]) == 0
+    evals = []
+    for s in (0, 1):
+        evals.append(tmp_path / f"e{s}.json")
+        assert main(["evaluate", str(out), "--samples", "3", "--seed", str(s), "--json", str(evals[-1]), "--quiet",
+                     "--device", "cpu"]) == 0
+    capsys.readouterr()
+    res = _analysis("bma_seeds").main([*map(str, evals), "--out", str(tmp_path / "bma.json")])
+    for e, r in zip(evals, res["per_seed"]):
+        d = json.loads(e.read_text())["posterior"]
+        assert r["nll_point"] == pytest.approx(math.log(d["point"]["overall"]["ppl_task_mean"]), rel=1e-6)
+        assert r["nll_bma"] == pytest.approx(math.log(d["bma_doc"]["overall"]["ppl_task_mean"]), rel=1e-6)
+    assert res["per_seed"][0]["nll_bma"] != res["per_seed"][1]["nll_bma"]  # other draws
+    assert res["paired"]["lo"] <= res["paired"]["diff"] <= res["paired"]["hi"]
+    assert (tmp_path / "bma.md").read_text().count("| 0 |") == 1
+    other = json.loads(evals[1].read_text())
+    other["posterior"]["documents"]["tokens"][0] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other documents"):
+        _analysis("bma_seeds").main([str(evals[0]), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")])
