@@ -120,14 +120,7 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
     if tau.shape != ((S, T) if tau_per_task else (S, M)) or global_norm.shape != (S, M) or fisher.shape != (T,) \
             or fisher_module.shape != (T, M):
         raise ValueError("inconsistent shapes for draws/tasks/modules")
-    if tau_per_task:  # task t's coordinates shrink with its own tau_t
-        lam_mod = shrinkage(tau[:, :, None], fisher_module[None])  # [S, T, M]
-        lam = shrinkage(tau, fisher[None])  # [S, T]
-    else:
-        lam_mod = shrinkage(tau[:, None, :], fisher_module[None])  # [S, T, M]
-        with np.errstate(invalid="ignore"):  # coordinate-weighted mean tau (inf stays inf)
-            tau_bar = np.where(np.isinf(tau).any(1), np.inf, (tau * w).sum(1) / w.sum())
-        lam = shrinkage(tau_bar[:, None], fisher[None])  # [S, T]
+    lam, lam_mod = _shrinkages(tau, fisher, fisher_module, w, tau_per_task)
     post = {
         "tau": (tau if tau_per_module or tau_per_task else tau[:, :1].reshape(S))[None],
         "shrinkage": lam[None],
@@ -159,20 +152,34 @@ def to_inference_data(*, tasks: Sequence[str], modules: Sequence[str], tau: np.n
             const[name] = _checked(name, arr, shape)
     if identified_coords is not None:
         const["identified_coords"] = _checked("identified_coords", identified_coords, (T,)).astype(np.int64)
-    dims = {"tau": ["task"] if tau_per_task else ["module"] if tau_per_module else [], "shrinkage": ["task"],
-            "shrinkage_module": ["task", "module"], "deviation": ["task", "module"],
-            "deviation_total": ["task"], "global_norm": ["module"], "global_norm_total": [],
-            "pooling_factor": ["task"], "effective_parameters": ["task"], "delta_w_ratio": ["task"],
-            "delta_w_module": ["task", "module"], "delta_w_identified": ["task"],
-            "delta_w_ratio_point": ["task"], "delta_w_module_point": ["task", "module"],
-            "delta_w_identified_point": ["task"], "identified_coords": ["task"],
-            "train_docs": ["task"], "train_tokens": ["task"], "fisher": ["task"],
-            "fisher_module": ["task", "module"], "coords_per_module": ["module"], "fisher_docs": ["task"]}
+    dims = {**DIMS, "tau": ["task"] if tau_per_task else ["module"] if tau_per_module else []}
     idata = az.from_dict(posterior=post, constant_data=const, dims=dims,
                          coords={"task": list(tasks), "module": list(modules)})
     for group in (idata.posterior, idata.constant_data):
         group.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
     return idata
+
+
+# the dims of every variable but tau (which has ["task"], ["module"] or none)
+DIMS = {"shrinkage": ["task"], "shrinkage_module": ["task", "module"], "deviation": ["task", "module"],
+        "deviation_total": ["task"], "global_norm": ["module"], "global_norm_total": [],
+        "pooling_factor": ["task"], "effective_parameters": ["task"], "delta_w_ratio": ["task"],
+        "delta_w_module": ["task", "module"], "delta_w_identified": ["task"],
+        "delta_w_ratio_point": ["task"], "delta_w_module_point": ["task", "module"],
+        "delta_w_identified_point": ["task"], "identified_coords": ["task"],
+        "train_docs": ["task"], "train_tokens": ["task"], "fisher": ["task"],
+        "fisher_module": ["task", "module"], "coords_per_module": ["module"], "fisher_docs": ["task"]}
+
+
+def _shrinkages(tau: np.ndarray, fisher: np.ndarray, fisher_module: np.ndarray, w: np.ndarray,
+                tau_per_task: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(lambda [S, T], lambda_module [S, T, M])``: each task's shrinkage factors under the drawn taus."""
+    if tau_per_task:  # task t's coordinates shrink with its own tau_t
+        return shrinkage(tau, fisher[None]), shrinkage(tau[:, :, None], fisher_module[None])
+    lam_mod = shrinkage(tau[:, None, :], fisher_module[None])  # [S, T, M]
+    with np.errstate(invalid="ignore"):  # coordinate-weighted mean tau (inf stays inf)
+        tau_bar = np.where(np.isinf(tau).any(1), np.inf, (tau * w).sum(1) / w.sum())
+    return shrinkage(tau_bar[:, None], fisher[None]), lam_mod
 
 
 def _checked(name: str, arr, shape) -> np.ndarray:
