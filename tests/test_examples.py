@@ -316,3 +316,26 @@ def test_bma_seeds_recomputes_each_evaluation(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other documents"):
         _analysis("bma_seeds").main([str(evals[0]), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")])
+
+
+def test_tau_curvature_script(tmp_path, capsys):
+    """analysis/tau_curvature.py on a tiny learned-tau fit: the diagonal's profiled tau is at least the full
+    curvature's (its gamma is an upper bound at every tau), the rank is at most the documents used, and a fit
+    without a learned tau is refused."""
+    from bora.cli.main import main
+
+    from conftest import tiny_model_dir, write_jsonl
+
+    model, data = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl")
+    common = ["--model", str(model), "--data", str(data), "--task-column", "speaker", "--targets", "q_proj", "v_proj",
+              "--layers", "-1", "--rank", "2", "--steps", "6", "--batch-size", "4", "--lr", "0.02", "--quiet",
+              "--device", "cpu", "--guide", "map"]
+    assert main(["fit", *common, "--tau-mode", "learned", "--output", str(tmp_path / "fit")]) == 0
+    res = _analysis("tau_curvature").main([str(tmp_path / "fit"), "--out", str(tmp_path / "tc"), "--quiet"])
+    t, ga = res["tau"], res["gamma_at_fit_tau"]
+    assert t["diag_profiled"] >= t["lowrank_profiled"] * (1 - 1e-6) and ga["diag"] >= ga["lowrank"]
+    assert 0 < res["rank"]["total"] <= res["rank"]["documents"] == sum(res["sizes"])
+    assert (tmp_path / "tc" / "tau_curvature.md").exists()
+    assert main(["fit", *common, "--tau-mode", "fixed", "--tau", "10", "--output", str(tmp_path / "fixed")]) == 0
+    with pytest.raises(SystemExit, match="one learned tau"):
+        _analysis("tau_curvature").main([str(tmp_path / "fixed"), "--out", str(tmp_path / "x"), "--quiet"])

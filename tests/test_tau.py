@@ -1,4 +1,5 @@
 """Empirical-Bayes tau (bora.tau): the evidence update against the normal-normal truth and its limits."""
+import math
 
 import pytest
 import torch
@@ -60,3 +61,55 @@ def test_point_guides_refuse_several_particles():
         with pytest.raises(ConfigError, match="num_particles > 1 needs guide='meanfield'"):
             FitConfig(guide=guide, num_particles=2)
     assert FitConfig(guide="meanfield", num_particles=2).num_particles == 2
+
+
+def _dense_terms(Fs, tau, g):
+    """gamma, sum log det(1 + F_t/tau), and log det P - D log g with its log-tau derivative, by dense algebra."""
+    D = Fs[0].shape[0]
+    eye = torch.eye(D, dtype=torch.float64)
+    gamma = sum(float(torch.trace(F @ torch.linalg.inv(F + tau * eye))) for F in Fs)
+    vol = sum(float(torch.logdet(eye + F / tau)) for F in Fs)
+
+    def logdet_P(t):
+        P = g * eye + sum(t * F @ torch.linalg.inv(F + t * eye) for F in Fs)
+        return float(torch.logdet(P)) - D * math.log(g)
+    h = 1e-5
+    return gamma, vol, logdet_P(tau), (logdet_P(tau * math.exp(h)) - logdet_P(tau * math.exp(-h))) / (2 * h)
+
+
+def test_lowrank_curvature_against_dense_algebra():
+    """A rank-50 Fisher in 400 dimensions per task (the review's case): gamma, the volume term and the global
+    adapter's log-determinant and gamma_Theta equal the dense matrices' values, and the diagonal's gamma is far
+    larger than the full curvature's."""
+    from bora.fit.tau import LowRankCurvature
+
+    g = torch.Generator().manual_seed(0)
+    Gs = [torch.randn(400, 50, generator=g, dtype=torch.float64) * s for s in (0.5, 1.0, 2.0)]
+    Fs = [G @ G.T for G in Gs]
+    curv = LowRankCurvature(Gs)
+    for tau in (1.0, 30.0, 500.0):
+        gamma, vol, logdet, gamma_theta = _dense_terms(Fs, tau, 2.0)
+        assert curv.gamma(tau) == pytest.approx(gamma, rel=1e-8)
+        assert curv.log_volume(tau) == pytest.approx(vol, rel=1e-8)
+        got = curv.global_terms(tau, 2.0)
+        assert got[0] == pytest.approx(logdet, rel=1e-7) and got[1] == pytest.approx(gamma_theta, rel=1e-5)
+        assert curv.gamma(tau) <= 150 + 1e-9
+    diag_gamma = sum(float((torch.diagonal(F) / (torch.diagonal(F) + 30.0)).sum()) for F in Fs)
+    assert diag_gamma > 3 * curv.gamma(30.0)
+
+
+@pytest.mark.parametrize("g", [None, 1.0])
+def test_lowrank_tau_equals_the_diagonal_one_on_a_diagonal_fisher(g):
+    """Gradient columns along coordinate axes make every F_t diagonal: the low-rank tau (profiled and with the
+    global adapter integrated out) is then the diagonal estimator's."""
+    from bora.fit.tau import LowRankCurvature, evidence_tau_lowrank
+
+    gen = torch.Generator().manual_seed(1)
+    T, M = 4, 30
+    F = torch.rand(T, M, generator=gen, dtype=torch.float64) * 50
+    F[F < 15] = 0.0  # each task determines some of the coordinates only
+    Gs = [torch.diag(F[t].sqrt())[:, F[t] > 0] for t in range(T)]
+    S = 0.4
+    want = evidence_tau(S, F, 1.0, 1e-4, global_precision=g)
+    got = evidence_tau_lowrank(S, LowRankCurvature(Gs), 1.0, 1e-4, global_precision=g)
+    assert got == pytest.approx(want, rel=1e-6)
