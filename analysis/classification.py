@@ -41,7 +41,8 @@ What it reports, from each JSON's per-row probabilities (``classification.rows``
 * **paired intervals**: the reference's posterior average minus each other setting's posterior average (its MAP
   for a point fit), and minus the reference's own MAP, for accuracy (positive: the reference is better) and NLL
   (negative: the reference is better); test rows resampled within tasks and seeds with replacement, paired by
-  seed (:func:`bora.evaluation.evaluate.seeds_bootstrap_means`);
+  seed (:func:`bora.evaluation.evaluate.seeds_bootstrap_means`); and the reference's MAP minus each other
+  setting (``paired_map``), with the same resampling;
 * the **ECE ratio** posterior average / MAP per setting (ECE averaged over tasks and seeds, then the ratio), with
   an interval from the same resampling (:func:`bora.evaluation.evaluate.within_task_draws`,
   :func:`~bora.evaluation.evaluate.seed_draws`); 1 exactly for a point fit;
@@ -288,14 +289,18 @@ def summarize(fits: dict[str, list[dict]], ref: str, ood: dict[str, list[dict]],
         values[name] = {kind: np.stack([np.stack([v["hit"], v["nll"]]) for v in rv[kind]]) for kind in rv}  # [K, 2, N]
     K_ref = len(fits[ref])
     comparisons = [(o, values[o]["p_avg"]) for o in fits if o != ref] + [(f"{ref} MAP", values[ref]["p_map"])]
+    out["paired_map"] = {}
     for o, v in comparisons:
         if v.shape[0] != K_ref:
             sys.exit(f"classification: {o} has {v.shape[0]} seeds and {ref} {K_ref}; the seeds are paired")
-        out["paired"][o] = {}
-        for j, metric in enumerate(("accuracy", "nll")):
-            r = seeds_bootstrap_means(values[ref]["p_avg"][:, j], v[:, j], tid, resamples=resamples, level=level,
-                                      seed=seed)
-            out["paired"][o][metric] = {k: r[k] for k in ("a", "b", "diff", "lo", "hi", "per_seed", "seeds")}
+        for key, own in (("paired", "p_avg"), ("paired_map", "p_map")):
+            if key == "paired_map" and o == f"{ref} MAP":
+                continue
+            out[key][o] = {}
+            for j, metric in enumerate(("accuracy", "nll")):
+                r = seeds_bootstrap_means(values[ref][own][:, j], v[:, j], tid, resamples=resamples, level=level,
+                                          seed=seed)
+                out[key][o][metric] = {k: r[k] for k in ("a", "b", "diff", "lo", "hi", "per_seed", "seeds")}
     if train_sizes is not None:
         missing = [t for t in tasks if t not in train_sizes]
         if missing:
@@ -352,6 +357,12 @@ def markdown(s: dict) -> str:
     for o, v in s["paired"].items():
         cells = [f"{_f(v[m]['diff'])} [{_f(v[m]['lo'])}, {_f(v[m]['hi'])}]" for m in ("accuracy", "nll")]
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    if s.get("paired_map"):
+        lines += ["", f"{s['ref']} MAP minus each (the same resampling):", "",
+                  "| minus | accuracy diff [interval] | NLL diff [interval] |", "|---|---|---|"]
+        for o, v in s["paired_map"].items():
+            cells = [f"{_f(v[m]['diff'])} [{_f(v[m]['lo'])}, {_f(v[m]['hi'])}]" for m in ("accuracy", "nll")]
+            lines.append(f"| {o} | " + " | ".join(cells) + " |")
     if s["ood"]:
         lines += ["", "OOD AUROC (in-distribution: the setting's test rows), mean over seeds [per seed]; the mean "
                   "predictive entropy of the in-distribution and OOD rows, and the accuracy on the OOD rows under "
