@@ -165,3 +165,38 @@ def test_per_task_early_stopping_keeps_each_task_at_its_own_best_validation():
         torch.testing.assert_close(point[glob], log.points[res.best_step][0][glob], rtol=0, atol=0)
         for i, t in enumerate(tasks):
             torch.testing.assert_close(point[site][i], log.points[best[t]][0][site][i], rtol=1e-6, atol=1e-7)
+
+
+def test_per_task_early_stopping_goes_on_while_a_task_improves():
+    """The mean validation NLL stalls from step 3, but task a improves until step 6: with patience 2 the global
+    rule alone stops at step 6, and per-task early stopping once no task has improved for 2 validations (step 12)."""
+    from types import SimpleNamespace
+
+    from bora.fit.callbacks import BestState, PerTaskBest
+
+    # (step, mean val NLL, task a's, task b's)
+    seq = [(0, 1.0, 1.0, 1.0), (3, 1.1, 0.9, 1.3), (6, 1.2, 0.8, 1.6), (9, 1.3, 0.85, 1.7), (12, 1.4, 0.9, 1.8),
+           (15, 1.5, 0.95, 1.9)]
+
+    def stop_step(per_task: bool):
+        loop = SimpleNamespace(model=SimpleNamespace(shapes={}), guide=torch.nn.Linear(1, 1), tau=None,
+                               state=SimpleNamespace(stopped_early=False))
+        cbs = [BestState(2)] + ([PerTaskBest(["a", "b"], 2)] if per_task else [])
+        for step, mean, a, b in seq:
+            entry = {"step": step, "val_nll": mean, "val_ppl_per_task": {"a": math.exp(a), "b": math.exp(b)}}
+            for cb in cbs:
+                cb.on_validate(loop, entry, {})
+            if loop.state.stopped_early:
+                return step, cbs[-1]
+        return None, cbs[-1]
+
+    assert stop_step(False)[0] == 6
+    step, pt = stop_step(True)
+    assert step == 12 and pt.best_step == {"a": 6, "b": 0}
+    again = PerTaskBest(["a", "b"], 2)
+    again.load_state_dict(pt.state_dict())
+    assert again.bad == pt.bad == 2
+    old = pt.state_dict()
+    del old["bad"]  # a checkpoint written before the rule
+    again.load_state_dict(old)
+    assert again.bad == 0

@@ -334,7 +334,8 @@ class FitConfig(_JsonConfig):
     early_stopping: str = _f(
         "global", "Which validated state a point fit returns: 'global' (the step with the best mean per-task "
         "validation NLL, for every task) or 'per_task' (the global adapter and tau from that step, and each task's "
-        "adapter from the step where its own validation NLL was best).", choices=EARLY_STOPPING)
+        "adapter from the step where its own validation NLL was best; the fit then stops only once neither the "
+        "mean nor any task's validation NLL has improved for patience validations).", choices=EARLY_STOPPING)
     fisher_docs: int = _f(32, "Documents per task used to estimate the diagonal empirical Fisher (tau updates, "
                               "shrinkage).")
     tau_curvature: str = _f(

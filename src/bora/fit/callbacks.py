@@ -142,26 +142,37 @@ class PerTaskBest(Callback):
     own validation NLL was best, and written back at the end (after :class:`BestState` restored the overall best
     state, whose global adapter and tau stay). Task rows are kept in natural coordinates (``B_t``) and written
     back through the guide's parameterisation (``delta_t = B_t - Theta`` for offset sites, ``z_t = (B_t - Theta)
-    tau^1/2`` for non-centred ones)."""
+    tau^1/2`` for non-centred ones).
+
+    The fit goes on while any task still improves: it stops once neither the mean validation NLL
+    (:class:`BestState`, which runs first) nor any task's own has improved for ``patience`` validations (0: never
+    stops early). Without this, a task still improving would be cut off when the mean stalls."""
 
     name = "per_task_best"
 
-    def __init__(self, tasks):
+    def __init__(self, tasks, patience: int = 0):
         self.tasks = list(tasks)
+        self.patience = patience
         self.best_nll = {t: float("inf") for t in self.tasks}
         self.best_step = {t: 0 for t in self.tasks}
         self.rows: dict = {}  # "site#t" -> the task's natural adapter row at its best step
+        self.bad = 0  # validations since any task last improved its own best
 
     def on_validate(self, loop, entry, point):
         per_task = entry.get("val_ppl_per_task")
         if not per_task:
             return
+        improved = False
         for t, name in enumerate(self.tasks):
             nll = math.log(per_task[name])
             if nll < self.best_nll[name] - 1e-9:
+                improved = True
                 self.best_nll[name], self.best_step[name] = nll, entry["step"]
                 for site in _task_sites(loop.model):
                     self.rows[f"{site}#{t}"] = point[site][t].detach().clone()
+        self.bad = 0 if improved else self.bad + (entry["step"] > 0)
+        if loop.state.stopped_early and self.bad < self.patience:
+            loop.state.stopped_early = False  # the mean has stalled, but a task still improves
 
     def on_fit_end(self, loop):
         model = loop.model
@@ -180,12 +191,14 @@ class PerTaskBest(Callback):
             set_locs_(loop.guide, changes)
 
     def state_dict(self):
-        return {"best_nll": dict(self.best_nll), "best_step": dict(self.best_step), "rows": dict(self.rows)}
+        return {"best_nll": dict(self.best_nll), "best_step": dict(self.best_step), "rows": dict(self.rows),
+                "bad": self.bad}
 
     def load_state_dict(self, state):
         self.best_nll = {k: float(v) for k, v in state["best_nll"].items()}
         self.best_step = {k: int(v) for k, v in state["best_step"].items()}
         self.rows = {k: v.clone() for k, v in state["rows"].items()}
+        self.bad = int(state.get("bad", 0))  # a checkpoint from before the per-task stopping rule: 0
 
 
 def _task_sites(model) -> dict[str, str]:

@@ -155,7 +155,8 @@ class FitLoop:
             builtin.append(VariationalTau(tau) if isinstance(guide, AutoNormal) else EvidenceTau(tau, self))
         self.best = BestState(cfg.patience)
         if cfg.early_stopping == "per_task" and val is not None and model.has_tasks:
-            builtin.append(PerTaskBest(model.tasks))  # after BestState: its rows go over the restored best state
+            # after BestState: its rows go over the restored best state, and it may undo BestState's stop
+            builtin.append(PerTaskBest(model.tasks, cfg.patience))
         self.callbacks = [self.best, *builtin, *callbacks, ProgressBar(progress)]
         names = [cb.name for cb in self.callbacks if cb.name]
         if len(set(names)) != len(names):
