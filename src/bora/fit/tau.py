@@ -141,16 +141,19 @@ def evidence_tau(S: float | torch.Tensor, F: torch.Tensor, a: float = 1.0, b: fl
         raise ValueError(f"with global_precision, F must be [tasks, coordinates], got shape {tuple(F.shape)}")
     if not bool((F > 0).any()):
         raise ValueError("no informative coordinates to estimate tau from")
-    if _dlog_evidence(lo, S, F, a, b, global_precision) <= 0:
+    return _root_in_log(lambda u: _dlog_evidence(u, S, F, a, b, global_precision), lo, hi)
+
+
+def _root_in_log(slope, lo: float, hi: float) -> float:
+    """``exp`` of the root in ``u = log tau`` of a strictly decreasing ``slope(u)`` (bisection), clipped to
+    ``[exp(lo), exp(hi)]``."""
+    if slope(lo) <= 0:
         return math.exp(lo)
-    if _dlog_evidence(hi, S, F, a, b, global_precision) >= 0:
+    if slope(hi) >= 0:
         return math.exp(hi)
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        if _dlog_evidence(mid, S, F, a, b, global_precision) > 0:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
     return math.exp(0.5 * (lo + hi))
 
 
@@ -231,14 +234,7 @@ def evidence_tau_lowrank(S: float, curv: LowRankCurvature, a: float = 1.0, b: fl
         gt = curv.global_terms(tau, global_precision)[1] if global_precision is not None else 0.0
         return 0.5 * (curv.gamma(tau) - gt - tau * S) + (a - 1.0) - b * tau
 
-    if slope(lo) <= 0:
-        return math.exp(lo)
-    if slope(hi) >= 0:
-        return math.exp(hi)
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
-    return math.exp(0.5 * (lo + hi))
+    return _root_in_log(slope, lo, hi)
 
 
 def format_tau(v, spec: str = ".3g") -> str:
