@@ -684,15 +684,56 @@ def readme_block(root: Path) -> str:
                f"({load(rel_fit, root)['epochs']:g} epochs) took {fit['learned']['wall'] / fit['plain']['wall']:.2f}x "
                f"plain PEFT's wall time and {fit['learned']['wall'] / fit['fixed']['wall']:.2f}x a fixed-tau fit's "
                f"([`{rel_fit}`]({rel_fit})).")
-    rel_t = "analysis/results/uncertainty/posterior_scale_tilted/posterior_scale.json"
-    rel_u = "analysis/results/uncertainty/uncertainty.json"
-    t = load(rel_t, root)
-    u = load(rel_u, root)["test"]
-    out.append(f"- **Laplace posterior**: its document-level BMA beats the MAP on the test split of a main-job fit, "
-               f"{t['rows']['test']['1.0'][0]:.4f} against {t['rows']['test']['map'][0]:.4f} nats/token "
-               f"({t['samples']} draws, tilted estimator; [`{rel_t}`]({rel_t})), and its expected calibration error "
-               f"is {u['bma_token_ece'] / u['point_ece']:.2f}x the MAP's ([`{rel_u}`]({rel_u})).")
+    out.append(_bullet_bma(root))
+    out.append(_bullet_classification(root))
     return "\n".join(out) + "\n"
+
+
+def _bullet_bma(root: Path) -> str:
+    """The Laplace posterior's document-level BMA against the MAP over posterior seeds (analysis/bma_seeds.py)."""
+    rel_b = "analysis/results/uncertainty/bma_64x3/bma_seeds.json"
+    rel_u = "analysis/results/uncertainty/uncertainty.json"
+    b = load(rel_b, root)
+    u = load(rel_u, root)["test"]
+    p = b["paired"]
+    draws = {r["samples"] for r in b["per_seed"]}
+    est = {r["estimator"] for r in b["per_seed"]}
+    return (f"- **Laplace posterior** of a main-job fit, test split: the document-level BMA "
+            f"{b['nll_bma']:.4f} nats/token against the MAP's {b['nll_point']:.4f} (perplexity {b['ppl_bma']:.2f} "
+            f"vs {b['ppl_point']:.2f}; {'/'.join(map(str, sorted(draws)))} draws, {'/'.join(sorted(est))} "
+            f"estimator, {b['seeds']} posterior seeds, fp32): {p['diff']:+.3f} ppl, 95% interval "
+            f"{interval(p['lo'], p['hi'], 3)} (documents and posterior seeds resampled). [`{rel_b}`]({rel_b}). "
+            f"Its token-level expected calibration error is {u['bma_token_ece'] / u['point_ece']:.2f}x the MAP's "
+            f"([`{rel_u}`]({rel_u})).")
+
+
+def _bullet_classification(root: Path) -> str:
+    """fortunes-mine: bora against per-task LoRA and shared LoRA over seeds (analysis/classification.py)."""
+    rel = "analysis/results/classification/fortunes-mine/summary_linear.json"
+    s = load(rel, root)
+    st, ref = s["settings"], s["ref"]
+    K = st[ref]["seeds"]
+
+    def cell(name, kind="map"):
+        o = st[name][kind]["overall"]
+        return f"{o['accuracy']:.3f} / {o['nll']:.3f}"
+
+    def diff(v, m):
+        return f"{v[m]['diff']:+.3f} {interval(v[m]['lo'], v[m]['hi'], 3)}"
+    pt, sh = s["paired"]["per_task"], s["paired"]["shared"]
+    ptm = s["paired_map"]["per_task"]
+    r = st[ref]["ece_ratio"]
+    ratio_ci = f"[{r['lo']:.2f}, {r['hi']:.2f}]"
+    return (f"- **Classification** (`--data fortunes-mine`, 12 tasks of 24-240 rows, {K} fitting seeds; accuracy / "
+            f"NLL per row, mean over tasks): bora's MAP {cell(ref)}, its Laplace posterior average (linearised "
+            f"predictive) {cell(ref, 'posterior_average')}, one LoRA per task {cell('per_task')}, one shared LoRA "
+            f"{cell('shared')}. Posterior average minus per-task LoRA: accuracy {diff(pt, 'accuracy')}, NLL "
+            f"{diff(pt, 'nll')}; minus shared: {diff(sh, 'accuracy')}, {diff(sh, 'nll')}; bora's MAP minus per-task "
+            f"LoRA: {diff(ptm, 'accuracy')}, {diff(ptm, 'nll')} (95%, rows and seeds resampled). ECE of the posterior "
+            f"average {r['ratio']:.2f}x the MAP's {ratio_ci}, "
+            f"while the MAP's ECE ({r['ece_map']:.3f}) is within {r['ece_map'] - r['floor_map']:.3f} of what a "
+            f"perfectly calibrated predictor shows on these few rows per task ({r['floor_map']:.3f}). "
+            f"[`{rel}`]({rel})")
 
 
 def render(root: Path = ROOT) -> dict[str, str]:
