@@ -6,8 +6,9 @@
     python analysis/tau_sweep.py --data shakespeare-all --sample-tasks 128   # a random 128 of the 1,023 tasks
     python analysis/tau_sweep.py --lrs 1e-3 2e-3 4e-3  # every setting at every lr, each setting's lr chosen on val
 
-Fits ``uncoupled`` (the tau -> 0 limit, A shared), ``shared``, every fixed tau of ``--taus`` and the
-learned tau (MAP with the
+Fits ``uncoupled`` (the tau -> 0 limit, A shared), ``shared``, ``two-stage`` (the practice of fine-tuning every
+task from the shared fit: each task's ``B`` starts at the chosen shared fit's and keeps its own best validation step,
+``A`` stays the shared fit's), every fixed tau of ``--taus`` and the learned tau (MAP with the
 Laplace-evidence update; ``--meanfield`` adds a mean-field fit) on the same splits, with the same
 budget and early stopping on validation, and evaluates per-task perplexity on the test split, which
 nothing is tuned on. The frozen lower layers are computed once per document for the whole sweep
@@ -42,6 +43,7 @@ import csv
 import math
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,15 +73,25 @@ def _corr(x, y) -> tuple[float, float]:
     return pearson, float(np.corrcoef(rx, ry)[0, 1])
 
 
+#: the two-stage practice: the chosen shared fit, then every task's ``B`` fine-tuned from it, each task stopped at
+#: its own best validation step (``early_stopping='per_task'``; the global ``A`` stays the shared fit's)
+TWO_STAGE = "two-stage"
+
+
 def settings_from(args) -> list[tuple[str, dict]]:
-    out = [("uncoupled", {"tau_mode": "uncoupled"}), ("shared", {"tau_mode": "shared"})]
+    out = [("uncoupled", {"tau_mode": "uncoupled"}), ("shared", {"tau_mode": "shared"}),
+           (TWO_STAGE, {"tau_mode": "uncoupled", "early_stopping": "per_task", "init": "shared"})]
     out += [(f"tau={t:g}", {"tau_mode": "fixed", "tau": float(t)}) for t in args.taus]
     out.append(("learned (MAP, evidence)", {"tau_mode": "learned"}))
     if args.meanfield:
         out.append(("learned (mean-field)", {"tau_mode": "learned", "guide": "meanfield"}))
     structure = {"hierarchy": args.hierarchy, "parameterisation": args.parameterisation}
-    return [(name, {**change, **structure}) for name, change in out
-            if not args.only or name.split(" ")[0] in args.only]
+    chosen = [(name, {**change, **structure}) for name, change in out
+              if not args.only or name.split(" ")[0] in args.only]
+    names = [n for n, _ in chosen]
+    if TWO_STAGE in names and "shared" not in names:
+        raise SystemExit("tau_sweep: error: the two-stage setting starts from the shared fit: add 'shared' to --only")
+    return chosen
 
 
 #: bucket edges of training documents per task for ``by_size.md`` (``1-2``: cold start)
@@ -129,6 +141,7 @@ def run(args) -> dict:
     from bora.evaluation.evaluate import doc_loglik
 
     t_start = time.perf_counter()
+    settings = settings_from(args)  # refuses a bad --only before anything is loaded
     base_cfg = BoraConfig()
     fit_cfg = base_cfg.fit.replace(epochs=args.epochs, patience=args.patience, seed=args.seed,
                                    eval_every=args.eval_every, lr=args.lr,
@@ -157,13 +170,19 @@ def run(args) -> dict:
     lrs = [float(x) for x in args.lrs] if grid else [float(args.lr)]
     rows, overall, docs, docs_by_lr = [], {}, {}, {}
     base_test = None
-    for name, change in settings_from(args):
+    saved = tempfile.TemporaryDirectory(prefix="tau-sweep-")  # fits later settings start from (two-stage)
+    starts = {}  # setting -> folder of its chosen fit
+    fit_keys = ("guide", "early_stopping", "init")
+    for name, change in settings:
         tries = []  # one fit per learning rate
         for lr in lrs:
-            prior = PriorConfig(**{k: v for k, v in change.items() if k != "guide"})
-            fit = fit_cfg.replace(guide=change.get("guide", "map"), lr=lr)
+            prior = PriorConfig(**{k: v for k, v in change.items() if k not in fit_keys})
+            fit = fit_cfg.replace(guide=change.get("guide", "map"), lr=lr,
+                                  early_stopping=change.get("early_stopping", "global"))
             cfg = base_cfg.replace(prior=prior, fit=fit)
             bora = Bora(cfg, lm, tok, train.tasks, len(train), task_sizes=train.task_sizes().tolist())
+            if "init" in change:  # started from the chosen fit of an earlier setting
+                bora.init_from(starts[change["init"]])
             if feeds is None:  # one frozen-prefix cache per split for the whole sweep
                 feeds = {k: bora.feed(v, progress=True, desc=f"caching frozen layers ({k})") for k, v in data.items()}
                 base_test = bora.evaluate(feeds["test"], base=True)
@@ -185,6 +204,9 @@ def run(args) -> dict:
                                   "train_docs": int(train.task_sizes()[t]), "train_tokens": int(train.task_tokens()[t]),
                                   "test_tokens": m["tokens"], "test_nll": m["nll"], "test_ppl": m["ppl"]})
             tries.append({"overall": o, "rows": task_rows, "docs": (-ll).tolist()})
+            if any(c.get("init") == name for _, c in settings):  # a later setting starts here
+                tries[-1]["folder"] = Path(saved.name) / f"{name}_lr{lr:g}"
+                bora.save(tries[-1]["folder"])
             print(f"{name}: val NLL {res.best_val_nll:.4f}  test ppl (task mean) {test['overall']['ppl_task_mean']:.3f}"
                   f"  tau {tau_value:.4g}  steps {res.steps}", flush=True)
             bora.remove_adapters_()
@@ -195,6 +217,10 @@ def run(args) -> dict:
         by_lr = [{key: x["overall"][key] for key in ("lr", "best_val_nll", "test", "tau", "steps", "best_step",
                                                      "seconds")} | {"chosen": i == k} for i, x in enumerate(tries)]
         overall[name] = {**tries[k]["overall"], "by_lr": by_lr}
+        if "folder" in tries[k]:
+            starts[name] = tries[k]["folder"]
+        if "init" in change:
+            overall[name]["init_lr"] = overall[change["init"]]["lr"]
         rows += tries[k]["rows"]
         docs[name] = tries[k]["docs"]
         docs_by_lr[name] = {f"{x['overall']['lr']:g}": x["docs"] for x in tries}
@@ -207,6 +233,7 @@ def run(args) -> dict:
                      "test_tokens": m["tokens"],
                      "test_nll": m["nll"], "test_ppl": m["ppl"]})
     overall["base model"] = {"tau": math.nan, "test": base_test["overall"]}
+    saved.cleanup()
     wall = time.perf_counter() - t_start
     test_split = data["test"]
     docs["_tokens"] = [int(len(x)) - 1 for x in test_split.input_ids]
@@ -293,8 +320,8 @@ def write_outputs(out: Path, result: dict, argv: list[str]) -> None:
     from bora.evaluation.evaluate import paired_bootstrap
 
     docs = result.get("docs", {})
-    pairs = [(learned, "shared"), (learned, "uncoupled")] + ([(learned, best_grid)] if best_grid else []) + [
-        ("tau=10000", "tau=1000"), ("shared", "tau=10000")]
+    pairs = [(learned, "shared"), (learned, TWO_STAGE), (learned, "uncoupled")]
+    pairs += ([(learned, best_grid)] if best_grid else []) + [("tau=10000", "tau=1000"), ("shared", "tau=10000")]
     boot = {}
     for a, b in pairs:
         if a in docs and b in docs:
@@ -399,7 +426,8 @@ def main(argv=None) -> dict:
     p.add_argument("--hierarchy", default="B", choices=["B", "AB"], help="task-level LoRA factors of every fit")
     p.add_argument("--parameterisation", default="auto", choices=["auto", "noncentred", "offset", "centred"])
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these settings (first word of the name: uncoupled shared tau=1000 learned)")
+                   help="run only these settings (first word of the name: uncoupled shared two-stage tau=1000 learned; "
+                        "two-stage needs shared)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps (default: per epoch)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every fit")
     p.add_argument("--lrs", type=float, nargs="+", default=None,

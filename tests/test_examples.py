@@ -56,7 +56,7 @@ def test_tau_sweep_smoke(tmp_path):
     res = mod.main(["--tiny", "--epochs", "0.5", "--taus", "100", "--quiet", "--out", str(tmp_path),
                     "--sample-tasks", "2", "--sample-seed", "1"])
     names = {r["setting"] for r in res["rows"]}
-    assert names == {"uncoupled", "shared", "tau=100", "learned (MAP, evidence)", "base model"}
+    assert names == {"uncoupled", "shared", "two-stage", "tau=100", "learned (MAP, evidence)", "base model"}
     assert len(res["tasks"]) == 2 and set(res["tasks"]) < {"hamlet/HAMLET", "macbeth/LADY MACBETH", "hamlet/Ghost"}
     for f in ("per_task.csv", "table.md", "ppl_vs_tau.png", "gain_vs_size.png", "meta.json", "by_size.md"):
         assert (tmp_path / f).stat().st_size > 0
@@ -145,6 +145,34 @@ def test_tau_sweep_lr_grid_never_chooses_on_test(tmp_path, monkeypatch):
         assert min(x["test"]["ppl_task_mean"] for x in o["by_lr"]) < ppl  # test would have chosen otherwise
     assert meta["best_grid_by_validation"] == "tau=10"
     assert "Best grid setting by validation NLL: tau=10 (test ppl 30.000)" in (tmp_path / "table.md").read_text()
+
+
+def test_tau_sweep_two_stage_starts_from_the_chosen_shared_fit(tmp_path, monkeypatch):
+    """two-stage: every task's B starts at the shared fit chosen on validation (each lr of the grid starts there),
+    each task keeps its own best validation step; its validation NLL can only improve on the shared fit's, which
+    it validates first."""
+    from bora.api import Bora
+
+    starts = []
+    init_from = Bora.init_from
+
+    def spy(self, path):
+        starts.append((self.config.fit.lr, self.config.fit.early_stopping, self.config.prior.tau_mode, Path(path).name))
+        return init_from(self, path)
+
+    monkeypatch.setattr(Bora, "init_from", spy)
+    lrs = ["1e-3", "4e-3"]
+    _analysis("tau_sweep").main(["--tiny", "--epochs", "0.5", "--quiet", "--only", "shared", "two-stage",
+                                 "--lrs", *lrs, "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    shared, two = meta["overall"]["shared"], meta["overall"]["two-stage"]
+    chosen = f"shared_lr{shared['lr']:g}"
+    assert starts == [(float(lr), "per_task", "uncoupled", chosen) for lr in lrs]
+    assert two["init_lr"] == shared["lr"]
+    assert all(x["best_val_nll"] <= shared["best_val_nll"] + 1e-6 for x in two["by_lr"])
+    assert "two-stage vs shared" not in meta["bootstrap"]  # the learned fit is the reference; none was run here
+    with pytest.raises(SystemExit, match="starts from the shared fit"):
+        _analysis("tau_sweep").main(["--tiny", "--quiet", "--only", "two-stage", "--out", str(tmp_path / "x")])
 
 
 def test_choose_lr_sees_only_validation():
