@@ -364,6 +364,19 @@ def test_tau_curvature_script(tmp_path, capsys):
     assert t["diag_profiled"] >= t["lowrank_profiled"] * (1 - 1e-6) and ga["diag"] >= ga["lowrank"]
     assert 0 < res["rank"]["total"] <= res["rank"]["documents"] == sum(res["sizes"])
     assert (tmp_path / "tc" / "tau_curvature.md").exists()
+    # sampled labels, 4 draws: the averages of 1, 2 and 4 draws, whose rank grows with the draws
+    res = _analysis("tau_curvature").main([str(tmp_path / "fit"), "--out", str(tmp_path / "tc4"), "--quiet",
+                                           "--labels", "sampled", "--label-samples", "4"])
+    rows = res["by_samples"]
+    assert [r["samples"] for r in rows] == [1, 2, 4] and res["tau"] == rows[-1]["tau"]
+    ranks = [r["rank"]["total"] for r in rows]
+    assert ranks[0] <= ranks[1] <= ranks[2] <= 4 * res["rank"]["documents"] and ranks[2] > ranks[0]
+    for r in rows:
+        assert r["gamma_at_fit_tau"]["diag"] >= r["gamma_at_fit_tau"]["lowrank"] * (1 - 1e-9)
+    assert rows[0]["gamma_at_fit_tau"] != rows[2]["gamma_at_fit_tau"]  # other draws, another Fisher
+    assert "| 4 | full (low-rank) |" in (tmp_path / "tc4" / "tau_curvature.md").read_text()
+    with pytest.raises(SystemExit):
+        _analysis("tau_curvature").main([str(tmp_path / "fit"), "--out", str(tmp_path / "x"), "--label-samples", "2"])
     assert main(["fit", *common, "--tau-mode", "fixed", "--tau", "10", "--output", str(tmp_path / "fixed")]) == 0
     with pytest.raises(SystemExit, match="one learned tau"):
         _analysis("tau_curvature").main([str(tmp_path / "fixed"), "--out", str(tmp_path / "x"), "--quiet"])
