@@ -7,7 +7,8 @@
         --out analysis/results/fortunes/integrated_vs_shared_3seeds.json
 
 Each ``--a``/``--b`` is ``FOLDER::SETTING``: one setting's per-document test NLL in an ``analysis/tau_sweep.py``
-output folder (``test_doc_nll.json``), one per fitting seed, paired by position (the k-th ``--a`` with the k-th
+output folder (``test_doc_nll.json``), or a baseline's JSON written by ``analysis/per_task_lora.py`` (``doc_nll``,
+``tokens``, ``task_ids``), one per fitting seed, paired by position (the k-th ``--a`` with the k-th
 ``--b``). Every run must hold the same test documents in the same order (checked: the data split does not depend
 on the fitting seed). The JSON holds both sides' per-seed perplexity, the interval of
 :func:`bora.evaluation.evaluate.seeds_bootstrap` (2000 resamples of documents within tasks and of seeds, 95%) and
@@ -22,21 +23,32 @@ import sys
 from pathlib import Path
 
 
+def _read(spec: str) -> tuple[list, list, list]:
+    """``(per-document NLL, tokens, task ids)`` of one ``FOLDER::SETTING`` or baseline ``FILE.json`` spec."""
+    folder, sep, setting = spec.partition("::")
+    if not sep and spec.endswith(".json"):  # analysis/per_task_lora.py's output
+        base = json.loads(Path(spec).read_text())
+        if not {"doc_nll", "tokens", "task_ids"} <= set(base):
+            sys.exit(f"sweep_seeds: {spec} holds no doc_nll/tokens/task_ids (written by analysis/per_task_lora.py?)")
+        return base["doc_nll"], base["tokens"], base["task_ids"]
+    if not sep:
+        sys.exit(f"sweep_seeds: expected FOLDER::SETTING or a baseline's FILE.json, got {spec!r}")
+    docs = json.loads((Path(folder) / "test_doc_nll.json").read_text())
+    if setting not in docs:
+        sys.exit(f"sweep_seeds: {folder} has no setting {setting!r} (it has {sorted(docs)})")
+    return docs[setting], docs["_tokens"], docs["_task_ids"]
+
+
 def _side(specs: list[str]) -> tuple[list, list, list]:
-    """``(per-seed NLL lists, tokens, task ids)`` of ``FOLDER::SETTING`` specs."""
+    """``(per-seed NLL lists, tokens, task ids)`` of ``FOLDER::SETTING`` (or baseline ``FILE.json``) specs."""
     rows, toks, tids = [], None, None
     for spec in specs:
-        folder, sep, setting = spec.partition("::")
-        if not sep:
-            sys.exit(f"sweep_seeds: expected FOLDER::SETTING, got {spec!r}")
-        docs = json.loads((Path(folder) / "test_doc_nll.json").read_text())
-        if setting not in docs:
-            sys.exit(f"sweep_seeds: {folder} has no setting {setting!r} (it has {sorted(docs)})")
+        nll, tk, ti = _read(spec)
         if toks is None:
-            toks, tids = docs["_tokens"], docs["_task_ids"]
-        elif docs["_tokens"] != toks or docs["_task_ids"] != tids:
-            sys.exit(f"sweep_seeds: {folder} holds other test documents than {specs[0]}")
-        rows.append(docs[setting])
+            toks, tids = tk, ti
+        elif tk != toks or ti != tids:
+            sys.exit(f"sweep_seeds: {spec} holds other test documents than {specs[0]}")
+        rows.append(nll)
     return rows, toks, tids
 
 

@@ -214,6 +214,16 @@ def test_combine_seeds_and_parameterisations(tmp_path):
     cross = ss.main(["--a", f"{tmp_path / 's1'}::learned (MAP, evidence)", "--b", sides[1],
                      "--out", str(tmp_path / "cross.json")])
     assert cross["per_seed"] == [pytest.approx(pairs[("learned [offset]", "shared")]["diff"])]
+    # a baseline's JSON (analysis/per_task_lora.py's keys) reads as the same documents
+    docs1 = json.loads((tmp_path / "s1" / "test_doc_nll.json").read_text())
+    (tmp_path / "base.json").write_text(json.dumps({"doc_nll": docs1["shared"], "tokens": docs1["_tokens"],
+                                                    "task_ids": docs1["_task_ids"]}))
+    via = ss.main(["--a", f"{tmp_path / 's1'}::learned (MAP, evidence)", "--b", str(tmp_path / "base.json"),
+                   "--out", str(tmp_path / "via.json")])
+    assert via["per_seed"] == cross["per_seed"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no doc_nll"):
+        ss.main(["--a", sides[1], "--b", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="one of each per seed"):
         ss.main(["--a", sides[0], "--a", sides[1], "--b", sides[0], "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="no setting"):
