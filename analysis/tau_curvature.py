@@ -72,10 +72,10 @@ def run(args) -> dict:
     tf = draws[0][0]
     rows = []
     for m in _prefixes(args.label_samples):  # the Fisher averaged over the first m draws
-        G = [torch.cat([d[0].gradients[t] for d in draws[:m]], 1) / math.sqrt(m) for t in range(len(bora.tasks))]
         F = sum(d[1] for d in draws[:m]) / m
-        curv = LowRankCurvature(G)
-        del G
+        # one task's columns at a time: the curvature keeps only eigenvectors
+        curv = LowRankCurvature(torch.cat([d[0].gradients[t] for d in draws[:m]], 1) / math.sqrt(m)
+                                for t in range(len(bora.tasks)))
         rows.append({
             "samples": m,
             "rank": {"total": int(len(curv.lam)), "documents": int(sum(tf.used.tolist())), "columns": m * int(

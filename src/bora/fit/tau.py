@@ -198,9 +198,18 @@ class LowRankCurvature:
     @property
     def gram(self) -> torch.Tensor:
         """``U^T U`` over every task's eigenvectors (``K x K``; its diagonal blocks are identities)."""
-        if self._gram is None:
-            U = torch.cat(self._vecs, 1)
-            self._gram = U.T @ U
+        if self._gram is None:  # block by block: no [P, K] copy of every task's eigenvectors at once
+            sizes = [V.shape[1] for V in self._vecs]
+            G = torch.empty(sum(sizes), sum(sizes), dtype=self._vecs[0].dtype)
+            offs = [0]
+            for n in sizes:
+                offs.append(offs[-1] + n)
+            for i, Vi in enumerate(self._vecs):
+                for j in range(i, len(self._vecs)):
+                    block = Vi.T @ self._vecs[j]
+                    G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = block
+                    G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = block.T
+            self._gram = G
         return self._gram
 
     def gamma(self, tau: float) -> float:
