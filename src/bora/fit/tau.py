@@ -80,6 +80,7 @@ instead (flat in ``log a, log b``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Mapping, Optional
 
@@ -201,9 +202,7 @@ class LowRankCurvature:
         if self._gram is None:  # block by block: no [P, K] copy of every task's eigenvectors at once
             sizes = [V.shape[1] for V in self._vecs]
             G = torch.empty(sum(sizes), sum(sizes), dtype=self._vecs[0].dtype)
-            offs = [0]
-            for n in sizes:
-                offs.append(offs[-1] + n)
+            offs = [0, *itertools.accumulate(sizes)]
             for i, Vi in enumerate(self._vecs):
                 for j in range(i, len(self._vecs)):
                     block = Vi.T @ self._vecs[j]
