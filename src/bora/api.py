@@ -35,6 +35,7 @@ from .data.feed import Feed
 from .model.guides import make_guide, point_values, set_scales_
 from .fit.callbacks import Callback
 from .fit.loop import FitResult, fit
+from .fit.refine import refine_tau
 from .fit.newtask import fit_new_task
 from .lora.inject import AdapterSet, inject_adapters_
 from .posterior.laplace import HierarchicalLaplace, laplace_from_point, task_layout
@@ -157,6 +158,9 @@ class Bora:
             cfg = cfg.replace(lr=cfg.lr / 10)
         self.result = fit(self.model, self.guide, train_feed, val_feed, cfg, tau=self.tau,
                           progress=progress, checkpoint=checkpoint, resume=resume, callbacks=callbacks)
+        if cfg.tau_rounds and self.tau is not None:  # alternate inner fits at fixed tau with its update
+            self.result = refine_tau(self.model, self.guide, train_feed, val_feed, cfg, self.tau, self.result,
+                                     progress=progress)
         if guide_of(self.config.fit).laplace:
             t0 = time.perf_counter()
             self.fit_laplace_(train_feed, progress=progress)

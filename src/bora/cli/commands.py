@@ -172,6 +172,14 @@ def fit_command(args, argv) -> int:
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
     if result.tau_hyper:  # a per-task tau: every task's and the learned Gamma(a, b)
         print(format_task_taus(bora.tasks, tau.get("tau") or [], result.tau_hyper))
+    for r in result.tau_rounds or []:
+        print(f"tau round {r['round']}: fitted at tau {_taus(r['tau'])}, update there {_taus(r['update'])}, residual "
+              f"{_residuals(r['residual'])}, best step {r['best_step']} of {r['steps']}, validation NLL "
+              f"{r['best_val_nll']:.4f}")
+    if result.tau_converged is not None:
+        print(f"tau rounds: {'converged' if result.tau_converged else 'not converged'} after "
+              f"{len(result.tau_rounds or [])} of at most {bora.config.fit.tau_rounds} (tolerance "
+              f"{100 * bora.config.fit.tau_tolerance:g}%)")
     if result.tau_residual:
         print("tau fixed-point residual at the returned adapters: " + ", ".join(
             f"{k} {100 * v:.1f}%" for k, v in result.tau_residual.items())
@@ -184,6 +192,14 @@ def fit_command(args, argv) -> int:
               f"(prior sd tau^-1/2); `bora evaluate {out} --samples 8` averages over it")
     print(f"saved to {out}  (bora evaluate {out})")
     return 0
+
+
+def _taus(values: dict) -> str:
+    return ", ".join(f"{k}={format_tau(v)}" for k, v in values.items())
+
+
+def _residuals(residual) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in (residual or {}).items()) or "n/a"
 
 
 def cmd_evaluate(args) -> int:

@@ -348,6 +348,15 @@ class FitConfig(_JsonConfig):
         "update, at the current point; the accumulated Fisher is scaled by how much smaller their squared gradients "
         "are there than in the steps that saw them (a document's gradient shrinks once a step has fitted it). "
         "0: no probe pass.")
+    tau_rounds: int = _f(
+        0, "After a learned-tau point fit: at most this many rounds that alternate an inner fit at fixed tau with the "
+        "evidence update (bora.fit.refine). A round sets tau to the update at the returned adapters, fits on from them "
+        "for tau_round_epochs passes at that fixed tau (the fit's optimiser settings, early stopping on validation, "
+        "the start kept where nothing improves; each validation's Fisher from a pass over fisher_docs documents per "
+        "task), and measures the fixed-point residual |update - tau| / tau at its best point; the rounds stop once "
+        "it is at most tau_tolerance. 0: no rounds (the residual is still printed and stored).")
+    tau_round_epochs: float = _f(1.0, "Passes over the training documents of each tau_rounds round.")
+    tau_tolerance: float = _f(0.05, "The fixed-point residual at which tau_rounds stop (0.05: five percent).")
     laplace_docs: Optional[int] = _f(
         64, "Training documents per task for the Laplace posterior's curvature ('laplace'; a task's Fisher is "
         "scaled to all its documents; None: every document).")
@@ -419,6 +428,13 @@ class FitConfig(_JsonConfig):
         _check(isinstance(self.tau_probe_docs, int) and self.tau_probe_docs >= 0,
                f"tau_probe_docs must be a non-negative integer, got {self.tau_probe_docs!r}")
         _check(self.num_particles >= 1, "num_particles must be >= 1")
+        _check(isinstance(self.tau_rounds, int) and self.tau_rounds >= 0,
+               f"tau_rounds must be a non-negative integer, got {self.tau_rounds!r}")
+        _check(self.tau_round_epochs > 0, f"tau_round_epochs must be > 0, got {self.tau_round_epochs!r}")
+        _check(self.tau_tolerance > 0, f"tau_tolerance must be > 0, got {self.tau_tolerance!r}")
+        _check(self.tau_rounds == 0 or self.guide != "meanfield",
+               "tau_rounds needs a point guide ('map' or 'laplace'): a mean-field fit sets tau by its M-step")
+        _check(self.tau_rounds == 0 or self.task_updates == "eager", "tau_rounds needs task_updates='eager'")
         _check(self.early_stopping == "global" or self.guide != "meanfield",
                "early_stopping='per_task' needs a point guide ('map' or 'laplace'): a mean-field task's scales would "
                "not match its means")
@@ -582,6 +598,10 @@ class BoraConfig(_JsonConfig):
                "tau_per_task needs a point guide ('map' or 'laplace'), not 'meanfield'")
         _check(not self.prior.tau_per_task or self.fit.task_updates == "eager",
                "tau_per_task needs task_updates='eager'")
+        _check(self.fit.tau_rounds == 0 or self.prior.tau_mode == "learned",
+               f"tau_rounds needs tau_mode='learned', got {self.prior.tau_mode!r}")
+        _check(self.fit.tau_rounds == 0 or self.prior.parameterisation != "noncentred",
+               "tau_rounds needs offset or centred task sites, not parameterisation='noncentred'")
         _check(self.fit.task_updates == "eager" or self.prior.parameterisation in ("auto", "offset"),
                f"task_updates='lazy' needs offset task sites (parameterisation 'auto' or 'offset'), got "
                f"{self.prior.parameterisation!r}")

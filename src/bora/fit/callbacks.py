@@ -209,15 +209,19 @@ def _task_sites(model) -> dict[str, str]:
 class EvidenceTau(Callback):
     """A learned tau of a point guide: re-estimated by the Laplace evidence at every validation after step 0
     (:class:`~bora.fit.tau.EmpiricalBayesTau`), with each task's Fisher accumulated from the training steps
-    and corrected by probe documents (``tau_curvature='steps'``) or from a separate pass (``'pass'``)."""
+    and corrected by probe documents (``tau_curvature='steps'``) or from a separate pass (``'pass'``).
+
+    ``apply=False`` (the inner fits of :mod:`bora.fit.refine`): tau stays where it is; every validation, step 0
+    included, records the update the evidence gives at that point (``entry['tau']``, beside ``tau_trained``)."""
 
     name = "tau"
     phase = "tau"
 
-    def __init__(self, tau: EmpiricalBayesTau, loop):
+    def __init__(self, tau: EmpiricalBayesTau, loop, apply: bool = True):
         cfg: FitConfig = loop.cfg
         self.tau = tau
         self.cfg = cfg
+        self.apply = apply
         # the Fisher subsample has its own stream: learned- and fixed-tau fits see the same minibatches
         self.generator = torch.Generator().manual_seed(stream_seed(cfg.seed, "fisher"))
         # a task-sharded fit: each rank accumulates (and keeps rows for) its own tasks only
@@ -270,14 +274,19 @@ class EvidenceTau(Callback):
 
     def on_validate(self, loop, entry, point):
         entry["tau_trained"] = self.tau.as_dict()  # the tau this point was fitted under
-        if entry["step"] > 0:
+        kept = (self.tau.as_dict(), self.tau.hyper_dict())
+        if entry["step"] > 0 or not self.apply:
             tf, ratio = self._task_fisher(loop, point)
             if ratio is not None:
                 entry["fisher_probe_ratio"] = ratio
-            entry["log_evidence"] = self.tau.update_(point, tf, guide=loop.guide, optimizer=loop.optimizer)
+            # recording only: nothing is rescaled (offset or centred sites do not move when tau changes)
+            guide, optimizer = (loop.guide, loop.optimizer) if self.apply else (None, None)
+            entry["log_evidence"] = self.tau.update_(point, tf, guide=guide, optimizer=optimizer)
         entry["tau"] = self.tau.as_dict()
         if self.tau.per_task:
             entry["tau_hyper"] = self.tau.hyper_dict()  # the learned Gamma(a, b) of the per-task taus
+        if not self.apply:
+            self.tau.load_(*kept)
 
     def state_dict(self):
         return {"tau": self.tau.as_dict(), "tau_hyper": self.tau.hyper_dict(), "generator": self.generator.get_state(),

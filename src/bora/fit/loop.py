@@ -93,6 +93,11 @@ class FitResult:
     tau_residual: Optional[dict] = None
     # a per-task tau's learned Gamma(a, b) ({"a": a, "b": b}; None for a single tau)
     tau_hyper: Optional[dict] = None
+    # the rounds of bora.fit.refine after the fit (fit.tau_rounds): one summary per round, with its history
+    tau_rounds: Optional[list] = None
+    # whether the last residual is at most fit.tau_tolerance (None: no rounds were asked for)
+    tau_converged: Optional[bool] = None
+    seconds_tau_rounds: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -123,10 +128,12 @@ def num_steps(cfg: FitConfig, num_docs: int) -> int:
 class FitLoop:
     """Optimise ``guide`` for ``model`` (or ``tau.model`` when tau is learned by empirical Bayes) on ``train``,
     validating on ``val``. ``callbacks`` run after the built-in ones (tau, best state) and before the progress
-    bar; :meth:`run` fits, from the start or from a :meth:`state_dict`."""
+    bar; :meth:`run` fits, from the start or from a :meth:`state_dict`. ``tau_apply=False`` keeps a learned tau
+    fixed and only records the evidence update at every validation (:mod:`bora.fit.refine`'s inner fits)."""
 
     def __init__(self, model, guide, train: Feed, val: Optional[Feed], cfg: FitConfig, *,
-                 tau: Optional[EmpiricalBayesTau] = None, callbacks: Sequence[Callback] = (), progress: bool = True):
+                 tau: Optional[EmpiricalBayesTau] = None, callbacks: Sequence[Callback] = (), progress: bool = True,
+                 tau_apply: bool = True):
         pyro.set_rng_seed(cfg.seed)
         self.model, self.guide, self.train, self.val, self.cfg, self.tau = model, guide, train, val, cfg, tau
         self.total = num_steps(cfg, len(train))
@@ -152,7 +159,7 @@ class FitLoop:
         self.timer = PhaseTimer()
         builtin: list[Callback] = []
         if tau is not None:  # a point guide's tau follows the Laplace evidence, a mean-field guide's the M-step
-            builtin.append(VariationalTau(tau) if isinstance(guide, AutoNormal) else EvidenceTau(tau, self))
+            builtin.append(VariationalTau(tau) if isinstance(guide, AutoNormal) else EvidenceTau(tau, self, tau_apply))
         self.best = BestState(cfg.patience)
         if cfg.early_stopping == "per_task" and val is not None and model.has_tasks:
             # after BestState: its rows go over the restored best state, and it may undo BestState's stop
