@@ -102,6 +102,26 @@ def test_tau_sweep_lr_grid_keeps_each_settings_validation_best(tmp_path):
     same = _analysis("sweep_seeds").main(["--a", f"{tmp_path}::shared", "--b", f"{tmp_path}::shared",
                                           "--out", str(tmp_path / "same.json")])
     assert same["diff"] == 0
+    # grid_seeds: the folder as two seeds; a per-task baseline at two lrs, the one of the lower validation NLL kept
+    for name, setting, v in (("a", "shared", 2.0), ("b", "tau=10", 1.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"doc_nll": docs[setting], "tokens": docs["_tokens"],
+                                                           "task_ids": docs["_task_ids"], "val_nll_task_mean": v,
+                                                           "ppl": meta["overall"][setting]["test"]["ppl_task_mean"]}))
+    extra = f"pt={tmp_path / 'a.json'},{tmp_path / 'b.json'}"
+    gs = _analysis("grid_seeds").main([str(tmp_path), str(tmp_path), "--extra", extra, "--out", str(tmp_path / "gs")])
+    rows = gs["settings"]
+    assert rows["pt"]["source"] == str(tmp_path / "b.json")
+    assert rows["pt"]["ref_minus"]["diff"] == pytest.approx(rows["tau=10"]["ref_minus"]["diff"])
+    for s in settings:
+        want = meta["overall"][s]["test"]["ppl_task_mean"]
+        assert [x["ppl"] for x in rows[s]["per_seed"]] == [want, want]
+        assert rows[s]["ppl_mean"] == pytest.approx(want)
+        if s != "learned (MAP, evidence)":
+            d = rows[s]["ref_minus"]
+            assert d["diff"] == pytest.approx(meta["overall"]["learned (MAP, evidence)"]["test"]["ppl_task_mean"]
+                                              - want) and d["lo"] <= d["diff"] <= d["hi"]
+    assert gs["strongest_baseline"] == min(["shared", "tau=10", "tau=100", "pt"], key=lambda s: rows[s]["ppl_mean"])
+    assert "Strongest baseline" in (tmp_path / "gs" / "summary.md").read_text()
     # a run at one lr is another procedure than the grid: combine refuses to treat them as seeds
     _analysis("tau_sweep").main(["--tiny", "--epochs", "0.5", "--quiet", "--only", "shared", "--lr", "4e-3",
                                  "--out", str(tmp_path / "one")])

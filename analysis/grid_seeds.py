@@ -1,0 +1,120 @@
+"""The learning-rate grids of several fitting seeds (``analysis/tau_sweep.py --lrs ... --seed S``) in one table, with
+bora's learned tau against every baseline by a paired bootstrap over documents and seeds.
+
+    python analysis/grid_seeds.py analysis/results/shakespeare/grid_s0 analysis/results/shakespeare/grid_s1 \
+        analysis/results/shakespeare/grid_s2 --out analysis/results/shakespeare/grid_3seeds
+
+Each folder is one seed's grid: per setting, the learning rate of the lowest best validation NLL was kept
+(``meta.json``'s ``overall``), and ``test_doc_nll.json`` holds that fit's per-document test NLL. This script only
+reads them: per setting and seed the chosen lr, the test perplexity (exp of the mean per-task NLL) and the learned
+tau; and ``--ref`` (the learned tau) minus every other setting by
+:func:`bora.evaluation.evaluate.seeds_bootstrap` (2000 resamples of documents within tasks and of seeds, paired by
+seed, 95%). ``--extra NAME=FILE.json[,FILE.json...]`` adds a baseline written by ``analysis/per_task_lora.py``, one
+file per learning rate, the one of the lowest mean validation NLL kept (one fitting seed; it is paired with every
+seed, and the table says so). The strongest baseline is the one of the lowest mean test
+perplexity: reported, never used to choose anything. Writes ``summary.json`` and ``summary.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+REF = "learned (MAP, evidence)"
+
+
+def _load(folder: Path) -> tuple[dict, dict]:
+    meta, docs = folder / "meta.json", folder / "test_doc_nll.json"
+    if not meta.is_file() or not docs.is_file():
+        sys.exit(f"grid_seeds: {folder} is not an analysis/tau_sweep.py output (no meta.json / test_doc_nll.json)")
+    return json.loads(meta.read_text()), json.loads(docs.read_text())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", type=Path, help="one analysis/tau_sweep.py --lrs output folder per seed")
+    p.add_argument("--ref", default=REF, help="the setting compared against every other one")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=FILE.json",
+                   help="a baseline of analysis/per_task_lora.py (one fit, paired with every seed)")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    from bora.core.files import write_json
+    from bora.evaluation.evaluate import seeds_bootstrap
+
+    runs = [_load(f) for f in a.folders]
+    toks, tids = runs[0][1]["_tokens"], runs[0][1]["_task_ids"]
+    for f, (_, docs) in zip(a.folders, runs):
+        if docs["_tokens"] != toks or docs["_task_ids"] != tids:
+            sys.exit(f"grid_seeds: {f} holds other test documents than {a.folders[0]}")
+    settings = [s for s in runs[0][1] if not s.startswith("_")]
+    for f, (_, docs) in zip(a.folders, runs):
+        if sorted(s for s in docs if not s.startswith("_")) != sorted(settings):
+            sys.exit(f"grid_seeds: {f} has other settings than {a.folders[0]}")
+    if a.ref not in settings:
+        sys.exit(f"grid_seeds: no setting {a.ref!r} (have {settings})")
+    nll = {s: [docs[s] for _, docs in runs] for s in settings}
+    rows = {}
+    for s in settings:
+        per = [m["overall"][s] for m, _ in runs]
+        rows[s] = {"per_seed": [{"seed": m["config"]["fit"]["seed"] if "config" in m else k, "lr": o["lr"],
+                                 "ppl": o["test"]["ppl_task_mean"], "val_nll": o["best_val_nll"], "tau": o["tau"],
+                                 "best_step": o["best_step"]} for k, ((m, _), o) in enumerate(zip(runs, per))]}
+    for spec in a.extra:
+        name, sep, paths = spec.partition("=")
+        if not sep or not all(x.endswith(".json") for x in paths.split(",")):
+            sys.exit(f"grid_seeds: --extra takes NAME=FILE.json[,FILE.json...], got {spec!r}")
+        fits = []
+        for path in paths.split(","):
+            base = json.loads(Path(path).read_text())
+            if base.get("tokens") != toks or base.get("task_ids") != tids:
+                sys.exit(f"grid_seeds: {path} holds other test documents than the grids")
+            fits.append((base["val_nll_task_mean"], path, base))
+        _, path, base = min(fits, key=lambda x: x[0])  # the lr of the lowest mean validation NLL (never test)
+        nll[name] = [base["doc_nll"]] * len(runs)
+        rows[name] = {"per_seed": [{"seed": None, "lr": base.get("lr"), "ppl": base["ppl"],
+                                    "val_nll": base["val_nll_task_mean"], "tau": None, "best_step": None}],
+                      "source": path, "candidates": [{"source": q, "lr": b.get("lr"), "val_nll": v, "ppl": b["ppl"]}
+                                                     for v, q, b in fits],
+                      "note": "one fit, paired with every seed; lr chosen on validation"}
+        settings.append(name)
+    for s in settings:
+        r = seeds_bootstrap(nll[s], nll[a.ref], toks, tids, resamples=2000, level=0.95)
+        rows[s]["ppl_mean"] = r["a"]
+        if s != a.ref:
+            b = seeds_bootstrap(nll[a.ref], nll[s], toks, tids, resamples=2000, level=0.95)
+            rows[s]["ref_minus"] = {"diff": b["diff"], "rel": b["diff"] / b["b"], "lo": b["lo"], "hi": b["hi"],
+                                    "per_seed": b["per_seed"], "frac_ref_lower": b["frac_a_lower"]}
+    baselines = [s for s in settings if s != a.ref and s != "base model"]
+    strongest = min(baselines, key=lambda s: rows[s]["ppl_mean"])
+    out = {"command": "python analysis/grid_seeds.py " + " ".join(str(f) for f in a.folders)
+           + "".join(f" --extra {shlex.quote(e)}" for e in a.extra) + f" --out {a.out}",
+           "folders": [str(f) for f in a.folders], "ref": a.ref, "settings": rows, "strongest_baseline": strongest,
+           "seeds": len(runs), "resamples": 2000, "level": 0.95}
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_json(a.out / "summary.json", out)
+    lines = [f"# {len(runs)} fitting seeds, every setting at the lr validation chose per seed", "",
+             f"`{out['command']}`", "", "| setting | test ppl per seed (lr) | mean | learned tau | "
+             f"{a.ref} minus it, 95% (documents and seeds) |", "|---|---|---|---|---|"]
+    for s in settings:
+        r = rows[s]
+        seeds = ", ".join(f"{x['ppl']:.3f}" + (f" ({x['lr']:g})" if x["lr"] is not None else "") for x in r["per_seed"])
+        taus = ", ".join(f"{x['tau']:.1f}" for x in r["per_seed"] if isinstance(x["tau"], (int, float))
+                         and s == a.ref)
+        d = r.get("ref_minus")
+        vs = "" if d is None else (f"{d['diff']:+.3f} ({100 * d['rel']:+.2f}%) [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+                                   + (" (excludes 0)" if d["lo"] > 0 or d["hi"] < 0 else " (includes 0)"))
+        lines.append(f"| {s}{' (' + r['note'] + ')' if 'note' in r else ''} | {seeds} | {r['ppl_mean']:.3f} | "
+                     f"{taus} | {vs} |")
+    d = rows[strongest]["ref_minus"]
+    lines += ["", f"Strongest baseline by mean test perplexity (reported, not used to choose): {strongest}; "
+              f"{a.ref} minus it {d['diff']:+.3f} ppl ({100 * d['rel']:+.2f}%), [{d['lo']:+.3f}, {d['hi']:+.3f}]."]
+    (a.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
+if __name__ == "__main__":
+    main()
