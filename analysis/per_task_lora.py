@@ -184,12 +184,15 @@ def main(argv=None) -> dict:
     p.add_argument("--sample-tasks", type=int, default=0, help="keep a random this many of the source's tasks "
                    "(as analysis/tau_sweep.py --sample-tasks: the same seed gives the same tasks)")
     p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fitting seed (each adapter's initialisation and batch order; "
+                   "the split is --data's and does not depend on it), as bora fit --seed")
     a = p.parse_args(argv)
     from bora.core.config import BoraConfig, DataConfig
     from bora.core.files import write_json
     from bora.lora.base import load_base_model, tiny_model
 
     cfg = BoraConfig(data=DataConfig(source=a.data))
+    cfg = cfg.replace(fit=cfg.fit.replace(seed=a.seed))
     if a.sample_tasks:
         from bora.data.documents import load_documents, sample_tasks
 

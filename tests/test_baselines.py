@@ -125,3 +125,12 @@ def test_lr_grid_never_chooses_on_test(tmp_path, monkeypatch):
         fits = {x["lr"]: x for x in out["by_lr"][task]}
         assert fits[1e-2]["chosen"] and fits[1e-1]["test_nll"] < fits[1e-2]["test_nll"]  # test disagrees
     assert out["ppl"] == pytest.approx(out["base_ppl"], rel=1e-6)  # the reported test numbers: the chosen fits'
+
+
+def test_seed_changes_the_fit_not_the_documents(tmp_path):
+    """--seed is the fitting seed: the same test documents, the seed recorded, other adapters."""
+    a = _tiny_run(tmp_path, "s0", "--lr", "1e-2")
+    b = _tiny_run(tmp_path, "s1", "--lr", "1e-2", "--seed", "1")
+    assert a["config"]["fit"]["seed"] == 0 and b["config"]["fit"]["seed"] == 1
+    assert a["task_ids"] == b["task_ids"] and a["tokens"] == b["tokens"] and a["base_ppl"] == b["base_ppl"]
+    assert a["doc_nll"] != b["doc_nll"]
