@@ -11,7 +11,9 @@ tau; and ``--ref`` (the learned tau) minus every other setting by
 :func:`bora.evaluation.evaluate.seeds_bootstrap` (2000 resamples of documents within tasks and of seeds, paired by
 seed, 95%). ``--extra NAME=FILE.json[,FILE.json...]`` adds a baseline written by ``analysis/per_task_lora.py``, one
 file per learning rate, the one of the lowest mean validation NLL kept (one fitting seed; it is paired with every
-seed, and the table says so). The strongest baseline is the one of the lowest mean test
+seed, and the table says so). ``--fits NAME=DIR,DIR,...`` adds a bora variant from saved ``bora fit`` folders, one
+per grid folder in the same order (per-document test NLL as ``analysis/compare_fits.py`` computes it), compared with
+the strongest baseline too. The strongest baseline (grid settings and ``--extra``) is the one of the lowest mean test
 perplexity: reported, never used to choose anything. Writes ``summary.json`` and ``summary.md`` in ``--out``.
 """
 
@@ -22,6 +24,8 @@ import json
 import shlex
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REF = "learned (MAP, evidence)"
 
@@ -39,10 +43,13 @@ def main(argv=None) -> dict:
     p.add_argument("--ref", default=REF, help="the setting compared against every other one")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=FILE.json",
                    help="a baseline of analysis/per_task_lora.py (one fit, paired with every seed)")
+    p.add_argument("--fits", action="append", default=[], metavar="NAME=DIR,DIR,...",
+                   help="a setting from saved fit folders (bora fit --output), one per grid folder in its order")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     from bora.core.files import write_json
     from bora.evaluation.evaluate import seeds_bootstrap
+    from compare_fits import doc_nll
 
     runs = [_load(f) for f in a.folders]
     toks, tids = runs[0][1]["_tokens"], runs[0][1]["_task_ids"]
@@ -80,6 +87,24 @@ def main(argv=None) -> dict:
                                                      for v, q, b in fits],
                       "note": "one fit, paired with every seed; lr chosen on validation"}
         settings.append(name)
+    for spec in a.fits:
+        name, sep, dirs = spec.partition("=")
+        dirs = dirs.split(",")
+        if not sep or len(dirs) != len(runs):
+            sys.exit(f"grid_seeds: --fits takes NAME=DIR,DIR,... with one saved fit per grid folder, got {spec!r}")
+        per = []
+        for d in dirs:  # the saved fit's per-document test NLL (analysis/compare_fits.py's)
+            bora, _, doc, tk = doc_nll(Path(d))
+            if tk.tolist() != toks:
+                sys.exit(f"grid_seeds: {d} holds other test documents than the grids")
+            m = json.loads((Path(d) / "metrics.json").read_text())["test"]["fit"]["overall"]
+            st = json.loads((Path(d) / "state.json").read_text())["result"]
+            nll.setdefault(name, []).append(doc.tolist())
+            per.append({"seed": bora.config.fit.seed, "lr": bora.config.fit.lr, "ppl": m["ppl_task_mean"],
+                        "val_nll": st["best_val_nll"], "tau": (st.get("tau") or {}).get("tau"),
+                        "best_step": st["best_step"], "source": d})
+        rows[name] = {"per_seed": per, "note": "saved fits (--fits), one per seed"}
+        settings.append(name)
     for s in settings:
         r = seeds_bootstrap(nll[s], nll[a.ref], toks, tids, resamples=2000, level=0.95)
         rows[s]["ppl_mean"] = r["a"]
@@ -87,10 +112,16 @@ def main(argv=None) -> dict:
             b = seeds_bootstrap(nll[a.ref], nll[s], toks, tids, resamples=2000, level=0.95)
             rows[s]["ref_minus"] = {"diff": b["diff"], "rel": b["diff"] / b["b"], "lo": b["lo"], "hi": b["hi"],
                                     "per_seed": b["per_seed"], "frac_ref_lower": b["frac_a_lower"]}
-    baselines = [s for s in settings if s != a.ref and s != "base model"]
+    fitted = {spec.partition("=")[0] for spec in a.fits}  # bora variants, not baselines
+    baselines = [s for s in settings if s != a.ref and s not in fitted]
     strongest = min(baselines, key=lambda s: rows[s]["ppl_mean"])
+    for f in sorted(fitted):  # a bora variant against the strongest baseline too
+        r = seeds_bootstrap(nll[f], nll[strongest], toks, tids, resamples=2000, level=0.95)
+        rows[f]["minus_strongest"] = {"diff": r["diff"], "rel": r["diff"] / r["b"], "lo": r["lo"], "hi": r["hi"],
+                                      "per_seed": r["per_seed"]}
     out = {"command": "python analysis/grid_seeds.py " + " ".join(str(f) for f in a.folders)
-           + "".join(f" --extra {shlex.quote(e)}" for e in a.extra) + f" --out {a.out}",
+           + "".join(f" --extra {shlex.quote(e)}" for e in a.extra)
+           + "".join(f" --fits {shlex.quote(e)}" for e in a.fits) + f" --out {a.out}",
            "folders": [str(f) for f in a.folders], "ref": a.ref, "settings": rows, "strongest_baseline": strongest,
            "seeds": len(runs), "resamples": 2000, "level": 0.95}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +133,7 @@ def main(argv=None) -> dict:
         r = rows[s]
         seeds = ", ".join(f"{x['ppl']:.3f}" + (f" ({x['lr']:g})" if x["lr"] is not None else "") for x in r["per_seed"])
         taus = ", ".join(f"{x['tau']:.1f}" for x in r["per_seed"] if isinstance(x["tau"], (int, float))
-                         and s == a.ref)
+                         and (s == a.ref or s in fitted))
         d = r.get("ref_minus")
         vs = "" if d is None else (f"{d['diff']:+.3f} ({100 * d['rel']:+.2f}%) [{d['lo']:+.3f}, {d['hi']:+.3f}]"
                                    + (" (excludes 0)" if d["lo"] > 0 or d["hi"] < 0 else " (includes 0)"))
@@ -111,6 +142,10 @@ def main(argv=None) -> dict:
     d = rows[strongest]["ref_minus"]
     lines += ["", f"Strongest baseline by mean test perplexity (reported, not used to choose): {strongest}; "
               f"{a.ref} minus it {d['diff']:+.3f} ppl ({100 * d['rel']:+.2f}%), [{d['lo']:+.3f}, {d['hi']:+.3f}]."]
+    for f in sorted(fitted):
+        r = rows[f]["minus_strongest"]
+        lines += ["", f"{f} minus {strongest}: {r['diff']:+.3f} ppl ({100 * r['rel']:+.2f}%), "
+                  f"[{r['lo']:+.3f}, {r['hi']:+.3f}]."]
     (a.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

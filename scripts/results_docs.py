@@ -696,7 +696,7 @@ def _bullet_baselines(root: Path) -> str:
     rel = "analysis/results/shakespeare/grid_3seeds/summary.json"
     m = load(rel, root)
     rows, ref = m["settings"], m["ref"]
-    pt_name = next(s for s in rows if "note" in rows[s])  # the per-task PEFT LoRA baseline (one fitting seed)
+    pt_name = next(s for s in rows if "candidates" in rows[s])  # the per-task PEFT LoRA baseline (one fitting seed)
     grid = next(s for s in rows if s.startswith("tau="))
     lrs = sorted({x["lr"] for s in rows if s != pt_name for x in rows[s]["per_seed"]})
 

@@ -122,6 +122,8 @@ def test_tau_sweep_lr_grid_keeps_each_settings_validation_best(tmp_path):
                                               - want) and d["lo"] <= d["diff"] <= d["hi"]
     assert gs["strongest_baseline"] == min(["shared", "tau=10", "tau=100", "pt"], key=lambda s: rows[s]["ppl_mean"])
     assert "Strongest baseline" in (tmp_path / "gs" / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="one saved fit per grid folder"):
+        _analysis("grid_seeds").main([str(tmp_path), str(tmp_path), "--fits", f"x={tmp_path}", "--out", str(tmp_path)])
     # a run at one lr is another procedure than the grid: combine refuses to treat them as seeds
     _analysis("tau_sweep").main(["--tiny", "--epochs", "0.5", "--quiet", "--only", "shared", "--lr", "4e-3",
                                  "--out", str(tmp_path / "one")])
