@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
             per.append({"seed": bora.config.fit.seed, "lr": bora.config.fit.lr, "ppl": m["ppl_task_mean"],
                         "val_nll": st["best_val_nll"], "tau": (st.get("tau") or {}).get("tau"),
                         "best_step": st["best_step"], "source": d})
-        rows[name] = {"per_seed": per, "note": "saved fits (--fits), one per seed"}
+        rows[name] = {"per_seed": per, "note": "saved fits (--fits), one per seed",
+                      "doc_nll": nll[name]}  # so that the figures can be recomputed without the adapters
         settings.append(name)
     for s in settings:
         r = seeds_bootstrap(nll[s], nll[a.ref], toks, tids, resamples=2000, level=0.95)
