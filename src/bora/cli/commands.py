@@ -181,9 +181,8 @@ def fit_command(args, argv) -> int:
               f"{len(result.tau_rounds or [])} of at most {bora.config.fit.tau_rounds} (tolerance "
               f"{100 * bora.config.fit.tau_tolerance:g}%)")
     if result.tau_residual:
-        print("tau fixed-point residual at the returned adapters: " + ", ".join(
-            f"{k} {100 * v:.1f}%" for k, v in result.tau_residual.items())
-            + " (|evidence update there - tau| / tau; the fit stopped before tau converged where this is large)")
+        print("tau fixed-point residual at the returned adapters: " + _residuals(result.tau_residual)
+              + " (|evidence update there - tau| / tau; the fit stopped before tau converged where this is large)")
     print(f"fit time: {result.seconds:.0f} s = steps {result.seconds_steps:.0f} s + validation "
           f"{result.seconds_validation:.0f} s + tau updates {result.seconds_tau:.0f} s + checkpoints "
           f"{result.seconds_checkpoint:.0f} s (+ other); Laplace curvature after it: {result.seconds_posterior:.0f} s")

@@ -274,7 +274,7 @@ class EvidenceTau(Callback):
 
     def on_validate(self, loop, entry, point):
         entry["tau_trained"] = self.tau.as_dict()  # the tau this point was fitted under
-        kept = (self.tau.as_dict(), self.tau.hyper_dict())
+        kept = None if self.apply else (self.tau.as_dict(), self.tau.hyper_dict())
         if entry["step"] > 0 or not self.apply:
             tf, ratio = self._task_fisher(loop, point)
             if ratio is not None:
@@ -285,7 +285,7 @@ class EvidenceTau(Callback):
         entry["tau"] = self.tau.as_dict()
         if self.tau.per_task:
             entry["tau_hyper"] = self.tau.hyper_dict()  # the learned Gamma(a, b) of the per-task taus
-        if not self.apply:
+        if kept is not None:
             self.tau.load_(*kept)
 
     def state_dict(self):
