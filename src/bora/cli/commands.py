@@ -172,17 +172,7 @@ def fit_command(args, argv) -> int:
           f"tokens/s: {result.tokens_per_second:.0f}   wall: {time.perf_counter() - t0:.0f} s")
     if result.tau_hyper:  # a per-task tau: every task's and the learned Gamma(a, b)
         print(format_task_taus(bora.tasks, tau.get("tau") or [], result.tau_hyper))
-    for r in result.tau_rounds or []:
-        print(f"tau round {r['round']}: fitted at tau {_taus(r['tau'])}, update there {_taus(r['update'])}, residual "
-              f"{_residuals(r['residual'])}, best step {r['best_step']} of {r['steps']}, validation NLL "
-              f"{r['best_val_nll']:.4f}")
-    if result.tau_converged is not None:
-        print(f"tau rounds: {'converged' if result.tau_converged else 'not converged'} after "
-              f"{len(result.tau_rounds or [])} of at most {bora.config.fit.tau_rounds} (tolerance "
-              f"{100 * bora.config.fit.tau_tolerance:g}%)")
-    if result.tau_residual:
-        print("tau fixed-point residual at the returned adapters: " + _residuals(result.tau_residual)
-              + " (|evidence update there - tau| / tau; the fit stopped before tau converged where this is large)")
+    _print_tau_rounds(result, bora.config.fit)
     print(f"fit time: {result.seconds:.0f} s = steps {result.seconds_steps:.0f} s + validation "
           f"{result.seconds_validation:.0f} s + tau updates {result.seconds_tau:.0f} s + checkpoints "
           f"{result.seconds_checkpoint:.0f} s (+ other); Laplace curvature after it: {result.seconds_posterior:.0f} s")
@@ -191,6 +181,20 @@ def fit_command(args, argv) -> int:
               f"(prior sd tau^-1/2); `bora evaluate {out} --samples 8` averages over it")
     print(f"saved to {out}  (bora evaluate {out})")
     return 0
+
+
+def _print_tau_rounds(result, cfg) -> None:
+    """The tau rounds of a fit (``fit.tau_rounds``, :mod:`bora.fit.refine`) and the final fixed-point residual."""
+    for r in result.tau_rounds or []:
+        print(f"tau round {r['round']}: fitted at tau {_taus(r['tau'])}, update there {_taus(r['update'])}, residual "
+              f"{_residuals(r['residual'])}, best step {r['best_step']} of {r['steps']}, validation NLL "
+              f"{r['best_val_nll']:.4f}")
+    if result.tau_converged is not None:
+        print(f"tau rounds: {'converged' if result.tau_converged else 'not converged'} after "
+              f"{len(result.tau_rounds or [])} of at most {cfg.tau_rounds} (tolerance {100 * cfg.tau_tolerance:g}%)")
+    if result.tau_residual:
+        print("tau fixed-point residual at the returned adapters: " + _residuals(result.tau_residual)
+              + " (|evidence update there - tau| / tau; the fit stopped before tau converged where this is large)")
 
 
 def _taus(values: dict) -> str:
