@@ -86,6 +86,7 @@ def test_cli_prints_and_stores_the_rounds(tmp_path, capsys):
     assert rc == 0
     assert "tau round 1: fitted at tau tau=" in text and "tau round 2:" in text
     assert "tau rounds: not converged after 2 of at most 2 (tolerance 1e-07%)" in text
+    assert "tau fixed-point residual at the returned adapters: tau " in text
     state = json.loads((out / "state.json").read_text())
     rounds = state["result"]["tau_rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and state["result"]["tau_converged"] is False
