@@ -106,13 +106,13 @@ def main(argv=None) -> dict:
         rows[name] = {"per_seed": per, "note": "saved fits (--fits), one per seed",
                       "doc_nll": nll[name]}  # so that the figures can be recomputed without the adapters
         settings.append(name)
-    for s in settings:
-        r = seeds_bootstrap(nll[s], nll[a.ref], toks, tids, resamples=2000, level=0.95)
-        rows[s]["ppl_mean"] = r["a"]
-        if s != a.ref:
-            b = seeds_bootstrap(nll[a.ref], nll[s], toks, tids, resamples=2000, level=0.95)
-            rows[s]["ref_minus"] = {"diff": b["diff"], "rel": b["diff"] / b["b"], "lo": b["lo"], "hi": b["hi"],
-                                    "per_seed": b["per_seed"], "frac_ref_lower": b["frac_a_lower"]}
+    for s in settings:  # one bootstrap per comparison; its means over seeds are each side's perplexity
+        if s == a.ref:
+            continue
+        b = seeds_bootstrap(nll[a.ref], nll[s], toks, tids, resamples=2000, level=0.95)
+        rows[a.ref]["ppl_mean"], rows[s]["ppl_mean"] = b["a"], b["b"]
+        rows[s]["ref_minus"] = {"diff": b["diff"], "rel": b["diff"] / b["b"], "lo": b["lo"], "hi": b["hi"],
+                                "per_seed": b["per_seed"], "frac_ref_lower": b["frac_a_lower"]}
     fitted = {spec.partition("=")[0] for spec in a.fits}  # bora variants, not baselines
     baselines = [s for s in settings if s != a.ref and s not in fitted]
     strongest = min(baselines, key=lambda s: rows[s]["ppl_mean"])

@@ -69,7 +69,7 @@ from .state import FitState, PhaseTimer
 from .step import NumericalError
 from .tau import EmpiricalBayesTau
 
-__all__ = ["FitResult", "FitLoop", "fit", "num_steps", "tau_residual", "NumericalError"]
+__all__ = ["FitResult", "FitLoop", "fit", "num_steps", "history_entry", "tau_residual", "NumericalError"]
 
 
 @dataclass
@@ -103,12 +103,17 @@ class FitResult:
         return dict(self.__dict__)
 
 
+def history_entry(history: list, step: int) -> Optional[dict]:
+    """The validation entry of ``step`` in a fit's ``history`` (None when that step was not validated)."""
+    return next((h for h in history if h["step"] == step), None)
+
+
 def tau_residual(history: list, step: int) -> Optional[dict]:
     """The fixed-point residual of an evidence-updated tau at the validation of ``step``: per tau,
     ``|tau_new - tau| / tau`` where ``tau`` is what the adapters there were trained under and ``tau_new`` the
     update computed from them (None when tau was not re-estimated at that step). A per-task tau gives the largest
     residual over its tasks."""
-    entry = next((h for h in history if h["step"] == step), None)
+    entry = history_entry(history, step)
     if entry is None or "log_evidence" not in entry:
         return None
     out = {}

@@ -34,7 +34,7 @@ import time
 from typing import Optional
 
 from ..core.config import FitConfig
-from .loop import FitLoop, FitResult
+from .loop import FitLoop, FitResult, history_entry
 from .tau import EmpiricalBayesTau
 
 __all__ = ["refine_tau", "round_config"]
@@ -51,10 +51,6 @@ def _worst(residual: Optional[dict]) -> float:
     return max(residual.values()) if residual else math.inf
 
 
-def _entry(history: list, step: int) -> Optional[dict]:
-    return next((h for h in history if h["step"] == step), None)
-
-
 def refine_tau(model, guide, train, val, cfg: FitConfig, tau: EmpiricalBayesTau, result: FitResult, *,
                progress: bool = True) -> FitResult:
     """Run up to ``cfg.tau_rounds`` rounds (module docstring) after a fit that returned ``result``, on the same
@@ -66,7 +62,7 @@ def refine_tau(model, guide, train, val, cfg: FitConfig, tau: EmpiricalBayesTau,
     t0 = time.perf_counter()
     rounds: list = []
     residual = result.tau_residual
-    entry = _entry(result.history, result.best_step)
+    entry = history_entry(result.history, result.best_step)
     for k in range(1, cfg.tau_rounds + 1):
         if _worst(residual) <= cfg.tau_tolerance:
             break
@@ -75,7 +71,7 @@ def refine_tau(model, guide, train, val, cfg: FitConfig, tau: EmpiricalBayesTau,
         trained = tau.as_dict()
         loop = FitLoop(model, guide, train, val, round_config(cfg, k), tau=tau, progress=progress, tau_apply=False)
         r = loop.run()
-        entry = _entry(r.history, r.best_step)
+        entry = history_entry(r.history, r.best_step)
         residual = r.tau_residual
         rounds.append({"round": k, "tau": trained, "update": entry["tau"], "residual": residual,
                        "log_evidence": entry.get("log_evidence"), "best_step": r.best_step, "steps": r.steps,
