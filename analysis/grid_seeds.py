@@ -13,8 +13,10 @@ seed, 95%). ``--extra NAME=FILE.json[,FILE.json...]`` adds a baseline written by
 file per learning rate, the one of the lowest mean validation NLL kept (one fitting seed; it is paired with every
 seed, and the table says so). ``--fits NAME=DIR,DIR,...`` adds a bora variant from saved ``bora fit`` folders, one
 per grid folder in the same order (per-document test NLL as ``analysis/compare_fits.py`` computes it), compared with
-the strongest baseline too. The strongest baseline (grid settings and ``--extra``) is the one of the lowest mean test
-perplexity: reported, never used to choose anything. Writes ``summary.json`` and ``summary.md`` in ``--out``.
+the strongest baseline too. Where a grid holds several fixed taus, the fixed-tau baseline is the one validation chose
+per seed (``fixed tau (chosen on validation)``; each tau is still listed). The strongest baseline (shared, two-stage,
+that choice, ``--extra``) is the one of the lowest mean test perplexity: reported, never used to choose anything.
+Writes ``summary.json`` and ``summary.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REF = "learned (MAP, evidence)"
+GRID = "fixed tau (chosen on validation)"
 
 
 def _load(folder: Path) -> tuple[dict, dict]:
@@ -35,6 +38,47 @@ def _load(folder: Path) -> tuple[dict, dict]:
     if not meta.is_file() or not docs.is_file():
         sys.exit(f"grid_seeds: {folder} is not an analysis/tau_sweep.py output (no meta.json / test_doc_nll.json)")
     return json.loads(meta.read_text()), json.loads(docs.read_text())
+
+
+def _add_grid_choice(runs, settings, rows, nll) -> list[str]:
+    """Several fixed taus: add the setting GRID, per seed the tau of the lowest validation NLL (tau_sweep's
+    ``best_grid_by_validation``), and return the fixed-tau settings it replaces as a baseline (none with one tau)."""
+    taus = [s for s in settings if s.startswith("tau=")]
+    if len(taus) < 2:
+        return []
+    picks = [m.get("best_grid_by_validation") for m, _ in runs]
+    if any(p not in taus for p in picks):
+        sys.exit(f"grid_seeds: a grid folder's best_grid_by_validation {picks} is not one of its taus {taus}")
+    nll[GRID] = [docs[p] for p, (_, docs) in zip(picks, runs)]
+    rows[GRID] = {"per_seed": [{**rows[p]["per_seed"][k], "setting": p} for k, p in enumerate(picks)],
+                  "note": "per seed the fixed tau of the lowest validation NLL: " + ", ".join(picks)}
+    settings.append(GRID)
+    return taus
+
+
+def _markdown(a, out, rows, settings, fitted, strongest) -> list[str]:
+    """summary.md's lines: the table, the strongest baseline and each --fits variant against it."""
+    lines = [f"# {out['seeds']} fitting seeds, every setting at the lr validation chose per seed", "",
+             f"`{out['command']}`", "", "| setting | test ppl per seed (lr) | mean | learned tau | "
+             f"{a.ref} minus it, 95% (documents and seeds) |", "|---|---|---|---|---|"]
+    for s in settings:
+        r = rows[s]
+        seeds = ", ".join(f"{x['ppl']:.3f}" + (f" ({x['lr']:g})" if x["lr"] is not None else "") for x in r["per_seed"])
+        taus = ", ".join(f"{x['tau']:.1f}" for x in r["per_seed"] if isinstance(x["tau"], (int, float))
+                         and (s == a.ref or s in fitted))
+        d = r.get("ref_minus")
+        vs = "" if d is None else (f"{d['diff']:+.3f} ({100 * d['rel']:+.2f}%) [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+                                   + (" (excludes 0)" if d["lo"] > 0 or d["hi"] < 0 else " (includes 0)"))
+        lines.append(f"| {s}{' (' + r['note'] + ')' if 'note' in r else ''} | {seeds} | {r['ppl_mean']:.3f} | "
+                     f"{taus} | {vs} |")
+    d = rows[strongest]["ref_minus"]
+    lines += ["", f"Strongest baseline by mean test perplexity (reported, not used to choose): {strongest}; "
+              f"{a.ref} minus it {d['diff']:+.3f} ppl ({100 * d['rel']:+.2f}%), [{d['lo']:+.3f}, {d['hi']:+.3f}]."]
+    for f in sorted(fitted):
+        r = rows[f]["minus_strongest"]
+        lines += ["", f"{f} minus {strongest}: {r['diff']:+.3f} ppl ({100 * r['rel']:+.2f}%), "
+                  f"[{r['lo']:+.3f}, {r['hi']:+.3f}]."]
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -69,6 +113,7 @@ def main(argv=None) -> dict:
         rows[s] = {"per_seed": [{"seed": m["config"]["fit"]["seed"] if "config" in m else k, "lr": o["lr"],
                                  "ppl": o["test"]["ppl_task_mean"], "val_nll": o["best_val_nll"], "tau": o["tau"],
                                  "best_step": o["best_step"]} for k, ((m, _), o) in enumerate(zip(runs, per))]}
+    grid_taus = _add_grid_choice(runs, settings, rows, nll)
     for spec in a.extra:
         name, sep, paths = spec.partition("=")
         if not sep or not all(x.endswith(".json") for x in paths.split(",")):
@@ -114,7 +159,8 @@ def main(argv=None) -> dict:
         rows[s]["ref_minus"] = {"diff": b["diff"], "rel": b["diff"] / b["b"], "lo": b["lo"], "hi": b["hi"],
                                 "per_seed": b["per_seed"], "frac_ref_lower": b["frac_a_lower"]}
     fitted = {spec.partition("=")[0] for spec in a.fits}  # bora variants, not baselines
-    baselines = [s for s in settings if s != a.ref and s not in fitted]
+    # with several fixed taus, the grid is one baseline: the tau chosen on validation per seed (never on test)
+    baselines = [s for s in settings if s != a.ref and s not in fitted and s not in grid_taus]
     strongest = min(baselines, key=lambda s: rows[s]["ppl_mean"])
     for f in sorted(fitted):  # a bora variant against the strongest baseline too
         r = seeds_bootstrap(nll[f], nll[strongest], toks, tids, resamples=2000, level=0.95)
@@ -127,26 +173,7 @@ def main(argv=None) -> dict:
            "seeds": len(runs), "resamples": 2000, "level": 0.95}
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "summary.json", out)
-    lines = [f"# {len(runs)} fitting seeds, every setting at the lr validation chose per seed", "",
-             f"`{out['command']}`", "", "| setting | test ppl per seed (lr) | mean | learned tau | "
-             f"{a.ref} minus it, 95% (documents and seeds) |", "|---|---|---|---|---|"]
-    for s in settings:
-        r = rows[s]
-        seeds = ", ".join(f"{x['ppl']:.3f}" + (f" ({x['lr']:g})" if x["lr"] is not None else "") for x in r["per_seed"])
-        taus = ", ".join(f"{x['tau']:.1f}" for x in r["per_seed"] if isinstance(x["tau"], (int, float))
-                         and (s == a.ref or s in fitted))
-        d = r.get("ref_minus")
-        vs = "" if d is None else (f"{d['diff']:+.3f} ({100 * d['rel']:+.2f}%) [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-                                   + (" (excludes 0)" if d["lo"] > 0 or d["hi"] < 0 else " (includes 0)"))
-        lines.append(f"| {s}{' (' + r['note'] + ')' if 'note' in r else ''} | {seeds} | {r['ppl_mean']:.3f} | "
-                     f"{taus} | {vs} |")
-    d = rows[strongest]["ref_minus"]
-    lines += ["", f"Strongest baseline by mean test perplexity (reported, not used to choose): {strongest}; "
-              f"{a.ref} minus it {d['diff']:+.3f} ppl ({100 * d['rel']:+.2f}%), [{d['lo']:+.3f}, {d['hi']:+.3f}]."]
-    for f in sorted(fitted):
-        r = rows[f]["minus_strongest"]
-        lines += ["", f"{f} minus {strongest}: {r['diff']:+.3f} ppl ({100 * r['rel']:+.2f}%), "
-                  f"[{r['lo']:+.3f}, {r['hi']:+.3f}]."]
+    lines = _markdown(a, out, rows, settings, fitted, strongest)
     (a.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

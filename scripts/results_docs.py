@@ -684,42 +684,54 @@ def readme_block(root: Path) -> str:
                f"({load(rel_fit, root)['epochs']:g} epochs) took {fit['learned']['wall'] / fit['plain']['wall']:.2f}x "
                f"plain PEFT's wall time and {fit['learned']['wall'] / fit['fixed']['wall']:.2f}x a fixed-tau fit's "
                f"([`{rel_fit}`]({rel_fit})).")
-    out.append(_bullet_baselines(root))
+    out += [_bullet_baselines(root, corpus, folder) for corpus, folder in BASELINE_GRIDS]
     out.append(_bullet_bma(root))
     out.append(_bullet_classification(root))
     return "\n".join(out) + "\n"
 
 
-def _bullet_baselines(root: Path) -> str:
-    """The embedded default against the baselines a practitioner would pick over 3 fitting seeds, each at the learning
-    rate validation chose per seed from a grid (analysis/tau_sweep.py --lrs, combined by analysis/grid_seeds.py)."""
-    rel = "analysis/results/shakespeare/grid_3seeds/summary.json"
+BASELINE_GRIDS = (("embedded default", "analysis/results/shakespeare/grid_3seeds"),)
+GRID = "fixed tau (chosen on validation)"  # analysis/grid_seeds.py's fixed-tau baseline where a grid has several taus
+
+
+def _bullet_baselines(root: Path, corpus: str, folder: str) -> str:
+    """bora's default fit against the baselines a practitioner would pick, each at the learning rate validation chose
+    per seed from a grid (analysis/tau_sweep.py --lrs, combined over seeds by analysis/grid_seeds.py)."""
+    rel = f"{folder}/summary.json"
     m = load(rel, root)
     rows, ref = m["settings"], m["ref"]
-    pt_name = next(s for s in rows if "candidates" in rows[s])  # the per-task PEFT LoRA baseline (one fitting seed)
-    grid = next(s for s in rows if s.startswith("tau="))
+    pt_name = next((s for s in rows if "candidates" in rows[s]), None)  # per-task PEFT LoRA (one fitting seed)
+    grid = GRID if GRID in rows else next(s for s in rows if s.startswith("tau="))
     lrs = sorted({x["lr"] for s in rows if s != pt_name for x in rows[s]["per_seed"]})
 
     def vs(name):
         d = rows[name]["ref_minus"]
         return f"{d['diff']:+.2f} ppl ({pct(d['rel'], 2)}) {interval(d['lo'], d['hi'])} against {name}"
-    pt = rows[pt_name]
-    pt_lrs = ", ".join(f"{c['lr']:g}" for c in sorted(pt["candidates"], key=lambda c: c["lr"]))
+    if grid == GRID:
+        taus = sorted((s for s in rows if s.startswith("tau=")), key=lambda s: float(s[4:]))
+        picks = ", ".join(x["setting"] for x in rows[GRID]["per_seed"])
+        grid_text = f"the fixed tau chosen on validation from {', '.join(taus)} ({picks}) {rows[GRID]['ppl_mean']:.2f}"
+    else:
+        grid_text = f"fixed {grid} {rows[grid]['ppl_mean']:.2f}"
+    pt_text = ""
+    if pt_name:
+        pt = rows[pt_name]
+        pt_lrs = ", ".join(f"{c['lr']:g}" for c in sorted(pt["candidates"], key=lambda c: c["lr"]))
+        pt_text = (f", per-task PEFT LoRA {pt['ppl_mean']:.2f} (one fitting seed; lr {pt['per_seed'][0]['lr']:g} "
+                   f"chosen on validation from {pt_lrs})")
     taus = ", ".join(f"{x['tau']:.0f}" for x in rows[ref]["per_seed"])
     chosen = ", ".join(f"{x['lr']:g}" for x in rows[ref]["per_seed"])
     best = rows[m["strongest_baseline"]]["ref_minus"]
     met = best["rel"] <= -0.02 and best["hi"] < 0
-    return (f"- **Against the baselines a practitioner would pick** (embedded default, {m['seeds']} fitting seeds, "
+    seeds = f"{m['seeds']} fitting seed{'s' if m['seeds'] > 1 else ''}"
+    return (f"- **Against the baselines a practitioner would pick** ({corpus}, {seeds}, "
             f"mean test perplexity; every setting's learning rate chosen on validation per seed from "
             f"{'/'.join(f'{x:g}' for x in lrs)}): shared {rows['shared']['ppl_mean']:.2f}, two-stage (the shared "
             f"fit, then each task's `B` fine-tuned with its own early stopping) {rows['two-stage']['ppl_mean']:.2f}, "
-            f"fixed {grid} {rows[grid]['ppl_mean']:.2f}, per-task PEFT LoRA {pt['ppl_mean']:.2f} (seed 0 only; lr "
-            f"{pt['per_seed'][0]['lr']:g} chosen on validation from {pt_lrs}), **learned tau "
-            f"{rows[ref]['ppl_mean']:.2f}** (tau {taus} at lr {chosen}): {vs('shared')}, {vs('two-stage')}, "
-            f"{vs(grid)} (95%, documents and seeds resampled). The strongest baseline is {m['strongest_baseline']}; "
-            f"the goal of 2% below it with an interval excluding 0 is {'met' if met else 'not met'}. "
-            f"[`{rel}`]({rel}), table: "
-            f"[`summary.md`](analysis/results/shakespeare/grid_3seeds/summary.md)")
+            f"{grid_text}{pt_text}, **learned tau {rows[ref]['ppl_mean']:.2f}** (tau {taus} at lr {chosen}): "
+            f"{vs('shared')}, {vs('two-stage')}, {vs(grid)} (95%, documents and seeds resampled). The strongest "
+            f"baseline is {m['strongest_baseline']}; the goal of 2% below it with an interval excluding 0 is "
+            f"{'met' if met else 'not met'}. [`{rel}`]({rel}), table: [`summary.md`]({folder}/summary.md)")
 
 
 def _bullet_bma(root: Path) -> str:

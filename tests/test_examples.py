@@ -120,7 +120,12 @@ def test_tau_sweep_lr_grid_keeps_each_settings_validation_best(tmp_path):
             d = rows[s]["ref_minus"]
             assert d["diff"] == pytest.approx(meta["overall"]["learned (MAP, evidence)"]["test"]["ppl_task_mean"]
                                               - want) and d["lo"] <= d["diff"] <= d["hi"]
-    assert gs["strongest_baseline"] == min(["shared", "tau=10", "tau=100", "pt"], key=lambda s: rows[s]["ppl_mean"])
+    # two fixed taus: the grid is one baseline, the tau validation chose (per seed), never the better one on test
+    grid = rows["fixed tau (chosen on validation)"]
+    assert [x["setting"] for x in grid["per_seed"]] == [meta["best_grid_by_validation"]] * 2
+    assert grid["ppl_mean"] == pytest.approx(rows[meta["best_grid_by_validation"]]["ppl_mean"])
+    assert gs["strongest_baseline"] == min(["shared", "fixed tau (chosen on validation)", "pt"],
+                                           key=lambda s: rows[s]["ppl_mean"])
     assert "Strongest baseline" in (tmp_path / "gs" / "summary.md").read_text()
     with pytest.raises(SystemExit, match="one saved fit per grid folder"):
         _analysis("grid_seeds").main([str(tmp_path), str(tmp_path), "--fits", f"x={tmp_path}", "--out", str(tmp_path)])
