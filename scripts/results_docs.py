@@ -690,7 +690,8 @@ def readme_block(root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-BASELINE_GRIDS = (("embedded default", "analysis/results/shakespeare/grid_3seeds"),)
+BASELINE_GRIDS = (("embedded default", "analysis/results/shakespeare/grid_3seeds"),
+                  ("fortunes", "analysis/results/fortunes/grid_1seed"))
 GRID = "fixed tau (chosen on validation)"  # analysis/grid_seeds.py's fixed-tau baseline where a grid has several taus
 
 
@@ -702,7 +703,7 @@ def _bullet_baselines(root: Path, corpus: str, folder: str) -> str:
     rows, ref = m["settings"], m["ref"]
     pt_name = next((s for s in rows if "candidates" in rows[s]), None)  # per-task PEFT LoRA (one fitting seed)
     grid = GRID if GRID in rows else next(s for s in rows if s.startswith("tau="))
-    lrs = sorted({x["lr"] for s in rows if s != pt_name for x in rows[s]["per_seed"]})
+    lrs = sorted({lr for f in m["folders"] for lr in load(f"{f}/meta.json", root)["lrs"]})  # each grid's lrs
 
     def vs(name):
         d = rows[name]["ref_minus"]
