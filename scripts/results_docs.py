@@ -730,7 +730,8 @@ def _bullet_baselines(root: Path, corpus: str, folder: str) -> str:
             f"{'/'.join(f'{x:g}' for x in lrs)}): shared {rows['shared']['ppl_mean']:.2f}, two-stage (the shared "
             f"fit, then each task's `B` fine-tuned with its own early stopping) {rows['two-stage']['ppl_mean']:.2f}, "
             f"{grid_text}{pt_text}, **learned tau {rows[ref]['ppl_mean']:.2f}** (tau {taus} at lr {chosen}): "
-            f"{vs('shared')}, {vs('two-stage')}, {vs(grid)} (95%, documents and seeds resampled). The strongest "
+            f"{vs('shared')}, {vs('two-stage')}, {vs(grid)} (95%, documents{' and seeds' if m['seeds'] > 1 else ''} "
+            f"resampled). The strongest "
             f"baseline is {m['strongest_baseline']}; the goal of 2% below it with an interval excluding 0 is "
             f"{'met' if met else 'not met'}. [`{rel}`]({rel}), table: [`summary.md`]({folder}/summary.md)")
 
